@@ -1,0 +1,35 @@
+"""``vidlang`` subcommands.
+
+Every module in this package registers one or more commands in :data:`COMMANDS`.
+A command is a class with a ``help`` string, ``add_arguments(parser)`` and
+``run(args) -> int`` (exit status). Modules must stay cheap to import: import
+torch and friends inside ``run``. A command with ``passthrough = True`` receives
+the raw argument list instead (used for the LightningCLI subcommands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from typing import Protocol
+
+from vidlang.registry import Registry
+
+
+class Command(Protocol):
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+COMMANDS: Registry[type] = Registry("command")
+
+
+def load_all() -> Registry[type]:
+    """Import every module of this package so that its commands register."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return COMMANDS

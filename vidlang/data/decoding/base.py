@@ -1,0 +1,145 @@
+"""The video-decoding contract shared by every backend.
+
+A :class:`VideoReader` opens one video (a path, ``bytes`` or a binary file-like
+object), reports :class:`VideoMetadata`, and returns frames as ``uint8``
+tensors ``[T, C, H, W]`` (RGB) by frame index or by timestamp in seconds.
+Any failure -- missing, empty, truncated, corrupt, non-video or zero-frame
+input -- raises :class:`VideoDecodeError` naming the source, the backend and
+the reason. Readers never return placeholder (all-zero) frames.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, ClassVar, Union
+
+import torch
+
+from vidlang.registry import Registry
+
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # noqa: UP007 (runtime alias)
+
+
+class VideoDecodeError(RuntimeError):
+    """A video could not be decoded. ``str(err)`` names the source, the backend and the reason."""
+
+    def __init__(self, source: str, backend: str, reason: str) -> None:
+        self.source = source
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"{source}: cannot decode with {backend}: {reason}")
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (type(self), (self.source, self.backend, self.reason))
+
+
+@dataclass(frozen=True)
+class VideoMetadata:
+    """Stream facts. Times are seconds; ``fps`` is the average rate (frames / duration)."""
+
+    duration: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    has_audio: bool
+    audio_sample_rate: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_source(source: VideoSource) -> str:
+    """A human-readable name for a source, used in error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes in memory>"
+    name = getattr(source, "name", None)
+    return str(name) if isinstance(name, str) else f"<{type(source).__name__}>"
+
+
+def source_bytes(source: VideoSource) -> bytes | None:
+    """The raw bytes of an in-memory or file-like source, ``None`` for paths."""
+    if isinstance(source, (str, os.PathLike)):
+        return None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, io.IOBase) or hasattr(source, "read"):
+        return source.read()
+    raise TypeError(f"unsupported video source type {type(source).__name__}")
+
+
+def check_path(source: VideoSource, backend: str) -> None:
+    """Raise :class:`VideoDecodeError` early for a missing, non-regular or empty file."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    p = Path(source)
+    if not p.exists():
+        raise VideoDecodeError(str(source), backend, "file not found")
+    if not p.is_file():
+        raise VideoDecodeError(str(source), backend, "not a regular file")
+    if p.stat().st_size == 0:
+        raise VideoDecodeError(str(source), backend, "file is empty (0 bytes)")
+
+
+class VideoReader(ABC):
+    """One open video. Use as a context manager or call :meth:`close`.
+
+    Args:
+        source: a path, ``bytes`` or a binary file-like object (read fully into memory).
+        device: ``"cpu"`` or a CUDA device for backends that decode on the GPU.
+        resize_short_side: if set, frames are resized at decode time so that their
+            short side has this many pixels (aspect ratio kept).
+    """
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def __init__(
+        self, source: VideoSource, *, device: str | torch.device = "cpu", resize_short_side: int | None = None
+    ) -> None: ...
+
+    @property
+    @abstractmethod
+    def metadata(self) -> VideoMetadata: ...
+
+    @abstractmethod
+    def frame_timestamps(self) -> torch.Tensor:
+        """Presentation time (seconds, float64) of every frame, ``[N]``, increasing."""
+
+    @abstractmethod
+    def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames at the given indices (any order, repeats allowed) -> ``[T, C, H, W]`` uint8 RGB."""
+
+    def get_frames_at(self, times: Sequence[float]) -> torch.Tensor:
+        """Frames displayed at the given times in seconds -> ``[T, C, H, W]`` uint8 RGB."""
+        return self.get_frames(self.indices_at(times))
+
+    def indices_at(self, times: Sequence[float]) -> list[int]:
+        """Index of the frame on screen at each time (the last frame whose pts <= t)."""
+        ts = self.frame_timestamps()
+        t = torch.as_tensor(list(times), dtype=torch.float64)
+        idx = torch.searchsorted(ts, t, right=True) - 1
+        return idx.clamp_(0, len(ts) - 1).tolist()
+
+    @abstractmethod
+    def get_audio(self, sample_rate: int = 16000) -> torch.Tensor | None:
+        """The whole audio track as float32 mono ``[S]`` at ``sample_rate``; ``None`` without audio."""
+
+    def close(self) -> None:  # noqa: B027 - optional override
+        pass
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+READERS: Registry[type[VideoReader]] = Registry("video decoding backend")

@@ -1,0 +1,61 @@
+"""A tiny typed registry shared by every pluggable family (decoders, blocks, commands, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to classes or factories; ``build`` instantiates by name.
+
+    Example::
+
+        BLOCKS: Registry[type[TemporalBlock]] = Registry("temporal block")
+
+        @BLOCKS.register("mean")
+        class MeanPool(TemporalBlock): ...
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "__name__", None)
+            if not key:
+                raise ValueError(f"cannot infer a {self.kind} name for {obj!r}")
+            if key in self._items and self._items[key] is not obj:
+                raise KeyError(f"{self.kind} {key!r} is already registered")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
