@@ -1,11 +1,41 @@
-"""Video decoding: one :class:`VideoReader` interface, several backends."""
+"""Video decoding: one :class:`VideoReader` interface, several backends.
 
+``open_video(source, backend="auto")`` opens a path, ``bytes`` or a binary file-like object
+with torchcodec, PyAV or decord (registered in :data:`READERS`); see
+:mod:`vidlang.data.decoding.pyav` for the rules on truncated, corrupt and non-video input.
+"""
+
+from vidlang.data.decoding import decord, pyav, torchcodec  # noqa: F401  (register the backends)
+from vidlang.data.decoding.audio import decode_audio
+from vidlang.data.decoding.auto import (
+    AUTO_ORDER,
+    available_backends,
+    backend_available,
+    open_video,
+    resolve_backend,
+)
 from vidlang.data.decoding.base import (
     READERS,
+    FrameIndexError,
     VideoDecodeError,
     VideoMetadata,
     VideoReader,
     VideoSource,
+    resized_hw,
 )
 
-__all__ = ["READERS", "VideoDecodeError", "VideoMetadata", "VideoReader", "VideoSource"]
+__all__ = [
+    "AUTO_ORDER",
+    "READERS",
+    "FrameIndexError",
+    "VideoDecodeError",
+    "VideoMetadata",
+    "VideoReader",
+    "VideoSource",
+    "available_backends",
+    "backend_available",
+    "decode_audio",
+    "open_video",
+    "resized_hw",
+    "resolve_backend",
+]

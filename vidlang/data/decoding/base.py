@@ -38,9 +38,18 @@ class VideoDecodeError(RuntimeError):
         return (type(self), (self.source, self.backend, self.reason))
 
 
+class FrameIndexError(VideoDecodeError, IndexError):
+    """A requested frame index is outside ``[-N, N)``; both a :class:`VideoDecodeError` and an ``IndexError``."""
+
+
 @dataclass(frozen=True)
 class VideoMetadata:
-    """Stream facts. Times are seconds; ``fps`` is the average rate (frames / duration)."""
+    """Stream facts. Times are seconds; ``fps`` is the average rate (frames / duration).
+
+    ``duration`` spans the first frame's pts to the end of the last frame; ``start_time`` is
+    the first frame's pts (usually 0). ``width``/``height`` are the stream's size before any
+    ``resize_short_side``.
+    """
 
     duration: float
     fps: float
@@ -49,6 +58,7 @@ class VideoMetadata:
     height: int
     has_audio: bool
     audio_sample_rate: int | None = None
+    start_time: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +96,31 @@ def check_path(source: VideoSource, backend: str) -> None:
         raise VideoDecodeError(str(source), backend, "not a regular file")
     if p.stat().st_size == 0:
         raise VideoDecodeError(str(source), backend, "file is empty (0 bytes)")
+
+
+def resized_hw(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """Output ``(height, width)`` for a short-side resize: aspect ratio kept, both rounded to even sizes."""
+    if short_side is None:
+        return height, width
+    if short_side < 2:
+        raise ValueError(f"resize_short_side must be >= 2, got {short_side}")
+    scale = short_side / min(height, width)
+
+    def even(x: float) -> int:
+        return max(2, 2 * round(x / 2))
+
+    return even(height * scale), even(width * scale)
+
+
+def normalize_indices(indices: Sequence[int], num_frames: int, source: str, backend: str) -> list[int]:
+    """Python-style indices (negatives count from the end) -> ``[0, N)``; :class:`FrameIndexError` otherwise."""
+    out = []
+    for i in indices:
+        j = int(i)
+        if not -num_frames <= j < num_frames:
+            raise FrameIndexError(source, backend, f"frame index {j} out of range for {num_frames} frames")
+        out.append(j % num_frames)
+    return out
 
 
 class VideoReader(ABC):
