@@ -1,0 +1,285 @@
+"""Video(+audio) -> LLM tokens, prompt assembly and generation (Video-LLaMA style chat encoder).
+
+``ChatEncoder`` = a ``VideoTextModel`` whose temporal block outputs query tokens (the ``qformer`` block)
++ an optional ``AudioBranch`` + linear projections to the LLM hidden size + a frozen causal LM loaded
+from a local directory (any ``transformers`` ``AutoModelForCausalLM``).
+
+Prompts are text with ``<ImageHere>`` placeholders (``PLACEHOLDER``); each placeholder is replaced by
+one clip's media tokens: its projected video query tokens ``[Qv, d_llm]`` followed, when the clip has
+audio, by its projected audio query tokens ``[Qa, d_llm]`` (clips without audio contribute no audio
+tokens). A prompt with k placeholders needs exactly k clips. Every sequence starts with the tokenizer's
+BOS token (when it has one); text pieces are tokenized without special tokens.
+
+Stage-1 captioning (``caption_loss``): ``BOS + media tokens + caption + EOS`` with the loss only on the
+caption and EOS tokens (labels -100 elsewhere), sequences right-padded.
+Generation (``answer``): the template (default ``DEFAULT_TEMPLATE``) with ``{question}`` filled in,
+left-padded ``inputs_embeds`` through ``llm.generate``; ``stream=True`` yields text pieces from a
+``TextIteratorStreamer`` fed by a background thread. The answer is cut at ``stop_text`` ("###").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vidlang.models.audio.encoder import AudioBranch
+from vidlang.models.video_clip import VideoTextModel
+
+PLACEHOLDER = "<ImageHere>"
+DEFAULT_TEMPLATE = "###Human: <Video><ImageHere></Video> {question} ###Assistant:"
+CAPTION_TEMPLATE = PLACEHOLDER  # stage 1: BOS + query tokens + caption
+
+
+def split_prompt(prompt: str, num_media: int) -> list[str]:
+    """Split ``prompt`` at its ``<ImageHere>`` placeholders; their count must equal ``num_media``."""
+    parts = prompt.split(PLACEHOLDER)
+    if len(parts) - 1 != num_media:
+        raise ValueError(
+            f"prompt has {len(parts) - 1} {PLACEHOLDER} placeholder(s) but {num_media} video(s) were given: {prompt!r}"
+        )
+    return parts
+
+
+def normalize_video(video: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float normalised with the image mean/std; float input is returned as is."""
+    if torch.is_floating_point(video):
+        return video
+    m = torch.tensor(mean, device=video.device).view(3, 1, 1)
+    s = torch.tensor(std, device=video.device).view(3, 1, 1)
+    return (video.float() / 255.0 - m) / s
+
+
+def cut_at_stop(text: str, stop: str | None) -> str:
+    return text.split(stop, 1)[0] if stop else text
+
+
+def _stream_until_stop(pieces: Iterator[str], stop: str | None) -> Iterator[str]:
+    """Yield text pieces until ``stop`` appears; a possible partial stop at the end is held back."""
+    buffer = ""
+    for piece in pieces:
+        buffer += piece
+        if stop and stop in buffer:
+            head = buffer.split(stop, 1)[0]
+            if head:
+                yield head
+            return
+        keep = next((k for k in range(len(stop or ""), 0, -1) if buffer.endswith(stop[:k])), 0) if stop else 0
+        if len(buffer) > keep:
+            yield buffer[: len(buffer) - keep]
+            buffer = buffer[len(buffer) - keep :]
+    if buffer:
+        yield buffer
+
+
+class ChatEncoder(nn.Module):
+    """Video Q-former (+ audio Q-former) -> ``Linear`` to ``d_llm`` -> a frozen causal LM.
+
+    Trainable by default: the temporal block's Q-former (not its retrieval projection ``embed_proj``),
+    the audio Q-former and segment embedding, and the projections; the image/text towers, the audio
+    backbone and the LLM are frozen. Call ``.eval()`` before ``answer`` / ``embed`` at inference.
+    """
+
+    def __init__(
+        self,
+        visual: VideoTextModel,
+        llm: nn.Module,
+        tokenizer: Any,
+        audio: AudioBranch | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        caption_template: str = CAPTION_TEMPLATE,
+        stop_text: str | None = "###",
+        max_caption_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        block_dim = getattr(visual.block, "dim", None)
+        if block_dim is None or not hasattr(visual.block, "qformer"):
+            raise ValueError(
+                f"ChatEncoder needs a temporal block with query tokens (e.g. 'qformer'), got "
+                f"{type(visual.block).__name__}"
+            )
+        split_prompt(template.replace("{question}", ""), 1)
+        split_prompt(caption_template, 1)
+        self.visual, self.llm, self.tokenizer, self.audio = visual, llm, tokenizer, audio
+        self.template, self.caption_template, self.stop_text = template, caption_template, stop_text
+        self.max_caption_tokens = max_caption_tokens
+        self.d_llm = llm.get_input_embeddings().embedding_dim
+        self.video_proj = nn.Linear(block_dim, self.d_llm)
+        self.audio_proj = nn.Linear(audio.dim, self.d_llm) if audio is not None else None
+        self._freeze()
+
+    @classmethod
+    def from_pretrained_llm(
+        cls, visual: VideoTextModel, llm_dir: str, audio: AudioBranch | None = None, dtype: Any = None, **kwargs: Any
+    ) -> ChatEncoder:
+        """Load the causal LM and its tokenizer from a local directory (never the network)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"cannot load a causal LM + tokenizer from local directory {llm_dir!r}: {err}"
+            ) from err
+        return cls(visual, llm, tokenizer, audio=audio, **kwargs)
+
+    def _freeze(self) -> None:
+        self.visual.requires_grad_(False)
+        self.visual.block.requires_grad_(True)
+        if hasattr(self.visual.block, "embed_proj"):
+            self.visual.block.embed_proj.requires_grad_(False)  # retrieval head, unused by chat
+        self.llm.requires_grad_(False)
+        if self.audio is not None:
+            self.audio.requires_grad_(True)
+            self.audio.backbone.requires_grad_(False)
+        self.llm.eval()
+
+    def train(self, mode: bool = True) -> ChatEncoder:
+        super().train(mode)
+        self.llm.eval()  # the frozen LLM never runs dropout
+        return self
+
+    # -- media tokens --------------------------------------------------------------------------------
+    def embed(self, video: Tensor) -> Tensor:
+        """``video [B, T, 3, H, W]`` (uint8, or float already normalised) -> LLM tokens ``[B, Qv, d_llm]``."""
+        video = normalize_video(video, self.visual.image_mean, self.visual.image_std)
+        tokens = self.visual.encode_video(video).tokens  # [B, Qv, D]
+        return self.video_proj(tokens)
+
+    def media_tokens(
+        self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None
+    ) -> list[Tensor]:
+        """Per clip: video tokens, then audio tokens if the clip has audio -> B tensors ``[Q_b, d_llm]``."""
+        tokens = self.embed(video)  # [B, Qv, d]
+        if audio_mel is None:
+            return list(tokens)
+        if self.audio is None or self.audio_proj is None:
+            raise ValueError("audio given but this ChatEncoder was built without an audio branch")
+        out = self.audio(audio_mel, audio_mask)
+        audio_tokens = self.audio_proj(out.tokens)  # [B, Qa, d]
+        return [torch.cat([v, a]) if bool(m) else v for v, a, m in zip(tokens, audio_tokens, out.mask, strict=True)]
+
+    # -- prompt assembly -----------------------------------------------------------------------------
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _embed_ids(self, ids: list[int], device: torch.device) -> Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=device))  # [L, d]
+
+    def build_sequence(
+        self, prompt: str, media: Sequence[Tensor], target_ids: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``prompt`` with ``len(media)`` placeholders (+ target ids) -> embeddings ``[L, d]``, labels ``[L]``."""
+        parts = split_prompt(prompt, len(media))
+        device = self.video_proj.weight.device
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        bos = self.tokenizer.bos_token_id
+        pieces: list[Tensor] = []
+        for k, text in enumerate(parts):
+            ids = ([bos] if k == 0 and bos is not None else []) + self._text_ids(text)
+            if ids:
+                pieces.append(self._embed_ids(ids, device))
+            if k < len(media):
+                pieces.append(media[k].to(dtype))
+        n_context = sum(p.shape[0] for p in pieces)
+        labels = [-100] * n_context
+        if target_ids:
+            pieces.append(self._embed_ids(target_ids, device))
+            labels += target_ids
+        return torch.cat(pieces), torch.tensor(labels, dtype=torch.long, device=device)
+
+    @staticmethod
+    def pad_batch(seqs: Sequence[Tensor], labels: Sequence[Tensor], left: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Pad embeddings ``[L_i, d]`` -> ``inputs_embeds [B, L, d]``, ``attention_mask [B, L]``, ``labels [B, L]``."""
+        length = max(s.shape[0] for s in seqs)
+        b, d = len(seqs), seqs[0].shape[1]
+        embeds = seqs[0].new_zeros(b, length, d)
+        mask = torch.zeros(b, length, dtype=torch.long, device=seqs[0].device)
+        lab = torch.full((b, length), -100, dtype=torch.long, device=seqs[0].device)
+        for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+            sl = slice(length - s.shape[0], length) if left else slice(0, s.shape[0])
+            embeds[i, sl], mask[i, sl], lab[i, sl] = s, 1, y
+        return embeds, mask, lab
+
+    def caption_ids(self, caption: str) -> list[int]:
+        ids = self._text_ids(caption)[: self.max_caption_tokens]
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    # -- training ------------------------------------------------------------------------------------
+    def caption_loss(self, media: Sequence[Tensor], captions: Sequence[str]) -> Tensor:
+        """Stage-1 loss: ``BOS + media + caption + EOS``; cross-entropy on caption and EOS tokens only."""
+        if len(media) != len(captions):
+            raise ValueError(f"{len(media)} clips but {len(captions)} captions")
+        built = [
+            self.build_sequence(self.caption_template, [m], self.caption_ids(c))
+            for m, c in zip(media, captions, strict=True)
+        ]
+        embeds, mask, labels = self.pad_batch([e for e, _ in built], [y for _, y in built], left=False)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    # -- generation ----------------------------------------------------------------------------------
+    def prompt_inputs(self, prompts: Sequence[str], media: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
+        """Prompts with placeholders + their media -> left-padded ``inputs_embeds [B, L, d]``, ``attention_mask``."""
+        built = [self.build_sequence(p, m) for p, m in zip(prompts, media, strict=True)]
+        embeds, mask, _ = self.pad_batch([e for e, _ in built], [y for _, y in built], left=True)
+        return embeds, mask
+
+    def generate_ids(self, embeds: Tensor, mask: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
+        """``llm.generate`` from embeddings -> new token ids ``[B, n]`` (greedy unless kwargs say otherwise)."""
+        kwargs.setdefault("do_sample", False)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs
+        )
+
+    def answer(
+        self,
+        video: Tensor,
+        question: str,
+        max_new_tokens: int = 64,
+        stream: bool = False,
+        audio_mel: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> str | Iterator[str]:
+        """One clip ``[T, 3, H, W]`` or ``[1, T, 3, H, W]`` + a question -> the answer text (or, with
+        ``stream=True``, an iterator of text pieces)."""
+        video = video[None] if video.dim() == 4 else video
+        if video.shape[0] != 1:
+            raise ValueError(f"answer() takes one clip, got a batch of {video.shape[0]}")
+        prompt = self.template.replace("{question}", question)
+        with torch.no_grad():
+            media = self.media_tokens(video, audio_mel, audio_mask)
+            embeds, mask = self.prompt_inputs([prompt], [media])
+        if stream:
+            return self._stream(embeds, mask, max_new_tokens, **generate_kwargs)
+        with torch.no_grad():
+            ids = self.generate_ids(embeds, mask, max_new_tokens, **generate_kwargs)
+        return cut_at_stop(self.tokenizer.decode(ids[0], skip_special_tokens=True), self.stop_text).strip()
+
+    def _stream(self, embeds: Tensor, mask: Tensor, max_new_tokens: int, **kwargs: Any) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600.0)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.generate_ids(embeds, mask, max_new_tokens, streamer=streamer, **kwargs)
+            except BaseException as err:  # surfaced in the consumer's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from _stream_until_stop(iter(streamer), self.stop_text)
+        thread.join()
+        if errors:
+            raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
