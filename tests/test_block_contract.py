@@ -1,0 +1,186 @@
+"""The temporal-block contract (DESIGN.md section 5), checked for EVERY registered block and tiny tower.
+
+Blocks added later are picked up automatically from ``BLOCKS.names()``; they must work with their
+default arguments on the tiny towers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidlang.models.factory import ModelConfig, build_model
+from vidlang.models.optim import param_groups
+from vidlang.models.temporal import BLOCKS, TemporalBlock, TowerSpec
+from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
+
+BLOCK_NAMES = BLOCKS.names()
+TOWERS = {"tiny32": {"vision": "vit_tiny"}, "tiny40": {"vision": "vit_tiny", "image_size": 40}}
+
+
+def make(block: str, tower: str = "tiny32", seed: int = 0, **kw) -> VideoTextModel:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(block=block, **TOWERS[tower], **kw))
+
+
+def inputs(model: VideoTextModel, b: int, t: int, a: int | None = None, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    size = model.image_tower.cfg.image_size
+    video = torch.randn(b, t, 3, size, size, generator=g)  # [B, T, 3, H, W]
+    a = b if a is None else a
+    vocab, length = model.text_tower.cfg.vocab_size, 9
+    ids = torch.randint(1, vocab, (a, length), generator=g)  # [A, Lt]
+    mask = torch.ones(a, length, dtype=torch.long)
+    for row in range(1, a, 2):  # every other caption is padded
+        mask[row, 4 + row % 4 :] = 0
+    return video, ids, mask
+
+
+def loss_of(out: VideoTextOutput) -> torch.Tensor:
+    v = F.normalize(out.video.embeds, dim=-1)
+    t = F.normalize(out.text.embeds, dim=-1)
+    logits = out.logit_scale * v @ t.T  # [B, A] with A == B
+    target = torch.arange(logits.shape[0])
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    for value in out.aux_losses.values():
+        loss = loss + value
+    for extra in (out.video.tokens, out.video.frame_embeds, out.text.tokens):
+        if extra is not None:
+            loss = loss + 1e-3 * extra.float().square().mean()
+    return loss
+
+
+@pytest.mark.parametrize("tower", sorted(TOWERS))
+@pytest.mark.parametrize("block", BLOCK_NAMES)
+def test_shapes_and_finite(block: str, tower: str):
+    model = make(block, tower).eval()
+    e = model.embed_dim
+    for t in (1, 4, 8):
+        video, ids, mask = inputs(model, b=3, t=t, a=5)
+        with torch.no_grad():
+            out = model(video, ids, mask)
+        assert out.video.embeds.shape == (3, e), (block, t)
+        assert torch.isfinite(out.video.embeds).all(), (block, t)
+        if out.video.frame_embeds is not None:
+            assert out.video.frame_embeds.shape == (3, t, e)
+        if out.video.tokens is not None:
+            assert out.video.tokens.shape[0] == 3 and out.video.tokens.ndim == 3
+            assert torch.isfinite(out.video.tokens).all()
+        assert out.text.embeds.shape == (5, e)
+        assert out.text.tokens.shape == (5, 9, e)
+        assert torch.isfinite(out.text.embeds).all()
+        for name, value in out.aux_losses.items():
+            assert value.ndim == 0 and torch.isfinite(value), (block, name)
+
+
+@pytest.mark.parametrize("block", BLOCK_NAMES)
+def test_every_trainable_parameter_gets_a_gradient(block: str):
+    model = make(block).train()
+    video, ids, mask = inputs(model, b=2, t=3)
+    loss_of(model(video, ids, mask)).backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, f"{block}: nothing trainable under its default freezing policy"
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"{block}: no gradient for {missing}"
+    bad = [n for n, p in trainable.items() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"{block}: non-finite gradient for {bad}"
+    block_grads = [p.grad for n, p in trainable.items() if n.startswith("block.")]
+    if block_grads:
+        assert any(g.abs().sum() > 0 for g in block_grads), f"{block}: all block gradients are zero"
+
+
+@pytest.mark.parametrize("block", BLOCK_NAMES)
+def test_gradient_checkpointing_identical(block: str):
+    model = make(block, freeze="full").train()
+    video, ids, mask = inputs(model, b=2, t=3)
+    out = model(video, ids, mask)
+    loss_of(out).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_gradient_checkpointing(True)
+    out2 = model(video, ids, mask)
+    loss_of(out2).backward()
+    torch.testing.assert_close(out2.video.embeds, out.video.embeds, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out2.text.embeds, out.text.embeds, atol=1e-6, rtol=1e-6)
+    assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=f"{block}: {n}")
+
+
+@pytest.mark.parametrize("policy", ["frozen_backbone", "block_only"])
+@pytest.mark.parametrize("block", BLOCK_NAMES)
+def test_frozen_parts_unchanged_after_step(block: str, policy: str):
+    model = make(block, freeze=policy).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = param_groups(model, lr=1e-2, weight_decay=0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not groups:
+        assert not trainable and sum(p.numel() for p in model.block.parameters()) == 0
+        return
+    opt = torch.optim.AdamW(groups)
+    video, ids, mask = inputs(model, b=2, t=3)
+    loss_of(model(video, ids, mask)).backward()
+    opt.step()
+    frozen_prefixes = ("image_tower.",)
+    if policy == "block_only":
+        frozen_prefixes += ("text_tower.", "logit_scale")
+    for n, p in model.named_parameters():
+        if n.startswith(frozen_prefixes):
+            assert not p.requires_grad and torch.equal(p, before[n]), f"{block}/{policy}: {n} changed"
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+class _ZeroAdapter(TemporalBlock):
+    """Test-only block: a zero-initialised residual adapter before every MLP (starts as the identity)."""
+
+    zero_init_identity = True
+
+    def __init__(self, spec: TowerSpec) -> None:
+        super().__init__(spec)
+        self.down = nn.Linear(spec.width, 8)
+        self.up = nn.Linear(8, spec.width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def before_mlp(self, i, x, ctx):
+        return x + self.up(torch.relu(self.down(x)))
+
+
+ZERO_INIT = [n for n in BLOCK_NAMES if BLOCKS.get(n).zero_init_identity] + ["_zero_adapter_test"]
+
+
+@pytest.mark.parametrize("block", ZERO_INIT)
+def test_zero_init_blocks_reproduce_frame_mean_clip(block: str, monkeypatch):
+    if block == "_zero_adapter_test":  # proves the check itself on a known identity block
+        monkeypatch.setitem(BLOCKS._items, block, _ZeroAdapter)
+    model = make(block, freeze="full").eval()
+    ref = make("mean", freeze="full").eval()
+    ref.image_tower.load_state_dict(model.image_tower.state_dict())
+    ref.text_tower.load_state_dict(model.text_tower.state_dict())
+    video, ids, mask = inputs(model, b=3, t=4)
+    with torch.no_grad():
+        out, expected = model(video, ids, mask), ref(video, ids, mask)
+    torch.testing.assert_close(out.video.embeds, expected.video.embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.text.embeds, expected.text.embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_identical_frames_equal_image_embedding():
+    model = make("mean").eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        video_emb = model.encode_video(images[:, None].expand(3, 5, 3, 32, 32)).embeds
+        image_emb = model.encode_image(images)
+    torch.testing.assert_close(video_emb, image_emb, atol=1e-5, rtol=1e-5)
+
+
+def test_block_must_remove_appended_tokens():
+    class Leaky(TemporalBlock):
+        def embed(self, x, ctx):
+            return torch.cat([x, x[:, :1]], dim=1)
+
+    model = make("mean")
+    with pytest.raises(RuntimeError, match="must remove the tokens"):
+        model.image_tower(torch.randn(1, 2, 3, 32, 32), Leaky(model.block.spec))

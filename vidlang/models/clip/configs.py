@@ -1,0 +1,118 @@
+"""Tower shapes: :class:`VisionConfig` / :class:`TextConfig` and named presets.
+
+Presets are registered factories (``VISION_CONFIGS.get("vit_b32")()`` returns a fresh config).
+Architecture only: weights come from a separate pretrained source (DESIGN.md section 8.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vidlang.registry import Registry
+
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    width: int = 768  # C
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 32
+    image_size: int = 224
+    embed_dim: int = 512  # E
+    mlp_ratio: float = 4.0
+    mlp_dim: int | None = None  # hidden size of the MLP; None = width * mlp_ratio
+    act: str = "quick_gelu"
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return (side, side)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or int(self.width * self.mlp_ratio)
+
+
+@dataclass
+class TextConfig:
+    width: int = 512  # W
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    embed_dim: int = 512  # E
+    mlp_ratio: float = 4.0
+    mlp_dim: int | None = None  # hidden size of the MLP; None = width * mlp_ratio
+    act: str = "quick_gelu"
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_dim or int(self.width * self.mlp_ratio)
+
+
+VISION_CONFIGS: Registry = Registry("vision tower config")
+TEXT_CONFIGS: Registry = Registry("text tower config")
+
+# The text preset that pairs with each vision preset (same embedding size E), used by ``text="auto"``.
+DEFAULT_TEXT: dict[str, str] = {
+    "vit_b32": "text_b",
+    "vit_b16": "text_b",
+    "vit_l14": "text_l",
+    "vit_l14_336": "text_l",
+    "vit_tiny": "text_tiny",
+}
+
+
+@VISION_CONFIGS.register("vit_b32")
+def vit_b32() -> VisionConfig:
+    return VisionConfig(width=768, layers=12, heads=12, patch_size=32, image_size=224, embed_dim=512)
+
+
+@VISION_CONFIGS.register("vit_b16")
+def vit_b16() -> VisionConfig:
+    return VisionConfig(width=768, layers=12, heads=12, patch_size=16, image_size=224, embed_dim=512)
+
+
+@VISION_CONFIGS.register("vit_l14")
+def vit_l14() -> VisionConfig:
+    return VisionConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224, embed_dim=768)
+
+
+@VISION_CONFIGS.register("vit_l14_336")
+def vit_l14_336() -> VisionConfig:
+    return VisionConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=336, embed_dim=768)
+
+
+@VISION_CONFIGS.register("vit_tiny")
+def vit_tiny() -> VisionConfig:
+    """Test shape: 64 wide, 3 layers, 4 heads, 32x32 images of 8x8 patches (grid 4x4), E = 32."""
+    return VisionConfig(width=64, layers=3, heads=4, patch_size=8, image_size=32, embed_dim=32)
+
+
+@TEXT_CONFIGS.register("text_b")
+def text_b() -> TextConfig:
+    return TextConfig(width=512, layers=12, heads=8, embed_dim=512)
+
+
+@TEXT_CONFIGS.register("text_l")
+def text_l() -> TextConfig:
+    return TextConfig(width=768, layers=12, heads=12, embed_dim=768)
+
+
+@TEXT_CONFIGS.register("text_tiny")
+def text_tiny() -> TextConfig:
+    """Test shape: 48 wide, 2 layers, 4 heads, context 24, vocabulary 512, E = 32."""
+    return TextConfig(width=48, layers=2, heads=4, context_length=24, vocab_size=512, embed_dim=32)
+
+
+def vision_config(name: str) -> VisionConfig:
+    return VISION_CONFIGS.get(name)()
+
+
+def text_config(name: str) -> TextConfig:
+    return TEXT_CONFIGS.get(name)()

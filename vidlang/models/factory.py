@@ -1,0 +1,175 @@
+"""Config -> :class:`VideoTextModel`: towers by preset name, the block by registry name, weights from
+a local pretrained source, freezing policy and learning-rate multipliers.
+
+Freezing policies (:data:`FREEZE_POLICIES`): ``full`` (everything trains), ``frozen_backbone``
+(image tower frozen; text tower, block and ``logit_scale`` train), ``block_only`` / ``prompts_only``
+(only the block trains). ``auto`` = ``block_only`` if the block's ``freeze_backbone`` else ``full``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from vidlang.models.clip.configs import DEFAULT_TEXT, TextConfig, VisionConfig, text_config, vision_config
+from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES, resample_temporal_embed
+from vidlang.models.clip.layers import resample_pos_embed
+from vidlang.models.clip.text import TextTower
+from vidlang.models.clip.vision import VisionTower
+from vidlang.models.temporal import build_block
+from vidlang.models.temporal.base import TowerSpec
+from vidlang.models.video_clip import VideoTextModel
+from vidlang.registry import Registry
+
+FREEZE_POLICIES: Registry[Callable[[VideoTextModel], None]] = Registry("freeze policy")
+
+
+@dataclass
+class ModelConfig:
+    """Typed model config (read by LightningCLI / jsonargparse)."""
+
+    vision: str = "vit_b32"  # preset in VISION_CONFIGS
+    text: str = "auto"  # preset in TEXT_CONFIGS; "auto" = the preset paired with ``vision``
+    vision_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 6}
+    text_overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None  # None = the preset's; position embeddings are resampled
+    num_frames: int = 8  # frames per clip; temporal position embeddings are resampled to it on load
+    block: str = "mean"  # name in BLOCKS
+    block_args: dict[str, Any] = field(default_factory=dict)
+    freeze: str = "auto"  # "auto" or a name in FREEZE_POLICIES
+    lr_mult_backbone: float = 1.0
+    lr_mult_block: float | None = None  # None = the block's ``lr_mult``
+    gradient_checkpointing: bool = False
+    pretrained: str | None = None  # local checkpoint file or directory
+    vocab_size: int | None = None  # override for from-scratch tokenizers
+    context_length: int | None = None
+    logit_scale_init: float = math.log(1 / 0.07)
+
+
+def resolve_configs(cfg: ModelConfig) -> tuple[VisionConfig, TextConfig]:
+    vcfg = dataclasses.replace(vision_config(cfg.vision), **cfg.vision_overrides)
+    text_name = DEFAULT_TEXT.get(cfg.vision) if cfg.text == "auto" else cfg.text
+    if text_name is None:
+        raise ValueError(f"no default text tower for vision preset {cfg.vision!r}; set ModelConfig.text")
+    tcfg = dataclasses.replace(text_config(text_name), **cfg.text_overrides)
+    if cfg.image_size is not None:
+        vcfg.image_size = cfg.image_size
+    if cfg.vocab_size is not None:
+        tcfg.vocab_size = cfg.vocab_size
+    if cfg.context_length is not None:
+        tcfg.context_length = cfg.context_length
+    if vcfg.embed_dim != tcfg.embed_dim:
+        raise ValueError(
+            f"vision {cfg.vision!r} embeds to {vcfg.embed_dim} but text {text_name!r} to {tcfg.embed_dim}; "
+            "pick matching presets or override embed_dim"
+        )
+    return vcfg, tcfg
+
+
+def tower_spec(vcfg: VisionConfig, tcfg: TextConfig) -> TowerSpec:
+    return TowerSpec(
+        width=vcfg.width,
+        layers=vcfg.layers,
+        heads=vcfg.heads,
+        embed_dim=vcfg.embed_dim,
+        grid=vcfg.grid,
+        text_width=tcfg.width,
+        text_layers=tcfg.layers,
+        text_heads=tcfg.heads,
+        context_length=tcfg.context_length,
+        vocab_size=tcfg.vocab_size,
+    )
+
+
+def build_model(cfg: ModelConfig) -> VideoTextModel:
+    vcfg, tcfg = resolve_configs(cfg)
+    image, text = VisionTower(vcfg), TextTower(tcfg)
+    block = build_block(cfg.block, tower_spec(vcfg, tcfg), **cfg.block_args)
+    model = VideoTextModel(image, text, block, cfg.logit_scale_init)
+    loaded_block = False
+    if cfg.pretrained:
+        info = load_weights(model, cfg.pretrained)
+        loaded_block = info["loaded_block"]
+        model.pretrained_info = info
+    if not loaded_block:
+        block.init_from_tower(image, text)
+    policy = ("block_only" if block.freeze_backbone else "full") if cfg.freeze == "auto" else cfg.freeze
+    FREEZE_POLICIES.get(policy)(model)
+    model.freeze_policy = policy
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    model.lr_mults = {
+        "backbone": cfg.lr_mult_backbone,
+        "block": block.lr_mult if cfg.lr_mult_block is None else cfg.lr_mult_block,
+    }
+    return model
+
+
+# -- weights ---------------------------------------------------------------------------------------
+def _fit_shapes(sd: dict[str, Tensor], model: nn.Module, source: str) -> None:
+    """In place: resample spatial/temporal position embeddings and trim text context to the model's shapes."""
+    own = model.state_dict()
+    pe = "image_tower.positional_embedding"
+    if pe in sd and sd[pe].shape != own[pe].shape:
+        sd[pe] = resample_pos_embed(sd[pe], model.image_tower.grid)
+    tpe = "text_tower.positional_embedding"
+    if tpe in sd and sd[tpe].shape[0] != own[tpe].shape[0]:
+        if sd[tpe].shape[0] < own[tpe].shape[0]:
+            raise ValueError(f"{source}: text context {sd[tpe].shape[0]} < the model's {own[tpe].shape[0]}")
+        sd[tpe] = sd[tpe][: own[tpe].shape[0]]
+    for key, value in list(sd.items()):
+        if key.rsplit(".", 1)[-1] in TEMPORAL_EMBED_NAMES and key in own and value.shape != own[key].shape:
+            sd[key] = resample_temporal_embed(value, own[key].shape[-2])
+
+
+def load_weights(model: VideoTextModel, path: str) -> dict[str, Any]:
+    """Load a local checkpoint through ``vidlang.models.clip.pretrained.load_pretrained`` into ``model``.
+
+    Tower weights must match exactly (after resampling); block weights load when present.
+    """
+    loader = importlib.import_module("vidlang.models.clip.pretrained").load_pretrained
+    sd, info = loader(path)
+    sd = dict(sd)
+    _fit_shapes(sd, model, path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tower_missing = [k for k in missing if k.startswith(("image_tower.", "text_tower."))]
+    if tower_missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match the model: missing {tower_missing[:8]}"
+            f"{' ...' if len(tower_missing) > 8 else ''}, unexpected {unexpected[:8]}"
+        )
+    info = dict(info) if isinstance(info, dict) else {"info": info}
+    info["loaded_block"] = any(k.startswith("block.") for k in sd)
+    return info
+
+
+# -- freezing --------------------------------------------------------------------------------------
+def _set_trainable(module: nn.Module | nn.Parameter, flag: bool) -> None:
+    params = [module] if isinstance(module, nn.Parameter) else module.parameters()
+    for p in params:
+        p.requires_grad_(flag)
+
+
+@FREEZE_POLICIES.register("full")
+def freeze_none(model: VideoTextModel) -> None:
+    _set_trainable(model, True)
+
+
+@FREEZE_POLICIES.register("frozen_backbone")
+def freeze_image_tower(model: VideoTextModel) -> None:
+    _set_trainable(model, True)
+    _set_trainable(model.image_tower, False)
+
+
+@FREEZE_POLICIES.register("block_only")
+def freeze_all_but_block(model: VideoTextModel) -> None:
+    _set_trainable(model, False)
+    _set_trainable(model.block, True)
+
+
+FREEZE_POLICIES.register("prompts_only")(freeze_all_but_block)

@@ -1,0 +1,76 @@
+"""``seq_transformer`` (CLIP4Clip "seqTransf"): a small transformer over the frame embeddings.
+
+frame embeds ``[B, T, E]`` + learnable frame position embedding -> ``layers`` pre-LN CLIP layers
+(heads ``E // 64``) -> residual add to the input frame embeds -> (per-frame L2 normalisation, as
+CLIP4Clip does before its mean) -> mean over T.
+
+Like CLIP4Clip, :meth:`init_from_tower` copies the text tower's positional embedding (first
+``max_frames`` rows) and its first ``layers`` layers (as many as it has) into the block when the shapes match
+(CLIP text width == E for OpenAI CLIP). Nothing is zero-initialised, so the block is *not* the
+identity at init (``zero_init_identity = False``), faithful to CLIP4Clip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vidlang.models.clip.layers import ResidualAttentionBlock, init_transformer_
+from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+
+
+@BLOCKS.register("seq_transformer")
+class SeqTransformer(TemporalBlock):
+    freeze_backbone = False
+    lr_mult = 1.0
+
+    def __init__(
+        self,
+        spec: TowerSpec,
+        layers: int = 4,
+        heads: int | None = None,
+        max_frames: int = 32,
+        act: str = "quick_gelu",
+        normalize_frames: bool = True,
+        init_from_text: bool = True,
+    ) -> None:
+        super().__init__(spec)
+        e = spec.embed_dim
+        self.max_frames = max_frames
+        self.normalize_frames = normalize_frames
+        self.init_from_text = init_from_text
+        self.frame_position_embedding = nn.Parameter(torch.empty(max_frames, e))  # [T_max, E]
+        nn.init.normal_(self.frame_position_embedding, std=0.01)
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(e, heads or max(1, e // 64), 4 * e, act) for _ in range(layers)
+        )
+        init_transformer_(self.blocks, e)
+
+    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
+        """CLIP4Clip's initialisation from the CLIP text transformer, when its shapes match."""
+        if not self.init_from_text or text_tower is None:
+            return
+        tpe = text_tower.positional_embedding  # [ctx, W]
+        if tpe.shape[1] != self.spec.embed_dim:
+            return
+        pairs = list(zip(text_tower.blocks, self.blocks, strict=False))  # the first min(L_text, L) layers
+        if any(s.attn.heads != d.attn.heads or s.mlp.fc1.out_features != d.mlp.fc1.out_features for s, d in pairs):
+            return
+        with torch.no_grad():
+            rows = min(self.max_frames, tpe.shape[0])
+            self.frame_position_embedding[:rows].copy_(tpe[:rows])
+            for src, dst in pairs:
+                dst.load_state_dict(src.state_dict())
+
+    def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
+        t = frame_embeds.shape[1]
+        if t > self.max_frames:
+            raise ValueError(f"seq_transformer got {t} frames but max_frames={self.max_frames}; raise max_frames")
+        x = frame_embeds + self.frame_position_embedding[:t].to(frame_embeds.dtype)  # [B, T, E]
+        for blk in self.blocks:
+            x = blk(x)
+        x = x + frame_embeds  # residual to the input frame embeddings
+        if self.normalize_frames:
+            x = F.normalize(x, dim=-1)
+        return VideoOutput(embeds=x.mean(dim=1), frame_embeds=x)

@@ -1,0 +1,97 @@
+"""The video-text model: image tower (with hook points) + temporal block + text tower."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vidlang.models.clip.text import TextTower
+from vidlang.models.clip.vision import VisionTower
+from vidlang.models.temporal.base import TemporalBlock, TextOutput, VideoOutput
+
+
+@dataclass
+class VideoTextOutput:
+    video: VideoOutput | None
+    text: TextOutput | None
+    logit_scale: Tensor  # [] exp(logit_scale), the contrastive temperature inverse
+
+    @property
+    def aux_losses(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in (self.text, self.video):
+            if part is not None:
+                out.update(part.aux_losses)
+        return out
+
+
+class VideoTextModel(nn.Module):
+    """``image_tower`` + ``block`` + ``text_tower`` + ``logit_scale`` (log of the inverse temperature).
+
+    The towers call only the hooks the block implements (computed once here). Parameter names:
+    ``image_tower.*``, ``text_tower.*``, ``block.*``, ``logit_scale``.
+    """
+
+    def __init__(
+        self,
+        image_tower: VisionTower,
+        text_tower: TextTower,
+        block: TemporalBlock,
+        logit_scale_init: float = math.log(1 / 0.07),
+    ) -> None:
+        super().__init__()
+        if image_tower.embed_dim != text_tower.embed_dim:
+            raise ValueError(
+                f"image tower embeds to {image_tower.embed_dim} but text tower to {text_tower.embed_dim}"
+            )
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.block = block
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self._hooks = block.implemented_hooks()
+        self.lr_mults: dict[str, float] = {"backbone": 1.0, "block": block.lr_mult}
+        self.freeze_policy = "full"
+
+    @property
+    def embed_dim(self) -> int:
+        return self.image_tower.embed_dim
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.image_tower.cfg.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.image_tower.cfg.image_std
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.image_tower.set_gradient_checkpointing(enabled)
+        self.text_tower.set_gradient_checkpointing(enabled)
+
+    def encode_video(self, video: Tensor) -> VideoOutput:
+        """``video [B, T, 3, H, W]`` normalised float -> :class:`VideoOutput` (embeds ``[B, E]``, not normalised)."""
+        vis = self.image_tower(video, self.block, self._hooks)
+        out = self.block.pool(vis.frame_tokens, vis.frame_embeds, vis.ctx)
+        out.aux_losses = {**vis.ctx.aux_losses, **out.aux_losses}
+        return out
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """``images [B, 3, H, W]`` -> per-image embeddings ``[B, E]`` (one-frame videos through the tower)."""
+        return self.image_tower(images[:, None], self.block, self._hooks).frame_embeds[:, 0]
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TextOutput:
+        """``input_ids [A, Lt]``, ``attention_mask [A, Lt]`` -> :class:`TextOutput` (embeds ``[A, E]``)."""
+        return self.text_tower(input_ids, attention_mask, self.block, self._hooks)
+
+    def forward(
+        self,
+        video: Tensor | None = None,  # [B, T, 3, H, W]
+        input_ids: Tensor | None = None,  # [A, Lt]
+        attention_mask: Tensor | None = None,  # [A, Lt]
+    ) -> VideoTextOutput:
+        v = self.encode_video(video) if video is not None else None
+        t = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        return VideoTextOutput(video=v, text=t, logit_scale=self.logit_scale.exp())
