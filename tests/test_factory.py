@@ -138,3 +138,48 @@ def test_pretrained_mismatch_is_a_clear_error(monkeypatch):
     _fake_loader(monkeypatch, sd)
     with pytest.raises(ValueError, match=r"/ckpt: checkpoint does not match.*ln_post.weight.*extra"):
         build_model(tiny(pretrained="/ckpt"))
+
+
+def test_checkpoint_with_block_weights_keeps_them_and_binds_the_block(monkeypatch):
+    # STAN copies CLIP layers in init_from_tower; a checkpoint with block weights must still bind the
+    # block to the loaded towers and then restore the block's own trained weights over the copies.
+    torch.manual_seed(0)
+    trained = build_model(tiny(block="stan"))
+    with torch.no_grad():
+        for p in trained.block.parameters():
+            p.add_(0.5)
+    sd = dict(trained.state_dict())
+    _fake_loader(monkeypatch, sd)
+    torch.manual_seed(1)
+    model = build_model(tiny(block="stan", pretrained="/ckpt"))
+    assert model.pretrained_info["loaded_block"]
+    for (name, p), (_, q) in zip(model.block.state_dict().items(), trained.block.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    video = torch.randn(2, 4, 3, 32, 32)
+    model.eval(), trained.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_video(video).embeds, trained.encode_video(video).embeds, atol=1e-6)
+
+
+def test_checkpoint_activation_mismatch_is_refused(monkeypatch):
+    sd = build_model(tiny(block="mean")).state_dict()
+    info = {"source": "/ckpt", "act_source": "config", "vision": {"act": "gelu"}, "text": {"act": "gelu"}}
+    _fake_loader(monkeypatch, sd, info)
+    with pytest.raises(ValueError, match=r"/ckpt: the checkpoint's vision tower has act='gelu'"):
+        build_model(tiny(pretrained="/ckpt"))
+    info["act_source"] = "default (not stored in a weights file)"  # guessed facts are not enforced
+    build_model(tiny(pretrained="/ckpt"))
+
+
+def test_encode_video_state_reaches_the_hooks():
+    model = build_model(tiny(block="mean"))
+    seen = {}
+
+    def after_layer(i, x, ctx):
+        seen.update(ctx.state)
+        return x
+
+    model.block.after_layer = after_layer
+    model._hooks = frozenset({"after_layer"})
+    model.encode_video(torch.randn(1, 2, 3, 32, 32), state={"caption_ids": 7})
+    assert seen == {"caption_ids": 7}

@@ -92,13 +92,17 @@ def build_model(cfg: ModelConfig) -> VideoTextModel:
     image, text = VisionTower(vcfg), TextTower(tcfg)
     block = build_block(cfg.block, tower_spec(vcfg, tcfg), **cfg.block_args)
     model = VideoTextModel(image, text, block, cfg.logit_scale_init)
-    loaded_block = False
+    block_state: dict[str, Tensor] = {}
     if cfg.pretrained:
         info = load_weights(model, cfg.pretrained)
-        loaded_block = info["loaded_block"]
+        block_state = info.pop("block_state")
         model.pretrained_info = info
-    if not loaded_block:
-        block.init_from_tower(image, text)
+    # Blocks copy or reference tower weights here (STAN's spatial layers, Prompt Switch's text
+    # embeddings), so this runs after the towers are loaded; a checkpoint's own block weights, if
+    # any, then overwrite those copies.
+    block.init_from_tower(image, text)
+    if block_state:
+        block.load_state_dict(block_state)
     policy = ("block_only" if block.freeze_backbone else "full") if cfg.freeze == "auto" else cfg.freeze
     FREEZE_POLICIES.get(policy)(model)
     model.freeze_policy = policy
@@ -144,8 +148,30 @@ def load_weights(model: VideoTextModel, path: str) -> dict[str, Any]:
             f"{' ...' if len(tower_missing) > 8 else ''}, unexpected {unexpected[:8]}"
         )
     info = dict(info) if isinstance(info, dict) else {"info": info}
-    info["loaded_block"] = any(k.startswith("block.") for k in sd)
+    check_architecture(model, info, path)
+    info["block_state"] = {k[len("block.") :]: v for k, v in sd.items() if k.startswith("block.")}
+    info["loaded_block"] = bool(info["block_state"])
     return info
+
+
+def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint whose stored activation or head count differs from the model's presets.
+
+    Weight shapes cannot reveal either, so a mismatch would load silently and compute wrongly.
+    Only facts the checkpoint really stores are compared (not defaults guessed for bare weight files).
+    """
+    if str(info.get("act_source", "")).startswith("default"):
+        return
+    towers = (("vision", model.image_tower.cfg), ("text", model.text_tower.cfg))
+    for name, cfg in towers:
+        stored = info.get(name) or {}
+        for field_name in ("act", "heads"):
+            if field_name in stored and stored[field_name] != getattr(cfg, field_name):
+                raise ValueError(
+                    f"{source}: the checkpoint's {name} tower has {field_name}={stored[field_name]!r} but the "
+                    f"model preset has {getattr(cfg, field_name)!r}; set ModelConfig.{name}_overrides"
+                    f"={{'{field_name}': {stored[field_name]!r}}} or pick the matching preset"
+                )
 
 
 # -- freezing --------------------------------------------------------------------------------------

@@ -71,9 +71,12 @@ class VideoTextModel(nn.Module):
         self.image_tower.set_gradient_checkpointing(enabled)
         self.text_tower.set_gradient_checkpointing(enabled)
 
-    def encode_video(self, video: Tensor) -> VideoOutput:
-        """``video [B, T, 3, H, W]`` normalised float -> :class:`VideoOutput` (embeds ``[B, E]``, not normalised)."""
-        vis = self.image_tower(video, self.block, self._hooks)
+    def encode_video(self, video: Tensor, state: dict | None = None) -> VideoOutput:
+        """``video [B, T, 3, H, W]`` normalised float -> :class:`VideoOutput` (embeds ``[B, E]``, not normalised).
+
+        ``state`` seeds ``HookContext.state`` for this call (e.g. ``{"caption_ids": ...}`` for blocks
+        with a captioning head)."""
+        vis = self.image_tower(video, self.block, self._hooks, state=state)
         out = self.block.pool(vis.frame_tokens, vis.frame_embeds, vis.ctx)
         out.aux_losses = {**vis.ctx.aux_losses, **out.aux_losses}
         return out

@@ -170,16 +170,20 @@ class TimmVisionTower(nn.Module):
         return x, rope, grid
 
     def forward(
-        self, video: Tensor, block: TemporalBlock | None = None, hooks: frozenset[str] | None = None
+        self,
+        video: Tensor,
+        block: TemporalBlock | None = None,
+        hooks: frozenset[str] | None = None,
+        state: dict | None = None,
     ) -> VisionOutput:
-        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`."""
+        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`; ``state`` seeds ``ctx.state``."""
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"TimmVisionTower expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         if hooks is None:
             hooks = block.implemented_hooks() if block is not None else frozenset()
         x, rope, grid = self._embed_tokens(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training)
+        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
         n_tokens = x.shape[1]
         if "embed" in hooks:
             x = block.embed(x, ctx)

@@ -81,11 +81,16 @@ class VisionTower(nn.Module):
         return torch.cat([cls, x], dim=1) + pe.to(x.dtype), grid
 
     def forward(
-        self, video: Tensor, block: TemporalBlock | None = None, hooks: frozenset[str] | None = None
+        self,
+        video: Tensor,
+        block: TemporalBlock | None = None,
+        hooks: frozenset[str] | None = None,
+        state: dict | None = None,
     ) -> VisionOutput:
         """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`.
 
         ``hooks`` is ``block.implemented_hooks()``, computed once by the caller (computed here if None).
+        ``state`` seeds the per-call ``HookContext.state``.
         """
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"VisionTower expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
@@ -93,7 +98,7 @@ class VisionTower(nn.Module):
         if hooks is None:
             hooks = block.implemented_hooks() if block is not None else frozenset()
         x, grid = self.patch_embed(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training)
+        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
         n_tokens = x.shape[1]
         if "embed" in hooks:
             x = block.embed(x, ctx)
