@@ -209,7 +209,9 @@ def test_reverse_pair_after_decoding(tmp_path):
 
 def test_determinism_bytes_and_manifests(corpus, tmp_path):
     again = generate_corpus(tmp_path / "b", N_VIDEOS, seed=7, workers=1, progress=False)
-    for name in ["manifest.csv", "manifest.jsonl", "classes.txt", "webvid_train.csv", "webvid_val.csv"]:
+    names = ["manifest.csv", "manifest.jsonl", "classes.txt", "webvid_train.csv", "webvid_val.csv"]
+    names.append("tokenizer/tokenizer.json")
+    for name in names:
         assert (corpus.out_dir / name).read_bytes() == (again.out_dir / name).read_bytes(), name
     for row in corpus.rows:
         assert filecmp.cmp(corpus.out_dir / row["path"], again.out_dir / row["path"], shallow=False), row["path"]
@@ -333,3 +335,15 @@ def test_backends_read_corpus_and_sample(corpus, backend):
             assert clip.shape == (2, 6, 3, 64, 64)
             ref = torch.from_numpy(decode_video(path)).permute(0, 3, 1, 2)  # [T, C, H, W]
             assert (clip.reshape(12, 3, 64, 64).int() - ref[idx.flatten()].int()).abs().float().mean() < 1.0
+
+
+def test_corpus_ships_a_tokenizer_for_its_captions(corpus):
+    from vidlang.models.clip.tokenizer import ClipTokenizer
+
+    tok = ClipTokenizer.from_dir(corpus.out_dir / "tokenizer")
+    assert tok.vocab_size <= 512
+    caption = corpus.rows[0]["captions"]
+    caption = json.loads(caption)[0] if isinstance(caption, str) else caption[0]
+    ids, mask = tok([caption], 32)
+    assert ids[0, 0] == tok.bos_id and ids[0, int(mask[0].sum()) - 1] == tok.eot_id
+    assert tok.decode(ids[0, 1 : int(mask[0].sum()) - 1].tolist()).strip().lower() == caption.lower()

@@ -214,6 +214,18 @@ def _prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+TOKENIZER_VOCAB = 512  # matches the ``text_tiny`` preset
+
+
+def write_tokenizer(out_dir: Path, specs: list) -> None:
+    """Train a small BPE tokenizer on the training captions into ``out_dir/tokenizer`` (for from-scratch
+    models: the demo and the synthetic configs point their ``tokenizer`` at it)."""
+    from vidlang.models.clip.tokenizer import train_tokenizer
+
+    captions = [c for s in specs if s.split == "train" for c in s.captions] or [c for s in specs for c in s.captions]
+    train_tokenizer(captions, out_dir / "tokenizer", vocab_size=TOKENIZER_VOCAB, context_length=32)
+
+
 def generate_corpus(
     out_dir: str | os.PathLike,
     num_videos: int,
@@ -247,6 +259,7 @@ def generate_corpus(
                 bar.update()
     bar.close()
     rows = write_manifests(out, specs)
+    write_tokenizer(out, specs)
     write_readme(out, specs, seed)
     counts = {split: sum(s.split == split for s in specs) for split in SPLITS}
     return CorpusInfo(
@@ -294,6 +307,7 @@ Files
                                page_dir, name (= first caption); the video is at {{page_dir}}/{{videoid}}.mp4
                                relative to this folder (page_dir = "videos/NNN"); contentUrl = the same path
   classes.txt                  class names, one per line
+  tokenizer/                   a byte-level BPE tokenizer (vocabulary 512) trained on the training captions
 
 Split: 80/10/10 train/val/test, stratified by motion. Counts: {counts}.
 """
