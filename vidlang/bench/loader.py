@@ -1,0 +1,143 @@
+"""``vidlang bench loader``: the full data loader against the raw decoder, same files and indices.
+
+Both sides decode the same deterministic 8-frame sparse (``segment``, eval) indices of the same
+videos. "raw" opens each file, samples the indices and calls ``get_frames`` in a plain loop,
+in 1 process and in as many processes as the loader has workers (a ``multiprocessing`` pool).
+"loader" is :class:`~vidlang.data.datasets.VideoTextDataset` + transforms (random resized crop
+to ``--size``) + collate through a ``DataLoader`` with ``--workers`` persistent workers.
+Each pass goes over the videos ``--repeat`` times (steady-state throughput, as in training,
+rather than the tail of one short pass). Each side makes one untimed warm-up pass (page cache,
+worker start-up); then ``--passes`` rounds time one pass of each side in turn, and the best
+pass of each is reported (robust to other load on a shared machine).
+The headline ratio is loader / raw with the same number of processes (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vidlang.bench import BENCHMARKS
+
+
+def _raw_clip(job: tuple[str, str, int]) -> int:
+    from vidlang.data.decoding import open_video
+    from vidlang.data.sampling import build_sampler, sample_clip
+
+    path, backend, frames = job
+    with open_video(path, backend=backend) as reader:
+        clip = sample_clip(reader, build_sampler("segment", num_frames=frames), training=False)
+    return int(clip.shape[1])
+
+
+def raw_runner(paths: list[str], backend: str, frames: int, processes: int, pool: Any = None) -> Callable[[], int]:
+    """One pass of the raw decoder over ``paths`` (in ``pool`` when given) -> clips decoded."""
+    jobs = [(p, backend, frames) for p in paths]
+    if pool is None:
+        return lambda: len([_raw_clip(j) for j in jobs])
+    return lambda: len(pool.map(_raw_clip, jobs, chunksize=4))
+
+
+def loader_runner(
+    entries: list, backend: str, frames: int, workers: int, size: int, batch: int, transform: bool = True
+) -> Callable[[], int]:
+    """One pass of the full loader (dataset + transforms + collate + DataLoader workers) -> clips delivered."""
+    from torch.utils.data import DataLoader
+
+    from vidlang.data.collate import collate_samples
+    from vidlang.data.datasets import VideoTextDataset
+    from vidlang.data.sampling import build_sampler
+    from vidlang.data.transforms import ClipTransform
+
+    tf = ClipTransform(size, "train") if transform else None
+    ds = VideoTextDataset(entries, build_sampler("segment", num_frames=frames), tf, training=False, backend=backend)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate_samples,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def one_pass() -> int:
+        n = sum(b["video"].shape[0] for b in loader)
+        if n != len(entries):
+            raise RuntimeError(f"loader delivered {n} clips, expected {len(entries)}")
+        return n
+
+    return one_pass
+
+
+def measure(runners: dict[str, Callable[[], int]], rounds: int) -> dict[str, float]:
+    """Best clips/s of each runner over ``rounds`` interleaved timed passes (after one warm-up pass each)."""
+    for run in runners.values():
+        run()
+    best = dict.fromkeys(runners, 0.0)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            n = run()
+            best[name] = max(best[name], n / (time.perf_counter() - t0))
+    return best
+
+
+@BENCHMARKS.register("loader")
+class LoaderBench:
+    help = "clips/s of the full data loader vs the raw decoder on the same files and frame indices"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--manifest", help="a generic CSV/JSONL manifest (default: generate a synthetic corpus)")
+        parser.add_argument("--videos", type=int, default=48, help="synthetic corpus size")
+        parser.add_argument("--video-size", type=int, default=320, help="synthetic video side (px)")
+        parser.add_argument("--video-frames", type=int, default=80, help="synthetic frames per video (8 fps)")
+        parser.add_argument("--backend", default="auto")
+        parser.add_argument("--frames", type=int, default=8)
+        parser.add_argument("--workers", type=int, default=2)
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--size", type=int, default=224, help="crop size of the transforms")
+        parser.add_argument("--repeat", type=int, default=4, help="each pass goes over the videos this many times")
+        parser.add_argument("--skip-breakdown", action="store_true", help="skip the loader-without-transforms row")
+        parser.add_argument("--passes", type=int, default=2, help="timed rounds (best pass of each is reported)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from vidlang.data.decoding import resolve_backend
+        from vidlang.data.formats.manifest import read_manifest
+
+        manifest = args.manifest
+        tmp = None
+        if manifest is None:
+            from vidlang.data.synthetic import generate_corpus
+
+            tmp = tempfile.TemporaryDirectory(prefix="vidlang_bench_loader_")
+            generate_corpus(tmp.name, args.videos, seed=0, size=args.video_size, frames=args.video_frames)
+            manifest = str(Path(tmp.name) / "manifest.csv")
+        entries = read_manifest(manifest).entries * args.repeat  # one long pass: steady state, small tail
+        backend = resolve_backend(args.backend)
+        paths = [e.path for e in entries]
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            runners = {
+                "raw1": raw_runner(paths, backend, args.frames, 1),
+                "rawn": raw_runner(paths, backend, args.frames, args.workers, pool),
+                "loader": loader_runner(entries, backend, args.frames, args.workers, args.size, args.batch_size),
+            }
+            if not args.skip_breakdown:
+                runners["bare"] = loader_runner(entries, backend, args.frames, args.workers, args.size,
+                                                args.batch_size, transform=False)
+            best = measure(runners, args.passes)
+        raw1, rawn, full = best["raw1"], best["rawn"], best["loader"]
+        print(f"loader benchmark: {len(paths) // args.repeat} videos x {args.repeat} per pass from {manifest}, "
+              f"backend {backend}, {args.frames}-frame "
+              f"segment sampling, crop {args.size}, batch {args.batch_size}; best of {args.passes} interleaved passes")
+        print(f"{'pipeline':<48}{'clips/s':>10}{'ratio':>8}")
+        print(f"{'raw decoder, 1 process':<48}{raw1:>10.1f}{'':>8}")
+        print(f"{f'raw decoder, {args.workers} processes':<48}{rawn:>10.1f}{1.0:>8.2f}")
+        print(f"{f'full loader, {args.workers} workers (+transforms, collate)':<48}{full:>10.1f}{full / rawn:>8.2f}")
+        if "bare" in best:
+            bare = best["bare"]
+            print(f"{'  same loader without transforms (breakdown)':<48}{bare:>10.1f}{bare / rawn:>8.2f}")
+        verdict = "meets" if full / rawn >= 0.9 else "misses"
+        print(f"loader / raw ({args.workers} processes) = {full / rawn:.2f} ({verdict} the 0.9 target); "
+              f"loader / raw (1 process) = {full / raw1:.2f}")
+        if tmp is not None:
+            tmp.cleanup()
+        return 0

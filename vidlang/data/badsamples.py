@@ -1,0 +1,218 @@
+"""The bad-sample policy: skip, replace, count, report, and stop when too many fail.
+
+* A sample whose decode fails (:class:`VideoDecodeError`, a missing file, an unreadable shard
+  member, a window outside the video, or a decode that exceeds ``decode_timeout_s``) is
+  **skipped and replaced** by a deterministic different index (map-style datasets) or by the
+  next sample of the stream (streaming). Nothing is dropped or duplicated silently: every
+  failure is recorded with its epoch, index, key, path, reason and replacement.
+* **Reports.** Each process (DataLoader worker or the main process) appends its failures to
+  ``{report_dir}/workers/rank{r}-pid{p}.jsonl`` as they happen. At epoch end the main process
+  (:class:`BadSampleCallback`, added to the trainer by the DataModule) collects that epoch's
+  records into ``{report_dir}/bad_samples.jsonl``, logs the count (``data/bad_samples``) and
+  checks the skip rate ``failures / (served + failures)``.
+* **Threshold.** Above ``max_skip_rate`` (default 0.05) the run stops with
+  :class:`BadSampleError` naming the count and example paths. Each worker also checks its own
+  running rate after ``min_attempts`` so a broken corpus fails within the first batches, and
+  :func:`preflight` checks the first entries before training (a wrong video root fails fast).
+* **Never hang.** The decode runs under a SIGALRM timer where possible (the main thread of a
+  worker or of the main process); Python cannot interrupt C code, so a backend stuck inside
+  FFmpeg is interrupted when it returns to Python; the DataModule's DataLoader ``timeout`` is
+  the last guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BadSampleError(RuntimeError):
+    """Too many samples failed to load; the message names the count, the rate and example paths."""
+
+
+class DecodeTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class BadSamplePolicy:
+    """Settings of the policy (module docstring). ``report_dir=None`` keeps records in memory only."""
+
+    report_dir: str | None = None
+    max_skip_rate: float = 0.05
+    max_retries: int = 10
+    min_attempts: int = 64
+    decode_timeout_s: float = 60.0
+    preflight_entries: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_skip_rate <= 1.0:
+            raise ValueError(f"max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise :class:`DecodeTimeout` if the block runs longer than ``seconds`` (main thread only; else no-op)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise DecodeTimeout(f"{what}: decode exceeded {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class BadSampleTracker:
+    """Per-process failure log and running counters (one per DataLoader worker / main process)."""
+
+    def __init__(self, policy: BadSamplePolicy, rank: int = 0) -> None:
+        self.policy, self.rank = policy, rank
+        self.attempts: Counter[int] = Counter()  # epoch -> load attempts
+        self.failures: list[dict[str, Any]] = []
+
+    def _file(self) -> Path | None:
+        if self.policy.report_dir is None:
+            return None
+        d = Path(self.policy.report_dir) / "workers"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"rank{self.rank}-pid{os.getpid()}.jsonl"  # one file per process (workers included)
+
+    def success(self, epoch: int) -> None:
+        self.attempts[epoch] += 1
+
+    def failure(self, epoch: int, index: Any, key: str, path: str, reason: str, replacement: Any = None) -> None:
+        """Record one failure (file + log), then apply the worker-local threshold."""
+        self.attempts[epoch] += 1
+        rec = {"epoch": epoch, "index": index, "key": key, "path": path, "reason": reason,
+               "replacement": replacement, "rank": self.rank, "pid": os.getpid(), "time": time.time()}
+        self.failures.append(rec)
+        f = self._file()
+        if f is not None:
+            with open(f, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        log.warning("skipping bad sample %s (%s): %s", key, path, reason)
+        n_fail = sum(1 for r in self.failures if r["epoch"] == epoch)
+        n_try = self.attempts[epoch]
+        if n_try >= self.policy.min_attempts and n_fail / n_try > self.policy.max_skip_rate:
+            raise BadSampleError(_message(n_fail, n_try, [r for r in self.failures if r["epoch"] == epoch],
+                                          self.policy, scope="in one loader process"))
+
+
+def _message(n_fail: int, n_total: int, records: Sequence[dict], policy: BadSamplePolicy, scope: str) -> str:
+    examples = "; ".join(f"{r['path']} ({r['reason']})" for r in records[:5])
+    report = f" Report: {Path(policy.report_dir) / 'bad_samples.jsonl'}." if policy.report_dir else ""
+    return (
+        f"{n_fail} of {n_total} samples failed to load {scope} ({n_fail / max(n_total, 1):.1%} > max_skip_rate "
+        f"{policy.max_skip_rate:.1%}). Examples: {examples}.{report} Check the video root / paths of the manifest."
+    )
+
+
+def collect_epoch(policy: BadSamplePolicy, epoch: int, extra: Sequence[dict] = ()) -> list[dict]:
+    """Gather every process's failures of ``epoch`` and append them to ``bad_samples.jsonl``."""
+    records = [r for r in extra if r["epoch"] == epoch]
+    if policy.report_dir is None:
+        return records
+    root = Path(policy.report_dir)
+    seen = {(r["pid"], r["time"]) for r in records}
+    for f in sorted((root / "workers").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec["epoch"] == epoch and (rec["pid"], rec["time"]) not in seen:
+                records.append(rec)
+                seen.add((rec["pid"], rec["time"]))
+    records.sort(key=lambda r: r["time"])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "bad_samples.jsonl", "a", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return records
+
+
+def check_rate(policy: BadSamplePolicy, records: Sequence[dict], served: int, scope: str) -> None:
+    """Raise :class:`BadSampleError` if failures / (served + failures) exceeds the threshold."""
+    n_fail = len(records)
+    total = served + n_fail
+    if total and n_fail / total > policy.max_skip_rate:
+        raise BadSampleError(_message(n_fail, total, records, policy, scope))
+
+
+def preflight(entries: Sequence[Any], policy: BadSamplePolicy, decode: int = 2, backend: str = "auto") -> None:
+    """Before training: the first entries must exist (and the first ``decode`` must open)."""
+    from vidlang.data.decoding import VideoDecodeError, open_video
+
+    head = list(entries[: policy.preflight_entries])
+    bad = []
+    for i, e in enumerate(head):
+        try:
+            src = e.open_source()
+            if i < decode:
+                with open_video(src, backend=backend) as reader:
+                    _ = reader.metadata
+        except (OSError, VideoDecodeError) as err:
+            bad.append({"path": e.path, "reason": str(err), "epoch": -1})
+    if len(head) and len(bad) / len(head) > policy.max_skip_rate:
+        raise BadSampleError(_message(len(bad), len(head), bad, policy, scope="among the first entries (preflight)"))
+    for b in bad:
+        log.warning("preflight: %s", b["reason"])
+
+
+def served_count(batch: Any) -> int:
+    """Number of videos in a batch dict (``key`` list)."""
+    return len(batch["key"]) if isinstance(batch, dict) and "key" in batch else 0
+
+
+def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] = ()) -> Any:
+    """A Lightning callback that aggregates, reports and checks the failures of each epoch."""
+    from pytorch_lightning import Callback
+
+    class BadSampleCallback(Callback):
+        def __init__(self) -> None:
+            self.policy, self.trackers = policy, trackers
+            self.served: Counter[str] = Counter()
+
+        def _start(self, stage: str) -> None:
+            self.served[stage] = 0
+
+        def _end(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            epoch = trainer.current_epoch
+            extra = [r for t in self.trackers for r in t.failures]
+            records = collect_epoch(self.policy, epoch, extra) if stage == "train" else []
+            if records:
+                log.warning("epoch %d: %d bad samples skipped (report: %s)", epoch, len(records),
+                            self.policy.report_dir)
+            with contextlib.suppress(Exception):
+                pl_module.log(f"data/bad_samples_{stage}", float(len(records)), rank_zero_only=True)
+            check_rate(self.policy, records, self.served[stage], scope=f"in {stage} epoch {epoch}")
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._start("train")
+            dm = getattr(trainer, "datamodule", None)
+            if dm is not None and hasattr(dm, "set_epoch"):
+                dm.set_epoch(trainer.current_epoch)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.served["train"] += served_count(batch)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self._end(trainer, pl_module, "train")
+
+    return BadSampleCallback()

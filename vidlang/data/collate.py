@@ -1,0 +1,72 @@
+"""Collate :class:`~vidlang.data.sample.VideoSample` lists into the batch contract.
+
+Batch (``B`` videos, ``A`` captions in all)::
+
+    video:         uint8 [B, T, C, H, W]   single view; [B, V, T, C, H, W] when samples carry V > 1 views
+    captions:      list[str]               length A, every caption of every sample, in sample order
+    caption_index: int64 [A]               caption a belongs to video caption_index[a]
+    label:         int64 [B]               -1 = no label
+    key:           list[str]               length B
+    path:          list[str]               length B
+    window:        float64 [B, 2]          NaN where a sample has no window
+    audio:         float32 [B, S]          only if any sample carries audio; zero-padded
+    audio_lengths: int64 [B]
+    audio_mask:    bool [B]                False = no audio track (row is all zeros)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from vidlang.data.sample import VideoSample
+
+
+def collate_samples(samples: Sequence[VideoSample]) -> dict[str, Any]:
+    """Stack samples into a batch dict (module docstring). All videos must share ``[V, T, C, H, W]``."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    shapes = {tuple(s.video.shape) for s in samples}
+    if len(shapes) != 1:
+        detail = ", ".join(f"{s.key}: {tuple(s.video.shape)}" for s in samples[:4])
+        raise ValueError(f"videos of a batch must share one shape (crop to a fixed size first); got {detail}")
+    # default_collate stacks straight into shared memory inside DataLoader workers (no extra copy to send it)
+    video = default_collate([s.video for s in samples])  # [B, V, T, C, H, W]
+    if video.shape[1] == 1:
+        video = video[:, 0]  # [B, T, C, H, W]
+    captions: list[str] = []
+    owner: list[int] = []
+    for b, s in enumerate(samples):
+        captions.extend(s.captions)
+        owner.extend([b] * len(s.captions))
+    batch: dict[str, Any] = {
+        "video": video,
+        "captions": captions,
+        "caption_index": torch.tensor(owner, dtype=torch.long),
+        "label": torch.tensor([-1 if s.label is None else int(s.label) for s in samples], dtype=torch.long),
+        "key": [s.key for s in samples],
+        "path": [s.path for s in samples],
+        "window": torch.tensor(
+            [list(s.window) if s.window is not None else [math.nan, math.nan] for s in samples], dtype=torch.float64
+        ),
+    }
+    if any(s.audio is not None for s in samples):
+        batch.update(_collate_audio(samples, video.device))
+    return batch
+
+
+def _collate_audio(samples: Sequence[VideoSample], device: torch.device) -> dict[str, torch.Tensor]:
+    lengths = [0 if s.audio is None else int(s.audio.numel()) for s in samples]
+    audio = torch.zeros(len(samples), max(max(lengths), 1), dtype=torch.float32)  # [B, S]
+    for b, s in enumerate(samples):
+        if s.audio is not None:
+            audio[b, : lengths[b]] = s.audio.float().cpu()
+    return {
+        "audio": audio,
+        "audio_lengths": torch.tensor(lengths, dtype=torch.long),
+        "audio_mask": torch.tensor([s.audio is not None for s in samples], dtype=torch.bool),
+    }

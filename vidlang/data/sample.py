@@ -1,0 +1,119 @@
+"""The sample contract shared by every format, dataset and loader.
+
+Index entries (what format readers produce, cheap, no decoding)::
+
+    VideoEntry(source, key, captions, window, label, ...)
+        source:   str path of a video file, or a TarMember (bytes inside a shard, read lazily)
+        captions: list[str]  (may be empty for pure recognition data)
+        window:   (start_s, end_s) | None  (timestamped captions)
+        label:    int | None   (class index; class names live in FormatIndex.classes)
+
+Decoded samples (what a dataset returns, one per item)::
+
+    VideoSample
+        video:    uint8 [V, T, C, H, W]   V views (1 usually), T frames, RGB
+        key:      str
+        captions: list[str]                the captions this item contributes to the batch
+        window:   (start_s, end_s) | None
+        label:    int | None
+        audio:    float32 [S] | None       mono at the dataset's sample rate (None = no audio track)
+        path:     str                      where the video came from (for reports)
+
+Batches (see :mod:`vidlang.data.collate`)::
+
+    video:         uint8 [B, T, C, H, W]     (or [B, V, T, C, H, W] when V > 1)
+    captions:      list[str]                 all captions of the batch, flattened, length A
+    caption_index: int64 [A]                 which video of the batch each caption belongs to
+    label:         int64 [B]                 -1 where a sample has no label
+    key:           list[str]                 length B
+    audio:         float32 [B, S]            (only when decoded) zero-padded to the longest
+    audio_lengths: int64 [B]                 valid samples per row
+    audio_mask:    bool [B]                  False = the video has no audio track
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Window = tuple[float, float]
+EvalCaptions = Literal["all", "first"]
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A file stored inside a (uncompressed) tar shard: read by seeking, never extracted."""
+
+    tar: str
+    offset: int  # byte offset of the member's data in the tar file
+    size: int
+    name: str
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.tar}: member {self.name} truncated ({len(data)} of {self.size} bytes)")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.tar}::{self.name}"
+
+
+@dataclass
+class VideoEntry:
+    """One item of an index: where the video is and what goes with it (no decoding)."""
+
+    source: str | TarMember
+    key: str
+    captions: list[str] = field(default_factory=list)
+    window: Window | None = None
+    label: int | None = None
+    eval_captions: EvalCaptions = "all"  # "first": captions are alternatives of one item (HowToCaption)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return str(self.source)
+
+    def open_source(self) -> str | bytes:
+        """A path (checked to exist) or the bytes of a shard member."""
+        if isinstance(self.source, TarMember):
+            return self.source.read()
+        if not os.path.exists(self.source):
+            raise FileNotFoundError(f"{self.source}: video file not found (key {self.key})")
+        return self.source
+
+
+@dataclass
+class FormatIndex:
+    """What a format reader returns: entries plus the class names (recognition data)."""
+
+    entries: list[VideoEntry]
+    classes: list[str] | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass
+class VideoSample:
+    """One decoded item (shapes in the module docstring)."""
+
+    video: torch.Tensor  # uint8 [V, T, C, H, W]
+    key: str
+    captions: list[str]
+    window: Window | None = None
+    label: int | None = None
+    audio: torch.Tensor | None = None  # float32 [S]
+    path: str = ""
+    has_audio: bool = False
+
+    def __post_init__(self) -> None:
+        if self.video.ndim != 5:
+            raise ValueError(f"{self.key}: video must be [V, T, C, H, W], got shape {tuple(self.video.shape)}")
