@@ -78,10 +78,11 @@ def test_prompt_switch_caption_head_trains_from_token_embedding():
     model = build_model(cfg).train()
     head = model.block.caption_head
     torch.testing.assert_close(head.head.weight, model.text_tower.token_embedding.weight)
-    ids = torch.randint(1, 400, (2, 8))
+    ids = torch.randint(1, 400, (3, 8))
     ids[:, 5] = 511  # EOT (largest id); later positions are padding
-    model.block.set_caption_targets(ids)
-    out = model.encode_video(torch.randn(2, 4, 3, 32, 32))
+    state = model.caption_state(ids, None, torch.tensor([1, 0, 1]), num_videos=2)
+    assert torch.equal(state["caption_ids"], ids[torch.tensor([1, 0])])  # first caption of each video
+    out = model.encode_video(torch.randn(2, 4, 3, 32, 32), state=state)
     loss = out.aux_losses["caption"]
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

@@ -89,12 +89,41 @@ class VideoTextModel(nn.Module):
         """``input_ids [A, Lt]``, ``attention_mask [A, Lt]`` -> :class:`TextOutput` (embeds ``[A, E]``)."""
         return self.text_tower(input_ids, attention_mask, self.block, self._hooks)
 
+    def caption_state(
+        self, input_ids: Tensor, attention_mask: Tensor | None, caption_index: Tensor | None, num_videos: int
+    ) -> dict | None:
+        """Hook state carrying one caption per video (``caption_ids [B, Lt]``) for blocks with a
+        captioning head (``block.wants_caption_ids``) while training; ``None`` otherwise.
+
+        ``caption_index [A]`` maps captions to videos (None: caption i belongs to video i); each video
+        takes its first caption. Videos without any caption leave the state out (no caption loss)."""
+        if not (self.training and self.block.wants_caption_ids):
+            return None
+        if caption_index is None:
+            if input_ids.shape[0] != num_videos:
+                return None
+            first = torch.arange(num_videos, device=input_ids.device)
+        else:
+            order = torch.arange(caption_index.shape[0], device=caption_index.device)
+            first = torch.full((num_videos,), -1, dtype=torch.long, device=caption_index.device)
+            first.scatter_reduce_(0, caption_index, order, reduce="amin", include_self=False)
+            if (first < 0).any():
+                return None
+        state = {"caption_ids": input_ids[first]}
+        if attention_mask is not None:
+            state["caption_mask"] = attention_mask[first]
+        return state
+
     def forward(
         self,
         video: Tensor | None = None,  # [B, T, 3, H, W]
         input_ids: Tensor | None = None,  # [A, Lt]
         attention_mask: Tensor | None = None,  # [A, Lt]
+        caption_index: Tensor | None = None,  # [A] video of each caption (None: caption i -> video i)
     ) -> VideoTextOutput:
-        v = self.encode_video(video) if video is not None else None
+        state = None
+        if video is not None and input_ids is not None:
+            state = self.caption_state(input_ids, attention_mask, caption_index, video.shape[0])
+        v = self.encode_video(video, state=state) if video is not None else None
         t = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         return VideoTextOutput(video=v, text=t, logit_scale=self.logit_scale.exp())

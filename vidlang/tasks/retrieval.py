@@ -179,7 +179,8 @@ class RetrievalTask(pl.LightningModule):
         if video.ndim != 5:
             raise ValueError(f"retrieval training expects video [B, T, C, H, W], got {tuple(video.shape)}")
         ids, mask = self._text_inputs(batch)
-        v = self.model.encode_video(video)
+        state = self.model.caption_state(ids, mask, batch["caption_index"], video.shape[0])
+        v = self.model.encode_video(video, state=state)
         t = self.model.encode_text(ids, mask)
         out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
         aux = {**v.aux_losses, **t.aux_losses}

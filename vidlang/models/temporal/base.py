@@ -96,6 +96,12 @@ class TemporalBlock(nn.Module):
     lr_mult: ClassVar[float] = 1.0
     zero_init_identity: ClassVar[bool] = False  # True if the paper zero-initialises it to the identity
 
+    @property
+    def wants_caption_ids(self) -> bool:
+        """True if training forwards need ``ctx.state["caption_ids"]`` (one caption per video, ``[B, Lt]``);
+        the model's ``caption_state`` then provides them (Prompt Switch's captioning head)."""
+        return False
+
     def __init__(self, spec: TowerSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -17,12 +17,10 @@ transposed, the remaining slots stay with their frame.
 With ``caption=True`` training adds a captioning head (2-layer causal transformer decoder, d = E, memory = the
 unnormalised projected frame embeddings ``[B, T, E]``, vocabulary head initialised from the text
 tower's token embedding), loss ``caption`` with default weight 0.5 (``default_aux_weights``).
-The head needs the caption token ids of the batch's videos: the task passes them either in
-``ctx.state["caption_ids"]`` (``[B, Lt]``, optional ``ctx.state["caption_mask"]``) or, as long as
-the towers do not forward a per-call state, by calling :meth:`PromptSwitch.set_caption_targets`
-right before ``encode_video`` (consumed by the next training forward). ``caption`` defaults to
-False although the paper trains with it: the towers cannot yet hand per-batch caption ids to a
-block, and without ids the head would get no gradient; enable it where the task passes the ids.
+The head needs the caption token ids of the batch's videos: ``wants_caption_ids`` is True, so
+``VideoTextModel.caption_state`` passes one caption per video in ``ctx.state["caption_ids"]``
+(``[B, Lt]``, with ``ctx.state["caption_mask"]``) on training forwards (the retrieval task and
+``VideoTextModel.forward`` do this). ``caption`` defaults to True, as the paper trains with it.
 Decoder inputs are the text tower's token + position embeddings (no gradient, as the released
 code), predicting ``ids[:, 1:]``.
 """
@@ -91,7 +89,7 @@ class PromptSwitch(TemporalBlock):
         spec: TowerSpec,
         num_prompts: int = 6,
         init_std: float = 0.02,
-        caption: bool = False,
+        caption: bool = True,
         caption_layers: int = 2,
         caption_heads: int = 8,
     ) -> None:
@@ -110,8 +108,11 @@ class PromptSwitch(TemporalBlock):
             else None
         )
         self._text_tower: list[nn.Module] = []  # plain list: a reference, not a submodule
-        self._pending: tuple[Tensor, Tensor | None] | None = None
         self._warned = False
+
+    @property
+    def wants_caption_ids(self) -> bool:
+        return self.caption_head is not None
 
     # -- wiring ----------------------------------------------------------------------------------------
     def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
@@ -123,12 +124,6 @@ class PromptSwitch(TemporalBlock):
         if weight.shape == self.caption_head.head.weight.shape:
             with torch.no_grad():
                 self.caption_head.head.weight.copy_(weight)
-
-    def set_caption_targets(self, caption_ids: Tensor, caption_mask: Tensor | None = None) -> None:
-        """Caption ids ``[B, Lt]`` (and mask) of the next training forward's videos (one per video)."""
-        if self.caption_head is None:
-            raise ValueError("prompt_switch was built with caption=False; build it with caption=True")
-        self._pending = (caption_ids, caption_mask)
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def before_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
@@ -169,15 +164,14 @@ class PromptSwitch(TemporalBlock):
     def _caption_targets(self, ctx: HookContext) -> tuple[Tensor, Tensor | None] | None:
         if "caption_ids" in ctx.state:
             return ctx.state["caption_ids"], ctx.state.get("caption_mask")
-        pending, self._pending = self._pending, None
-        if pending is None and not self._warned:
+        if not self._warned:
             warnings.warn(
-                "prompt_switch: training without caption ids (ctx.state['caption_ids'] or "
-                "set_caption_targets); the auxiliary caption loss is skipped",
+                "prompt_switch: training forward without ctx.state['caption_ids'] (see "
+                "VideoTextModel.caption_state); the auxiliary caption loss is skipped",
                 stacklevel=2,
             )
             self._warned = True
-        return pending
+        return None
 
     def _caption_loss(self, frame_embeds: Tensor, ctx: HookContext) -> Tensor | None:
         targets = self._caption_targets(ctx)
