@@ -103,7 +103,7 @@ class STAN(TemporalBlock):
         depth = min(depth, spec.layers)  # shallow (test) towers: the branch covers every layer
         c = spec.width
         self.depth, self.start, self.max_frames = depth, spec.layers - depth, max_frames
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear 0..drop_path
         self.temporal = nn.ModuleList(TemporalModule(c, spec.heads, r) for r in rates)
         # placeholders with the tower's default layer shape; init_from_tower replaces them by copies
         self.spatial = nn.ModuleList(ResidualAttentionBlock(c, spec.heads) for _ in range(depth))

@@ -1,0 +1,1 @@
+"""Training glue shared by the tasks: the LightningCLI and callbacks."""
