@@ -1,0 +1,133 @@
+"""``vidlang classify --ckpt CKPT VIDEO... [--labels "a,b,c"]``: zero-shot (or fine-tuned) video classification.
+
+With ``--labels`` the checkpoint's text tower classifies the videos among those names (zero-shot); without,
+the checkpoint's training class names are used (and its linear head, if it has one). Each video is decoded,
+``--frames`` frames are taken with the segment sampler (segment middles), resized + centre-cropped to the
+model's image size and normalised; the top-k classes are printed with their probabilities. A video that
+cannot be read gets a one-line error and the others continue; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vidlang.commands import COMMANDS
+
+
+def parse_labels(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; empty names and duplicates are errors."""
+    names = [s.strip() for s in text.split(",")]
+    if any(not n for n in names):
+        raise ValueError(f"--labels has an empty class name: {text!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--labels repeats {dup}")
+    return names
+
+
+def load_clip_tensor(path: str, frames: int, size: int, mean: Any, std: Any, backend: str = "auto") -> Any:
+    """Decode ``path`` -> normalised float ``[1, T, 3, size, size]`` (segment sampler, eval transform)."""
+    from vidlang.data.decoding import open_video
+    from vidlang.data.sampling import build_sampler, sample_clip
+    from vidlang.data.transforms import ClipTransform, normalize
+
+    with open_video(path, backend) as reader:
+        clip = sample_clip(reader, build_sampler("segment", num_frames=frames), training=False)  # [1, T, C, H, W]
+    clip, _ = ClipTransform(size, "eval")(clip, [])
+    return normalize(clip, mean, std)
+
+
+def classify_files(task: Any, paths: list[str], names: list[str], frames: int, topk: int,
+                   backend: str = "auto") -> list[dict]:
+    """One dict per path: ``{"file", "ok": True, "top": [(name, prob), ...]}`` or ``{"file", "ok": False,
+    "error"}``."""
+    import torch
+
+    from vidlang.data.decoding import VideoDecodeError
+
+    size = task.model.image_tower.cfg.image_size
+    mean, std = task.model.image_mean, task.model.image_std
+    text = task.class_embeddings(names)  # [K, E], computed once
+    results = []
+    for path in paths:
+        try:
+            clip = load_clip_tensor(path, frames, size, mean, std, backend).to(task.device)
+        except (VideoDecodeError, ValueError, OSError) as e:
+            results.append({"file": path, "ok": False, "error": getattr(e, "reason", None) or str(e)})
+            continue
+        with torch.no_grad():
+            probs = task.view_logits(clip[None], names, text).float().softmax(-1).mean(dim=1)[0]  # [K]
+        p, idx = probs.topk(min(topk, len(names)))
+        results.append({"file": path, "ok": True, "top": [(names[i], float(v)) for v, i in zip(p, idx.tolist(),
+                                                                                                strict=True)]})
+    return results
+
+
+def format_result(r: dict) -> str:
+    if not r["ok"]:
+        return f"{r['file']}: ERROR {r['error']}"
+    width = max(len(n) for n, _ in r["top"])
+    lines = [f"{r['file']}:"] + [f"  {k + 1}. {n:<{width}}  {p:.4f}" for k, (n, p) in enumerate(r["top"])]
+    return "\n".join(lines)
+
+
+@COMMANDS.register("classify")
+class ClassifyCommand:
+    help = "classify video files with a recognition checkpoint (zero-shot with --labels), printing top-k"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+        parser.add_argument("--ckpt", required=True, help="RecognitionTask checkpoint (.ckpt)")
+        parser.add_argument("--labels", help='comma-separated class names, e.g. "dancing,running" (zero-shot); '
+                            "default: the checkpoint's training classes")
+        parser.add_argument("--topk", type=int, default=5, help="classes to print per video (default 5)")
+        parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+        parser.add_argument("--templates", action="append", default=None,
+                            help="prompt template with {} (repeatable; default: the checkpoint's)")
+        parser.add_argument("--backend", default="auto", choices=["auto", "torchcodec", "decord", "pyav"])
+        parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        parser.add_argument("--json", action="store_true", help="one JSON object per video (JSON lines)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        if args.topk < 1 or (args.frames is not None and args.frames < 1):
+            print("--topk and --frames must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            task, names = _load(args)
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+            print(f"{args.ckpt}: {e}", file=sys.stderr)
+            return 2
+        frames = args.frames or int(task.hparams.model["num_frames"])
+        results = classify_files(task, args.videos, names, frames, args.topk, args.backend)
+        for r in results:
+            out = sys.stdout if r["ok"] or args.json else sys.stderr
+            print(json.dumps(r) if args.json else format_result(r), file=out, flush=True)
+        failed = sum(not r["ok"] for r in results)
+        if failed:
+            print(f"{failed} of {len(results)} videos could not be classified", file=sys.stderr)
+        return 1 if failed else 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from pathlib import Path
+
+    from vidlang.tasks.recognition import RecognitionTask
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError("checkpoint file not found")
+    task = RecognitionTask.load_from_checkpoint(args.ckpt, map_location=args.device)
+    task.eval()
+    if args.templates:
+        bad = [t for t in args.templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each --templates needs exactly one {{}}: {bad}")
+        task.templates = list(args.templates)
+    if args.labels:
+        return task, parse_labels(args.labels)
+    names = task.class_names_by_split.get("train") or task.hparams.get("class_names")
+    if not names:
+        raise ValueError("the checkpoint has no class names; pass --labels")
+    return task, list(names)

@@ -1,0 +1,493 @@
+"""Action recognition as a thin LightningModule: model + text classifier (+ linear head) + soft-target losses.
+
+Classifier. Class names x prompt templates (ViFi-CLIP's ``"a photo of a {}."`` by default; ``_`` in a
+class name becomes a space) go through the text tower; a class embedding is the mean of its
+L2-normalised template embeddings, normalised again, and ``logits = exp(logit_scale) * v . t`` (scale
+clamped to 100). While anything on the text side trains (text tower, or a block's text adapters) the
+class embeddings are recomputed with gradient every training step; otherwise they are computed once
+and cached. Evaluation always uses the text tower (zero-shot on any label set) unless the linear head
+is the classifier and the evaluation label set is the training one (``classifier``).
+
+Class names: ``class_names`` (training) / ``eval_class_names`` if given, else the datamodule's index of
+the split (``trainer.datamodule.indices[split].classes``), so training on label set A and evaluating on
+label set B (zero-shot transfer, base-to-novel) just works. The resolved training names are kept in the
+hyper-parameters and, with the evaluation names, in every checkpoint (``checkpoint["vidlang_classes"]``).
+
+Losses. Soft-target cross-entropy with mixup / cutmix / label smoothing (:class:`MixupCutmix`, the same
+lambda for every frame); the block's auxiliary losses (weights: ``aux_loss_weights``, else the block's
+``default_aux_weights``, else 1); optionally M2-CLIP's multi-task terms (:mod:`vidlang.losses.m2clip`).
+
+Evaluation. ``video [B, T, C, H, W]`` or multi-view ``[B, V, T, C, H, W]`` (views clip-major, e.g. the
+``multiview`` sampler x ``three_crop``): every view is classified, softmax per view, averaged.
+Reported: top-1/top-5/mean-class accuracy fused and per view, base/novel/harmonic mean with
+``base_to_novel``; rank 0 writes ``{stage}_metrics.json`` (+ history) and ``{stage}_confusion.png``
+beside the checkpoint (else the logger's directory, else ``default_root_dir``).
+
+Tokenizer: as :class:`~vidlang.tasks.retrieval.RetrievalTask` (``set_tokenizer``, the checkpoint,
+the ``tokenizer`` directory, ``trainer.datamodule.tokenizer``), embedded in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset formats)
+from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
+from vidlang.losses.classification import MixupCutmix, soft_target_cross_entropy
+from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
+from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
+from vidlang.models.factory import ModelConfig, build_model
+from vidlang.models.temporal.base import TemporalBlock
+from vidlang.tasks.retrieval import TOKENIZER_KEY, tokenizer_from_state, tokenizer_state
+from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
+
+VIFI_TEMPLATES = ["a photo of a {}."]
+CLASSES_KEY = "vidlang_classes"
+CLASSIFIERS = ("auto", "text", "head")
+MAX_SCALE = 100.0
+
+
+def prompts_for(class_names: list[str], templates: list[str]) -> list[str]:
+    """``K * P`` prompts, class-major: class 0 with every template, then class 1, ..."""
+    return [t.format(name.replace("_", " ")) for name in class_names for t in templates]
+
+
+class RecognitionTask(pl.LightningModule):
+    """Video classification by text prompts and/or a linear head (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        tokenizer: str | None = None,
+        class_names: list[str] | None = None,
+        eval_class_names: list[str] | None = None,
+        templates: list[str] | None = None,
+        head: bool = False,
+        head_init: str = "text",
+        classifier: str = "auto",
+        lr: float = 2e-5,
+        lr_mult_block: float | None = None,
+        lr_mult_head: float = 1.0,
+        weight_decay: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        warmup_steps: int | None = None,
+        warmup_ratio: float | None = 0.1,
+        min_lr_ratio: float = 0.0,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mix_prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+        aux_loss_weights: dict[str, float] | None = None,
+        m2clip: bool = False,
+        m2clip_weights: dict[str, float] | None = None,
+        mlm_prob: float = 0.15,
+        view_layout: tuple[int, int] | None = None,
+        base_to_novel: bool = False,
+        base_ratio: float = 0.5,
+        split_seed: int | None = None,
+        text_chunk: int = 256,
+        write_plots: bool = True,
+    ) -> None:
+        """``model``: the model config (freezing via ``model.freeze``, ``"auto"`` = the block's recipe).
+        ``templates``: prompt templates with one ``{}`` (default ViFi-CLIP's). ``head``: add a linear head
+        on ``exp(logit_scale) x`` the normalised video embedding (``head_init``: ``"text"`` = the class text
+        embeddings, i.e. it starts as the zero-shot classifier, or ``"random"``). ``classifier``: what evaluation uses,
+        ``"text"``, ``"head"`` (falls back to text on another label set) or ``"auto"`` (head if there is
+        one and M2-CLIP is off). ``mixup``/``cutmix``: Beta alphas (0 disables), ``mix_prob`` the chance
+        to mix a batch, ``switch_prob`` cutmix vs mixup. ``m2clip``: add M2-CLIP's losses (implies a head;
+        ``m2clip_weights`` override ``contrastive``/``cross_modal``/``head``/``mlm``; 0 disables a term).
+        ``view_layout``: (clips, crops) of multi-view evaluation, for naming per-view results.
+        ``base_to_novel``: also report base / novel / harmonic mean over the evaluation classes split by
+        :func:`vidlang.data.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
+        super().__init__()
+        if isinstance(model, dict):  # from a checkpoint's hyper-parameters
+            model = ModelConfig(**model)
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        if head_init not in ("text", "random"):
+            raise ValueError(f"head_init must be 'text' or 'random', got {head_init!r}")
+        templates = list(templates or VIFI_TEMPLATES)
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each prompt template needs exactly one '{{}}' for the class name: {bad}")
+        self.save_hyperparameters()
+        self.hparams["model"] = dataclasses.asdict(model)  # plain dict: checkpoints load with weights_only
+        self.hparams["templates"] = templates
+        self.templates = templates
+        self.model = build_model(model)
+        self.use_head = bool(head or m2clip)
+        self.head: nn.Linear | None = None
+        if self.use_head and class_names:
+            self.head = nn.Linear(self.model.embed_dim, len(class_names))
+        self.mixer = MixupCutmix(mixup, cutmix, mix_prob, switch_prob, label_smoothing)
+        block_defaults = dict(getattr(self.model.block, "default_aux_weights", {}) or {})
+        self.aux_loss_weights = {**block_defaults, **(aux_loss_weights or {})}
+        self.m2_weights = {**DEFAULT_WEIGHTS, **(m2clip_weights or {})} if m2clip else {}
+        unknown = set(self.m2_weights) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown m2clip_weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+        self.mlm = None
+        if self.m2_weights.get("mlm", 0) > 0:
+            self.mlm = CrossModalMLM(self.model.embed_dim, self.model.text_tower.cfg.vocab_size)
+        self.class_names_by_split: dict[str, list[str]] = {}
+        if class_names:
+            self.class_names_by_split["train"] = list(class_names)
+        self._head_ready = False
+        self._tokenizer: Any = None
+        self._cached: dict[tuple[str, ...], Tensor] = {}
+        self._eval: dict[str, list] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
+
+    # -- tokenizer -------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
+        self._tokenizer = tokenizer
+        self._cached.clear()
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self._find_tokenizer()
+        return self._tokenizer
+
+    def _find_tokenizer(self) -> Any:
+        if self.hparams.tokenizer:
+            from vidlang.models.clip.tokenizer import ClipTokenizer
+
+            return ClipTokenizer.from_dir(self.hparams.tokenizer, context_length=self.context_length)
+        dm = self._datamodule()
+        if getattr(dm, "tokenizer", None) is not None:
+            return dm.tokenizer
+        raise RuntimeError(
+            "RecognitionTask has no tokenizer: pass tokenizer=<dir>, call set_tokenizer(), give the datamodule a "
+            "`tokenizer` attribute, or load a checkpoint that embeds one"
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.model.text_tower.cfg.context_length
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenizer(texts, self.context_length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    # -- class names -----------------------------------------------------------------------------
+    def _data_classes(self, split: str) -> list[str] | None:
+        index = getattr(self._datamodule(), "indices", {}).get(split)
+        return list(index.classes) if index is not None and index.classes is not None else None
+
+    def train_label_set(self) -> list[str]:
+        names = self.class_names_by_split.get("train") or self._data_classes("train")
+        if not names:
+            raise RuntimeError("RecognitionTask: no training class names; set class_names or use data with classes")
+        self.class_names_by_split["train"] = names
+        return names
+
+    def eval_label_set(self, split: str) -> list[str]:
+        """Evaluation label set: ``eval_class_names`` > the data split's classes > the training classes."""
+        names = self.hparams.eval_class_names or self._data_classes(split) or self.class_names_by_split.get(split)
+        if not names:
+            names = self.train_label_set()
+        self.class_names_by_split[split] = list(names)
+        return list(names)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        names = self.train_label_set()
+        self.hparams["class_names"] = names
+        if self.use_head and self.head is None:
+            self.head = nn.Linear(self.model.embed_dim, len(names)).to(self.device)
+        if self.head is not None and self.head.out_features != len(names):
+            raise ValueError(f"the head has {self.head.out_features} classes but the training data {len(names)}")
+        if self.head is not None and not self._head_ready and self.hparams.head_init == "text":
+            self._init_head_from_text(names)  # a checkpoint restored after setup overwrites it
+        self._head_ready = True
+
+    @torch.no_grad()
+    def _init_head_from_text(self, names: list[str]) -> None:
+        emb = self.class_embeddings(names, grad=False)  # [K, E]
+        self.head.weight.copy_(emb)
+        self.head.bias.zero_()
+
+    # -- classifier ------------------------------------------------------------------------------
+    def text_trains(self) -> bool:
+        """True if any parameter that shapes the text embeddings requires grad."""
+        if any(p.requires_grad for p in self.model.text_tower.parameters()):
+            return True
+        text_hooks = self.model.block.implemented_hooks() & set(TemporalBlock.TEXT_HOOKS)
+        return bool(text_hooks) and any(p.requires_grad for p in self.model.block.parameters())
+
+    def class_embeddings(self, class_names: list[str], grad: bool = False) -> Tensor:
+        """Normalised class embeddings ``[K, E]`` = mean over templates of normalised prompt embeddings."""
+        prompts = prompts_for(class_names, self.templates)
+        chunk = self.hparams.text_chunk
+        with torch.set_grad_enabled(grad):
+            parts = []
+            for s in range(0, len(prompts), chunk):
+                ids, mask = self.tokenize(prompts[s : s + chunk])
+                parts.append(F.normalize(self.model.encode_text(ids, mask).embeds.float(), dim=-1))
+            emb = torch.cat(parts).view(len(class_names), len(self.templates), -1).mean(dim=1)  # [K, E]
+        return F.normalize(emb, dim=-1)
+
+    def _train_classifier(self, names: list[str]) -> Tensor:
+        if self.text_trains():
+            return self.class_embeddings(names, grad=True)
+        key = tuple(names)
+        if key not in self._cached:
+            self._cached = {key: self.class_embeddings(names, grad=False)}
+        return self._cached[key]
+
+    def head_logits(self, emb: Tensor) -> Tensor:
+        """Linear head on ``scale * emb`` (``emb [B, E]`` normalised): a cosine-like classifier whose
+        weights stay O(1) (``head_init="text"`` starts it exactly as the zero-shot text classifier)."""
+        return self.head(self.scale * emb)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.model.logit_scale.exp().clamp(max=MAX_SCALE)
+
+    def _eval_uses_head(self, names: list[str]) -> bool:
+        mode = self.hparams.classifier
+        if mode == "auto":
+            mode = "head" if self.use_head and not self.m2_weights else "text"
+        train = self.class_names_by_split.get("train") or self.hparams.class_names
+        return mode == "head" and self.head is not None and train is not None and list(train) == list(names)
+
+    @torch.no_grad()
+    def classify(self, video: Tensor, class_names: list[str] | None = None) -> Tensor:
+        """Probabilities ``[B, K]`` for normalised ``video [B, T, C, H, W]`` or ``[B, V, T, C, H, W]``
+        (softmax per view, averaged); ``class_names`` default to the training classes."""
+        names = class_names or self.train_label_set()
+        logits = self.view_logits(video, names, self.class_embeddings(names))
+        return logits.float().softmax(dim=-1).mean(dim=1)
+
+    def view_logits(self, video: Tensor, names: list[str], text_cls: Tensor) -> Tensor:
+        """``video [B, (V,) T, C, H, W]`` -> logits ``[B, V, K]`` (one forward per view)."""
+        views = video[:, None] if video.ndim == 5 else video
+        if views.ndim != 6:
+            raise ValueError(f"video must be [B, T, C, H, W] or [B, V, T, C, H, W], got {tuple(video.shape)}")
+        use_head = self._eval_uses_head(names)
+        out = []
+        for v in range(views.shape[1]):
+            emb = F.normalize(self.model.encode_video(views[:, v]).embeds.float(), dim=-1)  # [B, E]
+            out.append(self.head_logits(emb) if use_head else self.scale * emb @ text_cls.t())
+        return torch.stack(out, dim=1)  # [B, V, K]
+
+    # -- batches ---------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Normalise uint8 frames on the device (float videos are taken as already normalised)."""
+        from vidlang.data.transforms import normalize
+
+        video = batch.get("video")
+        if isinstance(video, Tensor) and video.dtype == torch.uint8:
+            batch["video"] = normalize(video, self.model.image_mean, self.model.image_std)
+        return batch
+
+    @staticmethod
+    def _labels(batch: dict[str, Any], num_classes: int) -> Tensor:
+        labels = batch["label"].long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            keys = batch.get("key", [])
+            bad = [keys[i] if i < len(keys) else i for i in torch.nonzero((labels < 0) | (labels >= num_classes))
+                   .flatten().tolist()]
+            raise ValueError(f"labels outside [0, {num_classes}) (-1 = unlabelled) for samples {bad[:5]}")
+        return labels
+
+    # -- training --------------------------------------------------------------------------------
+    def forward_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and its (unweighted) parts for one training batch."""
+        video = batch["video"]
+        if video.ndim != 5:
+            raise ValueError(f"recognition training expects video [B, T, C, H, W], got {tuple(video.shape)}")
+        names = self.train_label_set()
+        labels = self._labels(batch, len(names))
+        mix = self.mixer(video, labels, len(names))
+        out = self.model.encode_video(mix.video)
+        emb = F.normalize(out.embeds.float(), dim=-1)  # [B, E]
+        parts: dict[str, Tensor] = {}
+        if self.head is not None and not self.m2_weights:  # plain linear classification: no text needed
+            parts["ce"] = soft_target_cross_entropy(self.head_logits(emb), mix.targets)
+        else:
+            text_cls = self._train_classifier(names)  # [K, E]
+            text_logits = self.scale * emb @ text_cls.t()  # [B, K]
+            if self.m2_weights:
+                parts.update(self._m2clip_parts(emb, out, text_cls, text_logits, mix.targets, labels, names))
+            else:
+                parts["ce"] = soft_target_cross_entropy(text_logits, mix.targets)
+        total = sum(self.m2_weights.get(k, 1.0) * v for k, v in parts.items())
+        for name, value in out.aux_losses.items():
+            parts[f"aux_{name}"] = value
+            total = total + self.aux_loss_weights.get(name, 1.0) * value
+        return total, parts
+
+    def _m2clip_parts(self, emb: Tensor, out: Any, text_cls: Tensor, text_logits: Tensor, targets: Tensor,
+                      labels: Tensor, names: list[str]) -> dict[str, Tensor]:
+        w, parts = self.m2_weights, {}
+        if w["cross_modal"]:
+            parts["cross_modal"] = cross_modal_ce(text_logits, targets)
+        if w["contrastive"]:
+            parts["contrastive"] = soft_contrastive_kl(self.scale * emb @ text_cls[labels].t(), targets)
+        if w["head"]:
+            parts["head"] = soft_target_cross_entropy(self.head_logits(emb), targets)
+        if self.mlm is not None:
+            prompts = [self.templates[0].format(names[c].replace("_", " ")) for c in labels.tolist()]
+            ids, mask = self.tokenize(prompts)
+            masked, mlm_labels = mask_tokens(ids, mask, self.tokenizer.pad_id, self.hparams.mlm_prob)
+            tokens = self.model.encode_text(masked, mask).tokens  # [B, Lt, E]
+            frames = out.frame_embeds if out.frame_embeds is not None else out.embeds[:, None]  # [B, T, E]
+            parts["mlm"] = self.mlm.loss(tokens.float(), frames.float(), mlm_labels)
+        return parts
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, parts = self.forward_loss(batch)
+        bs = batch["video"].shape[0]
+        logs = {"train/loss": total.detach(), **{f"train/loss_{k}": v.detach() for k, v in parts.items()}}
+        logs["train/scale"] = self.scale.detach()
+        self.log_dict(logs, batch_size=bs)
+        self.log("loss", total.detach(), prog_bar=True, logger=False, batch_size=bs)
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # keep the parameter itself inside [0, log 100] (as CLIP does)
+            self.model.logit_scale.clamp_(0.0, math.log(MAX_SCALE))
+        if self.text_trains():
+            self._cached.clear()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from vidlang.models.optim import param_groups
+
+        h = self.hparams
+        mults = self.model.lr_mults
+        block_mult = mults["block"] if h.lr_mult_block is None else h.lr_mult_block
+        groups = param_groups(self.model, h.lr, h.weight_decay, mults["backbone"], block_mult)
+        for name, module in (("head", self.head), ("mlm", self.mlm)):
+            if module is not None:
+                groups.append({"name": name, "params": list(module.parameters()), "lr": h.lr * h.lr_mult_head,
+                               "lr_mult": h.lr_mult_head, "weight_decay": h.weight_decay})
+        if not groups:
+            raise ValueError("no trainable parameters: check ModelConfig.freeze")
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("cannot size the lr schedule: set trainer.max_steps (the data has no length)")
+        total = max(1, int(total))
+        warmup = resolve_warmup(total, h.warmup_steps, h.warmup_ratio)
+        sched = warmup_cosine(opt, warmup, total, h.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        if "names" not in self._eval:
+            names = self.eval_label_set("val" if stage == "val" else "test")
+            self._eval = {"names": names, "text": self.class_embeddings(names), "logits": [], "labels": [], "keys": []}
+        e = self._eval
+        labels = self._labels(batch, len(e["names"]))
+        e["logits"].append(self.view_logits(batch["video"], e["names"], e["text"]).float())
+        e["labels"].append(labels)
+        offset = sum(x.shape[0] for x in e["logits"][:-1])
+        e["keys"].extend(batch.get("key", [f"#{self.global_rank}:{offset + i}" for i in range(labels.shape[0])]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _gathered(self) -> tuple[Tensor, Tensor]:
+        """All ranks' logits ``[N, V, K]`` and labels ``[N]``, without a distributed sampler's duplicates."""
+        e = self._eval
+        logits, labels = torch.cat(e["logits"]), torch.cat(e["labels"])
+        keys = [k for ks in all_gather_objects(e["keys"]) for k in ks]
+        logits, labels = all_gather_no_grad(logits).cpu(), all_gather_no_grad(labels).cpu()
+        seen: set[str] = set()
+        keep = [not (k in seen or seen.add(k)) for k in keys]
+        mask = torch.tensor(keep, dtype=torch.bool)
+        return logits[mask], labels[mask]
+
+    def _finish_eval(self, stage: str) -> None:
+        if self.trainer.sanity_checking or not self._eval.get("logits"):
+            self._eval = {}
+            return
+        names = self._eval["names"]
+        logits, labels = self._gathered()
+        self._eval = {}
+        h = self.hparams
+        split = None
+        if h.base_to_novel:
+            from vidlang.data.protocols import base_novel_split
+
+            split = base_novel_split(len(names), h.base_ratio, h.split_seed)
+        result = evaluate_views(logits, labels, h.view_layout, split)
+        logs = {f"{stage}/{k}": float(v) for k, v in result.metrics.items() if k != "num_samples"}
+        if len(result.per_view) > 1:
+            logs.update({f"{stage}/{view}/top1": m["top1"] for view, m in result.per_view.items()})
+        self.log_dict(logs, sync_dist=False)
+        self.last_metrics[stage] = result.metrics
+        if self.trainer.is_global_zero:
+            self._write_report(stage, result, names, split)
+
+    def report_dir(self) -> Path:
+        """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``."""
+        ckpt = getattr(self.trainer, "checkpoint_callback", None)
+        if ckpt is not None and getattr(ckpt, "dirpath", None):
+            return Path(ckpt.dirpath)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _write_report(self, stage: str, result: ClassificationResult, names: list[str], split: Any) -> None:
+        info = {
+            "epoch": self.current_epoch,
+            "global_step": self.global_step,
+            "classifier": "head" if self._eval_uses_head(names) else "text",
+            "templates": self.templates,
+            "views": list(result.per_view),
+        }
+        if split is not None:
+            info["base_classes"], info["novel_classes"] = [names[i] for i in split[0]], [names[i] for i in split[1]]
+        write_report(self.report_dir(), stage, result, names, info, plot=self.hparams.write_plots)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        tok = self._tokenizer
+        if tok is None:
+            try:
+                tok = self.tokenizer
+            except RuntimeError:
+                tok = None
+        if tok is not None:
+            checkpoint[TOKENIZER_KEY] = tokenizer_state(tok)
+        checkpoint[CLASSES_KEY] = dict(self.class_names_by_split)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._head_ready = True
+        if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
+            self._tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        for split, names in checkpoint.get(CLASSES_KEY, {}).items():
+            self.class_names_by_split.setdefault(split, list(names))
