@@ -1,5 +1,6 @@
 """LightningModules (thin: model + loss + metrics), used by ``vidlang fit|validate|test``."""
 
+from vidlang.tasks.recognition import RecognitionTask
 from vidlang.tasks.retrieval import RetrievalTask
 
-__all__ = ["RetrievalTask"]
+__all__ = ["RecognitionTask", "RetrievalTask"]
