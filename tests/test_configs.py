@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from unittest import mock
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from vidlang.data.formats import FORMATS
 from vidlang.training.cli import VidlangCLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def test_task_config_instantiates(task_config: Path):
     task = cli.model
     assert task.hparams.model["block"] == raw["model"]["block"]
     assert task.hparams.model["vision"] == raw["model"]["vision"]
-    assert task.model.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768}[raw["model"]["vision"]]
+    assert task.model.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["vision"]]
     assert task.model.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
     assert cli.datamodule is not None
 
@@ -54,4 +56,7 @@ def test_data_config_instantiates(data_config: Path):
     assert dm.hparams.num_frames == raw.get("num_frames", 8)
     for split in ("train", "val", "test"):
         if raw.get(split) is not None:
-            assert dm.splits[split]["format"] == raw[split]["format"]
+            spec = dict(dm.splits[split])
+            assert spec == raw[split]
+            reader = FORMATS.get(spec.pop("format"))
+            inspect.signature(reader).bind(**spec)  # the format's arguments are the reader's (no typos)
