@@ -69,11 +69,11 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     )  # fmt: skip
     model = ModelConfig(vision="vit_tiny", block=cfg.block, num_frames=cfg.num_frames)
     task = RetrievalTask(model, tokenizer=str(corpus / "tokenizer"), lr=cfg.lr, weight_decay=0.05, warmup_ratio=0.05)
-    ckpt = ModelCheckpoint(dirpath=Path(cfg.out) / "checkpoints", filename="best", save_top_k=1,
+    ckpt = ModelCheckpoint(dirpath=Path(cfg.out) / "checkpoints", filename="best", save_top_k=1, save_last=True,
                            monitor="val/t2v_R@1", mode="max", enable_version_counter=False)  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=cfg.epochs, default_root_dir=cfg.out, callbacks=[ckpt, TQDMProgressBar()],
-        check_val_every_n_epoch=5, log_every_n_steps=10, enable_model_summary=False,
+        check_val_every_n_epoch=max(1, min(5, cfg.epochs)), log_every_n_steps=10, enable_model_summary=False,
         logger=pl.loggers.CSVLogger(cfg.out, name="logs"),
     )  # fmt: skip
     return data, task, trainer
@@ -123,6 +123,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"[2/4] training a tiny CLIP + {cfg.block} from scratch: {cfg.epochs} epochs on the CPU")
     trainer.fit(task, datamodule=data)
     best = Path(trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path)
+    if not best.is_file():
+        raise RuntimeError(f"training wrote no checkpoint in {cfg.out}/checkpoints")
     print(f"[3/4] evaluating {best.name} on the held-out test split")
     metrics = trainer.test(task, datamodule=data, ckpt_path=str(best), verbose=False)[0]
     metrics = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("test/")}
