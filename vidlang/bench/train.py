@@ -1,0 +1,106 @@
+"""``vidlang bench train``: retrieval training throughput (clips/s) and the share of step time spent
+waiting for data, through the real pipeline (synthetic corpus files -> VideoDataModule workers ->
+RetrievalTask under a Lightning Trainer), for the tiny demo model and for ViT-B/32.
+
+Waiting for data = the time from the end of one training step (``on_train_batch_end``) to the start
+of the next (``on_train_batch_start``): what the loop spends in ``next(loader)`` and the host-to-device
+copy. The first ``--warmup`` steps (worker start-up, allocator warm-up) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from vidlang.bench import BENCHMARKS
+
+SETTINGS = {  # name -> (vision preset, image size, text preset)
+    "tiny": ("vit_tiny", 32, "text_tiny"),
+    "vit_b32": ("vit_b32", 224, "text_b"),
+}
+
+
+def _timer_callback() -> Any:
+    import pytorch_lightning as pl
+
+    class StepTimer(pl.Callback):
+        """Per-step data-wait and compute times (seconds) after ``skip`` warm-up steps."""
+
+        def __init__(self) -> None:
+            self.wait: list[float] = []
+            self.step: list[float] = []
+            self._end: float | None = None
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            if self._end is not None:
+                self.wait.append(now - self._end)
+            self._start = now
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._end = time.perf_counter()
+            self.step.append(self._end - self._start)
+
+    return StepTimer()
+
+
+def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, frames: int, workers: int) -> dict:
+    """Train ``warmup + steps`` steps of one setting; returns clips/s and the data-wait share."""
+    import pytorch_lightning as pl
+
+    from vidlang.data.datamodule import VideoDataModule
+    from vidlang.models.factory import ModelConfig
+    from vidlang.tasks.retrieval import RetrievalTask
+
+    vision, size, text = SETTINGS[setting]
+    manifest = str(corpus / "manifest.csv")
+    data = VideoDataModule(train={"format": "manifest", "path": manifest, "split": "train"}, num_frames=frames,
+                           image_size=size, batch_size=batch, num_workers=workers, persistent_workers=False,
+                           pin_memory=False)  # fmt: skip
+    vocab = {"text_tiny": {}, "text_b": {"vocab_size": 512, "context_length": 32}}[text]
+    task = RetrievalTask(ModelConfig(vision=vision, text=text, block="mean", num_frames=frames, **vocab),
+                         tokenizer=str(corpus / "tokenizer"), lr=1e-4)  # fmt: skip
+    timer = _timer_callback()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=warmup + steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[timer])  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    wait, step = timer.wait[warmup - 1 :], timer.step[warmup:]
+    total = sum(wait) + sum(step)
+    return {"setting": setting, "image": f"{vision} {size}px", "steps": len(step), "batch": batch,
+            "frames": frames, "clips_per_s": len(step) * batch / total, "data_wait_share": sum(wait) / total,
+            "step_ms": 1000 * sum(step) / len(step)}  # fmt: skip
+
+
+@BENCHMARKS.register("train")
+class TrainBench:
+    help = "retrieval training throughput (clips/s) and the share of step time spent waiting for data"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--corpus", default="data/synth", help="synthetic corpus (generated if missing)")
+        parser.add_argument("--settings", default="tiny,vit_b32", help=f"comma list of {sorted(SETTINGS)}")
+        parser.add_argument("--steps", type=int, default=10, help="timed steps per setting")
+        parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+        parser.add_argument("--batch", type=int, default=16)
+        parser.add_argument("--frames", type=int, default=8)
+        parser.add_argument("--workers", type=int, default=2)
+
+    def run(self, args: argparse.Namespace) -> int:
+        import torch
+
+        from vidlang.data.synthetic import generate_corpus
+
+        corpus = Path(args.corpus)
+        if not (corpus / "manifest.csv").is_file():
+            generate_corpus(corpus, 512, seed=0)
+        print(f"retrieval training on the CPU ({torch.get_num_threads()} threads), {args.workers} loader workers, "
+              f"batch {args.batch} x {args.frames} frames, {args.steps} timed steps after {args.warmup}")  # fmt: skip
+        print(f"{'setting':<10}{'image tower':<16}{'clips/s':>9}{'step ms':>10}{'data wait':>11}")
+        for name in args.settings.split(","):
+            r = measure(name, corpus, args.steps, args.warmup, args.batch, args.frames, args.workers)
+            print(f"{name:<10}{r['image']:<16}{r['clips_per_s']:9.1f}{r['step_ms']:10.0f}"
+                  f"{100 * r['data_wait_share']:10.1f}%")  # fmt: skip
+        return 0
