@@ -3,7 +3,9 @@
 Two checkpoint kinds are recognised from their state-dict keys (:data:`CHECKPOINT_KINDS`):
 
 * ``retrieval`` -- a :class:`~vidlang.tasks.retrieval.RetrievalTask` checkpoint (``model.*`` keys, the
-  tokenizer embedded under ``vidlang_tokenizer``): video and text embeddings.
+  tokenizer embedded under ``vidlang_tokenizer``): video and text embeddings. A task trained with audio
+  (hyper-parameter ``audio``) loads as an audio-visual model: each video's audio track is decoded and fused
+  (clips without audio take the masked, video-only path).
 * ``chat`` -- a :class:`~vidlang.tasks.chat_encoder.ChatEncoderTask` checkpoint (``encoder.*`` keys): video
   embeddings / query tokens and, with its causal LM directory, chat answers. It has no CLIP tokenizer,
   so :meth:`InferenceBundle.embed_texts` is unavailable.
@@ -92,7 +94,10 @@ class InferenceBundle:
         backend: str = "auto",
         chat: Any | None = None,
         audio_frontend: Any | None = None,
+        audio_model: Any | None = None,
     ) -> None:
+        """``model``: a ``VideoTextModel``. ``audio_model``: an ``AudioVisualModel`` wrapping ``model`` (with
+        ``audio_frontend``, a ``LogMelFrontend``): video embeddings then fuse each video's audio."""
         from vidlang.data.sampling import build_sampler
         from vidlang.data.transforms import ResizeCenterCrop
 
@@ -106,6 +111,11 @@ class InferenceBundle:
         self.transform = ResizeCenterCrop(self.image_size)
         self.chat = chat.to(self.device).eval() if chat is not None else None  # ChatEncoder
         self.audio_frontend = audio_frontend
+        self.audio_model = audio_model.to(self.device).eval() if audio_model is not None else None
+        if self.audio_model is not None:
+            if audio_frontend is None:
+                raise ValueError("an audio-visual model needs its audio_frontend (LogMelFrontend)")
+            self.audio_frontend = audio_frontend.to(self.device)
         self.lock = threading.Lock()  # one forward at a time through the shared model
         self.chat_lock = threading.Lock()
         self.fingerprint = hashlib.sha256(
@@ -134,12 +144,18 @@ class InferenceBundle:
         return self.transform(clip)
 
     def decode_audio(self, source: VideoInput) -> Tensor | None:
-        """The whole audio track (mono, 16 kHz) ``[S]``, ``None`` without audio."""
+        """The whole audio track (mono, at the frontend's sample rate, else 16 kHz) ``[S]``, ``None`` without audio."""
         from vidlang.data.decoding import open_video
 
+        rate = int(getattr(self.audio_frontend, "sample_rate", 16000))
         src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
         with open_video(src, backend="pyav") as reader:
-            return reader.get_audio(16000) if reader.metadata.has_audio else None
+            return reader.get_audio(rate) if reader.metadata.has_audio else None
+
+    def _decode(self, source: VideoInput, name: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """Clip ``uint8 [T, 3, S, S]`` and, for an audio-visual model, the audio track (else None)."""
+        clip = self.decode_clip(source, name)
+        return clip, (self.decode_audio(source) if self.audio_model is not None else None)
 
     def normalize(self, clips: Tensor) -> Tensor:
         from vidlang.data.transforms import normalize
@@ -147,30 +163,39 @@ class InferenceBundle:
         return normalize(clips.to(self.device), self.model.image_mean, self.model.image_std)
 
     @torch.inference_mode()
-    def encode_clips(self, clips: Tensor) -> VideoEmbedding:
-        """``uint8 [B, T, 3, S, S]`` -> normalised embeddings ``[B, E]`` (+ tokens ``[B, Q, D]``)."""
+    def encode_clips(self, clips: Tensor, audio: Sequence[Tensor | None] | None = None) -> VideoEmbedding:
+        """``uint8 [B, T, 3, S, S]`` (+ per clip a waveform ``[S]`` or None, for an audio-visual model) ->
+        normalised embeddings ``[B, E]`` (+ tokens ``[B, Q, D]``). Without ``audio`` every clip is
+        treated as having no audio track."""
         with self.lock:
-            out = self.model.encode_video(self.normalize(clips))
+            if self.audio_model is not None:
+                mel, mask = self.audio_frontend(list(audio) if audio is not None else [None] * clips.shape[0])
+                out = self.audio_model.encode_video(self.normalize(clips), mel, mask)
+            else:
+                out = self.model.encode_video(self.normalize(clips))
         tokens = out.tokens.float().cpu() if out.tokens is not None else None
         return VideoEmbedding(F.normalize(out.embeds.float(), dim=-1).cpu(), tokens)
 
     def embed_video(self, source: VideoInput, name: str | None = None) -> VideoEmbedding:
         """One video (path or bytes) -> :class:`VideoEmbedding` with B = 1."""
-        return self.encode_clips(self.decode_clip(source, name)[None])
+        clip, audio = self._decode(source, name)
+        return self.encode_clips(clip[None], [audio])
 
     def iter_embed(
         self, sources: Sequence[VideoInput], batch_size: int = 8
     ) -> Iterator[tuple[list[int], Tensor | None, list[tuple[int, Exception]]]]:
         """Batches of ``(indices, embeds [b, E] or None, [(index, error)])``; decode errors are collected."""
         for start in range(0, len(sources), batch_size):
-            clips, ok, bad = [], [], []
+            clips, audio, ok, bad = [], [], [], []
             for i in range(start, min(start + batch_size, len(sources))):
                 try:
-                    clips.append(self.decode_clip(sources[i]))
+                    clip, wave = self._decode(sources[i])
+                    clips.append(clip)
+                    audio.append(wave)
                     ok.append(i)
                 except Exception as err:  # VideoDecodeError and friends, reported by the caller
                     bad.append((i, err))
-            yield ok, (self.encode_clips(torch.stack(clips)).embeds if clips else None), bad
+            yield ok, (self.encode_clips(torch.stack(clips), audio).embeds if clips else None), bad
 
     def embed_videos(self, sources: Sequence[VideoInput], batch_size: int = 8) -> Tensor:
         """Videos (paths or bytes) -> normalised embeddings ``[N, E]``; the first bad video raises."""
@@ -236,15 +261,31 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
     from vidlang.models.factory import build_model
     from vidlang.tasks.retrieval import TOKENIZER_KEY, tokenizer_from_state
 
-    cfg = _model_config(ckpt.get("hyper_parameters", {}))
+    hp = ckpt.get("hyper_parameters", {})
+    cfg = _model_config(hp)
     model = build_model(cfg)
+    full, frontend = _audio_visual(model, hp)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = (full or model).load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}")
     tok = tokenizer_from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
-    return InferenceBundle(model, tok, cfg.num_frames, device, file_fingerprint(path))
+    return InferenceBundle(model, tok, cfg.num_frames, device, file_fingerprint(path), audio_frontend=frontend,
+                           audio_model=full)
+
+
+def _audio_visual(model: Any, hparams: dict[str, Any]) -> tuple[Any | None, Any | None]:
+    """For a RetrievalTask trained with audio: ``(AudioVisualModel around model, LogMelFrontend)``; else Nones."""
+    audio = hparams.get("audio")
+    if not audio:
+        return None, None
+    from vidlang.models.audio import AudioConfig, LogMelFrontend, build_audio_branch
+    from vidlang.models.fusion import AudioVisualModel
+
+    branch = build_audio_branch(AudioConfig(**audio))
+    full = AudioVisualModel(model, branch, hparams.get("fusion", "gated_sum"), hparams.get("fusion_args"))
+    return full, LogMelFrontend(**(hparams.get("audio_frontend") or {}))
 
 
 @CHECKPOINT_KINDS.register("chat")

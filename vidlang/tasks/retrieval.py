@@ -15,6 +15,13 @@ distributed sampler pads with, computes :func:`vidlang.eval.retrieval.evaluate_e
 ``{stage}/t2v_R@1`` ... (``{stage}/dsl_...`` separately when ``dsl``). Rank 0 writes
 ``{stage}_metrics.json`` (+ a line in ``{stage}_metrics_history.jsonl``) and ``{stage}_recall_at_k.png``
 to the checkpoint directory (else the logger's directory, else ``trainer.default_root_dir``).
+
+Audio (``audio`` set): the video model is wrapped in :class:`~vidlang.models.fusion.AudioVisualModel`
+(parameters ``model.video_model.*``, ``model.audio.*``, ``model.fusion.*``). Batches then should carry
+the collated audio (``audio [B, S]`` float32 at the frontend's sample rate, ``audio_lengths [B]``,
+``audio_mask [B]``; data with ``decode_audio: true``); ``on_after_batch_transfer`` turns it into log-mel
+on the device (``audio_mel [B, S_seg, 1, M, F]``, ``audio_mel_mask [B]``). Clips without an audio track
+(or batches without any audio) take the masked path: their embedding is the video embedding alone.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from torch import Tensor
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
+from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
+from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.factory import ModelConfig, build_model
+from vidlang.models.fusion.fusion import AudioVisualModel
+from vidlang.models.temporal.base import VideoOutput
+from vidlang.models.video_clip import VideoTextModel
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
 
 TOKENIZER_KEY = "vidlang_tokenizer"
@@ -82,6 +94,11 @@ class RetrievalTask(pl.LightningModule):
         text_chunk: int = 1024,
         ties: Literal["pessimistic", "optimistic"] = "pessimistic",
         write_plots: bool = True,
+        audio: AudioConfig | None = None,
+        fusion: str = "gated_sum",
+        fusion_args: dict[str, Any] | None = None,
+        audio_frontend: dict[str, Any] | None = None,
+        lr_mult_audio: float = 1.0,
     ) -> None:
         """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring).
         ``lr_mult_block``: overrides the model config's block lr multiplier. Warm-up: ``warmup_steps``
@@ -90,14 +107,25 @@ class RetrievalTask(pl.LightningModule):
         ``local_loss``: see :class:`ContrastiveLoss`. ``aux_loss_weights``: weight per auxiliary loss
         name (unlisted ones weigh 1.0; 0 disables). ``dsl``: also report dual-softmax metrics under
         ``dsl_`` keys. ``text_chunk``: rows per similarity block in evaluation. ``ties``: rank tie rule
-        (see :mod:`vidlang.eval.retrieval`)."""
+        (see :mod:`vidlang.eval.retrieval`). ``audio``: the audio branch config (None = video only);
+        ``fusion`` / ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments;
+        ``audio_frontend``: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
+        ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size);
+        ``lr_mult_audio``: lr multiplier of the audio branch and the fusion."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
             model = ModelConfig(**model)
+        if isinstance(audio, dict):
+            audio = AudioConfig(**audio)
         self.save_hyperparameters()
         self.hparams["model"] = dataclasses.asdict(model)  # plain dict: checkpoints load with weights_only
+        self.hparams["audio"] = dataclasses.asdict(audio) if audio is not None else None
         self.model_config = model
-        self.model = build_model(model)
+        self.model: VideoTextModel | AudioVisualModel = build_model(model)
+        self.frontend: LogMelFrontend | None = None
+        if audio is not None:
+            self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args)
+            self.frontend = LogMelFrontend(**(audio_frontend or {}))
         self.loss = ContrastiveLoss(gather=gather, local_loss=local_loss)
         self.aux_loss_weights = dict(aux_loss_weights or {})
         self._tokenizer: Any = None
@@ -128,8 +156,13 @@ class RetrievalTask(pl.LightningModule):
         )
 
     @property
+    def video_text(self) -> VideoTextModel:
+        """The image/text towers + temporal block (inside the audio-visual wrapper when there is audio)."""
+        return self.model.video_model if isinstance(self.model, AudioVisualModel) else self.model
+
+    @property
     def context_length(self) -> int:
-        return self.model.text_tower.cfg.context_length
+        return self.video_text.text_tower.cfg.context_length
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """``captions`` -> ``input_ids, attention_mask [A, Lt]`` on this module's device."""
@@ -151,26 +184,67 @@ class RetrievalTask(pl.LightningModule):
 
     # -- batches ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Normalise uint8 frames on the device (float videos are taken as already normalised)."""
+        """Normalise uint8 frames on the device (float videos are taken as already normalised); with audio,
+        compute the log-mel input ``audio_mel [B, S_seg, 1, M, F]`` + ``audio_mel_mask [B]`` on the device."""
         from vidlang.data.transforms import normalize
 
         video = batch.get("video")
         if isinstance(video, Tensor) and video.dtype == torch.uint8:
             batch["video"] = normalize(video, self.model.image_mean, self.model.image_std)
+        if self.frontend is not None and isinstance(video, Tensor) and "audio_mel" not in batch:
+            batch["audio_mel"], batch["audio_mel_mask"] = self.audio_input(batch, video.shape[0])
         return batch
+
+    def audio_input(self, batch: dict[str, Any], num_videos: int) -> tuple[Tensor, Tensor]:
+        """The batch's audio fields -> ``(mel [B, S_seg, 1, M, F], mask [B])``; all masked without audio."""
+        if self.frontend is None:
+            raise RuntimeError("this RetrievalTask has no audio branch (audio=None)")
+        if "audio" not in batch:  # no clip of this batch has an audio track
+            return self.frontend([None] * num_videos)
+        audio = batch["audio"].to(self.device)
+        return self.frontend.from_batch(audio, batch["audio_lengths"], batch["audio_mask"])
 
     def _text_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if "input_ids" in batch:
             return batch["input_ids"], batch["attention_mask"]
         return self.tokenize(list(batch["captions"]))
 
-    def encode_video(self, video: Tensor) -> Tensor:
-        """Normalised video embeddings ``[B, E]``; ``[B, V, T, C, H, W]`` averages the V views."""
+    def _batch_audio(self, batch: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+        if self.frontend is None:
+            return None, None
+        if "audio_mel" not in batch:  # a batch that did not pass through on_after_batch_transfer
+            batch["audio_mel"], batch["audio_mel_mask"] = self.audio_input(batch, batch["video"].shape[0])
+        return batch["audio_mel"], batch["audio_mel_mask"]
+
+    def video_output(
+        self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None,
+        state: dict | None = None,
+    ) -> VideoOutput:
+        """``video [B, T, 3, H, W]`` (+ ``audio_mel [B, S_seg, 1, M, F]``, ``audio_mask [B]``) -> the (fused)
+        :class:`VideoOutput`. With an audio branch and no ``audio_mel``, every clip takes the masked path."""
+        out = self.video_text.encode_video(video, state=state)
+        if not isinstance(self.model, AudioVisualModel):
+            return out
+        if audio_mel is None:
+            audio_mel, audio_mask = self.frontend([None] * video.shape[0])
+        if audio_mel.shape[0] != video.shape[0]:
+            raise ValueError(f"audio batch {audio_mel.shape[0]} != video batch {video.shape[0]}")
+        # the steps of AudioVisualModel.encode_video, with the block's hook state passed through
+        audio = self.model.audio(audio_mel.to(video.device), audio_mask)
+        out.embeds = self.model.fusion(out.embeds, audio.tokens, audio.mask, out.tokens)  # [B, E]
+        return out
+
+    def encode_video(self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None) -> Tensor:
+        """Normalised video embeddings ``[B, E]``; ``[B, V, T, C, H, W]`` averages the V views (each view gets
+        the clip's audio)."""
         if video.ndim == 6:
             b, v = video.shape[:2]
-            emb = F.normalize(self.model.encode_video(video.flatten(0, 1)).embeds, dim=-1)  # [B*V, E]
+            if audio_mel is not None:
+                audio_mel, audio_mask = audio_mel.repeat_interleave(v, 0), audio_mask.repeat_interleave(v, 0)
+            out = self.video_output(video.flatten(0, 1), audio_mel, audio_mask)
+            emb = F.normalize(out.embeds, dim=-1)  # [B*V, E]
             return F.normalize(emb.view(b, v, -1).mean(dim=1), dim=-1)
-        return F.normalize(self.model.encode_video(video).embeds, dim=-1)
+        return F.normalize(self.video_output(video, audio_mel, audio_mask).embeds, dim=-1)
 
     # -- training --------------------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, Any]) -> tuple[Tensor, ContrastiveOutput, dict[str, Tensor]]:
@@ -179,8 +253,8 @@ class RetrievalTask(pl.LightningModule):
         if video.ndim != 5:
             raise ValueError(f"retrieval training expects video [B, T, C, H, W], got {tuple(video.shape)}")
         ids, mask = self._text_inputs(batch)
-        state = self.model.caption_state(ids, mask, batch["caption_index"], video.shape[0])
-        v = self.model.encode_video(video, state=state)
+        state = self.video_text.caption_state(ids, mask, batch["caption_index"], video.shape[0])
+        v = self.video_output(video, *self._batch_audio(batch), state=state)
         t = self.model.encode_text(ids, mask)
         out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
         aux = {**v.aux_losses, **t.aux_losses}
@@ -211,11 +285,9 @@ class RetrievalTask(pl.LightningModule):
             self.model.logit_scale.clamp_(0.0, math.log(self.loss.max_scale))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from vidlang.models.optim import param_groups
-
-        mults = self.model.lr_mults
+        mults = self.video_text.lr_mults
         block_mult = mults["block"] if self.hparams.lr_mult_block is None else self.hparams.lr_mult_block
-        groups = param_groups(self.model, self.hparams.lr, self.hparams.weight_decay, mults["backbone"], block_mult)
+        groups = self.param_groups(mults["backbone"], block_mult)
         if not groups:
             raise ValueError("no trainable parameters: check ModelConfig.freeze")
         opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
@@ -227,10 +299,25 @@ class RetrievalTask(pl.LightningModule):
         sched = warmup_cosine(opt, warmup, total, self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def param_groups(self, backbone_mult: float, block_mult: float) -> list[dict[str, Any]]:
+        """Optimizer groups of the video-text model (:func:`vidlang.models.optim.param_groups`), plus
+        ``audio_*`` groups for the audio branch and the fusion at ``lr_mult_audio``."""
+        from vidlang.models.optim import param_groups
+
+        h = self.hparams
+        groups = param_groups(self.video_text, h.lr, h.weight_decay, backbone_mult, block_mult)
+        if isinstance(self.model, AudioVisualModel):
+            audio = torch.nn.ModuleDict({"audio": self.model.audio, "fusion": self.model.fusion})
+            mult = h.lr_mult_audio
+            for g in param_groups(audio, h.lr, h.weight_decay, mult, mult):
+                g["name"] = g["name"].replace("backbone", "audio", 1)
+                groups.append(g)
+        return groups
+
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any]) -> None:
         ids, mask = self._text_inputs(batch)
-        video = self.encode_video(batch["video"])  # [B, E]
+        video = self.encode_video(batch["video"], *self._batch_audio(batch))  # [B, E]
         text = F.normalize(self.model.encode_text(ids, mask).embeds, dim=-1)  # [A, E]
         store = self._eval.setdefault("video", []), self._eval.setdefault("text", [])
         index = self._eval.setdefault("index", [])
