@@ -41,10 +41,11 @@ def test_task_config_instantiates(task_config: Path):
     cli = instantiate(task_config, ROOT / "configs/data/synthetic.yaml", extra=CPU)
     raw = yaml.safe_load(task_config.read_text())["model"]["init_args"]
     task = cli.model
+    video_text = getattr(task, "video_text", task.model)  # audio-visual tasks wrap the video-text model
     assert task.hparams.model["block"] == raw["model"]["block"]
     assert task.hparams.model["vision"] == raw["model"]["vision"]
-    assert task.model.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["vision"]]
-    assert task.model.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
+    assert video_text.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["vision"]]
+    assert video_text.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
     assert cli.datamodule is not None
 
 

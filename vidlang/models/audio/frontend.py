@@ -39,7 +39,7 @@ KALDI_EPS = float(np.finfo(np.float32).eps)  # 1.1920929e-07, Kaldi's log floor
 
 def kaldi_mel(freq: Tensor | float) -> Tensor:
     """Kaldi / HTK mel scale: ``1127 ln(1 + f / 700)``."""
-    return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64) / 700.0)
+    return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64, device="cpu") / 700.0)
 
 
 def mel_filterbank(
@@ -55,9 +55,11 @@ def mel_filterbank(
     high_freq = nyquist if high_freq is None else high_freq
     if not 0 <= low_freq < high_freq <= nyquist:
         raise ValueError(f"mel filterbank needs 0 <= low_freq < high_freq <= {nyquist}, got {low_freq}, {high_freq}")
-    edges = torch.linspace(float(kaldi_mel(low_freq)), float(kaldi_mel(high_freq)), num_bins + 2, dtype=torch.float64)
+    # a constant table: always computed on the CPU (also when modules are built under a meta/cuda device context)
+    lo, hi = float(kaldi_mel(low_freq)), float(kaldi_mel(high_freq))
+    edges = torch.linspace(lo, hi, num_bins + 2, dtype=torch.float64, device="cpu")
     left, center, right = edges[:-2], edges[1:-1], edges[2:]  # [M] each
-    mel = kaldi_mel(torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft)[:, None]  # [F, 1]
+    mel = kaldi_mel(torch.arange(n_fft // 2 + 1, dtype=torch.float64, device="cpu") * sample_rate / n_fft)[:, None]
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     return torch.clamp(torch.minimum(up, down), min=0.0).to(torch.float32)  # [F, M]
