@@ -259,7 +259,7 @@ def _model_config(hparams: dict[str, Any]) -> Any:
 @CHECKPOINT_KINDS.register("retrieval")
 def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> InferenceBundle:
     from vidlang.models.factory import build_model
-    from vidlang.tasks.retrieval import TOKENIZER_KEY, tokenizer_from_state
+    from vidlang.tasks.common import TOKENIZER_KEY, tokenizer_from_state
 
     hp = ckpt.get("hyper_parameters", {})
     cfg = _model_config(hp)

@@ -46,7 +46,7 @@ from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.temporal.base import TemporalBlock
-from vidlang.tasks.retrieval import TOKENIZER_KEY, tokenizer_from_state, tokenizer_state
+from vidlang.tasks.common import TokenizerMixin, normalize_uint8_video
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
 
 VIFI_TEMPLATES = ["a photo of a {}."]
@@ -60,7 +60,7 @@ def prompts_for(class_names: list[str], templates: list[str]) -> list[str]:
     return [t.format(name.replace("_", " ")) for name in class_names for t in templates]
 
 
-class RecognitionTask(pl.LightningModule):
+class RecognitionTask(TokenizerMixin, pl.LightningModule):
     """Video classification by text prompts and/or a linear head (see the module docstring)."""
 
     def __init__(
@@ -149,37 +149,12 @@ class RecognitionTask(pl.LightningModule):
         self.last_metrics: dict[str, dict[str, float]] = {}
 
     # -- tokenizer -------------------------------------------------------------------------------
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
-        self._tokenizer = tokenizer
-        self._cached.clear()
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = self._find_tokenizer()
-        return self._tokenizer
-
-    def _find_tokenizer(self) -> Any:
-        if self.hparams.tokenizer:
-            from vidlang.models.clip.tokenizer import ClipTokenizer
-
-            return ClipTokenizer.from_dir(self.hparams.tokenizer, context_length=self.context_length)
-        dm = self._datamodule()
-        if getattr(dm, "tokenizer", None) is not None:
-            return dm.tokenizer
-        raise RuntimeError(
-            "RecognitionTask has no tokenizer: pass tokenizer=<dir>, call set_tokenizer(), give the datamodule a "
-            "`tokenizer` attribute, or load a checkpoint that embeds one"
-        )
+    def on_tokenizer_change(self) -> None:
+        self._cached.clear()  # class embeddings depend on the tokenizer
 
     @property
     def context_length(self) -> int:
         return self.model.text_tower.cfg.context_length
-
-    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids, mask = self.tokenizer(texts, self.context_length)
-        return ids.to(self.device), mask.to(self.device)
 
     def _datamodule(self) -> Any:
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -290,12 +265,7 @@ class RecognitionTask(pl.LightningModule):
     # -- batches ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalise uint8 frames on the device (float videos are taken as already normalised)."""
-        from vidlang.data.transforms import normalize
-
-        video = batch.get("video")
-        if isinstance(video, Tensor) and video.dtype == torch.uint8:
-            batch["video"] = normalize(video, self.model.image_mean, self.model.image_std)
-        return batch
+        return normalize_uint8_video(batch, self.model.image_mean, self.model.image_std)
 
     @staticmethod
     def _labels(batch: dict[str, Any], num_classes: int) -> Tensor:
@@ -475,19 +445,11 @@ class RecognitionTask(pl.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        tok = self._tokenizer
-        if tok is None:
-            try:
-                tok = self.tokenizer
-            except RuntimeError:
-                tok = None
-        if tok is not None:
-            checkpoint[TOKENIZER_KEY] = tokenizer_state(tok)
+        self.save_tokenizer(checkpoint)
         checkpoint[CLASSES_KEY] = dict(self.class_names_by_split)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._head_ready = True
-        if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
-            self._tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        self.load_tokenizer(checkpoint)
         for split, names in checkpoint.get(CLASSES_KEY, {}).items():
             self.class_names_by_split.setdefault(split, list(names))

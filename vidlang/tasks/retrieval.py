@@ -46,32 +46,11 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
 from vidlang.models.temporal.base import VideoOutput
 from vidlang.models.video_clip import VideoTextModel
+from vidlang.tasks.common import TokenizerMixin, normalize_uint8_video
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
 
-TOKENIZER_KEY = "vidlang_tokenizer"
 
-
-def tokenizer_state(tok: Any) -> dict[str, Any]:
-    """A ``ClipTokenizer`` as plain strings/ints (safe for ``torch.load(weights_only=True)``)."""
-    return {
-        "tokenizer_json": tok.tokenizer.to_str(),
-        "bos_token": tok.bos_token,
-        "eot_token": tok.eot_token,
-        "pad_token": tok.pad_token,
-        "context_length": tok.context_length,
-    }
-
-
-def tokenizer_from_state(state: dict[str, Any]) -> Any:
-    from tokenizers import Tokenizer
-
-    from vidlang.models.clip.tokenizer import ClipTokenizer
-
-    tok = Tokenizer.from_str(state["tokenizer_json"])
-    return ClipTokenizer(tok, state["bos_token"], state["eot_token"], state["pad_token"], state["context_length"])
-
-
-class RetrievalTask(pl.LightningModule):
+class RetrievalTask(TokenizerMixin, pl.LightningModule):
     """Contrastive video-text training and retrieval evaluation (see the module docstring)."""
 
     def __init__(
@@ -132,29 +111,6 @@ class RetrievalTask(pl.LightningModule):
         self._eval: dict[str, list] = {}
 
     # -- tokenizer -------------------------------------------------------------------------------
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
-        self._tokenizer = tokenizer
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = self._find_tokenizer()
-        return self._tokenizer
-
-    def _find_tokenizer(self) -> Any:
-        if self.hparams.tokenizer:
-            from vidlang.models.clip.tokenizer import ClipTokenizer
-
-            return ClipTokenizer.from_dir(self.hparams.tokenizer, context_length=self.context_length)
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if getattr(dm, "tokenizer", None) is not None:
-            return dm.tokenizer
-        raise RuntimeError(
-            "RetrievalTask has no tokenizer: pass tokenizer=<dir>, call set_tokenizer(), give the datamodule a "
-            "`tokenizer` attribute, or load a checkpoint that embeds one"
-        )
-
     @property
     def video_text(self) -> VideoTextModel:
         """The image/text towers + temporal block (inside the audio-visual wrapper when there is audio)."""
@@ -164,33 +120,18 @@ class RetrievalTask(pl.LightningModule):
     def context_length(self) -> int:
         return self.video_text.text_tower.cfg.context_length
 
-    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """``captions`` -> ``input_ids, attention_mask [A, Lt]`` on this module's device."""
-        ids, mask = self.tokenizer(captions, self.context_length)
-        return ids.to(self.device), mask.to(self.device)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        tok = self._tokenizer
-        if tok is None:
-            try:
-                tok = self.tokenizer
-            except RuntimeError:
-                return
-        checkpoint[TOKENIZER_KEY] = tokenizer_state(tok)
+        self.save_tokenizer(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
-            self._tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+        self.load_tokenizer(checkpoint)
 
     # -- batches ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Normalise uint8 frames on the device (float videos are taken as already normalised); with audio,
         compute the log-mel input ``audio_mel [B, S_seg, 1, M, F]`` + ``audio_mel_mask [B]`` on the device."""
-        from vidlang.data.transforms import normalize
-
+        normalize_uint8_video(batch, self.model.image_mean, self.model.image_std)
         video = batch.get("video")
-        if isinstance(video, Tensor) and video.dtype == torch.uint8:
-            batch["video"] = normalize(video, self.model.image_mean, self.model.image_std)
         if self.frontend is not None and isinstance(video, Tensor) and "audio_mel" not in batch:
             batch["audio_mel"], batch["audio_mel_mask"] = self.audio_input(batch, video.shape[0])
         return batch

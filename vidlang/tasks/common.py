@@ -1,0 +1,96 @@
+"""Pieces shared by the tasks: tokenizer handling and device-side video normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TOKENIZER_KEY = "vidlang_tokenizer"
+
+
+def tokenizer_state(tok: Any) -> dict[str, Any]:
+    """A ``ClipTokenizer`` as plain strings/ints (safe for ``torch.load(weights_only=True)``)."""
+    return {
+        "tokenizer_json": tok.tokenizer.to_str(),
+        "bos_token": tok.bos_token,
+        "eot_token": tok.eot_token,
+        "pad_token": tok.pad_token,
+        "context_length": tok.context_length,
+    }
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Any:
+    from tokenizers import Tokenizer
+
+    from vidlang.models.clip.tokenizer import ClipTokenizer
+
+    tok = Tokenizer.from_str(state["tokenizer_json"])
+    return ClipTokenizer(tok, state["bos_token"], state["eot_token"], state["pad_token"], state["context_length"])
+
+
+def normalize_uint8_video(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """In place: uint8 ``batch["video"]`` -> normalised float on its device (float videos are left as they are)."""
+    from vidlang.data.transforms import normalize
+
+    video = batch.get("video")
+    if isinstance(video, Tensor) and video.dtype == torch.uint8:
+        batch["video"] = normalize(video, mean, std)
+    return batch
+
+
+class TokenizerMixin:
+    """Tokenizer of a task, in order of precedence: one given to :meth:`set_tokenizer`; the one embedded in a
+    checkpoint the task was loaded from; the directory ``hparams.tokenizer``; ``trainer.datamodule.tokenizer``.
+    Whatever is used is embedded in every checkpoint (:meth:`save_tokenizer`), so ``load_from_checkpoint``
+    needs no tokenizer files. The task defines ``context_length``."""
+
+    _tokenizer: Any = None
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
+        self._tokenizer = tokenizer
+        self.on_tokenizer_change()
+
+    def on_tokenizer_change(self) -> None:  # noqa: B027 - optional override (e.g. drop cached text embeddings)
+        pass
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self._find_tokenizer()
+        return self._tokenizer
+
+    def _find_tokenizer(self) -> Any:
+        if self.hparams.tokenizer:
+            from vidlang.models.clip.tokenizer import ClipTokenizer
+
+            return ClipTokenizer.from_dir(self.hparams.tokenizer, context_length=self.context_length)
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if getattr(dm, "tokenizer", None) is not None:
+            return dm.tokenizer
+        raise RuntimeError(
+            f"{type(self).__name__} has no tokenizer: pass tokenizer=<dir>, call set_tokenizer(), give the "
+            "datamodule a `tokenizer` attribute, or load a checkpoint that embeds one"
+        )
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``texts`` -> ``input_ids, attention_mask [A, Lt]`` on this module's device."""
+        ids, mask = self.tokenizer(texts, self.context_length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def save_tokenizer(self, checkpoint: dict[str, Any]) -> None:
+        """Embed the tokenizer (if one can be found) in ``checkpoint``."""
+        tok = self._tokenizer
+        if tok is None:
+            try:
+                tok = self.tokenizer
+            except RuntimeError:
+                return
+        checkpoint[TOKENIZER_KEY] = tokenizer_state(tok)
+
+    def load_tokenizer(self, checkpoint: dict[str, Any]) -> None:
+        if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
+            self._tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
