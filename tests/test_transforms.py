@@ -126,3 +126,36 @@ def test_transforms_run_on_gpu():
     out, _ = ClipTransform(32, "train")(video, [], torch.Generator().manual_seed(0))
     assert out.is_cuda and out.shape == (1, 6, 3, 32, 32)
     assert normalize(out).is_cuda
+
+
+def test_stack_videos_keeps_channels_last_layout_and_values():
+    from vidlang.data.collate import stack_videos
+
+    clips = [torch.randint(0, 256, (1, 4, 5, 6, 3), dtype=torch.uint8).permute(0, 1, 4, 2, 3) for _ in range(3)]
+    out = stack_videos(clips)  # decoders hand out [V, T, C, H, W] with C innermost
+    assert out.shape == (3, 1, 4, 3, 5, 6) and out.stride(-3) == 1
+    assert torch.equal(out, torch.stack(clips))
+    plain = [c.contiguous() for c in clips]
+    out = stack_videos(plain)
+    assert out.is_contiguous() and torch.equal(out, torch.stack(plain))
+
+
+def test_normalize_returns_contiguous_floats_for_channels_last_input():
+    x = torch.randint(0, 256, (2, 4, 5, 6, 3), dtype=torch.uint8).permute(0, 1, 4, 2, 3)  # [B, T, C, H, W], C innermost
+    y = normalize(x)
+    assert y.is_contiguous() and y.dtype == torch.float32
+    assert torch.allclose(y, normalize(x.contiguous()))
+
+
+def _stack_collate(clips: list[torch.Tensor]) -> torch.Tensor:
+    from vidlang.data.collate import stack_videos
+
+    return stack_videos(clips)
+
+
+def test_stack_videos_writes_into_shared_memory_inside_workers():
+    from torch.utils.data import DataLoader
+
+    clips = [torch.full((1, 2, 3, 4, 4), i, dtype=torch.uint8) for i in range(4)]
+    (batch,) = list(DataLoader(clips, batch_size=4, num_workers=1, collate_fn=_stack_collate))
+    assert batch.is_shared() and torch.equal(batch[:, 0, 0, 0, 0, 0], torch.arange(4, dtype=torch.uint8))

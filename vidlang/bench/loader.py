@@ -2,7 +2,8 @@
 
 Both sides decode the same deterministic 8-frame sparse (``segment``, eval) indices of the same
 videos. "raw" opens each file, samples the indices and calls ``get_frames`` in a plain loop,
-in 1 process and in as many processes as the loader has workers (a ``multiprocessing`` pool).
+in 1 process and in as many processes as the loader has workers (a ``multiprocessing`` pool whose
+processes use one intra-op thread each, like DataLoader workers).
 "loader" is :class:`~vidlang.data.datasets.VideoTextDataset` + transforms (random resized crop
 to ``--size``) + collate through a ``DataLoader`` with ``--workers`` persistent workers.
 Each pass goes over the videos ``--repeat`` times (steady-state throughput, as in training,
@@ -33,6 +34,13 @@ def _raw_clip(job: tuple[str, str, int]) -> int:
     with open_video(path, backend=backend) as reader:
         clip = sample_clip(reader, build_sampler("segment", num_frames=frames), training=False)
     return int(clip.shape[1])
+
+
+def _one_thread() -> None:
+    """Pool initializer: one intra-op thread per process, as in DataLoader workers (no oversubscription)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def raw_runner(paths: list[str], backend: str, frames: int, processes: int, pool: Any = None) -> Callable[[], int]:
@@ -114,7 +122,7 @@ class LoaderBench:
         entries = read_manifest(manifest).entries * args.repeat  # one long pass: steady state, small tail
         backend = resolve_backend(args.backend)
         paths = [e.path for e in entries]
-        with mp.get_context("fork").Pool(args.workers) as pool:
+        with mp.get_context("fork").Pool(args.workers, initializer=_one_thread) as pool:
             runners = {
                 "raw1": raw_runner(paths, backend, args.frames, 1),
                 "rawn": raw_runner(paths, backend, args.frames, args.workers, pool),

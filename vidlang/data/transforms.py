@@ -58,12 +58,14 @@ def flip_captions(captions: Sequence[str]) -> list[str]:
 def normalize(
     video: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
-    """``uint8 [..., C, H, W]`` -> float32 ``(x / 255 - mean) / std`` (channel dim at -3)."""
+    """``uint8 [..., C, H, W]`` (any layout) -> contiguous float32 ``(x / 255 - mean) / std`` (channel dim at -3)."""
     if video.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 frames, got {video.dtype}")
     m = torch.as_tensor(mean, dtype=torch.float32, device=video.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=video.device).view(-1, 1, 1)
-    return (video.float().div_(255.0) - m) / s
+    # one pass converts dtype and layout: channels-last batches come out contiguous
+    x = torch.empty(video.shape, dtype=torch.float32, device=video.device).copy_(video)
+    return x.div_(255.0).sub_(m).div_(s)
 
 
 def resize_short_side(video: torch.Tensor, size: int) -> torch.Tensor:
