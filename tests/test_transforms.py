@@ -132,11 +132,11 @@ def test_stack_videos_keeps_channels_last_layout_and_values():
     from vidlang.data.collate import stack_videos
 
     clips = [torch.randint(0, 256, (1, 4, 5, 6, 3), dtype=torch.uint8).permute(0, 1, 4, 2, 3) for _ in range(3)]
-    out = stack_videos(clips)  # decoders hand out [V, T, C, H, W] with C innermost
+    out, _ = stack_videos(clips)  # decoders hand out [V, T, C, H, W] with C innermost
     assert out.shape == (3, 1, 4, 3, 5, 6) and out.stride(-3) == 1
     assert torch.equal(out, torch.stack(clips))
     plain = [c.contiguous() for c in clips]
-    out = stack_videos(plain)
+    out, _ = stack_videos(plain)
     assert out.is_contiguous() and torch.equal(out, torch.stack(plain))
 
 
@@ -150,7 +150,7 @@ def test_normalize_returns_contiguous_floats_for_channels_last_input():
 def _stack_collate(clips: list[torch.Tensor]) -> torch.Tensor:
     from vidlang.data.collate import stack_videos
 
-    return stack_videos(clips)
+    return stack_videos(clips)[0]
 
 
 def test_stack_videos_writes_into_shared_memory_inside_workers():

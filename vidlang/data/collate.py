@@ -24,17 +24,22 @@ import torch
 from torch.utils.data import get_worker_info
 
 from vidlang.data.sample import VideoSample
+from vidlang.data.shm_ring import SLOT_KEY, BatchRing
 
 
-def collate_samples(samples: Sequence[VideoSample]) -> dict[str, Any]:
-    """Stack samples into a batch dict (module docstring). All videos must share ``[V, T, C, H, W]``."""
+def collate_samples(samples: Sequence[VideoSample], ring: BatchRing | None = None) -> dict[str, Any]:
+    """Stack samples into a batch dict (module docstring). All videos must share ``[V, T, C, H, W]``.
+
+    ``ring``: reusable shared-memory slots for the video inside DataLoader workers (:mod:`vidlang.data.shm_ring`;
+    the batch then carries a slot tag that :class:`~vidlang.data.shm_ring.RingDataLoader` releases).
+    """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     shapes = {tuple(s.video.shape) for s in samples}
     if len(shapes) != 1:
         detail = ", ".join(f"{s.key}: {tuple(s.video.shape)}" for s in samples[:4])
         raise ValueError(f"videos of a batch must share one shape (crop to a fixed size first); got {detail}")
-    video = stack_videos([s.video for s in samples])  # [B, V, T, C, H, W]
+    video, slot = stack_videos([s.video for s in samples], ring)  # [B, V, T, C, H, W]
     if video.shape[1] == 1:
         video = video[:, 0]  # [B, T, C, H, W]
     captions: list[str] = []
@@ -53,28 +58,36 @@ def collate_samples(samples: Sequence[VideoSample]) -> dict[str, Any]:
             [list(s.window) if s.window is not None else [math.nan, math.nan] for s in samples], dtype=torch.float64
         ),
     }
+    if slot is not None:
+        batch[SLOT_KEY] = slot
     if any(s.audio is not None for s in samples):
         batch.update(_collate_audio(samples, video.device))
     return batch
 
 
-def stack_videos(videos: Sequence[torch.Tensor]) -> torch.Tensor:
+def stack_videos(
+    videos: Sequence[torch.Tensor], ring: BatchRing | None = None
+) -> tuple[torch.Tensor, tuple[Any, ...] | None]:
     """Stack equal-shape ``uint8 [V, T, C, H, W]`` clips into ``[B, V, T, C, H, W]``, keeping their memory layout.
 
     Decoders hand out channels-last frames (C has stride 1); a plain ``torch.stack`` would transpose
     every clip to channels-first (~4x slower than a copy). The batch keeps the clips' layout instead
-    (the model's first op, :func:`~vidlang.data.transforms.normalize`, returns contiguous floats), and
-    inside a DataLoader worker it is written straight into shared memory, so that sending it to the
-    main process costs no further copy.
+    (the model's first op, :func:`~vidlang.data.transforms.normalize`, returns contiguous floats). Inside
+    a DataLoader worker the batch is written straight into shared memory (a reusable ``ring`` slot when
+    given, else a fresh segment), so that sending it to the main process costs no further copy.
+    Returns the batch and its ring slot tag (``None`` outside a slot).
     """
     first = videos[0]
     channels_last = first.dim() >= 3 and first.shape[-3] > 1 and first.stride(-3) == 1
     shape = (len(videos), *first.shape)
     alloc = (*shape[:-3], shape[-2], shape[-1], shape[-3]) if channels_last else shape  # [B, V, T, H, W, C] or as is
-    numel = math.prod(alloc)
+    slot = None
     if get_worker_info() is not None and first.device.type == "cpu":
-        storage = torch.UntypedStorage._new_shared(numel * first.element_size())
-        out = torch.empty(0, dtype=first.dtype).set_(storage, 0, alloc)
+        if ring is not None:
+            out, slot = ring.empty(alloc, first.dtype)
+        else:
+            storage = torch.UntypedStorage._new_shared(math.prod(alloc) * first.element_size())
+            out = torch.empty(0, dtype=first.dtype).set_(storage, 0, alloc)
     else:
         out = torch.empty(alloc, dtype=first.dtype, device=first.device)
     if channels_last:
@@ -82,7 +95,7 @@ def stack_videos(videos: Sequence[torch.Tensor]) -> torch.Tensor:
         out = out.permute(*range(n - 3), n - 1, n - 3, n - 2)  # back to [B, V, T, C, H, W] (C stride 1)
     for b, v in enumerate(videos):
         out[b].copy_(v)
-    return out
+    return out, slot
 
 
 def _collate_audio(samples: Sequence[VideoSample], device: torch.device) -> dict[str, torch.Tensor]:

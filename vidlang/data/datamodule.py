@@ -48,6 +48,7 @@ from vidlang.data.datasets import VideoTextDataset, mix_seed
 from vidlang.data.formats import build_index
 from vidlang.data.sample import FormatIndex
 from vidlang.data.sampling import build_sampler
+from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
 from vidlang.data.streaming import StreamingVideoDataset, make_streaming_loader
 from vidlang.data.transforms import ClipTransform
 
@@ -274,7 +275,10 @@ class VideoDataModule(pl.LightningDataModule):
         training = split == "train"
         sampler = EpochSampler(ds, shuffle=training, seed=h.seed, rank=rank, world_size=world, drop_tail=training)
         bs = h.batch_size if training else (h.eval_batch_size or h.batch_size)
-        return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_samples, **kw)
+        if not workers:
+            return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_samples, **kw)
+        ring = BatchRing(workers, slots=h.prefetch_factor + RING_SPARE_SLOTS)
+        return RingDataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=partial(collate_samples, ring=ring), **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -50,6 +50,7 @@ from vidlang.data.formats.webdataset import (
     split_member_name,
 )
 from vidlang.data.sample import VideoEntry, VideoSample
+from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class StreamingVideoDataset(IterableDataset):
         self.backend, self.resize_short_side = backend, resize_short_side
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.policy = policy or BadSamplePolicy()
+        self.ring: BatchRing | None = None  # set by make_streaming_loader when it has workers
         self.caption_mode = caption_mode
         self.epoch = SharedEpoch()
         total = sum(self.counts)
@@ -276,10 +278,10 @@ class StreamingVideoDataset(IterableDataset):
         for s in samples:
             batch.append(s)
             if len(batch) == self.batch_size:
-                yield collate_samples(batch)
+                yield collate_samples(batch, self.ring)
                 batch = []
         if batch:
-            yield collate_samples(batch)
+            yield collate_samples(batch, self.ring)
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -311,6 +313,8 @@ def make_streaming_loader(dataset: StreamingVideoDataset, **loader_kwargs: Any) 
     workers = loader_kwargs.pop("num_workers", dataset.num_workers)
     if workers != dataset.num_workers:
         raise ValueError(f"the dataset was built for num_workers={dataset.num_workers}, the loader asks for {workers}")
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, **loader_kwargs)
+    prefetch = loader_kwargs.get("prefetch_factor") or 2
+    dataset.ring = BatchRing(workers, slots=prefetch + RING_SPARE_SLOTS) if workers else None
+    loader = RingDataLoader(dataset, batch_size=None, num_workers=workers, **loader_kwargs)
     object.__setattr__(loader, "sampler", _EpochSampler(dataset))  # so Lightning's set_epoch reaches the dataset
     return loader

@@ -20,7 +20,8 @@ lambda for every frame); the block's auxiliary losses (weights: ``aux_loss_weigh
 Evaluation. ``video [B, T, C, H, W]`` or multi-view ``[B, V, T, C, H, W]`` (views clip-major, e.g. the
 ``multiview`` sampler x ``three_crop``): every view is classified, softmax per view, averaged.
 Reported: top-1/top-5/mean-class accuracy fused and per view, base/novel/harmonic mean with
-``base_to_novel``; rank 0 writes ``{stage}_metrics.json`` (+ history) and ``{stage}_confusion.png``
+``base_to_novel`` (kept in ``last_metrics[stage]``; the per-view logits and labels of the last
+evaluation in ``last_outputs[stage]``); rank 0 writes ``{stage}_metrics.json`` (+ history) and ``{stage}_confusion.png``
 beside the checkpoint (else the logger's directory, else ``default_root_dir``).
 
 Tokenizer: as :class:`~vidlang.tasks.retrieval.RetrievalTask` (``set_tokenizer``, the checkpoint,
@@ -147,6 +148,7 @@ class RecognitionTask(TokenizerMixin, pl.LightningModule):
         self._cached: dict[tuple[str, ...], Tensor] = {}
         self._eval: dict[str, list] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self.last_outputs: dict[str, dict[str, Tensor]] = {}  # stage -> {"logits" [N, V, K], "labels" [N]} (CPU)
 
     # -- tokenizer -------------------------------------------------------------------------------
     def on_tokenizer_change(self) -> None:
@@ -421,6 +423,7 @@ class RecognitionTask(TokenizerMixin, pl.LightningModule):
             logs.update({f"{stage}/{view}/top1": m["top1"] for view, m in result.per_view.items()})
         self.log_dict(logs, sync_dist=False)
         self.last_metrics[stage] = result.metrics
+        self.last_outputs[stage] = {"logits": logits, "labels": labels}
         if self.trainer.is_global_zero:
             self._write_report(stage, result, names, split)
 
