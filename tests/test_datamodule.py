@@ -191,3 +191,43 @@ def test_lightning_streaming_epochs_are_exact_and_reshuffled(corpus, tmp_path):
     epochs = [[k for b in model.seen[i * n : (i + 1) * n] for k in b] for i in range(2)]
     assert all(sorted(e) == [f"{i:09d}" for i in range(12)] for e in epochs)  # exactly once per epoch
     assert epochs[0] != epochs[1] and dm.datasets["train"].epoch.get() == 1  # Lightning's set_epoch reached it
+
+
+class _TinyVal(_Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_seen: list[str] = []
+
+    def validation_step(self, batch, idx):
+        self.val_seen.extend(batch["key"])
+
+
+def test_validation_bad_samples_are_counted_reported_and_checked_per_split(corpus, tmp_path):
+    import shutil
+
+    bad_corpus = tmp_path / "c"
+    shutil.copytree(corpus, bad_corpus)
+    rows = (bad_corpus / "manifest.jsonl").read_text().splitlines()
+    good = json.loads(rows[0])
+    val_rows = [json.dumps(good)] + [json.dumps({**json.loads(r), "path": "videos/nowhere.mp4"}) for r in rows[1:3]]
+    (bad_corpus / "val.jsonl").write_text("\n".join(val_rows + rows[3:8]) + "\n")  # 2 of 8 val entries are missing
+    val = {"format": "manifest", "path": str(bad_corpus / "val.jsonl")}
+    dm = module(bad_corpus, val=val, num_workers=1, bad_sample_dir=str(tmp_path / "report"), max_skip_rate=0.5)
+    model = _TinyVal()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    assert len(model.val_seen) == 8 and "nowhere" not in " ".join(model.val_seen)
+    report = [json.loads(x) for x in (tmp_path / "report" / "bad_samples.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in report} == {"val"} and len(report) == 2  # no training failure; each val one once
+    assert all("nowhere.mp4" in r["path"] for r in report)
+
+    strict = module(bad_corpus, val=val, num_workers=1, bad_sample_dir=str(tmp_path / "r2"), max_skip_rate=0.05)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path))
+    from vidlang.data.badsamples import BadSampleError
+
+    with pytest.raises(BadSampleError, match=r"2 of 10 samples failed to load in val epoch 0"):
+        trainer.fit(_TinyVal(), datamodule=strict)

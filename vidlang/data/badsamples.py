@@ -8,8 +8,9 @@
 * **Reports.** Each process (DataLoader worker or the main process) appends its failures to
   ``{report_dir}/workers/rank{r}-pid{p}.jsonl`` as they happen. At epoch end the main process
   (:class:`BadSampleCallback`, added to the trainer by the DataModule) collects that epoch's
-  records into ``{report_dir}/bad_samples.jsonl``, logs the count (``data/bad_samples``) and
-  checks the skip rate ``failures / (served + failures)``.
+  records into ``{report_dir}/bad_samples.jsonl``, logs the count (``data/bad_samples_{split}``)
+  and checks the skip rate ``failures / (served + failures)`` -- for the train, val and test
+  splits separately (each record names its split).
 * **Threshold.** Above ``max_skip_rate`` (default 0.05) the run stops with
   :class:`BadSampleError` naming the count and example paths. Each worker also checks its own
   running rate after ``min_attempts`` so a broken corpus fails within the first batches, and
@@ -84,8 +85,8 @@ def time_limit(seconds: float | None, what: str) -> Iterator[None]:
 class BadSampleTracker:
     """Per-process failure log and running counters (one per DataLoader worker / main process)."""
 
-    def __init__(self, policy: BadSamplePolicy, rank: int = 0) -> None:
-        self.policy, self.rank = policy, rank
+    def __init__(self, policy: BadSamplePolicy, rank: int = 0, split: str = "train") -> None:
+        self.policy, self.rank, self.split = policy, rank, split
         self.attempts: Counter[int] = Counter()  # epoch -> load attempts
         self.failures: list[dict[str, Any]] = []
 
@@ -102,7 +103,7 @@ class BadSampleTracker:
     def failure(self, epoch: int, index: Any, key: str, path: str, reason: str, replacement: Any = None) -> None:
         """Record one failure (file + log), then apply the worker-local threshold."""
         self.attempts[epoch] += 1
-        rec = {"epoch": epoch, "index": index, "key": key, "path": path, "reason": reason,
+        rec = {"split": self.split, "epoch": epoch, "index": index, "key": key, "path": path, "reason": reason,
                "replacement": replacement, "rank": self.rank, "pid": os.getpid(), "time": time.time()}
         self.failures.append(rec)
         f = self._file()
@@ -126,17 +127,32 @@ def _message(n_fail: int, n_total: int, records: Sequence[dict], policy: BadSamp
     )
 
 
-def collect_epoch(policy: BadSamplePolicy, epoch: int, extra: Sequence[dict] = ()) -> list[dict]:
-    """Gather every process's failures of ``epoch`` and append them to ``bad_samples.jsonl``."""
-    records = [r for r in extra if r["epoch"] == epoch]
+def collect_epoch(
+    policy: BadSamplePolicy, epoch: int, extra: Sequence[dict] = (), split: str = "train",
+    reported: set[tuple[Any, Any]] | None = None,
+) -> list[dict]:
+    """Gather every process's failures of ``split`` in ``epoch`` and append them to ``bad_samples.jsonl``.
+
+    ``reported``: (pid, time) of records collected before (updated); they are not collected twice
+    (e.g. the sanity-check validation and the validation of epoch 0 share the epoch number).
+    """
+    seen = reported if reported is not None else set()
+
+    def wanted(rec: dict) -> bool:
+        return rec["epoch"] == epoch and rec.get("split", "train") == split and (rec["pid"], rec["time"]) not in seen
+
+    records: list[dict] = []
+    for rec in extra:
+        if wanted(rec):
+            records.append(rec)
+            seen.add((rec["pid"], rec["time"]))
     if policy.report_dir is None:
         return records
     root = Path(policy.report_dir)
-    seen = {(r["pid"], r["time"]) for r in records}
     for f in sorted((root / "workers").glob("*.jsonl")):
         for line in f.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
-            if rec["epoch"] == epoch and (rec["pid"], rec["time"]) not in seen:
+            if wanted(rec):
                 records.append(rec)
                 seen.add((rec["pid"], rec["time"]))
     records.sort(key=lambda r: r["time"])
@@ -185,9 +201,12 @@ def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] 
     from pytorch_lightning import Callback
 
     class BadSampleCallback(Callback):
+        """Per stage (train / val / test): count served videos, collect, report and check the failures."""
+
         def __init__(self) -> None:
             self.policy, self.trackers = policy, trackers
             self.served: Counter[str] = Counter()
+            self.reported: set[tuple[Any, Any]] = set()
 
         def _start(self, stage: str) -> None:
             self.served[stage] = 0
@@ -195,9 +214,9 @@ def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] 
         def _end(self, trainer: Any, pl_module: Any, stage: str) -> None:
             epoch = trainer.current_epoch
             extra = [r for t in self.trackers for r in t.failures]
-            records = collect_epoch(self.policy, epoch, extra) if stage == "train" else []
+            records = collect_epoch(self.policy, epoch, extra, split=stage, reported=self.reported)
             if records:
-                log.warning("epoch %d: %d bad samples skipped (report: %s)", epoch, len(records),
+                log.warning("%s epoch %d: %d bad samples skipped (report: %s)", stage, epoch, len(records),
                             self.policy.report_dir)
             with contextlib.suppress(Exception):
                 pl_module.log(f"data/bad_samples_{stage}", float(len(records)), rank_zero_only=True)
@@ -214,5 +233,23 @@ def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] 
 
         def on_train_epoch_end(self, trainer, pl_module):
             self._end(trainer, pl_module, "train")
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self._start("val")
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.served["val"] += served_count(batch)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self._end(trainer, pl_module, "val")
+
+        def on_test_epoch_start(self, trainer, pl_module):
+            self._start("test")
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.served["test"] += served_count(batch)
+
+        def on_test_epoch_end(self, trainer, pl_module):
+            self._end(trainer, pl_module, "test")
 
     return BadSampleCallback()

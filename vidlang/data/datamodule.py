@@ -225,10 +225,10 @@ class VideoDataModule(pl.LightningDataModule):
                 spec["shards"], batch_size=h.batch_size if training else (h.eval_batch_size or h.batch_size),
                 num_workers=self.num_workers, shuffle_buffer=h.shuffle_buffer, resampled=h.resampled and training,
                 samples_per_epoch=h.samples_per_epoch if training else None, rank=rank, world_size=world,
-                **self._common(training))
+                split=split, **self._common(training))
         self.indices[split] = build_index(fmt, **spec)
         entries = self.indices[split].entries
-        return VideoTextDataset(entries, device=self.decode_device, rank=rank, **self._common(training))
+        return VideoTextDataset(entries, device=self.decode_device, rank=rank, split=split, **self._common(training))
 
     def setup(self, stage: str | None = None) -> None:
         if self.policy.report_dir is None:

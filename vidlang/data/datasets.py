@@ -109,6 +109,7 @@ class VideoTextDataset(Dataset):
         rank: int = 0,
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
+        split: str = "train",
     ) -> None:
         if not entries:
             raise ValueError("VideoTextDataset: no entries")
@@ -119,7 +120,7 @@ class VideoTextDataset(Dataset):
         self.policy = policy or BadSamplePolicy()
         self.caption_mode = caption_mode
         self.epoch = SharedEpoch()
-        self.tracker = BadSampleTracker(self.policy, rank)
+        self.tracker = BadSampleTracker(self.policy, rank, split)  # split: names the records of bad samples
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -132,6 +132,7 @@ class StreamingVideoDataset(IterableDataset):
         resize_short_side: int | None = None,
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
+        split: str = "train",
     ) -> None:
         self.shards = expand_shards(shards)
         self.counts = [shard_sample_count(s) for s in self.shards]
@@ -143,7 +144,7 @@ class StreamingVideoDataset(IterableDataset):
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.policy = policy or BadSamplePolicy()
         self.ring: BatchRing | None = None  # set by make_streaming_loader when it has workers
-        self.caption_mode = caption_mode
+        self.caption_mode, self.split = caption_mode, split
         self.epoch = SharedEpoch()
         total = sum(self.counts)
         if not resampled and samples_per_epoch not in (None, total):
@@ -252,7 +253,7 @@ class StreamingVideoDataset(IterableDataset):
 
     def _tracker(self) -> BadSampleTracker:
         if not hasattr(self, "_tracker_obj"):
-            self._tracker_obj = BadSampleTracker(self.policy, self.rank)
+            self._tracker_obj = BadSampleTracker(self.policy, self.rank, self.split)
         return self._tracker_obj
 
     def _decode(self, raw: dict[str, Any], key: str, path: str, seed: int) -> VideoSample:
