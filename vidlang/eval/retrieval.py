@@ -29,14 +29,16 @@ in a few hundred MB.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+R = TypeVar("R")
 RECALL_KS = (1, 5, 10)
 TIE_MODES = ("pessimistic", "optimistic")
 
@@ -123,25 +125,38 @@ def _dsl_priors(src: _Similarity, tau: float) -> tuple[Tensor, Tensor]:
     return col_lse, row_lse
 
 
+def _direction_ranks(
+    blocks: Iterator[tuple[int, Tensor]], rank: Callable[[int, Tensor], R], log_prior: Tensor | None, tau: float
+) -> tuple[list[R], list[R]]:
+    """``rank(start, block)`` of every block, and of its dual-softmax form ``S * exp(S / tau - log_prior)``
+    when ``log_prior`` (broadcastable to a block) is given."""
+    plain: list[R] = []
+    dual: list[R] = []
+    for start, block in blocks:
+        plain.append(rank(start, block))
+        if log_prior is not None:
+            dual.append(rank(start, block * torch.exp(block / tau - log_prior)))
+    return plain, dual
+
+
 def _all_ranks(src: _Similarity, caption_index: Tensor, opts: _Options) -> dict[str, Tensor]:
     idx = caption_index.long().to(src.device)
     tau, pess = opts.dsl_temperature, opts.ties == "pessimistic"
-    out: dict[str, list[Tensor]] = {"t2v": [], "v2t": [], "has": [], "dsl_t2v": [], "dsl_v2t": []}
     col_lse, row_lse = _dsl_priors(src, tau) if opts.dsl else (None, None)
-    for start, block in src.rows():
-        gt = idx[start : start + block.shape[0]]
-        out["t2v"].append(_t2v_block_ranks(block, gt, pess))
-        if opts.dsl:
-            dual = block * torch.exp(block / tau - col_lse[None, :])  # prior: softmax over texts
-            out["dsl_t2v"].append(_t2v_block_ranks(dual, gt, pess))
-    for start, block in src.cols():
-        ranks, has_caption = _v2t_block_ranks(block, idx, start, pess)
-        out["v2t"].append(ranks)
-        out["has"].append(has_caption)
-        if opts.dsl:
-            dual = block * torch.exp(block / tau - row_lse[:, None])  # prior: softmax over videos
-            out["dsl_v2t"].append(_v2t_block_ranks(dual, idx, start, pess)[0])
-    queries = torch.cat(out.pop("has"))
+    t2v, dsl_t2v = _direction_ranks(  # prior: softmax over texts
+        src.rows(),
+        lambda start, block: _t2v_block_ranks(block, idx[start : start + block.shape[0]], pess),
+        None if col_lse is None else col_lse[None, :],
+        tau,
+    )
+    v2t, dsl_v2t = _direction_ranks(  # prior: softmax over videos; each rank is (ranks, has_caption)
+        src.cols(),
+        lambda start, block: _v2t_block_ranks(block, idx, start, pess),
+        None if row_lse is None else row_lse[:, None],
+        tau,
+    )
+    queries = torch.cat([has for _, has in v2t])  # videos with a caption
+    out = {"t2v": t2v, "v2t": [r for r, _ in v2t], "dsl_t2v": dsl_t2v, "dsl_v2t": [r for r, _ in dsl_v2t]}
     ranks = {k: torch.cat(v) for k, v in out.items() if v}
     for key in ("v2t", "dsl_v2t"):
         if key in ranks:

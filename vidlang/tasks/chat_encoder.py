@@ -13,18 +13,16 @@ reloaded from ``llm`` and its weights are put back into the loaded state dict be
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.chat import CAPTION_TEMPLATE, DEFAULT_TEMPLATE, ChatEncoder
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
+from vidlang.tasks.common import adamw_warmup_cosine
 
 LLM_PREFIX = "encoder.llm."
 
@@ -125,13 +123,4 @@ class ChatEncoderTask(pl.LightningModule):
         from vidlang.models.optim import param_groups
 
         groups = param_groups(self.encoder, self.hparams.lr, self.hparams.weight_decay)
-        if not groups:
-            raise ValueError("the chat encoder has no trainable parameters")
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("cannot size the lr schedule: set trainer.max_steps (the data has no length)")
-        total = max(1, int(total))
-        warmup = resolve_warmup(total, self.hparams.warmup_steps, self.hparams.warmup_ratio)
-        sched = warmup_cosine(opt, warmup, total, self.hparams.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, no_params="the chat encoder has no trainable parameters")

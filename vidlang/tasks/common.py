@@ -1,11 +1,14 @@
-"""Pieces shared by the tasks: tokenizer handling and device-side video normalisation."""
+"""Pieces shared by the tasks: tokenizer handling, device-side video normalisation, the optimizer + schedule."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
 
 TOKENIZER_KEY = "vidlang_tokenizer"
 
@@ -38,6 +41,30 @@ def normalize_uint8_video(batch: dict[str, Any], mean: Any, std: Any) -> dict[st
     if isinstance(video, Tensor) and video.dtype == torch.uint8:
         batch["video"] = normalize(video, mean, std)
     return batch
+
+
+def adamw_warmup_cosine(
+    task: Any,
+    groups: list[dict[str, Any]],
+    eps: float | None = None,
+    no_params: str = "no trainable parameters: check ModelConfig.freeze",
+) -> dict[str, Any]:
+    """A task's ``configure_optimizers`` result: AdamW over ``groups`` (``hparams.lr``, ``hparams.betas``, and
+    ``eps`` when given) with a per-step linear-warmup cosine schedule (``hparams.warmup_steps`` /
+    ``warmup_ratio`` / ``min_lr_ratio``) sized from ``trainer.estimated_stepping_batches``.
+    Raises ``ValueError(no_params)`` for empty ``groups``, and for data without a length unless
+    ``trainer.max_steps`` is set."""
+    if not groups:
+        raise ValueError(no_params)
+    h = task.hparams
+    opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), **({} if eps is None else {"eps": eps}))
+    total = task.trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("cannot size the lr schedule: set trainer.max_steps (the data has no length)")
+    total = max(1, int(total))
+    warmup = resolve_warmup(total, h.warmup_steps, h.warmup_ratio)
+    sched = warmup_cosine(opt, warmup, total, h.min_lr_ratio)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class TokenizerMixin:

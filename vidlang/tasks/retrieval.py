@@ -46,8 +46,7 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
 from vidlang.models.temporal.base import VideoOutput
 from vidlang.models.video_clip import VideoTextModel
-from vidlang.tasks.common import TokenizerMixin, normalize_uint8_video
-from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
+from vidlang.tasks.common import TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
 
 class RetrievalTask(TokenizerMixin, pl.LightningModule):
@@ -163,17 +162,11 @@ class RetrievalTask(TokenizerMixin, pl.LightningModule):
     ) -> VideoOutput:
         """``video [B, T, 3, H, W]`` (+ ``audio_mel [B, S_seg, 1, M, F]``, ``audio_mask [B]``) -> the (fused)
         :class:`VideoOutput`. With an audio branch and no ``audio_mel``, every clip takes the masked path."""
-        out = self.video_text.encode_video(video, state=state)
         if not isinstance(self.model, AudioVisualModel):
-            return out
+            return self.video_text.encode_video(video, state=state)
         if audio_mel is None:
             audio_mel, audio_mask = self.frontend([None] * video.shape[0])
-        if audio_mel.shape[0] != video.shape[0]:
-            raise ValueError(f"audio batch {audio_mel.shape[0]} != video batch {video.shape[0]}")
-        # the steps of AudioVisualModel.encode_video, with the block's hook state passed through
-        audio = self.model.audio(audio_mel.to(video.device), audio_mask)
-        out.embeds = self.model.fusion(out.embeds, audio.tokens, audio.mask, out.tokens)  # [B, E]
-        return out
+        return self.model.encode_video(video, audio_mel.to(video.device), audio_mask, state=state)
 
     def encode_video(self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None) -> Tensor:
         """Normalised video embeddings ``[B, E]``; ``[B, V, T, C, H, W]`` averages the V views (each view gets
@@ -229,16 +222,7 @@ class RetrievalTask(TokenizerMixin, pl.LightningModule):
         mults = self.video_text.lr_mults
         block_mult = mults["block"] if self.hparams.lr_mult_block is None else self.hparams.lr_mult_block
         groups = self.param_groups(mults["backbone"], block_mult)
-        if not groups:
-            raise ValueError("no trainable parameters: check ModelConfig.freeze")
-        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("cannot size the lr schedule: set trainer.max_steps (the data has no length)")
-        total = max(1, int(total))
-        warmup = resolve_warmup(total, self.hparams.warmup_steps, self.hparams.warmup_ratio)
-        sched = warmup_cosine(opt, warmup, total, self.hparams.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, eps=self.hparams.eps)
 
     def param_groups(self, backbone_mult: float, block_mult: float) -> list[dict[str, Any]]:
         """Optimizer groups of the video-text model (:func:`vidlang.models.optim.param_groups`), plus

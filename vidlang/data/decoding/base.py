@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -110,6 +111,15 @@ def resized_hw(height: int, width: int, short_side: int | None) -> tuple[int, in
         return max(2, 2 * round(x / 2))
 
     return even(height * scale), even(width * scale)
+
+
+def resolve_device(device: str | torch.device, backend: str) -> torch.device:
+    """``device`` itself, or the CPU with a warning when CUDA is asked for but absent."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"{backend}: CUDA decoding requested but no GPU is available; decoding on the CPU", stacklevel=3)
+        return torch.device("cpu")
+    return dev
 
 
 def normalize_indices(indices: Sequence[int], num_frames: int, source: str, backend: str) -> list[int]:

@@ -1,10 +1,12 @@
-"""PyAV backend, and the container scan every backend opens a video with.
+"""PyAV backend, the container scan every backend opens a video with, and the reader base built on it.
 
 The scan (:func:`scan_video`) demuxes the video stream once without decoding and
 builds a :class:`VideoIndex`: the true pts of every frame (display order, VFR
 safe), key frames, stream size and audio facts. All backends use it, so they
 agree on frame counts and timestamps by construction, and it is also the guard
 that keeps fragile decoders (decord) away from inputs that are not videos.
+:class:`ScannedReader` holds what the backends share around it (source, scan, device, output size,
+metadata, timestamps, audio, index checks, error wrapping); each backend adds only its decoder.
 
 Rules decided here (they hold for every backend):
 
@@ -27,9 +29,11 @@ from __future__ import annotations
 import io
 import json
 import os
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ from vidlang.data.decoding.base import (
     describe_source,
     normalize_indices,
     resized_hw,
+    resolve_device,
     source_bytes,
 )
 
@@ -199,54 +204,114 @@ def _demux(container, stream) -> tuple[list[tuple[int, int, bool]], bool, int | 
     return packets, truncated, data_end
 
 
-# --------------------------------------------------------------------------- reader
+# --------------------------------------------------------------------------- readers
 
 
-@READERS.register("pyav")
-class PyAVReader(VideoReader):
-    """Decode with PyAV (FFmpeg bundled in the ``av`` wheel), one thread, seeking to key frames."""
+def hwc_frames(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``[T, H, W, C]`` uint8 array -> ``[T, C, H, W]`` tensor on ``device``."""
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
 
-    backend = "pyav"
+
+class ScannedReader(VideoReader):
+    """What every backend shares: open through the container scan, answer from the scan.
+
+    The base loads the source, scans it (:func:`scan_video`), picks the device and the output size,
+    and serves metadata, timestamps, audio, index checks and empty requests. A backend supplies
+    ``_library`` (its import, done first: a backend that cannot load fails before any I/O), ``_open``
+    (its decoder; it may lower ``self._n``, the number of frames it decodes, a prefix of the scan's),
+    ``_decode`` (raw frames at checked indices), ``_frames`` (raw -> ``[T, C, H, W]`` uint8 on the
+    device) and ``_reason`` (a short message from its exceptions).
+    """
+
+    cpu_fallback: ClassVar[bool] = True  # CUDA without a GPU: warn and decode on the CPU
 
     def __init__(
         self, source: VideoSource, *, device: str | torch.device = "cpu", resize_short_side: int | None = None
     ) -> None:
-        import av
-
+        lib = self._library()
         self._src, self.name = load_source(source, self.backend)
         self.index = scan_video(self._src, self.name, self.backend)
-        self._meta = self.index.metadata()
+        self._device = resolve_device(device, self.backend) if self.cpu_fallback else torch.device(device)
         self._size = resized_hw(self.index.height, self.index.width, resize_short_side)
-        self._device = torch.device(device)
-        self._pts_to_index = {p: i for i, p in enumerate(self.index.pts)}
+        self._n = self.index.num_frames
         try:
-            self._container = av.open(av_input(self._src), metadata_errors="ignore")
+            self._open(lib)
+        except VideoDecodeError:
+            raise
         except Exception as e:
-            raise VideoDecodeError(self.name, self.backend, av_reason(e)) from e
-        self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "SLICE"
-        self._stream.codec_context.thread_count = 1
+            raise VideoDecodeError(self.name, self.backend, self._reason(e)) from e
+        self._meta = self.index.metadata(self._n)
+
+    @staticmethod
+    @abstractmethod
+    def _library() -> Any: ...
+
+    @abstractmethod
+    def _open(self, lib: Any) -> None: ...
+
+    @abstractmethod
+    def _decode(self, indices: list[int]) -> Any: ...
+
+    def _frames(self, decoded: Any, indices: list[int]) -> torch.Tensor:
+        return decoded
+
+    @staticmethod
+    @abstractmethod
+    def _reason(err: Exception) -> str: ...
 
     @property
     def metadata(self) -> VideoMetadata:
         return self._meta
 
     def frame_timestamps(self) -> torch.Tensor:
-        return self.index.seconds()
+        return self.index.seconds()[: self._n]
 
     def get_frames(self, indices: Sequence[int]) -> torch.Tensor:
-        idx = normalize_indices(indices, self.index.num_frames, self.name, self.backend)
+        idx = normalize_indices(indices, self._n, self.name, self.backend)
         if not idx:
             h, w = self._size
             return torch.empty((0, 3, h, w), dtype=torch.uint8, device=self._device)
         try:
-            decoded = self._decode_sorted(sorted(set(idx)))
+            decoded = self._decode(idx)
         except VideoDecodeError:
             raise
         except Exception as e:
-            raise VideoDecodeError(self.name, self.backend, f"decoding failed: {av_reason(e)}") from e
-        batch = torch.from_numpy(np.stack([decoded[i] for i in idx]))  # [T, H, W, C]
-        return batch.permute(0, 3, 1, 2).to(self._device)
+            raise VideoDecodeError(self.name, self.backend, f"decoding failed: {self._reason(e)}") from e
+        return self._frames(decoded, idx)
+
+    def get_audio(self, sample_rate: int = 16000) -> torch.Tensor | None:
+        return decode_audio(self._src, sample_rate, self.name, self.backend) if self.index.has_audio else None
+
+    def close(self) -> None:
+        self._decoder = None
+
+
+@READERS.register("pyav")
+class PyAVReader(ScannedReader):
+    """Decode with PyAV (FFmpeg bundled in the ``av`` wheel), one thread, seeking to key frames."""
+
+    backend = "pyav"
+    cpu_fallback = False  # frames are decoded on the CPU and moved to ``device`` as asked
+    _reason = staticmethod(av_reason)
+
+    @staticmethod
+    def _library() -> Any:
+        import av
+
+        return av
+
+    def _open(self, av: Any) -> None:
+        self._pts_to_index = {p: i for i, p in enumerate(self.index.pts)}
+        self._container = av.open(av_input(self._src), metadata_errors="ignore")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "SLICE"
+        self._stream.codec_context.thread_count = 1
+
+    def _decode(self, indices: list[int]) -> dict[int, np.ndarray]:
+        return self._decode_sorted(sorted(set(indices)))
+
+    def _frames(self, decoded: dict[int, np.ndarray], indices: list[int]) -> torch.Tensor:
+        return hwc_frames(np.stack([decoded[i] for i in indices]), self._device)
 
     def _decode_sorted(self, wanted: list[int]) -> dict[int, np.ndarray]:
         """Decode the frames ``wanted`` (sorted display indices), seeking forward to key frames when it pays."""
@@ -304,9 +369,6 @@ class PyAVReader(VideoReader):
         if (h, w) != (frame.height, frame.width):
             frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR")
         return frame.to_ndarray(format="rgb24")  # [H, W, 3]
-
-    def get_audio(self, sample_rate: int = 16000) -> torch.Tensor | None:
-        return decode_audio(self._src, sample_rate, self.name, self.backend) if self.index.has_audio else None
 
     def close(self) -> None:
         container = getattr(self, "_container", None)

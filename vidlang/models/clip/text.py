@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vidlang.models.clip.configs import TextConfig
 from vidlang.models.clip.layers import LayerNorm, ResidualAttentionBlock, init_transformer_
+from vidlang.models.clip.tower_base import Tower, check_tokens_removed, resolve_hooks
 from vidlang.models.temporal.base import HookContext, TemporalBlock, TextOutput
 
 
-class TextTower(nn.Module):
+class TextTower(Tower):
     """CLIP text transformer: ``token_embedding, positional_embedding, blocks, ln_final, text_projection``."""
 
     def __init__(self, cfg: TextConfig) -> None:
@@ -34,22 +34,10 @@ class TextTower(nn.Module):
         )
         self.ln_final = LayerNorm(w)
         self.text_projection = nn.Parameter(torch.empty(w, cfg.embed_dim))  # [W, E]
-        self.gradient_checkpointing = False
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=w**-0.5)
         init_transformer_(self.blocks, w)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.embed_dim
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if input_ids.ndim != 2:
@@ -76,23 +64,15 @@ class TextTower(nn.Module):
         hooks: frozenset[str] | None = None,
     ) -> TextOutput:
         mask = self._check_inputs(input_ids, attention_mask)
-        if hooks is None:
-            hooks = block.implemented_hooks() if block is not None else frozenset()
+        hooks = resolve_hooks(block, hooks)
         a, lt = input_ids.shape
         x = self.token_embedding(input_ids) + self.positional_embedding[:lt]  # [A, Lt, W]
         ctx = HookContext(batch=a, frames=1, training=self.training, attention_mask=mask)
         if "text_embed" in hooks:
             x = block.text_embed(x, ctx)
         attn_mask, is_causal = self._attention_mask(ctx.attention_mask, x.shape[1])
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i in range(len(self.blocks)):
-            args = (i, x, attn_mask, is_causal, block, hooks, ctx)
-            x = checkpoint(self._layer, *args, use_reentrant=False) if use_ckpt else self._layer(*args)
-        if x.shape[1] != lt:
-            raise RuntimeError(
-                f"temporal block {type(block).__name__} left {x.shape[1]} text tokens after the last layer; "
-                f"it must remove the tokens it inserted (expected {lt})"
-            )
+        x = self.run_layers(self._layer, len(self.blocks), x, attn_mask, is_causal, block, hooks, ctx)
+        check_tokens_removed(x, lt, block, tokens="text tokens", added="inserted")
         tokens = self.ln_final(x) @ self.text_projection  # [A, Lt, E]
         last = mask.sum(-1) - 1  # [A] index of EOT
         embeds = tokens[torch.arange(a, device=tokens.device), last]  # [A, E]

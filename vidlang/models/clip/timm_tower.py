@@ -26,14 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vidlang.models.clip.configs import VisionConfig
-from vidlang.models.clip.vision import VisionOutput
-from vidlang.models.temporal.base import HookContext, TemporalBlock
+from vidlang.models.clip.tower_base import ImageTower, Transform
 from vidlang.registry import Registry
 
-Transform = Callable[[Tensor], Tensor] | None
 # (timm block, x [N, L, C], attn_input, before_mlp, rope) -> x
 BlockRunner = Callable[[nn.Module, Tensor, Transform, Transform, Tensor | None], Tensor]
 BLOCK_RUNNERS: Registry[BlockRunner] = Registry("timm block runner")
@@ -69,10 +66,11 @@ def run_eva_block(
     return x + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
 
 
-class TimmVisionTower(nn.Module):
+class TimmVisionTower(ImageTower):
     """A timm ViT trunk + projection, running the temporal-block hooks like ``VisionTower``.
 
     ``proj_dim`` is E (``embed_dim`` in ``timm_kwargs`` is timm's width C); ``weights`` a local file.
+    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
     """
 
     def __init__(
@@ -116,7 +114,6 @@ class TimmVisionTower(nn.Module):
             image_std=cfg_std,
         )
         self.grid = tuple(t.patch_embed.grid_size)
-        self.gradient_checkpointing = False
         if weights is not None:
             self.load_trunk_weights(weights)
 
@@ -128,17 +125,6 @@ class TimmVisionTower(nn.Module):
                 f"(supported: {', '.join(BLOCK_RUNNERS.names())})"
             )
         return BLOCK_RUNNERS.get(block_type)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.embed_dim
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
 
     def load_trunk_weights(self, path: str | Path) -> None:
         """Load timm weights from a local file (safe loading only), through the model's own key filter."""
@@ -157,7 +143,10 @@ class TimmVisionTower(nn.Module):
                 f"{path}: weights do not match the timm trunk: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
 
-    def _embed_tokens(self, frames: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+    def block_list(self) -> nn.ModuleList:
+        return self.trunk.blocks
+
+    def embed_frames(self, frames: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
         """``[N, 3, H, W]`` -> tokens ``[N, 1+Np, C]`` (cls + pos embed), rotary embedding or None, grid."""
         t = self.trunk
         p = t.patch_embed.patch_size
@@ -169,60 +158,20 @@ class TimmVisionTower(nn.Module):
             x = t.patch_drop(x)
         return x, rope, grid
 
-    def forward(
-        self,
-        video: Tensor,
-        block: TemporalBlock | None = None,
-        hooks: frozenset[str] | None = None,
-        state: dict | None = None,
-    ) -> VisionOutput:
-        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`; ``state`` seeds ``ctx.state``."""
-        if video.ndim != 5 or video.shape[2] != 3:
-            raise ValueError(f"TimmVisionTower expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
-        b, t = video.shape[:2]
-        if hooks is None:
-            hooks = block.implemented_hooks() if block is not None else frozenset()
-        x, rope, grid = self._embed_tokens(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
-        n_tokens = x.shape[1]
-        if "embed" in hooks:
-            x = block.embed(x, ctx)
-        x = self.trunk.norm_pre(x)
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        mixed = getattr(self.trunk, "rope_mixed", False) and rope is not None
-        for i in range(len(self.trunk.blocks)):
-            r = rope[i] if mixed else rope
-            if use_ckpt:
-                x = checkpoint(self._layer, i, x, r, block, hooks, ctx, use_reentrant=False)
-            else:
-                x = self._layer(i, x, r, block, hooks, ctx)
-        if x.shape[1] != n_tokens:
-            raise RuntimeError(
-                f"temporal block {type(block).__name__} left {x.shape[1]} tokens after the last layer; "
-                f"it must remove the tokens it appended (expected {n_tokens})"
-            )
-        x = self.trunk.norm(x)  # [B*T, 1+N, C]
-        pooled = self.trunk.forward_head(x, pre_logits=self.proj is not None)  # [B*T, C] (or [B*T, E] via head)
-        embeds = pooled @ self.proj if self.proj is not None else pooled  # [B*T, E]
-        return VisionOutput(frame_tokens=x.view(b, t, n_tokens, -1), frame_embeds=embeds.view(b, t, -1), ctx=ctx)
+    def pre_norm(self, x: Tensor) -> Tensor:
+        return self.trunk.norm_pre(x)
 
-    def _layer(
-        self,
-        i: int,
-        x: Tensor,
-        rope: Tensor | None,
-        block: TemporalBlock | None,
-        hooks: frozenset[str],
-        ctx: HookContext,
-    ) -> Tensor:
-        if "before_layer" in hooks:
-            x = block.before_layer(i, x, ctx)
-        attn_input = (lambda h: block.attn_input(i, h, ctx)) if "attn_input" in hooks else None
-        before_mlp = (lambda r: block.before_mlp(i, r, ctx)) if "before_mlp" in hooks else None
-        x = self.runners[i](self.trunk.blocks[i], x, attn_input, before_mlp, rope)
-        if "after_layer" in hooks:
-            x = block.after_layer(i, x, ctx)
-        return x
+    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None) -> Tensor:
+        if rope is not None and getattr(self.trunk, "rope_mixed", False):
+            rope = rope[i]  # one rotary embedding per layer
+        return self.runners[i](self.trunk.blocks[i], x, attn_input, before_mlp, rope)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.trunk.norm(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        pooled = self.trunk.forward_head(x, pre_logits=self.proj is not None)  # [N, C] (or [N, E] via head)
+        return pooled @ self.proj if self.proj is not None else pooled  # [N, E]
 
 
 __all__ = ["BLOCK_RUNNERS", "TimmVisionTower", "run_eva_block", "run_vit_block"]

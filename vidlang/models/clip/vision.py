@@ -19,26 +19,19 @@ writes ``ctx.aux_losses`` simply writes the same value again).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vidlang.models.clip.configs import VisionConfig
 from vidlang.models.clip.layers import LayerNorm, ResidualAttentionBlock, init_transformer_, resample_pos_embed
-from vidlang.models.temporal.base import HookContext, TemporalBlock
+from vidlang.models.clip.tower_base import ImageTower, Transform, VisionOutput
 
 
-@dataclass
-class VisionOutput:
-    frame_tokens: Tensor  # [B, T, 1+N, C] last-layer tokens after ln_post
-    frame_embeds: Tensor  # [B, T, E] ln_post(CLS) @ proj
-    ctx: HookContext  # the context the hooks saw (aux losses, state)
+class VisionTower(ImageTower):
+    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, blocks, ln_post, proj``.
 
-
-class VisionTower(nn.Module):
-    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, blocks, ln_post, proj``."""
+    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
+    """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -55,19 +48,7 @@ class VisionTower(nn.Module):
         )
         self.ln_post = LayerNorm(c)
         self.proj = nn.Parameter(scale * torch.randn(c, cfg.embed_dim))  # [C, E]
-        self.gradient_checkpointing = False
         init_transformer_(self.blocks, c)
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.embed_dim
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
 
     def patch_embed(self, frames: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``[N, 3, H, W]`` -> tokens ``[N, 1+N_p, C]`` with class and position embedding, and the grid."""
@@ -80,56 +61,24 @@ class VisionTower(nn.Module):
             pe = resample_pos_embed(pe, grid, self.grid)
         return torch.cat([cls, x], dim=1) + pe.to(x.dtype), grid
 
-    def forward(
-        self,
-        video: Tensor,
-        block: TemporalBlock | None = None,
-        hooks: frozenset[str] | None = None,
-        state: dict | None = None,
-    ) -> VisionOutput:
-        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`.
+    def block_list(self) -> nn.ModuleList:
+        return self.blocks
 
-        ``hooks`` is ``block.implemented_hooks()``, computed once by the caller (computed here if None).
-        ``state`` seeds the per-call ``HookContext.state``.
-        """
-        if video.ndim != 5 or video.shape[2] != 3:
-            raise ValueError(f"VisionTower expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
-        b, t = video.shape[:2]
-        if hooks is None:
-            hooks = block.implemented_hooks() if block is not None else frozenset()
-        x, grid = self.patch_embed(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
-        n_tokens = x.shape[1]
-        if "embed" in hooks:
-            x = block.embed(x, ctx)
-        x = self.ln_pre(x)
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i in range(len(self.blocks)):
-            if use_ckpt:
-                x = checkpoint(self._layer, i, x, block, hooks, ctx, use_reentrant=False)
-            else:
-                x = self._layer(i, x, block, hooks, ctx)
-        if x.shape[1] != n_tokens:
-            raise RuntimeError(
-                f"temporal block {type(block).__name__} left {x.shape[1]} tokens after the last layer; "
-                f"it must remove the tokens it appended (expected {n_tokens})"
-            )
-        x = self.ln_post(x)  # [B*T, 1+N, C]
-        embeds = x[:, 0] @ self.proj  # [B*T, E]
-        return VisionOutput(
-            frame_tokens=x.view(b, t, n_tokens, -1), frame_embeds=embeds.view(b, t, -1), ctx=ctx
-        )
+    def embed_frames(self, frames: Tensor) -> tuple[Tensor, None, tuple[int, int]]:
+        x, grid = self.patch_embed(frames)
+        return x, None, grid
 
-    def _layer(self, i: int, x: Tensor, block: TemporalBlock | None, hooks: frozenset[str], ctx: HookContext) -> Tensor:
-        """One transformer layer with its hooks (the unit of gradient checkpointing)."""
-        if "before_layer" in hooks:
-            x = block.before_layer(i, x, ctx)
-        attn_input = (lambda h: block.attn_input(i, h, ctx)) if "attn_input" in hooks else None
-        before_mlp = (lambda r: block.before_mlp(i, r, ctx)) if "before_mlp" in hooks else None
-        x = self.blocks[i](x, attn_input=attn_input, before_mlp=before_mlp)
-        if "after_layer" in hooks:
-            x = block.after_layer(i, x, ctx)
-        return x
+    def pre_norm(self, x: Tensor) -> Tensor:
+        return self.ln_pre(x)
+
+    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: None) -> Tensor:
+        return self.blocks[i](x, attn_input=attn_input, before_mlp=before_mlp)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.ln_post(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        return x[:, 0] @ self.proj  # ln_post(CLS) @ proj
 
 
 __all__ = ["VisionOutput", "VisionTower", "resample_pos_embed"]

@@ -139,10 +139,13 @@ class AudioVisualModel(nn.Module):
         self.video_model.set_gradient_checkpointing(enabled)
 
     def encode_video(
-        self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None
+        self, video: Tensor, audio_mel: Tensor | None = None, audio_mask: Tensor | None = None,
+        state: dict | None = None,
     ) -> VideoOutput:
-        """video [B, T, 3, H, W], audio_mel [B, S, 1, M, F] | None, audio_mask [B] -> fused VideoOutput."""
-        out = self.video_model.encode_video(video)
+        """video [B, T, 3, H, W], audio_mel [B, S, 1, M, F] | None, audio_mask [B] -> fused VideoOutput.
+
+        ``state`` seeds the temporal block's hook state (as in :meth:`VideoTextModel.encode_video`)."""
+        out = self.video_model.encode_video(video, state=state)
         if audio_mel is None:
             return out
         if audio_mel.shape[0] != video.shape[0]:
