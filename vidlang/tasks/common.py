@@ -67,6 +67,37 @@ def adamw_warmup_cosine(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class EvalLoopMixin:
+    """Lightning evaluation hooks shared by the tasks: each val/test epoch starts with an empty ``self._eval``,
+    every batch goes to ``self._eval_step(batch, stage)`` and the epoch ends with ``self._finish_eval(stage)``."""
+
+    _eval: dict[str, Any]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        raise NotImplementedError
+
+    def _finish_eval(self, stage: str) -> None:
+        raise NotImplementedError
+
+
 class TokenizerMixin:
     """Tokenizer of a task, in order of precedence: one given to :meth:`set_tokenizer`; the one embedded in a
     checkpoint the task was loaded from; the directory ``hparams.tokenizer``; ``trainer.datamodule.tokenizer``.

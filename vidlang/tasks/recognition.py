@@ -47,8 +47,7 @@ from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.temporal.base import TemporalBlock
-from vidlang.tasks.common import TokenizerMixin, normalize_uint8_video
-from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
+from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
 VIFI_TEMPLATES = ["a photo of a {}."]
 CLASSES_KEY = "vidlang_classes"
@@ -61,7 +60,7 @@ def prompts_for(class_names: list[str], templates: list[str]) -> list[str]:
     return [t.format(name.replace("_", " ")) for name in class_names for t in templates]
 
 
-class RecognitionTask(TokenizerMixin, pl.LightningModule):
+class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     """Video classification by text prompts and/or a linear head (see the module docstring)."""
 
     def __init__(
@@ -352,16 +351,7 @@ class RecognitionTask(TokenizerMixin, pl.LightningModule):
             if module is not None:
                 groups.append({"name": name, "params": list(module.parameters()), "lr": h.lr * h.lr_mult_head,
                                "lr_mult": h.lr_mult_head, "weight_decay": h.weight_decay})
-        if not groups:
-            raise ValueError("no trainable parameters: check ModelConfig.freeze")
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("cannot size the lr schedule: set trainer.max_steps (the data has no length)")
-        total = max(1, int(total))
-        warmup = resolve_warmup(total, h.warmup_steps, h.warmup_ratio)
-        sched = warmup_cosine(opt, warmup, total, h.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, groups, eps=h.eps)
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -374,24 +364,6 @@ class RecognitionTask(TokenizerMixin, pl.LightningModule):
         e["labels"].append(labels)
         offset = sum(x.shape[0] for x in e["logits"][:-1])
         e["keys"].extend(batch.get("key", [f"#{self.global_rank}:{offset + i}" for i in range(labels.shape[0])]))
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._eval = {}
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
 
     def _gathered(self) -> tuple[Tensor, Tensor]:
         """All ranks' logits ``[N, V, K]`` and labels ``[N]``, without a distributed sampler's duplicates."""

@@ -46,10 +46,10 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
 from vidlang.models.temporal.base import VideoOutput
 from vidlang.models.video_clip import VideoTextModel
-from vidlang.tasks.common import TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
+from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
 
-class RetrievalTask(TokenizerMixin, pl.LightningModule):
+class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     """Contrastive video-text training and retrieval evaluation (see the module docstring)."""
 
     def __init__(
@@ -240,7 +240,7 @@ class RetrievalTask(TokenizerMixin, pl.LightningModule):
         return groups
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         ids, mask = self._text_inputs(batch)
         video = self.encode_video(batch["video"], *self._batch_audio(batch))  # [B, E]
         text = F.normalize(self.model.encode_text(ids, mask).embeds, dim=-1)  # [A, E]
@@ -256,24 +256,6 @@ class RetrievalTask(TokenizerMixin, pl.LightningModule):
         for b, key in enumerate(batch.get("key", default_keys)):
             caps = [c for c, o in zip(captions, owner, strict=False) if o == b]
             keys.append(f"{key}\x00" + "\x1f".join(caps))  # identifies a sampler-padding duplicate
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval = {}
-
-    def on_test_epoch_start(self) -> None:
-        self._eval = {}
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_eval("test")
 
     def _gathered(self) -> tuple[Tensor, Tensor, Tensor]:
         """All ranks' video ``[B, E]``, text ``[A, E]`` and global ``caption_index [A]``.
