@@ -122,3 +122,12 @@ def test_video_llama_recipe_freezes_the_image_tower():
     assert model.block.qformer.layers[0].self_attn.heads == 1  # width 64 -> 64 // 64 heads by default
     out = model.encode_video(torch.randn(2, 3, 3, 32, 32))
     assert out.tokens.shape == (2, 4, 64) and out.embeds.shape == (2, model.embed_dim)
+
+
+def test_frame_position_init_follows_video_llama_embedding_default():
+    torch.manual_seed(0)
+    block = BLOCKS.build("qformer", SPEC)  # Video-LLaMA: nn.Embedding(max_frame_pos, D), PyTorch's N(0, 1)
+    std = float(block.frame_position_embedding.std())
+    assert 0.9 < std < 1.1
+    small = BLOCKS.build("qformer", SPEC, position_init_std=0.02)
+    assert float(small.frame_position_embedding.std()) < 0.03

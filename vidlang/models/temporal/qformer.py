@@ -64,6 +64,7 @@ class VideoQFormer(TemporalBlock):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         norm_first: bool = False,
+        position_init_std: float = 1.0,
     ) -> None:
         super().__init__(spec)
         if source not in FRAME_SOURCES:
@@ -75,7 +76,9 @@ class VideoQFormer(TemporalBlock):
         context_dim = width_of(spec)
         self.dim = dim or spec.width
         self.max_frames = max_frames
-        self.frame_position_embedding = nn.Parameter(torch.randn(max_frames, context_dim) * 0.02)  # [T_max, Dc]
+        # Video-LLaMA's nn.Embedding(max_frame_pos, D) keeps PyTorch's default init, N(0, 1): frame order must be
+        # visible next to the frame tokens' scale from the first step (0.02 left the block order-blind for hundreds)
+        self.frame_position_embedding = nn.Parameter(torch.randn(max_frames, context_dim) * position_init_std)
         self.qformer = QFormer(
             self.dim,
             num_queries,
