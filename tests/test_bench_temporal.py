@@ -135,9 +135,34 @@ def test_tiny_benchmark_run(tmp_path, capsys):
     assert rows["mean"]["params_added"] == 0 and rows["mean"]["rel_step"] == 1.0
     assert rows["seq_transformer"]["params_added"] > 0
     assert rows["seq_transformer"]["trainable"] > rows["mean"]["trainable"]
+    # mean pooling is order-free by construction (reversed clips embed identically); seq_transformer is not
+    assert rows["mean"]["order_aware"] == "no" and rows["seq_transformer"]["order_aware"] == "yes"
+    assert rows["seq_transformer"]["order_sensitivity"] > 100 * rows["mean"]["order_sensitivity"]
     assert res["seed"] == 0 and res["budget"]["steps"] == 3 and res["budget"]["eval_frame_indices"] == [
         1, 4, 7, 10, 13, 16, 19, 22]  # fmt: skip
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("| block"))
-    assert "pair acc (2-way)" in header and "x mean" in header
+    assert "pair acc (2-way)" in header and "x mean" in header and "order-aware" in header
     assert sum(line.startswith(("| mean ", "| seq_transformer ")) for line in table.splitlines()) == 2
+
+
+def test_calibrate_embed_norm_sets_the_scale_and_keeps_directions():
+    from vidlang.bench._temporal_data import ClipBank
+    from vidlang.bench._temporal_train import calibrate_embed_norm
+
+    torch.manual_seed(0)
+    n = 6
+    bank = ClipBank(frames=torch.randint(0, 256, (n, 4, 3, 32, 32), dtype=torch.uint8),
+                    timestamps=torch.arange(4, dtype=torch.float64), duration=0.5,
+                    labels=torch.zeros(n, dtype=torch.long), shapes=torch.zeros(n, dtype=torch.long),
+                    colors=torch.zeros(n, dtype=torch.long),
+                    rgb=torch.zeros(n, 3, dtype=torch.uint8), keys=[str(i) for i in range(n)])  # fmt: skip
+    model = build_model(model_config(TrainRecipe(size=32), "mean")).eval()
+    x = normalize(bank.frames[:, 0], model.image_mean, model.image_std)
+    with torch.no_grad():
+        before = model.encode_image(x)
+        factor = calibrate_embed_norm(model, bank, 0.5, seed=1, count=64)
+        after = model.encode_image(x)
+    assert factor > 0 and not math.isclose(factor, 1.0, rel_tol=1e-3)
+    assert torch.allclose(after, factor * before, rtol=1e-4, atol=1e-6)  # same directions, new scale
+    assert after.norm(dim=-1).mean().item() == pytest.approx(0.5, rel=0.3)

@@ -44,6 +44,11 @@ def test_pair_accuracy_by_hand(tool):
     labels = torch.tensor([left, left, right, still])
     assert tool.pair_accuracy(scores, labels, rev) == pytest.approx(100 / 3)
     assert tool.pair_accuracy(scores[3:], labels[3:], rev) is None
+    up, grow = CLASSES.index("moving up"), CLASSES.index("growing")
+    scores = torch.zeros(4, 9)
+    scores[0, right] = scores[1, left] = scores[2, grow] = scores[3, up] = 1.0
+    labels = torch.tensor([left, left, up, still])  # pair-blind: the reverse counts (row 0), other motions do not
+    assert tool.pair_blind_accuracy(scores, labels, rev) == pytest.approx(50.0)
 
 
 def test_three_crop_of_a_square_clip_gives_identical_crops_and_crops_agree_sees_it(tool):

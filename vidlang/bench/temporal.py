@@ -5,10 +5,14 @@
    ``train`` split; the held-out set is ``val`` + ``test`` (nothing is selected on it).
 2. Shared start: a ``vit_tiny`` tower is pre-trained on single frames (image-level, so order-free by
    construction) to predict the shape, its colour and its geometry measured from the pixels (centroid,
-   size, orientation) and saved; every block is then built from those weights with its default
-   freezing (``freeze="auto"``) and its block parameters seeded alike.
+   size, orientation); its projection is rescaled so frame embeddings have mean L2 norm ``embed_norm``
+   (their raw scale is otherwise arbitrary) and saved; every block is then built from those weights with
+   its default freezing (``freeze="auto"``) and its block parameters seeded alike.
 3. Each block + a linear head on its (RMS-normalised) video embedding trains on the 9 motion classes
-   for the same steps, batch, clips, data order, optimizer and schedule, lr x the block's ``lr_mult``.
+   for the same steps, batch, clips, data order, optimizer and schedule: every block's new parameters
+   at the same lr, the pre-trained tower (when the block's freezing trains it) at lr x
+   ``backbone_lr_mult`` (the papers fine-tune CLIP well below their new modules' lr); the papers' x10
+   block multipliers are relative to CLIP-scale rates and are off here (``--block-lr-mult`` applies them).
    Training clips: random offsets in each of T segments, then (each with p = 0.5) time reversal,
    horizontal and vertical flips with the matching label swaps (left <-> right, ...).
 4. Evaluation clips are the T segment middles, symmetric under time reversal (checked), so the eval
@@ -16,7 +20,9 @@
    separate a reverse pair and must sit near the 50% chance of the 2-way pair decision.
 
 Reported per block: parameters added, parameters trained, held-out accuracy on all 9 classes, the
-2-way pair accuracy (true class vs its reverse, chance 50%), 9-way accuracy on paired-class videos and
+2-way pair accuracy (true class vs its reverse, chance 50%), whether the block is order-aware at all
+(``no`` = its video embedding is unchanged, up to float noise, when the clips are played backwards: it
+can only sit at chance on the pairs, by construction), 9-way accuracy on paired-class videos and
 on ``static`` videos, and the fwd+bwd step time relative to ``mean``, measured round-robin after
 training on one fixed batch so every block sees the same machine load.
 """
@@ -41,6 +47,7 @@ COLUMNS = [  # (key, header, format)
     ("trainable", "trainable", "{:,}"),
     ("acc", "acc (9-way)", "{:.1%}"),
     ("pair_acc", "pair acc (2-way)", "{:.1%}"),
+    ("order_aware", "order-aware", "{}"),
     ("paired_acc", "acc paired cls", "{:.1%}"),
     ("static_acc", "acc static", "{:.1%}"),
     ("ms_per_step", "ms/step", "{:.0f}"),
@@ -91,7 +98,15 @@ def time_blocks(models: dict[str, tuple], bank, indices, recipe, rounds: int) ->
 def run_benchmark(args: argparse.Namespace, recipe, blocks: list[str], progress: bool = True) -> dict[str, Any]:
     """The whole benchmark (see module docs) -> results dict (``rows`` = one dict per block)."""
     from vidlang.bench._temporal_data import ensure_corpus, eval_indices, load_bank, read_manifest
-    from vidlang.bench._temporal_train import build_block_model, motion_metrics, predict, pretrain, train_block
+    from vidlang.bench._temporal_train import (
+        ORDER_TOLERANCE,
+        build_block_model,
+        motion_metrics,
+        order_sensitivity,
+        predict,
+        pretrain,
+        train_block,
+    )
 
     t0, c0 = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="vidlang_bench_temporal_") as tmp:
@@ -107,8 +122,10 @@ def run_benchmark(args: argparse.Namespace, recipe, blocks: list[str], progress:
             model, head = build_block_model(recipe, name, weights)
             info = train_block(model, head, train, recipe, f"train {name}", progress)
             metrics = motion_metrics(predict(model, head, held, idx, recipe.eval_batch), held.labels)
+            sensitivity = order_sensitivity(model, held, idx, recipe.eval_batch)
             rows.append({"block": name, "freeze": model.freeze_policy, "lr_mult": model.lr_mults["block"],
-                         **info, **metrics})  # fmt: skip
+                         "order_sensitivity": sensitivity, "order_aware": "yes" if sensitivity > ORDER_TOLERANCE
+                         else "no", **info, **metrics})  # fmt: skip
             models[name] = (model, head)
         step_ms = time_blocks(models, train, idx, recipe, args.timing_rounds)
     for row in rows:
@@ -146,12 +163,14 @@ def summary(result: dict) -> str:
         f"vidlang bench temporal: seed {result['seed']}, {b['videos']} videos ({b['train_videos']} train, "
         f"{b['held_out_videos']} held-out = val+test), T={b['frames']} frames at {b['size']}px, vit_tiny",
         f"shared pre-training: {b['pretrain_steps']} steps x {b['pretrain_frames']} single frames (shape, colour, "
-        "geometry; order-free), held-out losses: " + ", ".join(f"{k} {v:.3f}" for k, v in held.items()),
-        f"budget per block: {b['steps']} steps x batch {b['batch']}, AdamW lr {b['lr']:g} (x block lr_mult), "
+        "geometry; order-free), held-out losses: " + ", ".join(f"{k} {v:.3f}" for k, v in held.items())
+        + f"; frame embeddings rescaled to mean norm {b['embed_norm']:g}",
+        f"budget per block: {b['steps']} steps x batch {b['batch']}, AdamW lr {b['lr']:g} "
+        f"({'x block lr_mult; ' if b['use_block_lr_mult'] else 'every block; '}tower x {b['backbone_lr_mult']:g}), "
         f"wd {b['weight_decay']:g}, warm-up {b['warmup']:.0%} + cosine, augment={b['augment']}; "
         f"eval frames {b['eval_frame_indices']} (symmetric)",
         f"pair acc: true class vs its time reverse (chance 50%); ms/step: fwd+bwd on one batch, round-robin, "
-        f"{b['threads']} threads",
+        f"{b['threads']} threads; order-aware: does the embedding change when the clip is reversed",
     ])  # fmt: skip
 
 
@@ -171,6 +190,10 @@ class TemporalBench:
         parser.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
         parser.add_argument("--batch", type=int, default=d.batch)
         parser.add_argument("--lr", type=float, default=d.lr)
+        parser.add_argument("--block-lr-mult", action="store_true",
+                            help="new parameters at lr x the block's paper multiplier (x10 for stan, prompt_switch)")
+        parser.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult,
+                            help="lr multiplier of the pre-trained tower for blocks that fine-tune it")
         parser.add_argument("--frames", type=int, default=d.frames)
         parser.add_argument("--size", type=int, default=d.size, choices=SIZES)
         parser.add_argument("--blocks", default=None, help="comma-separated block names (default: all registered)")
@@ -193,7 +216,9 @@ class TemporalBench:
             raise SystemExit(f"unknown blocks {unknown}; registered: {', '.join(BLOCKS.names())}")
         blocks = ["mean"] + [b for b in dict.fromkeys(blocks) if b != "mean"]  # mean is the reference
         recipe = TrainRecipe(frames=args.frames, size=args.size, steps=args.steps, pretrain_steps=args.pretrain_steps,
-                             batch=args.batch, lr=args.lr, seed=args.seed, augment=not args.no_augment)  # fmt: skip
+                             batch=args.batch, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
+                             use_block_lr_mult=args.block_lr_mult, seed=args.seed,
+                             augment=not args.no_augment)  # fmt: skip
         result = run_benchmark(args, recipe, blocks, progress=not args.no_progress)
         print(summary(result))
         print(format_table(result["rows"]))
