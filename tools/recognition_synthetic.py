@@ -9,7 +9,8 @@
    is the linear head, reset to the same seeded init for every block).
 3. Each block trains as a :class:`~vidlang.tasks.recognition.RecognitionTask` on a
    :class:`~vidlang.data.datamodule.VideoDataModule` that decodes the ``train`` split's .mp4 files:
-   same steps, batch, lr (every block's new parameters alike; the tower, when trained, x ``--backbone-lr-mult``),
+   same steps, batch, lr (x the block's multiplier, capped as in ``vidlang bench temporal``; the tower, when
+   trained, x ``--backbone-lr-mult``),
    schedule, seed and data order for every block.
    Training clips: TSN segment sampling, a random resized crop; mixup/cutmix off; label-aware time
    reversal and flips (the temporal benchmark's augmentation, a batch callback; ``--no-augment`` drops
@@ -122,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--clips", type=int, default=4, help="temporal clips of the multi-view test (x 3 crops)")
-    p.add_argument("--lr", type=float, default=1e-3, help="new parameters (every block alike, as in bench temporal)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="new parameters: lr x the block's multiplier, at most 5e-3 (as in bench temporal)")
     p.add_argument("--backbone-lr-mult", type=float, default=0.1,
                    help="the pre-trained tower, for blocks whose freezing trains it (as in bench temporal)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -195,14 +197,16 @@ def datamodule(args: argparse.Namespace, corpus: Path, held: Path, multiview: bo
 def build_task(args: argparse.Namespace, block: str, weights: Path, tok: Path, classes: list[str]):
     import pytorch_lightning as pl
 
-    from vidlang.bench._temporal_train import BLOCK_ARGS
+    from vidlang.bench._temporal_train import BLOCK_ARGS, TrainRecipe, block_lr_mult
     from vidlang.models.factory import ModelConfig
+    from vidlang.models.temporal import BLOCKS
     from vidlang.tasks.recognition import RecognitionTask
 
     pl.seed_everything(args.seed, verbose=False)
     cfg = ModelConfig(vision="vit_tiny", image_size=32, num_frames=args.frames, block=block,
                       block_args=BLOCK_ARGS.get(block, {}), pretrained=str(weights),
-                      lr_mult_backbone=args.backbone_lr_mult, lr_mult_block=1.0)  # fmt: skip
+                      lr_mult_backbone=args.backbone_lr_mult,
+                      lr_mult_block=block_lr_mult(TrainRecipe(lr=args.lr), BLOCKS.get(block).lr_mult))  # fmt: skip
     task = RecognitionTask(cfg, tokenizer=str(tok), class_names=classes, head=True, head_init="random", lr=args.lr,
                            weight_decay=args.weight_decay, warmup_ratio=0.1, mixup=0.0, cutmix=0.0,
                            label_smoothing=0.0, view_layout=(args.clips, 3), write_plots=False)  # fmt: skip
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0}  # fmt: skip
     print(f"\nseed {args.seed}; {n_held} held-out videos (val+test), 9 classes (chance: top-1 11.1, top-5 55.6, "
           f"pair 50); shared single-frame pre-training {args.pretrain_steps} steps; per block {args.steps} steps x "
-          f"batch {args.batch}, {args.frames} frames at 32 px, AdamW lr {args.lr:g} (every block) "
+          f"batch {args.batch}, {args.frames} frames at 32 px, AdamW lr {args.lr:g} (x block lr_mult, at most 5e-3) "
           f"(tower x {args.backbone_lr_mult:g}), "
           f"augment={args.augment}; multi-view = {args.clips} temporal clips x 3 crops (identical on the square "
           f"corpus: {all(r['multiview']['crops_identical'] for r in rows)})")
