@@ -347,3 +347,15 @@ def test_corpus_ships_a_tokenizer_for_its_captions(corpus):
     ids, mask = tok([caption], 32)
     assert ids[0, 0] == tok.bos_id and ids[0, int(mask[0].sum()) - 1] == tok.eot_id
     assert tok.decode(ids[0, 1 : int(mask[0].sum()) - 1].tolist()).strip().lower() == caption.lower()
+
+
+def test_parallel_generation_from_an_unguarded_script_fails_with_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "make.py"  # no `if __name__ == "__main__":` guard: spawned workers re-run it
+    script.write_text(f"from vidlang.data.synthetic import generate_corpus\n"
+                      f"generate_corpus({str(tmp_path / 'c')!r}, 4, size=32, frames=8, workers=2, progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "if __name__ == '__main__':" in run.stderr and "workers=1" in run.stderr

@@ -253,10 +253,18 @@ def generate_corpus(
             bar.update()
     else:
         import multiprocessing as mp
+        from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            for _ in pool.map(_build_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
-                bar.update()
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                for _ in pool.map(_build_one, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
+                    bar.update()
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                f"generate_corpus: the {workers} encoding processes died before finishing. They are started with "
+                "'spawn', which re-imports the calling script: call generate_corpus under "
+                "`if __name__ == '__main__':`, or pass workers=1"
+            ) from e
     bar.close()
     rows = write_manifests(out, specs)
     write_tokenizer(out, specs)
