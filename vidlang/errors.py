@@ -24,5 +24,9 @@ class CheckpointError(VidlangUserError, ValueError):
     """A checkpoint that is missing, unreadable, or of the wrong kind for the command (names the file)."""
 
 
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+class InputNotFoundError(VidlangUserError, FileNotFoundError):
+    """A file or folder the user named (in a flag or a config) does not exist or lacks what it should hold."""
+
+
+class CheckpointNotFoundError(CheckpointError, InputNotFoundError):
     """A checkpoint path that does not exist."""

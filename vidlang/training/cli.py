@@ -98,10 +98,11 @@ class VidlangCLI(LightningCLI):
         if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_KEYWORDS or str(ckpt_path).startswith("registry:"):
             return
         ckpt = read_checkpoint(ckpt_path)  # one-line errors: missing, unsafe, not a checkpoint
-        kind = checkpoint_task(ckpt, ckpt_path)
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None) or TASK_CLASSES[kind]
+        class_path = hparams.pop("_class_path", None)  # written by LightningCLI; else a vidlang task's weights
+        if class_path is None:
+            class_path = TASK_CLASSES[checkpoint_task(ckpt, ckpt_path)]
         model = self.config[sub].get("model")
         wanted = model.get("class_path") if model is not None and hasattr(model, "get") else None
         if wanted and _import(wanted) is not _import(class_path):

@@ -79,7 +79,9 @@ class ClipTokenizer:
 
             tok = CLIPTokenizerFast.from_pretrained(str(d), local_files_only=True).backend_tokenizer
         else:
-            raise FileNotFoundError(f"{d}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+            from vidlang.errors import InputNotFoundError
+
+            raise InputNotFoundError(f"{d}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
         return cls(tok, context_length=context_length, **special)
 
     @staticmethod
