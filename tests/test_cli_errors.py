@@ -230,7 +230,7 @@ def run_subprocess(argv: list[str], cwd: Path, **env: str) -> subprocess.Complet
                           env=environ, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["unsafe-pickle-serve", "unsafe-test", "missing-ckpt-search", "search-topk-zero"])
+@pytest.mark.parametrize("case", ["unsafe-pickle-serve", "unsafe-test"])
 def test_user_error_subprocess(files, case):
     argv, expect = next(c[1:] for c in CASES if c[0] == case)
     proc = run_subprocess(argv(files), files["base"])
