@@ -103,7 +103,11 @@ def _payloads(tmp: Path, marker: Path) -> dict[str, Path]:
     # 10. a TorchScript archive whose data.pkl uses a torch function that is not a tensor rebuild
     out["torchscript_torch_fn.pt"] = tmp / "torchscript_torch_fn.pt"
     _torchscript_with(out["torchscript_torch_fn.pt"], pickle.dumps(_Reduce(torch.save, {}, str(marker)), protocol=2))
-    # 11. a pickle named like a safetensors file
+    # 11. the legacy (pre-zip) torch format: several pickles, then raw storages
+    out["legacy_format.pt"] = tmp / "legacy_format.pt"
+    torch.save({"w": torch.ones(3), "x": _Reduce(os.system, cmd)}, out["legacy_format.pt"],
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    # 12. a pickle named like a safetensors file
     put("disguised.safetensors", pickle.dumps(_Reduce(os.system, cmd), protocol=2))
     return out
 
@@ -172,6 +176,14 @@ def test_corrupt_files_are_not_called_unsafe(tmp_path):
 def test_safe_checkpoints_still_load(tmp_path):
     torch.save({"epoch": 1, "state_dict": {"w": torch.arange(4.0)}}, tmp_path / "ok.ckpt")
     assert torch.equal(read_state_file(tmp_path / "ok.ckpt")["state_dict"]["w"], torch.arange(4.0))
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_file(tmp_path / "legacy.pt")["w"], torch.arange(3.0))
+
+
+def test_a_pickle_of_something_else_is_a_clear_error(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list\.pt: not a CLIP checkpoint"):
+        load_pretrained(tmp_path / "list.pt")
 
 
 def test_convert_prints_one_line_and_exits_2(evil, tmp_path, capsys):

@@ -106,6 +106,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+_SCAN_BYTES = 256 * 2**20
+
+
 def _main_pickle(path: Path) -> bytes:
     """The pickle stream(s) of a torch checkpoint: ``data.pkl`` of a zip checkpoint, else the file itself."""
     if zipfile.is_zipfile(path):
@@ -115,7 +118,8 @@ def _main_pickle(path: Path) -> bytes:
                 return zf.read(name) if name else b""
         except (zipfile.BadZipFile, OSError, KeyError):
             return b""
-    return path.read_bytes()
+    with open(path, "rb") as f:  # a legacy torch file: its pickles come first, raw storages after
+        return f.read(_SCAN_BYTES)
 
 
 def _unsafe_message(path: Path, bad: list[str]) -> str:
@@ -546,7 +550,13 @@ def load_pretrained(
         raw, fmt, hints = _load_dir(path)
     elif path.is_file():
         raw, kind = _read_file(path)
-        fmt, hints, openai_origin = detect_format(raw), {}, kind == "torchscript"
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{path}: not a CLIP checkpoint (it holds a {type(raw).__name__}, not a state dict)")
+        try:
+            fmt = detect_format(raw)
+        except TypeError as e:  # e.g. {"state_dict": <not a mapping>}
+            raise ValueError(f"{path}: not a CLIP checkpoint ({e})") from None
+        hints, openai_origin = {}, kind == "torchscript"
     else:
         raise FileNotFoundError(f"pretrained source not found: {path}")
     try:
