@@ -173,6 +173,13 @@ def test_corrupt_files_are_not_called_unsafe(tmp_path):
         assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
+def test_broken_torchscript_archive_is_not_called_unsafe(tmp_path):
+    _torchscript_with(tmp_path / "garbage_ts.pt", b"\x80\x02this is not a pickle")
+    with pytest.raises(ValueError, match=r"garbage_ts\.pt") as err:
+        read_state_file(tmp_path / "garbage_ts.pt")
+    assert not isinstance(err.value, UnsafeCheckpointError), err.value
+
+
 def test_safe_checkpoints_still_load(tmp_path):
     torch.save({"epoch": 1, "state_dict": {"w": torch.arange(4.0)}}, tmp_path / "ok.ckpt")
     assert torch.equal(read_state_file(tmp_path / "ok.ckpt")["state_dict"]["w"], torch.arange(4.0))

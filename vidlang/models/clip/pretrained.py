@@ -28,6 +28,7 @@ import pickle
 import shutil
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -91,9 +92,12 @@ def _read_file(path: Path) -> tuple[dict[str, Any], str]:
         except SafetensorError as e:
             raise ValueError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist()):
-                return read_torchscript_tensors(zf, path), "torchscript"
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist()):
+                    return read_torchscript_tensors(zf, path), "torchscript"
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ValueError(f"cannot read checkpoint {path}: broken zip archive ({_first_line(e)})") from None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
@@ -168,6 +172,10 @@ _TORCHSCRIPT_GLOBALS = {
 }
 
 
+class _DisallowedGlobal(pickle.UnpicklingError):
+    """A TorchScript pickle asked for something beyond tensors and module stubs."""
+
+
 class _ScriptObject:
     """Stand-in for a ``__torch__.*`` module: keeps only the pickled attribute dict."""
 
@@ -204,7 +212,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
             return OrderedDict
         if module.startswith("__torch__"):
             return type(name, (_ScriptObject,), {})
-        raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}, which vidlang does not load")
+        raise _DisallowedGlobal(f"TorchScript archive references {module}.{name}, which vidlang does not load")
 
     def persistent_load(self, pid: Any) -> Tensor:
         kind, dtype, key, _location, numel = pid
@@ -234,11 +242,11 @@ def read_torchscript_tensors(zf: zipfile.ZipFile, path: Path) -> StateDict:
         raise UnsafeCheckpointError(_unsafe_message(path, bad))
     try:
         obj = _TorchScriptUnpickler(data, load_storage).load()
-    except pickle.UnpicklingError as e:  # the unpickler's own allow-list (a second guard)
+    except _DisallowedGlobal as e:  # the unpickler's own allow-list (a second guard)
         raise UnsafeCheckpointError(
             f"refused to load {path}: the TorchScript archive needs arbitrary code ({e})"
         ) from None
-    except (ValueError, TypeError, KeyError, EOFError, IndexError) as e:
+    except (pickle.UnpicklingError, ValueError, TypeError, KeyError, EOFError, IndexError) as e:
         raise ValueError(f"cannot read TorchScript archive {path}: {_first_line(e)}") from None
     out: StateDict = {}
     _collect(obj, "", out)
