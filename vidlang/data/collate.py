@@ -5,7 +5,9 @@ Batch (``B`` videos, ``A`` captions in all)::
     video:         uint8 [B, T, C, H, W]   single view; [B, V, T, C, H, W] when samples carry V > 1 views
     captions:      list[str]               length A, every caption of every sample, in sample order
     caption_index: int64 [A]               caption a belongs to video caption_index[a]
-    label:         int64 [B]               -1 = no label
+    label:         int64 [B]               -1 = no label (or a label set: multi-label sample)
+    label_set:     int64 [B, L]            only if a sample has a label tuple (multi-label data): its class
+                                           indices, -1 padded (an int label counts as a set of one)
     key:           list[str]               length B
     path:          list[str]               length B
     window:        float64 [B, 2]          NaN where a sample has no window
@@ -51,13 +53,16 @@ def collate_samples(samples: Sequence[VideoSample], ring: BatchRing | None = Non
         "video": video,
         "captions": captions,
         "caption_index": torch.tensor(owner, dtype=torch.long),
-        "label": torch.tensor([-1 if s.label is None else int(s.label) for s in samples], dtype=torch.long),
+        "label": torch.tensor([-1 if s.label is None or isinstance(s.label, (tuple, list)) else int(s.label)
+                               for s in samples], dtype=torch.long),
         "key": [s.key for s in samples],
         "path": [s.path for s in samples],
         "window": torch.tensor(
             [list(s.window) if s.window is not None else [math.nan, math.nan] for s in samples], dtype=torch.float64
         ),
     }
+    if any(isinstance(s.label, (tuple, list)) for s in samples):
+        batch["label_set"] = _label_sets(samples)
     if slot is not None:
         batch[SLOT_KEY] = slot
     if any(s.audio is not None for s in samples):
@@ -96,6 +101,16 @@ def stack_videos(
     for b, v in enumerate(videos):
         out[b].copy_(v)
     return out, slot
+
+
+def _label_sets(samples: Sequence[VideoSample]) -> torch.Tensor:
+    """``int64 [B, L]`` class indices of each sample's label set, ``-1`` padded (multi-label data)."""
+    sets = [list(s.label) if isinstance(s.label, (tuple, list)) else [] if s.label is None else [int(s.label)]
+            for s in samples]
+    out = torch.full((len(sets), max(1, *map(len, sets))), -1, dtype=torch.long)
+    for b, labels in enumerate(sets):
+        out[b, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+    return out
 
 
 def _collate_audio(samples: Sequence[VideoSample], device: torch.device) -> dict[str, torch.Tensor]:
