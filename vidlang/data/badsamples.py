@@ -2,9 +2,13 @@
 
 * A sample whose decode fails (:class:`VideoDecodeError`, a missing file, an unreadable shard
   member, a window outside the video, or a decode that exceeds ``decode_timeout_s``) is
-  **skipped and replaced** by a deterministic different index (map-style datasets) or by the
-  next sample of the stream (streaming). Nothing is dropped or duplicated silently: every
-  failure is recorded with its epoch, index, key, path, reason and replacement.
+  **skipped**. In training it is **replaced** by a deterministic different index (map-style
+  datasets) or by the next sample of the stream (streaming). In evaluation it is never replaced
+  (a stand-in would change the gallery): a map-style dataset returns a :class:`SkippedSample`
+  that the collate leaves out of the batch (``batch["skipped"]`` names it; the tasks report how
+  many were skipped), a stream goes on with its next sample, which it serves once anyway.
+  Nothing is dropped or duplicated silently: every failure is recorded with its epoch, index,
+  key, path, reason and replacement (``None`` in evaluation).
 * **Reports.** Each process (DataLoader worker or the main process) appends its failures to
   ``{report_dir}/workers/rank{r}-pid{p}.jsonl`` as they happen. At epoch end the main process
   (:class:`BadSampleCallback`, added to the trainer by the DataModule) collects that epoch's
@@ -45,6 +49,18 @@ class BadSampleError(RuntimeError):
 
 class DecodeTimeout(TimeoutError):
     pass
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """What an evaluation dataset returns for a sample that failed to load (instead of a replacement).
+
+    The collate (:func:`vidlang.data.collate.collate_samples`) leaves it out of the batch and lists its
+    ``key`` in ``batch["skipped"]``; the failure itself is recorded by the dataset's tracker."""
+
+    key: str
+    path: str = ""
+    reason: str = ""
 
 
 @dataclass

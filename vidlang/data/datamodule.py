@@ -18,9 +18,12 @@ randomness is seeded by (seed, rank, epoch, index), so it does not depend on the
 workers; ``worker_init_fn`` also seeds ``random``/``numpy``/``torch`` of each worker from
 (seed, rank, worker id, epoch at worker start) for third-party code. With persistent workers
 the epoch reaches the workers through shared memory (``set_epoch``, called by Lightning via
-the sampler). Ranks split the (shuffled) index without padding: no duplicated samples; in
-training the last ``len % world_size`` samples of each epoch's permutation are left out so
-that every rank runs the same number of steps (logged).
+the sampler). In training, ranks split the shuffled index without padding (no duplicated samples):
+the last ``len % world_size`` samples of each epoch's permutation are left out so that every rank
+runs the same number of steps (logged). In evaluation nothing is left out: the index is padded by
+repeating its first samples until every rank has the same number (>= 1, so no rank skips the
+evaluation loop and leaves the others waiting in a collective); the tasks drop those repeats when
+they gather (``num_videos`` counts each video once).
 
 GPU decode: ``decode_device="cuda"`` decodes with torchcodec on the GPU in the main process
 (``num_workers`` forced to 0: CUDA contexts do not survive a fork), frames stay on the GPU
@@ -57,12 +60,14 @@ SPLITS = ("train", "val", "test")
 
 
 class EpochSampler(DistributedSampler):
-    """Rank split without padding (see module docs); ``set_epoch`` also reaches the dataset's workers."""
+    """Rank split: training drops the tail, evaluation pads with repeats (see module docs); ``set_epoch`` also
+    reaches the dataset's workers."""
 
     def __init__(self, dataset: Any, shuffle: bool, seed: int, rank: int, world_size: int, drop_tail: bool) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_tail)
         n = len(dataset)
-        self.total = n - n % world_size if drop_tail else n
+        # drop_tail: the largest multiple of world_size <= n; else the smallest >= n (padded with repeats)
+        self.total = n - n % world_size if drop_tail else -(-n // world_size) * world_size
         if drop_tail and n % world_size:
             log.info("each epoch leaves out %d of %d samples so that %d ranks take equal steps",
                      n % world_size, n, world_size)
@@ -73,6 +78,8 @@ class EpochSampler(DistributedSampler):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(n))
+        if self.total > n:  # evaluation padding: repeat from the start (cyclically when n < world_size)
+            order = (order * -(-self.total // n))[: self.total]
         return iter(order[: self.total][self.rank :: self.num_replicas])
 
     def __len__(self) -> int:

@@ -11,6 +11,11 @@ number of workers, and differs between epochs. The epoch lives in shared memory
 Caption choice: training -> one random caption of the entry; evaluation -> all captions, or
 the first for entries whose captions are alternatives of one item (``eval_captions="first"``,
 HowToCaption windows). ``caption_mode`` overrides this (``random``/``first``/``all``).
+
+Bad samples (:mod:`vidlang.data.badsamples`): in training a sample that fails to load is replaced by
+a deterministic other index; in evaluation (``training=False``) it is never replaced (a stand-in would
+change the gallery): ``__getitem__`` returns a :class:`SkippedSample`, which the collate leaves out of
+the batch. Either way the failure is recorded and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from vidlang.data.badsamples import BadSampleError, BadSamplePolicy, BadSampleTracker, DecodeTimeout, time_limit
+from vidlang.data.badsamples import (
+    BadSampleError,
+    BadSamplePolicy,
+    BadSampleTracker,
+    DecodeTimeout,
+    SkippedSample,
+    time_limit,
+)
 from vidlang.data.sample import VideoEntry, VideoSample
 
 Transform = Callable[[torch.Tensor, list[str], torch.Generator], tuple[torch.Tensor, list[str]]]
@@ -92,7 +104,8 @@ def load_clip(
 
 
 class VideoTextDataset(Dataset):
-    """Entries -> :class:`VideoSample` (uint8 ``[V, T, C, H, W]`` after ``transform``), with the bad-sample policy."""
+    """Entries -> :class:`VideoSample` (uint8 ``[V, T, C, H, W]`` after ``transform``), with the bad-sample policy
+    (training: replaced; evaluation: a :class:`SkippedSample`, see the module docstring)."""
 
     def __init__(
         self,
@@ -156,7 +169,7 @@ class VideoTextDataset(Dataset):
         r = int(torch.randint(n - 1, (1,), generator=g))
         return r if r < index else r + 1
 
-    def __getitem__(self, index: int) -> VideoSample:
+    def __getitem__(self, index: int) -> VideoSample | SkippedSample:
         from vidlang.data.decoding import VideoDecodeError
 
         current = index
@@ -165,9 +178,12 @@ class VideoTextDataset(Dataset):
             try:
                 sample = self.load(current, attempt)
             except (VideoDecodeError, OSError, DecodeTimeout) as e:
+                entry, reason = self.entries[current], f"{type(e).__name__}: {e}"
+                if not self.training:  # evaluation: skip, never replace
+                    self.tracker.failure(epoch, current, entry.key, entry.path, reason, None)
+                    return SkippedSample(entry.key, entry.path, reason)
                 nxt = self.replacement(index, attempt + 1)
-                entry = self.entries[current]
-                self.tracker.failure(epoch, current, entry.key, entry.path, f"{type(e).__name__}: {e}", nxt)
+                self.tracker.failure(epoch, current, entry.key, entry.path, reason, nxt)
                 current = nxt
                 continue
             self.tracker.success(epoch)

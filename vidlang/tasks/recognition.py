@@ -393,8 +393,12 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         if "names" not in self._eval:
             names = self.eval_label_set("val" if stage == "val" else "test")
-            self._eval = {"names": names, "text": self.class_embeddings(names), "logits": [], "labels": [], "ids": []}
+            self._eval = {"names": names, "text": self.class_embeddings(names), "logits": [], "labels": [], "ids": [],
+                          "skipped": []}
         e = self._eval
+        e["skipped"].extend(batch.get("skipped", []))
+        if batch.get("video") is None or batch["video"].shape[0] == 0:  # every sample of the batch was skipped
+            return
         labels = self._labels(batch, len(e["names"]))  # [B] or multi-hot [B, K]
         if e.setdefault("multi", labels.ndim == 2) != (labels.ndim == 2):
             raise ValueError(f"{stage} data mixes single-label and multi-label (label_set) batches")
@@ -412,25 +416,36 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             None if any(math.isnan(x) for x in w) else tuple(w) for w in window.tolist()]
         return [(str(k), str(p), w) for k, p, w in zip(keys, paths, spans, strict=True)]
 
-    def _gathered(self) -> tuple[Tensor, Tensor, int]:
-        """All ranks' logits ``[N, V, K]``, labels ``[N]`` (or multi-hot ``[N, K]``) and the number of
-        duplicates dropped: a video that occurs more than once (e.g. a distributed sampler's padding) is
-        kept at its first occurrence in rank order."""
+    def _gathered(self) -> tuple[Tensor, Tensor, int, int]:
+        """All ranks' logits ``[N, V, K]``, labels ``[N]`` (or multi-hot ``[N, K]``), the number of duplicates
+        dropped (a video that occurs more than once, e.g. a distributed sampler's padding, is kept at its first
+        occurrence in rank order) and the number of distinct samples skipped as bad. Collective: every rank
+        calls it, also a rank whose every batch was skipped."""
         e = self._eval
-        logits, labels = torch.cat(e["logits"]), torch.cat(e["labels"])
-        ids = [item for rank_ids in all_gather_objects(e["ids"]) for item in rank_ids]
+        shapes = (tuple(e["logits"][0].shape[1:]), tuple(e["labels"][0].shape[1:])) if e["logits"] else None
+        per_rank = all_gather_objects((e["ids"], e["skipped"], shapes))
+        logit_shape, label_shape = next((s for _, _, s in per_rank if s is not None), ((1, len(e["names"])), ()))
+        dev = self.device
+        logits = torch.cat(e["logits"]) if e["logits"] else torch.zeros(0, *logit_shape, device=dev)
+        labels = torch.cat(e["labels"]) if e["labels"] else torch.zeros(0, *label_shape, dtype=torch.long, device=dev)
+        ids = [item for rank_ids, _, _ in per_rank for item in rank_ids]
         logits, labels = all_gather_no_grad(logits).cpu(), all_gather_no_grad(labels).cpu()
         first: dict[tuple, int] = {}
         keep = torch.tensor([first.setdefault(item, pos) == pos for pos, item in enumerate(ids)], dtype=torch.bool)
-        return logits[keep], labels[keep], int((~keep).sum())
+        served = {item[0] for item in ids}
+        skipped = {key for _, keys, _ in per_rank for key in keys} - served
+        return logits[keep], labels[keep], int((~keep).sum()), len(skipped)
 
     def _finish_eval(self, stage: str) -> None:
-        if self.trainer.sanity_checking or not self._eval.get("logits"):
+        if self.trainer.sanity_checking or "names" not in self._eval:  # every rank runs >= 1 step (Lightning)
             self._eval = {}
             return
         names = self._eval["names"]
-        logits, labels, dropped = self._gathered()
+        logits, labels, dropped, skipped = self._gathered()
         self._eval = {}
+        if labels.shape[0] == 0:
+            raise RuntimeError(f"{stage}: no video left to evaluate ({skipped} samples skipped as bad; see the "
+                               "bad-sample report)")
         h = self.hparams
         split = None
         if h.base_to_novel:
@@ -439,6 +454,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             split = base_novel_split(len(names), h.base_ratio, h.split_seed)
         result = evaluate_views(logits, labels, h.view_layout, split, fuse=self._fuse(labels.ndim == 2))
         result.metrics["num_videos"] = int(labels.shape[0])
+        result.metrics["num_skipped"] = skipped
         logs = {f"{stage}/{k}": float(v) for k, v in result.metrics.items() if k not in ("num_samples", "map_classes")}
         if len(result.per_view) > 1:
             main = "mAP" if result.multi_label else "top1"
