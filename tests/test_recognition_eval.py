@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from vidlang.data.badsamples import SkippedSample
 from vidlang.data.collate import collate_samples
 from vidlang.data.sample import VideoSample
 from vidlang.eval.classification import evaluate_views
@@ -47,8 +48,10 @@ class Clips(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> VideoSample:
+    def __getitem__(self, i: int) -> VideoSample | SkippedSample:
         key, label, window = self.items[i]
+        if label == "bad":  # what an evaluation dataset returns for a sample that failed to load
+            return SkippedSample(key, f"/videos/{key}.mp4", "VideoDecodeError: test")
         g = torch.Generator().manual_seed(int(key[1:]))
         video = torch.randint(0, 256, (1, 4, 3, 32, 32), generator=g, dtype=torch.uint8)
         return VideoSample(video, key, [], window=window, label=label, path=f"/videos/{key}.mp4")
@@ -120,7 +123,7 @@ def test_eval_counts_videos_and_drops_repeats(tok, tmp_path, items, loss):
     metrics = task.last_metrics["val"]
     assert metrics["num_videos"] == len(items) + 1 and metrics["num_samples"] == len(items) + 1
     expected = reference(task, [*items, windowed], "sigmoid" if (items is MULTI and loss == "bce") else "softmax")
-    assert metrics == pytest.approx({**expected, "num_videos": len(items) + 1})
+    assert metrics == pytest.approx({**expected, "num_videos": len(items) + 1, "num_skipped": 0})
     assert ("mAP" in metrics) == (items is MULTI)
     logged = task.trainer.callback_metrics
     assert logged["val/num_videos"].item() == len(items) + 1
@@ -137,7 +140,7 @@ def test_ddp_eval_drops_sampler_padding(tok, tmp_path):
     ddp.validate(task, dataloaders=DataLoader(Clips(items), batch_size=2, collate_fn=collate_samples), verbose=False)
     report = json.loads((tmp_path / "val_metrics.json").read_text())
     assert report["metrics"]["num_videos"] == 5 and report["duplicates_dropped"] == 1
-    assert report["metrics"] == pytest.approx({**reference(task, items, "softmax"), "num_videos": 5})
+    assert report["metrics"] == pytest.approx({**reference(task, items, "softmax"), "num_videos": 5, "num_skipped": 0})
 
 
 def test_multi_label_list_file_end_to_end(tok, tmp_path):
@@ -164,3 +167,16 @@ def test_multi_label_list_file_end_to_end(tok, tmp_path):
     assert torch.equal(task.last_outputs["val"]["labels"], multi_hot(torch.tensor(
         [[0, 3, -1], [1, -1, -1], [2, 3, 1], [3, -1, -1], [0, 1, -1]]), 4))
     assert torch.isfinite(fit.callback_metrics["train/loss_ce"]) and "val/mAP" in fit.callback_metrics
+
+
+def test_eval_skips_bad_samples_and_counts_them(tok, tmp_path):
+    """Bad samples are left out (never replaced), counted once each, also when a whole batch is bad."""
+    task = make_task(tok)
+    bad = [("v90", "bad", None), ("v91", "bad", None), ("v92", "bad", None), ("v93", "bad", None)]
+    served = [*SINGLE[:2], bad[0], SINGLE[2], *bad, *SINGLE[3:], bad[1]]  # batch 2 (4 items) is all bad
+    loader = DataLoader(Clips(served), batch_size=4, collate_fn=collate_samples)
+    trainer(tmp_path).validate(task, dataloaders=loader, verbose=False)
+    metrics = task.last_metrics["val"]
+    assert metrics["num_videos"] == len(SINGLE) and metrics["num_skipped"] == len(bad)
+    assert metrics == pytest.approx({**reference(task, SINGLE, "softmax"), "num_videos": 6, "num_skipped": 4})
+    assert task.trainer.callback_metrics["val/num_skipped"].item() == 4
