@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import signal
 import sys
@@ -100,6 +101,7 @@ def test_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, full
     msg = str(info.value)
     assert "\n" not in msg and str(p) in msg and "No space left on device" in msg, msg
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert str(pickle.loads(pickle.dumps(info.value))) == msg  # crosses process boundaries (loader workers)
     assert p.read_text() == "previous" and _leftovers(tmp_path) == []
     new = tmp_path / "new.json"
     with pytest.raises(DiskWriteError):

@@ -61,6 +61,15 @@ class DiskWriteError(OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (DataLoader workers, multiprocessing)
+        return _rebuild_disk_error, (self.filename, self.errno, self.strerror)
+
+
+def _rebuild_disk_error(path: str, code: int, message: str) -> DiskWriteError:
+    err = DiskWriteError(path, OSError(code, ""))
+    err.strerror = message
+    return err
+
 
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
