@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vidlang.io import append_line, append_lines
+
 log = logging.getLogger(__name__)
 
 
@@ -124,8 +126,7 @@ class BadSampleTracker:
         self.failures.append(rec)
         f = self._file()
         if f is not None:
-            with open(f, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_line(f, json.dumps(rec))
         log.warning("skipping bad sample %s (%s): %s", key, path, reason)
         n_fail = sum(1 for r in self.failures if r["epoch"] == epoch)
         n_try = self.attempts[epoch]
@@ -173,9 +174,7 @@ def collect_epoch(
                 seen.add((rec["pid"], rec["time"]))
     records.sort(key=lambda r: r["time"])
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "bad_samples.jsonl", "a", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
+    append_lines(root / "bad_samples.jsonl", [json.dumps(r) for r in records])
     return records
 
 

@@ -19,7 +19,9 @@ loader made by :func:`make_streaming_loader` forwards from Lightning automatical
   ``samples_per_epoch`` is derived from the shards' sample counts (``{shard}_stats.json`` or a
   header scan). With ``world_size > 1`` ranks would see different counts, which hangs DDP, so
   each rank stops at the smallest rank's count; the samples this drops are counted and logged.
-  A sample that fails to decode is skipped and counted (the epoch is shorter by that much).
+  A sample that fails to decode is skipped and counted (the epoch is shorter by that much); so
+  is each sample a truncated shard holds only in part or lost after the cut (the record names the
+  shard and member; see :func:`~vidlang.data.formats.webdataset.iter_shard`).
 * **resampled** (``resampled=True``; large-scale DDP training): each worker draws shards *with
   replacement* (seeded by seed, epoch, rank, worker), an endless stream; an epoch is exactly
   ``samples_per_epoch`` samples over all ranks (default: the shards' total count), split evenly
@@ -32,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -44,10 +45,11 @@ from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import SharedEpoch, load_clip, mix_seed, pick_captions
 from vidlang.data.formats.webdataset import (
     VIDEO_EXTS,
+    BrokenSample,
     expand_shards,
+    iter_shard,
     sample_from_parts,
     shard_sample_count,
-    split_member_name,
 )
 from vidlang.data.sample import VideoEntry, VideoSample
 from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
@@ -56,22 +58,17 @@ log = logging.getLogger(__name__)
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Stream ``{"__key__", "__shard__", ext: bytes, ...}`` groups of consecutive members of one tar."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, "r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = split_member_name(m.name)
-            data = tf.extractfile(m).read()
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__shard__": path}
-            current[ext] = data
-    if current is not None:
-        yield current
+    """Stream ``{"__key__", "__shard__", ext: bytes, ...}`` groups of consecutive members of one tar.
+
+    A truncated shard yields its complete samples, then for each sample that is cut or lost
+    ``{"__key__", "__shard__", "__member__", "__broken__": reason}`` (see
+    :func:`~vidlang.data.formats.webdataset.iter_shard`); the consumer counts those as bad samples.
+    """
+    for s in iter_shard(path, lambda ext: True):
+        if isinstance(s, BrokenSample):
+            yield {"__key__": s.key, "__shard__": path, "__member__": s.member, "__broken__": s.reason}
+        else:
+            yield {"__key__": s.key, "__shard__": path, **s.parts}
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -242,6 +239,10 @@ class StreamingVideoDataset(IterableDataset):
                 return
             key = raw["__key__"].rsplit("/", 1)[-1]
             path = f"{raw['__shard__']}::{key}"
+            if "__broken__" in raw:  # a sample a truncated shard holds only in part, or lost after the cut
+                tracker.failure(epoch, path, key, f"{raw['__shard__']}::{raw['__member__']}", raw["__broken__"],
+                                "next in stream")
+                continue
             try:
                 sample = self._decode(raw, key, path, mix_seed(self.seed, self.rank, epoch, worker, n))
             except (VideoDecodeError, OSError, DecodeTimeout, ValueError) as e:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vidlang.io import append_line, atomic_path, atomic_write_text
+
 FUSIONS = ("softmax", "sigmoid")
 
 
@@ -243,7 +245,8 @@ def plot_confusion_matrix(
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     return out
 
 
@@ -275,9 +278,9 @@ def write_report(
     if result.confusion is not None:
         report["confusion"] = result.confusion.tolist()
     path = out / f"{stage}_metrics.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / f"{stage}_metrics_history.jsonl", "a") as f:
-        f.write(json.dumps({key: v for key, v in report.items() if key != "confusion"}) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    append_line(out / f"{stage}_metrics_history.jsonl", json.dumps({key: v for key, v in report.items()
+                                                                     if key != "confusion"}))
     if plot and result.confusion is not None:
         title = f"{stage}: top-1 {result.metrics['top1']:.1f}%"
         plot_confusion_matrix(result.confusion, class_names, out / f"{stage}_confusion.png", title=title)

@@ -342,9 +342,10 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             "chance": chance,
             "options": {"ties": h.ties, "dsl": h.dsl, "dsl_temperature": h.dsl_temperature},
         }
-        (out_dir / f"{stage}_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        with open(out_dir / f"{stage}_metrics_history.jsonl", "a") as f:
-            f.write(json.dumps(report) + "\n")
+        from vidlang.io import append_line, atomic_write_text
+
+        atomic_write_text(out_dir / f"{stage}_metrics.json", json.dumps(report, indent=2) + "\n")
+        append_line(out_dir / f"{stage}_metrics_history.jsonl", json.dumps(report))
         if h.write_plots:
             from vidlang.eval.plots import plot_recall_at_k
 

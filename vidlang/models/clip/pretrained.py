@@ -616,9 +616,12 @@ def save_vidlang(sd: StateDict, info: dict[str, Any], out_dir: str | Path) -> Pa
     """Write vidlang's directory format: ``model.safetensors`` + ``config.json`` (+ tokenizer files)."""
     from safetensors.torch import save_file
 
+    from vidlang.io import atomic_path, atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    with atomic_path(out / "model.safetensors", clean_stale=True) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     vision = asdict(vision_config_from_info(info)) if info.get("vision") is not None else None
     text = asdict(text_config_from_info(info)) if info.get("text") is not None else None
     cfg = {
@@ -632,10 +635,11 @@ def save_vidlang(sd: StateDict, info: dict[str, Any], out_dir: str | Path) -> Pa
             "guessed": [u for u in info.get("unknown", []) if u.endswith(".act")],
         },
     }
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
     tok_dir = info.get("tokenizer_dir")
     if tok_dir is not None and Path(tok_dir).resolve() != out.resolve():
         for name in TOKENIZER_FILES:
             if (Path(tok_dir) / name).is_file():
-                shutil.copy2(Path(tok_dir) / name, out / name)
+                with atomic_path(out / name) as tmp:
+                    shutil.copy2(Path(tok_dir) / name, tmp)
     return out
