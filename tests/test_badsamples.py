@@ -178,3 +178,22 @@ def test_timeout_counts_as_bad_sample(entries_with_bad, monkeypatch):
     assert ds.tracker.failures[0]["index"] == 5 and "DecodeTimeout" in ds.tracker.failures[0]["reason"]
     skipped = dataset(entries_with_bad, BadSamplePolicy(decode_timeout_s=0.5))[5]  # evaluation: skipped
     assert isinstance(skipped, SkippedSample) and "DecodeTimeout" in skipped.reason
+
+
+def test_ranks_sharing_a_report_dir_collect_their_own_records(tmp_path):
+    """Under DDP with a shared report directory each rank collects (and writes) only its own failures: no
+    record twice in bad_samples.jsonl, and each rank's rate counts its own failures against its own served."""
+    from vidlang.data.badsamples import BadSampleTracker
+
+    policy = BadSamplePolicy(report_dir=str(tmp_path), max_skip_rate=0.3, min_attempts=10**6)
+    trackers = [BadSampleTracker(policy, rank, "train") for rank in (0, 1)]
+    for i in range(3):
+        trackers[1].failure(0, i, f"k{i}", f"/v/{i}.mp4", "VideoDecodeError: x", None)
+    trackers[0].failure(0, 9, "k9", "/v/9.mp4", "VideoDecodeError: y", None)
+    mine = [collect_epoch(policy, 0, split="train", rank=r, reported=set()) for r in (0, 1)]
+    assert [[r["key"] for r in m] for m in mine] == [["k9"], ["k0", "k1", "k2"]]
+    lines = (tmp_path / "bad_samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["key"] for x in lines) == ["k0", "k1", "k2", "k9"]  # each once
+    check_rate(policy, mine[0], served=5, scope="rank 0")  # 1 of 6: fine; with rank 1's records it would be 4 of 9
+    with pytest.raises(BadSampleError, match="3 of 8"):
+        check_rate(policy, mine[1], served=5, scope="rank 1")

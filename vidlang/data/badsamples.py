@@ -146,17 +146,21 @@ def _message(n_fail: int, n_total: int, records: Sequence[dict], policy: BadSamp
 
 def collect_epoch(
     policy: BadSamplePolicy, epoch: int, extra: Sequence[dict] = (), split: str = "train",
-    reported: set[tuple[Any, Any]] | None = None,
+    reported: set[tuple[Any, Any]] | None = None, rank: int | None = None,
 ) -> list[dict]:
-    """Gather every process's failures of ``split`` in ``epoch`` and append them to ``bad_samples.jsonl``.
+    """Gather the failures of ``split`` in ``epoch`` of every process of ``rank`` (None: of every rank) and
+    append them to ``bad_samples.jsonl``.
 
     ``reported``: (pid, time) of records collected before (updated); they are not collected twice
-    (e.g. the sanity-check validation and the validation of epoch 0 share the epoch number).
+    (e.g. the sanity-check validation and the validation of epoch 0 share the epoch number). Under DDP each
+    rank collects its own records (the report directory may be shared): none is written twice, and each
+    rank's skip rate compares its own failures with its own served samples.
     """
     seen = reported if reported is not None else set()
 
     def wanted(rec: dict) -> bool:
-        return rec["epoch"] == epoch and rec.get("split", "train") == split and (rec["pid"], rec["time"]) not in seen
+        return (rec["epoch"] == epoch and rec.get("split", "train") == split and (rec["pid"], rec["time"]) not in seen
+                and (rank is None or rec.get("rank", 0) == rank))
 
     records: list[dict] = []
     for rec in extra:
@@ -229,12 +233,13 @@ def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] 
         def _end(self, trainer: Any, pl_module: Any, stage: str) -> None:
             epoch = trainer.current_epoch
             extra = [r for t in self.trackers for r in t.failures]
-            records = collect_epoch(self.policy, epoch, extra, split=stage, reported=self.reported)
+            rank = trainer.global_rank
+            records = collect_epoch(self.policy, epoch, extra, split=stage, reported=self.reported, rank=rank)
             if records:
-                log.warning("%s epoch %d: %d bad samples skipped (report: %s)", stage, epoch, len(records),
-                            self.policy.report_dir)
-            with contextlib.suppress(Exception):
-                pl_module.log(f"data/bad_samples_{stage}", float(len(records)), rank_zero_only=True)
+                log.warning("%s epoch %d rank %d: %d bad samples skipped (report: %s)", stage, epoch, rank,
+                            len(records), self.policy.report_dir)
+            with contextlib.suppress(Exception):  # summed over ranks
+                pl_module.log(f"data/bad_samples_{stage}", float(len(records)), sync_dist=True, reduce_fx="sum")
             check_rate(self.policy, records, self.served[stage], scope=f"in {stage} epoch {epoch}")
 
         def on_train_epoch_start(self, trainer, pl_module):
