@@ -165,3 +165,50 @@ def test_shuffle_buffer_and_quota_helpers():
     assert sum(capped) == 10 and all(q <= c for q, c in zip(capped, [6, 2, 4], strict=True))
     with pytest.raises(ValueError):
         split_quota(13, 3, caps=[6, 2, 4])
+
+
+def _shard_of(out: Path, metas: list[dict | None], video: bytes) -> Path:
+    out.mkdir()
+    with tarfile.open(out / "00000.tar", "w") as tf:
+        for i, meta in enumerate(metas):
+            members = [("mp4", video)] + ([] if meta is None else [("json", json.dumps(meta).encode())])
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{300 + i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_shard_labels_multi_label_and_bad_metadata(shards, tmp_path):
+    """Label lists are multi-label tuples (both modes); a sample with a blank caption, no caption and no
+    label, or a malformed label is a bad sample of its own (index mode: counted each epoch), never a refusal
+    of the whole split and never a misread label."""
+    metas = [{"captions": ["a"], "label": [0, 2]}, {"caption": "b", "label": 1}, {"captions": [" "]}, None,
+             {"captions": ["c"], "label": "x"}, {"captions": ["d"], "label": "3"}]
+    root = _shard_of(tmp_path / "s", metas, _first_video(shards / "00000.tar"))
+    index = build_index("webdataset", shards=str(root / "00000.tar"))
+    by_key = {e.key: e for e in index.entries}
+    assert by_key["000000300"].label == (0, 2) and by_key["000000301"].label == 1
+    assert by_key["000000305"].label == 3
+    for bad in ("000000302", "000000303", "000000304"):
+        with pytest.raises(OSError, match="blank caption|neither a caption|'label' must be"):
+            by_key[bad].open_source()
+    ds = make(root, training=False)
+    ds.set_epoch(0)
+    batches = list(make_streaming_loader(ds))
+    assert [k for b in batches for k in b["key"]] == ["000000300", "000000301", "000000305"]
+    assert sorted(k for b in batches for k in b["skipped"]) == ["000000302", "000000303", "000000304"]
+    sets = [row for b in batches for row in b["label_set"].tolist()]
+    assert sets == [[0, 2], [1, -1], [3, -1]]
+
+
+def test_write_shards_keeps_multi_label_names(tmp_path):
+    from vidlang.data.sample import FormatIndex, VideoEntry
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"\0" * 10)
+    index = FormatIndex([VideoEntry(str(video), "k", ["a caption"], None, (0, 2))], ["run", "jump", "swim"], "t")
+    write_shards(index, tmp_path / "out", samples_per_shard=4, progress=False)
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tf:
+        meta = json.loads(tf.extractfile("000000000.json").read())
+    assert meta["label"] == [0, 2] and meta["label_name"] == ["run", "swim"]

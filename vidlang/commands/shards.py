@@ -85,11 +85,20 @@ def write_shards(index: Any, out: str | os.PathLike, samples_per_shard: int = 10
     return stats
 
 
+def _label_name(entry: Any, names: list[str] | None) -> str | list[str] | None:
+    """The class name(s) of an entry's label (a list for multi-label entries)."""
+    if not names or entry.label is None:
+        return entry.meta.get("label_name")
+    if isinstance(entry.label, (tuple, list)):
+        return [names[i] for i in entry.label]
+    return names[entry.label]
+
+
 def _add_sample(tf: tarfile.TarFile, key: str, entry: Any, data: bytes, names: list[str] | None) -> None:
     meta = {
         "key": key, "source_key": entry.key, "source_path": entry.path, "captions": entry.captions,
         "window": list(entry.window) if entry.window else None, "label": entry.label,
-        "label_name": names[entry.label] if names and entry.label is not None else entry.meta.get("label_name"),
+        "label_name": _label_name(entry, names),
         "eval_captions": entry.eval_captions,
         "meta": {k: v for k, v in entry.meta.items() if _jsonable(v)},
     }

@@ -75,12 +75,28 @@ def sample_from_parts(key: str, parts: dict[str, Any], where: str) -> dict[str, 
         if not (isinstance(window, (list, tuple)) and len(window) == 2 and float(window[1]) > float(window[0])):
             raise FormatError(where, f"sample {key}: 'window' must be [start, end] with end > start, got {window}")
         window = (float(window[0]), float(window[1]))
-    label = meta.get("label")
+    label = _label(meta.get("label"), key, where)
+    if any(not c.strip() for c in captions):
+        raise FormatError(where, f"sample {key}: blank caption in {captions!r}")
+    if not captions and label is None:
+        raise FormatError(where, f"sample {key}: neither a caption (.txt / 'caption' / 'captions') nor a 'label'")
     eval_captions = meta.get("eval_captions", "all")
     if eval_captions not in ("all", "first"):
         raise FormatError(where, f"sample {key}: 'eval_captions' must be 'all' or 'first', got {eval_captions!r}")
-    return {"captions": captions, "window": window, "label": None if label is None else int(label), "meta": meta,
-            "eval_captions": eval_captions}
+    return {"captions": captions, "window": window, "label": label, "meta": meta, "eval_captions": eval_captions}
+
+
+def _label(value: Any, key: str, where: str) -> int | tuple[int, ...] | None:
+    """A sample's ``label``: an integer, or a list of integers (multi-label -> tuple); anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise FormatError(where, f"sample {key}: 'label' must be a class index or a list of class indices, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +284,12 @@ def index_shard(path: str) -> list[VideoEntry]:
     for key, parts in groups.items():
         if "video" not in parts:
             raise FormatError(path, f"sample {key} has no video member ({'/'.join(VIDEO_EXTS)})")
-        s = sample_from_parts(key, parts, path)
+        try:
+            s = sample_from_parts(key, parts, path)
+        except FormatError as e:  # one sample's metadata: skipped and counted each epoch, not the whole split
+            member = f"{key}.json" if "json" in parts else f"{key}.txt"
+            entries.append(VideoEntry(DamagedMember(path, 0, 0, member, e.reason), os.path.basename(key)))
+            continue
         good.append(VideoEntry(parts["video"], os.path.basename(key), s["captions"], s["window"], s["label"],
                                eval_captions=s["eval_captions"], meta=s["meta"]))
     return good + entries
