@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from vidlang.errors import VidlangUserError
+
 __all__ = [
     "AtomicCheckpointIO",  # noqa: F822 - built lazily by __getattr__
     "DiskWriteError",
@@ -49,8 +51,9 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 _HOST = socket.gethostname().replace(".", "_") or "host"
 
 
-class DiskWriteError(OSError):
-    """A file could not be written because of the storage (full disk, quota, read-only); one line."""
+class DiskWriteError(OSError, VidlangUserError):
+    """A file could not be written because of the storage (full disk, quota, read-only); one line (the CLI
+    prints it as one, exit 2)."""
 
     def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
         reason = cause.strerror or str(cause)
