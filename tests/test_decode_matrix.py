@@ -128,3 +128,15 @@ def test_rotation_with_resize(name, backend, decode_matrix):
         assert frames.shape == (4, 3, h, w)
         shown = [read_index(unrotate(f.permute(1, 2, 0).numpy(), case.rotate)) for f in frames]
         assert shown == idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_audio_track_is_its_complete_prefix(backend, decode_matrix):
+    """A file cut inside an audio packet: the audio before the cut decodes (a 440 Hz sine), not an error."""
+    path = decode_matrix.path(BY_NAME["trunc_audio.mp4"])
+    with open_video(path, backend) as reader:
+        audio = reader.get_audio(16000)
+    full = 16 / 12 * 16000  # FRAMES / FPS seconds
+    assert audio is not None and 0.3 * full < len(audio) < full
+    spectrum = np.abs(np.fft.rfft(audio.numpy() * np.hanning(len(audio))))
+    assert np.fft.rfftfreq(len(audio), 1 / 16000)[spectrum.argmax()] == pytest.approx(440, abs=10)

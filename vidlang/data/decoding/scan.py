@@ -19,7 +19,7 @@ Rules decided here (they hold for every backend):
 - **truncated file**: when the container's index survives (MP4 with the index at the front,
   Matroska/WebM, AVI, ...) the video is its *decodable prefix*: frames whose data was read completely,
   up to the first missing or partial packet of any stream; metadata describes that prefix, and decoders
-  read the file only up to the end of the last complete packet. When the index itself is lost (an MP4
+  (audio included) read the file only up to the end of the last complete packet. When the index itself is lost (an MP4
   cut before its trailing ``moov`` box) opening raises. A frame that still fails to decode raises when
   requested.
 - corruption inside coded data is reported when the decoder reports it (a decode error, or
@@ -422,7 +422,10 @@ class ScannedReader(VideoReader):
         return self._frames(decoded, idx)
 
     def get_audio(self, sample_rate: int = 16000) -> torch.Tensor | None:
-        return decode_audio(self._src, sample_rate, self.name, self.backend) if self.index.has_audio else None
+        """The audio track (of a truncated file: its complete packets)."""
+        if not self.index.has_audio:
+            return None
+        return decode_audio(self._complete_data(), sample_rate, self.name, self.backend)
 
     def close(self) -> None:
         self._decoder = None
