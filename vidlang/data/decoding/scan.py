@@ -60,7 +60,7 @@ from vidlang.data.decoding.base import (
     source_bytes,
 )
 
-MAX_PACKETS = 5_000_000  # bound on the scan (about 46 h at 30 fps)
+MAX_PACKETS = 5_000_000  # bound on the scan, packets of all streams (about 20 h of 30 fps video with AAC audio)
 # FFmpeg demuxers that turn non-videos into "video" streams: still images (``image2``, ``*_pipe``),
 # text rendered as ANSI art (``tty``, picked for ``.txt``/``.ans`` files)
 NOT_VIDEO_FORMATS = {"image2": "a still image", "tty": "text (FFmpeg's ANSI-art reader)"}
@@ -192,7 +192,7 @@ class VideoIndex:
 
 
 def scan_video(src: str | bytes, name: str, backend: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoIndex:
-    """Demux (no decode) the best video stream of ``src`` into a :class:`VideoIndex`."""
+    """Demux ``src`` into a :class:`VideoIndex` of its first video stream (decoding only an MP4's first frame)."""
     import av
 
     try:
@@ -273,8 +273,8 @@ class _Rotation:
             frames = self.stream.decode(packet)
         except Exception:  # a damaged first frame: try the next packet
             frames = []
-        if frames:
-            self.degrees = int(round(frames[0].rotation)) % 360
+        if frames:  # VideoFrame.rotation: the display matrix's angle (PyAV 18 has it; older ones may not)
+            self.degrees = int(round(getattr(frames[0], "rotation", 0))) % 360
         self.done = bool(frames) or self.fed >= ROTATION_PACKETS
 
 
