@@ -48,6 +48,7 @@ from vidlang.data import protocols  # noqa: F401  (registers the few_shot / clas
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import VideoTextDataset, mix_seed
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.formats import build_index
 from vidlang.data.sample import FormatIndex
 from vidlang.data.sampling import build_sampler
@@ -136,6 +137,7 @@ class VideoDataModule(pl.LightningDataModule):
         backend: str = "auto",
         decode_device: str = "cpu",
         resize_short_side: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         decode_audio: bool = False,
         audio_sample_rate: int = 16000,
         streaming: bool = False,
@@ -163,6 +165,8 @@ class VideoDataModule(pl.LightningDataModule):
             batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, prefetch_factor: loaders.
             backend: decoding backend; decode_device: ``cpu`` or ``cuda`` (main-process GPU decode).
             resize_short_side: resize at decode time (speed); decode_audio, audio_sample_rate: audio track.
+            max_pixels: largest frame (width x height) decoded; a video with bigger frames is a bad sample,
+                refused from its metadata before decoding (``null``: no limit).
             streaming, shuffle_buffer, resampled, samples_per_epoch: shard streaming (webdataset splits).
             seed: base seed (per rank, worker, epoch and sample).
             bad_sample_dir, max_skip_rate, max_retries, decode_timeout_s, preflight_entries: the bad-sample
@@ -219,7 +223,7 @@ class VideoDataModule(pl.LightningDataModule):
         h = self.hparams
         return dict(sampler=self._sampler(training), transform=self._transform(training), training=training,
                     backend=self.backend, decode_audio=h.decode_audio, audio_sample_rate=h.audio_sample_rate,
-                    resize_short_side=h.resize_short_side, seed=h.seed, policy=self.policy)
+                    resize_short_side=h.resize_short_side, seed=h.seed, policy=self.policy, max_pixels=h.max_pixels)
 
     def _build(self, split: str) -> Any:
         spec = dict(self.splits[split])

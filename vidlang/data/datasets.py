@@ -36,6 +36,7 @@ from vidlang.data.badsamples import (
     SkippedSample,
     time_limit,
 )
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.sample import VideoEntry, VideoSample
 
 Transform = Callable[[torch.Tensor, list[str], torch.Generator], tuple[torch.Tensor, list[str]]]
@@ -82,12 +83,14 @@ def load_clip(
     resize_short_side: int | None = None,
     audio_sample_rate: int | None = None,
     max_audio_seconds: float = 30.0,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Decode ``uint8 [V, T, C, H, W]`` (+ mono audio of the clip's span, has_audio) from one entry."""
     from vidlang.data.decoding import VideoDecodeError, open_video
     from vidlang.data.sampling import sample_clip
 
-    with open_video(source, backend=backend, device=device, resize_short_side=resize_short_side) as reader:
+    opts = dict(device=device, resize_short_side=resize_short_side, max_pixels=max_pixels)
+    with open_video(source, backend, **opts) as reader:
         try:
             video = sample_clip(reader, sampler, training, generator, entry.window)
         except ValueError as e:  # e.g. a caption window outside the video
@@ -123,6 +126,7 @@ class VideoTextDataset(Dataset):
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
         split: str = "train",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if not entries:
             raise ValueError("VideoTextDataset: no entries")
@@ -130,6 +134,7 @@ class VideoTextDataset(Dataset):
         self.training, self.backend, self.device = training, backend, device
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.resize_short_side, self.seed, self.rank = resize_short_side, seed, rank
+        self.max_pixels = max_pixels
         self.policy = policy or BadSamplePolicy()
         self.caption_mode = caption_mode
         self.epoch = SharedEpoch()
@@ -154,6 +159,7 @@ class VideoTextDataset(Dataset):
             video, audio, has_audio = load_clip(
                 entry, source, self.sampler, training=self.training, generator=g, backend=self.backend,
                 device=self.device, resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
+                max_pixels=self.max_pixels,
             )
         captions = self._captions(entry, g)
         if self.transform is not None:

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 from vidlang.data.badsamples import BadSamplePolicy, BadSampleTracker, DecodeTimeout, SkippedSample, time_limit
 from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import SharedEpoch, load_clip, mix_seed, pick_captions
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.formats.webdataset import (
     VIDEO_EXTS,
     BrokenSample,
@@ -136,6 +137,7 @@ class StreamingVideoDataset(IterableDataset):
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
         split: str = "train",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.shards = expand_shards(shards)
         self.counts = [shard_sample_count(s) for s in self.shards]
@@ -143,7 +145,7 @@ class StreamingVideoDataset(IterableDataset):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.buffer, self.resampled, self.seed = int(shuffle_buffer) if training else 0, resampled, seed
         self.rank, self.world_size = _dist_info(rank, world_size)
-        self.backend, self.resize_short_side = backend, resize_short_side
+        self.backend, self.resize_short_side, self.max_pixels = backend, resize_short_side, max_pixels
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.policy = policy or BadSamplePolicy()
         self.ring: BatchRing | None = None  # set by make_streaming_loader when it has workers
@@ -312,6 +314,7 @@ class StreamingVideoDataset(IterableDataset):
             video, audio, has_audio = load_clip(
                 entry, raw[video_ext], self.sampler, training=self.training, generator=g, backend=self.backend,
                 resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
+                max_pixels=self.max_pixels,
             )
         mode = self.caption_mode or ("random" if self.training else entry.eval_captions)
         captions = pick_captions(entry.captions, mode, g)
