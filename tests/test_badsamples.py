@@ -1,4 +1,5 @@
-"""Bad-sample policy: skip + replace, counts across workers, the report file, the threshold, fail-fast, timeouts."""
+"""Bad-sample policy: training skips + replaces, evaluation skips without replacing; counts across workers, the
+report file, the threshold, fail-fast, timeouts; the collate leaves skipped samples out of the batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vidlang.data.badsamples import (
     BadSampleError,
     BadSamplePolicy,
     DecodeTimeout,
+    SkippedSample,
     check_rate,
     collect_epoch,
     preflight,
@@ -51,9 +53,9 @@ def dataset(entries, policy, training=False):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_bad_samples_skipped_replaced_counted_and_reported(entries_with_bad, tmp_path, workers):
+def test_bad_training_samples_skipped_replaced_counted_and_reported(entries_with_bad, tmp_path, workers):
     policy = BadSamplePolicy(report_dir=str(tmp_path / "report"))
-    ds = dataset(entries_with_bad, policy)
+    ds = dataset(entries_with_bad, policy, training=True)
     loader = DataLoader(ds, batch_size=5, num_workers=workers, collate_fn=collate_samples)
     keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == 20  # every index served: two of them by replacements
@@ -67,13 +69,51 @@ def test_bad_samples_skipped_replaced_counted_and_reported(entries_with_bad, tmp
     report = [json.loads(ln) for ln in (tmp_path / "report" / "bad_samples.jsonl").read_text().splitlines()]
     assert {r["path"] for r in report} == {entries_with_bad[3].path, entries_with_bad[11].path}
     # the replacement is the same whatever the number of workers: served keys are reproducible
-    assert sorted(keys) == sorted(k for b in DataLoader(dataset(entries_with_bad, BadSamplePolicy()), batch_size=5,
-                                                         collate_fn=collate_samples) for k in b["key"])
+    again = dataset(entries_with_bad, BadSamplePolicy(), training=True)
+    again_keys = [k for b in DataLoader(again, batch_size=5, collate_fn=collate_samples) for k in b["key"]]
+    assert sorted(keys) == sorted(again_keys)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_eval_samples_are_skipped_not_replaced(entries_with_bad, tmp_path, workers):
+    """Evaluation: a sample that fails to load is left out of its batch (never replaced: that would change the
+    gallery), recorded for the report, and named in ``batch["skipped"]``."""
+    policy = BadSamplePolicy(report_dir=str(tmp_path / "report"), max_skip_rate=0.2)
+    ds = VideoTextDataset(entries_with_bad, build_sampler("segment", num_frames=4), ClipTransform(32, "eval"),
+                          training=False, backend="pyav", policy=policy, split="val")
+    batches = list(DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_samples))
+    keys = [k for b in batches for k in b["key"]]
+    good = [e.key for i, e in enumerate(entries_with_bad) if i not in (3, 11)]
+    assert keys == good  # each good sample once, in order; nothing stands in for the two bad ones
+    assert [k for b in batches for k in b["skipped"]] == [entries_with_bad[3].key, entries_with_bad[11].key]
+    assert [b["video"].shape[0] for b in batches] == [3, 4, 3, 4, 4]
+    records = collect_epoch(policy, 0, ds.tracker.failures, split="val")
+    assert {r["index"] for r in records} == {3, 11} and all(r["replacement"] is None for r in records)
+    assert all(r["split"] == "val" for r in records)
+    check_rate(policy, records, len(keys), scope="in val epoch 0")  # 2 of 20 under 20%
+    with pytest.raises(BadSampleError, match=r"2 of 20 samples failed"):
+        check_rate(BadSamplePolicy(max_skip_rate=0.05), records, len(keys), scope="in val epoch 0")
+
+
+def test_collate_leaves_skipped_samples_out(entries_with_bad):
+    ds = dataset(entries_with_bad, BadSamplePolicy())
+    a, b = ds[0], ds[1]
+    bad = ds[3]
+    assert isinstance(bad, SkippedSample) and bad.key == entries_with_bad[3].key and "VideoDecodeError" in bad.reason
+    batch = collate_samples([a, bad, b])
+    assert batch["key"] == [a.key, b.key] and batch["skipped"] == [bad.key]
+    assert batch["video"].shape[0] == 2 and batch["caption_index"].tolist() == [0] * len(a.captions) + [1] * len(
+        b.captions)
+    assert collate_samples([a, b])["skipped"] == []
+    empty = collate_samples([bad, ds[11]])  # every sample of the batch was bad: an empty batch, not an error
+    assert empty["video"] is None and empty["key"] == [] and empty["captions"] == []
+    assert empty["caption_index"].shape == (0,) and empty["label"].shape == (0,) and empty["window"].shape == (0, 2)
+    assert empty["skipped"] == [entries_with_bad[3].key, entries_with_bad[11].key]
 
 
 def test_threshold_error_names_count_and_paths(entries_with_bad, tmp_path):
     policy = BadSamplePolicy(report_dir=str(tmp_path / "r"), max_skip_rate=0.05)
-    ds = dataset(entries_with_bad, policy)
+    ds = dataset(entries_with_bad, policy, training=True)
     served = sum(len(b["key"]) for b in DataLoader(ds, batch_size=10, collate_fn=collate_samples))
     records = collect_epoch(policy, 0, ds.tracker.failures)
     with pytest.raises(BadSampleError, match=r"2 of 22 samples failed.*missing\.mp4"):
@@ -85,9 +125,12 @@ def test_wrong_video_root_fails_fast(corpus, tmp_path):
     entries = build_index("manifest", path=str(corpus / "manifest.csv"), video_root=str(tmp_path / "nowhere")).entries
     with pytest.raises(BadSampleError, match=r"preflight.*nowhere"):
         preflight(entries, BadSamplePolicy())
-    ds = dataset(entries, BadSamplePolicy(min_attempts=8, max_retries=3))
-    with pytest.raises(BadSampleError, match="failed to load"):
+    ds = dataset(entries, BadSamplePolicy(min_attempts=8, max_retries=3), training=True)
+    with pytest.raises(BadSampleError, match="4 samples in a row failed to load"):
         ds[0]
+    ds = dataset(entries, BadSamplePolicy(min_attempts=8))  # evaluation skips, and stops at the 8th failure
+    with pytest.raises(BadSampleError, match="8 of 8 samples failed to load in one loader process"):
+        [ds[i] for i in range(len(ds))]
 
 
 def test_preflight_passes_on_good_data(corpus):
@@ -129,7 +172,28 @@ def test_timeout_counts_as_bad_sample(entries_with_bad, monkeypatch):
         return real(entry, *a, **kw)
 
     monkeypatch.setattr(datasets, "load_clip", slow_for_index_5)
-    ds = dataset(entries_with_bad, BadSamplePolicy(decode_timeout_s=0.5))
+    ds = dataset(entries_with_bad, BadSamplePolicy(decode_timeout_s=0.5), training=True)
     sample = ds[5]
     assert sample.key != entries_with_bad[5].key
     assert ds.tracker.failures[0]["index"] == 5 and "DecodeTimeout" in ds.tracker.failures[0]["reason"]
+    skipped = dataset(entries_with_bad, BadSamplePolicy(decode_timeout_s=0.5))[5]  # evaluation: skipped
+    assert isinstance(skipped, SkippedSample) and "DecodeTimeout" in skipped.reason
+
+
+def test_ranks_sharing_a_report_dir_collect_their_own_records(tmp_path):
+    """Under DDP with a shared report directory each rank collects (and writes) only its own failures: no
+    record twice in bad_samples.jsonl, and each rank's rate counts its own failures against its own served."""
+    from vidlang.data.badsamples import BadSampleTracker
+
+    policy = BadSamplePolicy(report_dir=str(tmp_path), max_skip_rate=0.3, min_attempts=10**6)
+    trackers = [BadSampleTracker(policy, rank, "train") for rank in (0, 1)]
+    for i in range(3):
+        trackers[1].failure(0, i, f"k{i}", f"/v/{i}.mp4", "VideoDecodeError: x", None)
+    trackers[0].failure(0, 9, "k9", "/v/9.mp4", "VideoDecodeError: y", None)
+    mine = [collect_epoch(policy, 0, split="train", rank=r, reported=set()) for r in (0, 1)]
+    assert [[r["key"] for r in m] for m in mine] == [["k9"], ["k0", "k1", "k2"]]
+    lines = (tmp_path / "bad_samples.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["key"] for x in lines) == ["k0", "k1", "k2", "k9"]  # each once
+    check_rate(policy, mine[0], served=5, scope="rank 0")  # 1 of 6: fine; with rank 1's records it would be 4 of 9
+    with pytest.raises(BadSampleError, match="3 of 8"):
+        check_rate(policy, mine[1], served=5, scope="rank 1")

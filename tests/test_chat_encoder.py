@@ -196,6 +196,15 @@ def test_task_fits_saves_without_llm_and_reloads(llm_dir, tmp_path):
     torch.testing.assert_close(loaded.encoder.llm.lm_head.weight, task.encoder.llm.lm_head.weight)
 
 
+def test_validation_step_passes_over_an_all_skipped_batch(llm_dir):
+    from vidlang.data.badsamples import SkippedSample
+    from vidlang.data.collate import collate_samples
+
+    task = ChatEncoderTask(model=VISUAL, llm=llm_dir)
+    empty = collate_samples([SkippedSample("v1", "v1.mp4", "broken"), SkippedSample("v2", "v2.mp4", "broken")])
+    assert task.validation_step(empty, 0) is None  # nothing to score; the skips are counted by the data side
+
+
 def test_task_rejects_non_qformer_blocks(llm_dir):
     with pytest.raises(ValueError, match="block='qformer'"):
         ChatEncoderTask(model=ModelConfig(vision="vit_tiny", block="mean"), llm=llm_dir)

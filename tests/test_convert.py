@@ -125,9 +125,10 @@ def test_unsupported_keys_are_named(hf_sd):
 
 def test_infer_config(hf_sd):
     vision, text = infer_config(hf_sd)
-    assert vision == {"width": 64, "layers": 2, "heads": 1, "patch_size": 8, "image_size": 32, "mlp_dim": 128,
+    # heads are not in the weights and this tiny shape is no known architecture: unknown (None), not guessed
+    assert vision == {"width": 64, "layers": 2, "heads": None, "patch_size": 8, "image_size": 32, "mlp_dim": 128,
                       "embed_dim": 16}  # fmt: skip
-    assert text == {"width": 32, "layers": 3, "heads": 1, "context_length": 12, "vocab_size": 50, "mlp_dim": 64,
+    assert text == {"width": 32, "layers": 3, "heads": None, "context_length": 12, "vocab_size": 50, "mlp_dim": 64,
                     "embed_dim": 16}  # fmt: skip
     vision, _ = infer_config(hf_sd, {"vision": {"heads": 2}})
     assert vision["heads"] == 2
@@ -193,12 +194,13 @@ def test_garbage_file_is_a_clear_error(tmp_path):
 def test_wrapped_pickle_and_safetensors_load(tmp_path, native):
     oa = from_vidlang(native, "openai")
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in oa.items()}}, tmp_path / "epoch_1.pt")
-    sd, info = load_pretrained(tmp_path / "epoch_1.pt")
+    sd, info = load_pretrained(tmp_path / "epoch_1.pt", heads=2, text_heads=2, act="gelu")
     assert info["format"] == "open_clip" and all(torch.equal(sd[k], native[k]) for k in native)
+    assert info["vision"]["heads"] == 2 and info["heads_source"] == {"vision": "argument", "text": "argument"}
     from safetensors.torch import save_file
 
     save_file(oa, str(tmp_path / "open_clip_model.safetensors"))
-    sd2, _ = load_pretrained(tmp_path / "open_clip_model.safetensors")
+    sd2, _ = load_pretrained(tmp_path / "open_clip_model.safetensors", heads=2, text_heads=2, act="gelu")
     assert all(torch.equal(sd2[k], native[k]) for k in native)
 
 
@@ -232,8 +234,10 @@ def test_torchscript_archive_read_without_jit(tmp_path, native):
     _torchscript_archive(oa, tmp_path / "ViT-tiny.pt")
     raw = read_state_file(tmp_path / "ViT-tiny.pt")
     assert raw.keys() == oa.keys() and all(torch.equal(raw[k], oa[k]) for k in oa)
-    sd, info = load_pretrained(tmp_path / "ViT-tiny.pt")
+    sd, info = load_pretrained(tmp_path / "ViT-tiny.pt", heads=2, text_heads=2)
     assert info["format"] == "openai"
+    # only OpenAI ships TorchScript archives: quick_gelu is known, not guessed
+    assert info["vision"]["act"] == "quick_gelu" and info["unknown"] == [] and "OpenAI" in info["act_source"]
     assert sd["image_tower.proj"].dtype == torch.float32
     assert all(torch.equal(sd[k], native[k].half().float()) for k in native)
 

@@ -218,7 +218,8 @@ def test_validation_bad_samples_are_counted_reported_and_checked_per_split(corpu
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=dm)
-    assert len(model.val_seen) == 8 and "nowhere" not in " ".join(model.val_seen)
+    # evaluation skips the 2 bad entries (never replaces them): the 6 good ones, each once
+    assert sorted(model.val_seen) == sorted([str(good["key"])] + [str(json.loads(r)["key"]) for r in rows[3:8]])
     report = [json.loads(x) for x in (tmp_path / "report" / "bad_samples.jsonl").read_text().splitlines()]
     assert {r["split"] for r in report} == {"val"} and len(report) == 2  # no training failure; each val one once
     assert all("nowhere.mp4" in r["path"] for r in report)
@@ -229,5 +230,29 @@ def test_validation_bad_samples_are_counted_reported_and_checked_per_split(corpu
                          default_root_dir=str(tmp_path))
     from vidlang.data.badsamples import BadSampleError
 
-    with pytest.raises(BadSampleError, match=r"2 of 10 samples failed to load in val epoch 0"):
+    with pytest.raises(BadSampleError, match=r"2 of 8 samples failed to load in val epoch 0"):
         trainer.fit(_TinyVal(), datamodule=strict)
+
+
+@pytest.mark.parametrize("n,world", [(1, 2), (5, 2), (3, 4), (4, 2)])
+def test_eval_sampler_pads_every_rank_and_covers_every_sample(n, world):
+    """Evaluation ranks each get the same number (>= 1) of indices and together every index at least once
+    (a rank with no batch would skip the evaluation loop and leave the others waiting in a gather)."""
+    from vidlang.data.datamodule import EpochSampler
+
+    data = list(range(n))
+    parts = [list(EpochSampler(data, shuffle=False, seed=0, rank=r, world_size=world, drop_tail=False))
+             for r in range(world)]
+    lengths = {len(p) for p in parts}
+    assert lengths == {-(-n // world)} and min(lengths) >= 1
+    assert [len(EpochSampler(data, False, 0, r, world, False)) for r in range(world)] == [len(p) for p in parts]
+    assert sorted(set(i for p in parts for i in p)) == data
+
+
+def test_train_sampler_drops_the_tail_without_repeats():
+    from vidlang.data.datamodule import EpochSampler
+
+    parts = [list(EpochSampler(list(range(5)), shuffle=True, seed=1, rank=r, world_size=2, drop_tail=True))
+             for r in range(2)]
+    flat = [i for p in parts for i in p]
+    assert len(flat) == 4 and len(set(flat)) == 4

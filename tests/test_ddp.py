@@ -1,6 +1,7 @@
 """Lightning DDP (2 CPU processes, gloo): the gathered loss and the synchronised gradients equal
 single-process training on the same global batch, for the global and the local-loss variants;
-evaluation gathered across ranks equals single-process evaluation of the same videos."""
+evaluation gathered across ranks equals single-process evaluation of the same videos, with the
+distributed sampler's padding counted once and a bad video skipped (not replaced)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vidlang.data.collate import collate_samples
+from vidlang.data.datasets import VideoTextDataset
 from vidlang.data.sample import VideoSample
+from vidlang.data.sampling import build_sampler
+from vidlang.data.transforms import ClipTransform
 from vidlang.eval.retrieval import evaluate_embeddings
 from vidlang.models.clip.tokenizer import train_tokenizer
 from vidlang.models.factory import ModelConfig
@@ -155,4 +159,58 @@ def test_ddp_gathered_loss_and_grads_match_single_process(tmp_path, tokenizer_di
         text = torch.nn.functional.normalize(ref.model.encode_text(*ref.tokenize(batch["captions"])).embeds, dim=-1)
     expected = evaluate_embeddings(text, video, batch["caption_index"], dsl=True).metrics
     assert report["metrics"]["num_videos"] == 5 and report["metrics"]["num_texts"] == sum(data.counts[:5])
+    assert report["metrics"] == pytest.approx(expected)
+
+
+class EvalProbe(RetrievalTask):
+    """Evaluates ``entries`` with the real dataset in evaluation mode; Lightning gives the plain loader a
+    ``DistributedSampler`` that pads the 7 entries to 8 (rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5 and 0 again)."""
+
+    entries: list = []
+
+    def val_dataloader(self) -> DataLoader:
+        ds = VideoTextDataset(self.entries, build_sampler("segment", num_frames=4), ClipTransform(32, "eval"),
+                              backend="pyav", rank=self.global_rank, split="val")
+        return DataLoader(ds, batch_size=2, collate_fn=collate_samples)
+
+
+@pytest.fixture(scope="module")
+def corpus_entries(tmp_path_factory) -> list:
+    from vidlang.data.formats import build_index
+    from vidlang.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate_corpus(out, 7, seed=5, size=32, frames=8, workers=1, progress=False)
+    return build_index("manifest", path=str(out / "manifest.csv")).entries
+
+
+def test_ddp_eval_counts_padding_once_and_skips_bad_videos(tmp_path, corpus_entries):
+    """Entries 1, 2, 3 are broken: rank 0 serves [0, -] [4, 6], rank 1 an all-skipped batch, then [5, 0 (padding)].
+    Before the fix each bad entry was replaced by another video, and such a repeat made ``_gathered`` drop every
+    later video; now the gallery is exactly the 4 good videos, each once, and the 3 bad ones are counted."""
+    entries = copy.deepcopy(corpus_entries)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    for i in (1, 2, 3):
+        entries[i].source = str(broken)
+    tok = tmp_path / "tok"
+    train_tokenizer([c for e in entries for c in e.captions], tok, vocab_size=300, min_frequency=1, context_length=32)
+    pl.seed_everything(0)
+    task = EvalProbe(ModelConfig(vision="vit_tiny", num_frames=4), tokenizer=str(tok), write_plots=False)
+    task.entries = entries
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    out = trainer.validate(task, verbose=False)[0]
+    good = [0, 4, 5, 6]
+    n_captions = sum(len(entries[i].captions) for i in good)
+    report = json.loads((tmp_path / "val_metrics.json").read_text())
+    assert (report["num_videos"], report["num_captions"], report["num_skipped"]) == (4, n_captions, 3)
+    assert (out["val/num_videos"], out["val/num_captions"], out["val/num_skipped"]) == (4, n_captions, 3)
+    ds = VideoTextDataset(entries, build_sampler("segment", num_frames=4), ClipTransform(32, "eval"), backend="pyav")
+    ref = task.eval()
+    batch = ref.on_after_batch_transfer(collate_samples([ds[i] for i in good]), 0)
+    with torch.no_grad():
+        video = ref.encode_video(batch["video"])
+        text = torch.nn.functional.normalize(ref.model.encode_text(*ref.tokenize(batch["captions"])).embeds, dim=-1)
+    expected = evaluate_embeddings(text, video, batch["caption_index"], dsl=True).metrics
     assert report["metrics"] == pytest.approx(expected)

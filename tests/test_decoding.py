@@ -23,6 +23,7 @@ from videos import VFR_PTS, frame_pattern, interior_mask, make_video, read_index
 
 from vidlang.data.decoding import (  # noqa: E402
     AUTO_ORDER,
+    DEFAULT_MAX_PIXELS,
     READERS,
     FrameIndexError,
     VideoDecodeError,
@@ -314,3 +315,121 @@ def test_cuda_decode(cfr_video, bframes_video):
         assert_frames_match(frames, idx)
         resized = open_video(v.path, "torchcodec", device="cuda", resize_short_side=24).get_frames([0, 7])
         assert resized.shape == (2, 3, 24, 32) and [read_index(f) for f in hwc(resized)] == [0, 7]
+
+
+# --------------------------------------------------------------------------- decompression bombs (pixel limit)
+
+
+def write_large_frames(path, width: int, height: int, frames: int = 1):
+    """A tiny H.264 file with huge flat frames (a few KB on disk, ``width x height`` to decode)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        frame = av.VideoFrame.from_ndarray(np.full((height * 3 // 2, width), 128, np.uint8), format="yuv420p")
+        for i in range(frames):
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.fixture(scope="session")
+def large_frames_video(video_dir):
+    """4112 x 4112 (16.9 Mpx), just over the default limit of 4096 x 4096."""
+    return write_large_frames(video_dir / "large.mp4", 4112, 4112)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+def test_pixel_limit_refuses_before_decoding(backend, cfr_video):
+    with pytest.raises(VideoDecodeError) as exc:
+        open_video(cfr_video.path, backend, max_pixels=64 * 48 - 1)
+    err = exc.value
+    assert err.source == str(cfr_video.path) and "64x48" in err.reason and "max_pixels=3071" in err.reason
+    for limit in (64 * 48, None):  # at the limit, and no limit
+        with open_video(cfr_video.path, backend, max_pixels=limit) as r:
+            assert r.get_frames([0]).shape == (1, 3, 48, 64)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+def test_default_pixel_limit_refuses_a_large_stream(backend, large_frames_video):
+    assert DEFAULT_MAX_PIXELS == 4096 * 4096 < 4112 * 4112
+    with pytest.raises(VideoDecodeError, match=r"4112x4112 \(16.9 Mpx\) exceeds the pixel limit") as exc:
+        open_video(large_frames_video, backend)
+    assert exc.value.source == str(large_frames_video)
+    if backend == "pyav":  # opting out opens it (metadata only: decoding 17 Mpx frames is not needed here)
+        with open_video(large_frames_video, backend, max_pixels=None) as r:
+            assert (r.metadata.width, r.metadata.height) == (4112, 4112)
+
+
+RSS_PROBE = """
+import json, sys
+import av, decord, torch, torchcodec.decoders  # noqa: F401  (libraries loaded before measuring)
+from vidlang.data.decoding import VideoDecodeError, open_video
+
+
+def kb(field):  # from /proc/self/status: VmRSS (now) or VmHWM (peak since the last reset)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+out = {}
+for backend in ("pyav", "torchcodec", "decord", "auto"):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS to the current RSS
+    before = kb("VmRSS")
+    try:
+        open_video(sys.argv[1], backend, **json.loads(sys.argv[2])).close()
+        out[backend] = "opened"
+    except VideoDecodeError as e:
+        out[backend] = e.reason
+    out[backend + "_mb"] = (kb("VmHWM") - before) / 1024
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_bomb_costs_no_memory_to_refuse(tmp_path):
+    """8192 x 8192 H.264 (400 KB): refused from metadata; peak RSS grows < 100 MB (before the limit: 160-180 MB
+    to open on 2 cores, more with more FFmpeg threads; 0.4-1.3 GB to decode one frame)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bomb = write_large_frames(tmp_path / "bomb.mp4", 8192, 8192, frames=2)
+    assert bomb.stat().st_size < 1_000_000
+    root = Path(__file__).resolve().parents[1]
+
+    def peak_rss(**kwargs) -> dict:
+        cmd = [sys.executable, "-c", RSS_PROBE, str(bomb), json.dumps(kwargs)]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    out = peak_rss()
+    for backend in ("pyav", "torchcodec", "decord", "auto"):
+        assert "exceeds the pixel limit" in out[backend], out
+        assert out[backend + "_mb"] < 100, out
+    unlimited = peak_rss(max_pixels=None)  # the measurement can tell: opening it costs more
+    assert unlimited["pyav"] == "opened" and unlimited["pyav_mb"] > 2 * out["pyav_mb"] + 50, (unlimited, out)
+
+
+def test_max_pixels_is_plumbed_through_the_data_pipeline(cfr_video):
+    from vidlang.data.datamodule import VideoDataModule
+    from vidlang.data.datasets import VideoTextDataset
+    from vidlang.data.sample import VideoEntry
+    from vidlang.data.sampling import build_sampler
+
+    entries = [VideoEntry(str(cfr_video.path), "a", ["a caption"])]
+    sampler = build_sampler("segment", num_frames=4)
+    with pytest.raises(VideoDecodeError, match="exceeds the pixel limit"):
+        VideoTextDataset(entries, sampler, max_pixels=64 * 48 - 1).load(0)
+    assert VideoTextDataset(entries, sampler, max_pixels=None).load(0).video.shape == (1, 4, 3, 48, 64)
+    dm = VideoDataModule(train={"format": "manifest", "path": "unused.csv"}, max_pixels=1000)
+    assert dm._common(training=True)["max_pixels"] == 1000
+    assert VideoDataModule(train={"format": "manifest", "path": "unused.csv"})._common(False)["max_pixels"] == (
+        DEFAULT_MAX_PIXELS
+    )

@@ -113,7 +113,7 @@ def test_model_config_is_jsonargparse_friendly():
 
 def _fake_loader(monkeypatch, sd, info=None):
     module = types.ModuleType("vidlang.models.clip.pretrained")
-    module.load_pretrained = lambda path: (sd, info or {"source": path})
+    module.load_pretrained = lambda path, **_: (sd, info or {"source": path})
     monkeypatch.setitem(sys.modules, "vidlang.models.clip.pretrained", module)
 
 
@@ -167,8 +167,10 @@ def test_checkpoint_activation_mismatch_is_refused(monkeypatch):
     _fake_loader(monkeypatch, sd, info)
     with pytest.raises(ValueError, match=r"/ckpt: the checkpoint's vision tower has act='gelu'"):
         build_model(tiny(pretrained="/ckpt"))
-    info["act_source"] = "default (not stored in a weights file)"  # guessed facts are not enforced
-    build_model(tiny(pretrained="/ckpt"))
+    # what the file does not tell is absent from info and listed as unknown: the model config's is used, loudly
+    info.update(vision={}, text={}, unknown=["vision.act", "text.act"])
+    with pytest.warns(UserWarning, match=r"/ckpt does not record vision.act, text.act"):
+        build_model(tiny(pretrained="/ckpt"))
 
 
 def test_encode_video_state_reaches_the_hooks():

@@ -66,7 +66,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     missing = write_csv(tmp_path / "o.csv", ["video", "caption"], [["a.mp4", "x"]])
     with pytest.raises(FormatError, match=r"o\.csv:1: missing column"):
         build_index("manifest", path=str(missing))
-    (tmp_path / "p.jsonl").write_text('{"path": "a.mp4"}\nnot json\n')
+    (tmp_path / "p.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\nnot json\n')
     with pytest.raises(FormatError, match=r"p\.jsonl:2: invalid JSON"):
         build_index("manifest", path=str(tmp_path / "p.jsonl"))
 

@@ -53,3 +53,17 @@ def test_probe_vfr(tmp_path, capsys):
     assert main(["probe", str(v.path), "--json", "--frames", "2"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["num_frames"] == 4 and rec["clip_shape"] == [2, 3, 48, 64]
+
+
+def test_probe_max_pixels(cfr_video, capsys):
+    from vidlang.commands.probe import DEFAULT_MAX_PIXELS
+    from vidlang.data.decoding import DEFAULT_MAX_PIXELS as DECODING_DEFAULT
+
+    assert DEFAULT_MAX_PIXELS == DECODING_DEFAULT
+    assert main(["probe", str(cfr_video.path), "--max-pixels", "3000"]) == 1
+    out = capsys.readouterr()
+    assert "ERROR frame size 64x48 (0.0 Mpx) exceeds the pixel limit max_pixels=3000" in out.out
+    assert main(["probe", str(cfr_video.path), "--max-pixels", "0", "--json"]) == 0  # 0: no limit
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert main(["probe", str(cfr_video.path), "--max-pixels", "-1"]) == 2
+    assert "--max-pixels must be >= 0" in capsys.readouterr().err

@@ -11,11 +11,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vidlang.data.badsamples import SkippedSample
 from vidlang.data.collate import collate_samples
 from vidlang.data.sample import VideoSample
+from vidlang.eval.retrieval import evaluate_embeddings
 from vidlang.models.clip.tokenizer import train_tokenizer
 from vidlang.models.factory import ModelConfig
 from vidlang.tasks import RetrievalTask
+from vidlang.tasks.retrieval import first_occurrences
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine, warmup_cosine_factor
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
@@ -24,17 +27,23 @@ TINY = ModelConfig(vision="vit_tiny", num_frames=4)
 
 
 class ColorVideos(Dataset):
-    """Video i: a square of colour i moving right over 4 frames; captions name the colour."""
+    """Video i: a square of colour i moving right over 4 frames; captions name the colour.
 
-    def __init__(self, n: int = 8, captions_per_video: int = 2, duplicate_last: bool = False) -> None:
-        self.items = list(range(n)) + ([n - 1] if duplicate_last else [])
-        self.cpv = captions_per_video
+    ``items``: the colour served at each position (repeats model sampler padding); ``bad``: colours that fail
+    to load, served as :class:`SkippedSample` (what an evaluation dataset returns for them)."""
+
+    def __init__(self, n: int = 8, captions_per_video: int = 2, items: list[int] | None = None,
+                 bad: frozenset[int] = frozenset()) -> None:
+        self.items = list(range(n)) if items is None else list(items)
+        self.cpv, self.bad = captions_per_video, bad
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> VideoSample:
+    def __getitem__(self, i: int) -> VideoSample | SkippedSample:
         c = self.items[i]
+        if c in self.bad:
+            return SkippedSample(key=f"video{c:02d}", path=f"/videos/{c}.mp4", reason="VideoDecodeError: broken")
         video = torch.full((1, 4, 3, 32, 32), 40, dtype=torch.uint8)
         for t in range(4):
             video[0, t, :, 8:20, 4 + 4 * t : 16 + 4 * t] = torch.tensor(RGB[c], dtype=torch.uint8)[:, None, None]
@@ -151,11 +160,74 @@ def test_training_lowers_the_loss(tokenizer_dir, tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_sampler_padding_duplicates_are_dropped(tokenizer_dir, tmp_path):
-    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir))
-    _, val = loaders(duplicate_last=True)
+def reference_metrics(task: RetrievalTask, colours: list[int]) -> dict[str, float]:
+    """Single-pass evaluation of the distinct videos ``colours`` (no duplicates, no bad samples)."""
+    task.eval()
+    data = ColorVideos()
+    batch = task.on_after_batch_transfer(collate_samples([data[c] for c in colours]), 0)
+    with torch.no_grad():
+        video = task.encode_video(batch["video"])
+        text = torch.nn.functional.normalize(task.model.encode_text(*task.tokenize(batch["captions"])).embeds, dim=-1)
+    return evaluate_embeddings(text, video, batch["caption_index"], dsl=True).metrics
+
+
+def test_first_occurrences_keeps_each_key_once_with_compact_ids():
+    keep, new_id = first_occurrences(["a", "b", "b", "c", "a", "d"])
+    assert keep.tolist() == [True, True, False, True, False, True]
+    assert new_id.tolist() == [0, 1, 1, 2, 0, 3]  # position of each key's video among the kept ones
+    keep, new_id = first_occurrences([])
+    assert keep.shape == (0,) and new_id.shape == (0,)
+
+
+DUPLICATES = {
+    "middle": [0, 1, 2, 2, 3, 4, 5, 6, 7],
+    "first_again_mid_batch": [0, 1, 2, 3, 0, 4, 5, 6, 7],
+    "three_served_as_four": [0, 1, 1, 2],  # the issue's case: 3 distinct videos were reported as 2
+    "end": [0, 1, 2, 3, 4, 5, 6, 7, 7],
+    "several_at_end": [0, 1, 2, 3, 4, 5, 6, 7, 0, 5],
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+def test_repeated_videos_are_counted_once_and_none_is_lost(tokenizer_dir, tmp_path, case):
+    """Repeats (sampler padding) anywhere in the evaluation order: every distinct video is kept once, with its
+    captions, and the metrics equal an evaluation of the distinct videos alone."""
+    pl.seed_everything(0)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    items = DUPLICATES[case]
+    val = DataLoader(ColorVideos(items=items), batch_size=3, collate_fn=collate_samples)
     out = make_trainer(tmp_path).validate(task, val, verbose=False)[0]
-    assert out["val/num_videos"] == 8 and out["val/num_texts"] == 16
+    distinct = sorted(set(items))
+    assert out["val/num_videos"] == len(distinct) and out["val/num_captions"] == 2 * len(distinct)
+    assert out["val/num_skipped"] == 0
+    expected = reference_metrics(task, distinct)
+    assert {k: out[f"val/{k}"] for k in expected} == pytest.approx(expected)
+    report = json.loads((tmp_path / "ckpt" / "val_metrics.json").read_text())
+    counts = (report["num_videos"], report["num_captions"], report["num_skipped"])
+    assert counts == (len(distinct), 2 * len(distinct), 0)
+
+
+def test_bad_eval_samples_are_skipped_counted_and_never_replaced(tokenizer_dir, tmp_path):
+    """Colours 3, 4, 5 fail to load: the whole second batch is skipped (the eval step must cope with an empty
+    batch), colour 4 is also repeated by padding (counted once); the gallery is exactly the 5 good videos."""
+    pl.seed_everything(0)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    data = ColorVideos(items=[0, 1, 2, 3, 4, 5, 6, 7, 4], bad=frozenset({3, 4, 5}))
+    val = DataLoader(data, batch_size=3, collate_fn=collate_samples)
+    out = make_trainer(tmp_path).test(task, val, verbose=False)[0]
+    assert (out["test/num_videos"], out["test/num_captions"], out["test/num_skipped"]) == (5, 10, 3)
+    expected = reference_metrics(task, [0, 1, 2, 6, 7])
+    assert {k: out[f"test/{k}"] for k in expected} == pytest.approx(expected)
+    report = json.loads((tmp_path / "ckpt" / "test_metrics.json").read_text())
+    assert (report["num_videos"], report["num_captions"], report["num_skipped"]) == (5, 10, 3)
+    assert report["metrics"] == pytest.approx(expected)
+
+
+def test_evaluation_with_every_sample_bad_says_so(tokenizer_dir, tmp_path):
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    val = DataLoader(ColorVideos(n=3, bad=frozenset({0, 1, 2})), batch_size=2, collate_fn=collate_samples)
+    with pytest.raises(RuntimeError, match=r"no video to evaluate.*3 .*skipped"):
+        make_trainer(tmp_path).validate(task, val, verbose=False)
 
 
 def test_optimizer_groups_and_missing_tokenizer(tmp_path):

@@ -68,6 +68,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from vidlang.data.datamodule import VideoDataModule
+    from vidlang.io import with_atomic_checkpoint_io
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
     from vidlang.training.progress import default_progress_bar
@@ -88,7 +89,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
         accelerator="cpu", max_epochs=cfg.epochs, default_root_dir=cfg.out,
         callbacks=[ckpt, default_progress_bar() or TQDMProgressBar()],
         check_val_every_n_epoch=max(1, min(5, cfg.epochs)), log_every_n_steps=10, enable_model_summary=False,
-        logger=pl.loggers.CSVLogger(cfg.out, name="logs"),
+        logger=pl.loggers.CSVLogger(cfg.out, name="logs"), plugins=with_atomic_checkpoint_io(),
     )  # fmt: skip
     return data, task, trainer
 
@@ -129,6 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import torch
 
     from vidlang.eval.retrieval import chance_levels
+    from vidlang.io import atomic_write_text
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -149,8 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print("[4/4] example query")
     print(example_query(best, corpus, cfg.query))
     report = Path(cfg.out) / "demo_results.json"
-    report.write_text(json.dumps({"metrics": metrics, "chance": chance, "checkpoint": str(best),
-                                  "seconds": time.perf_counter() - t0, "config": cfg.__dict__}, indent=2))  # fmt: skip
+    atomic_write_text(report, json.dumps({"metrics": metrics, "chance": chance, "checkpoint": str(best),
+                                          "seconds": time.perf_counter() - t0, "config": cfg.__dict__}, indent=2))
     plots = sorted(str(p) for p in best.parent.glob("*.png"))
     print(f"checkpoint: {best}\nmetrics:    {best.parent}/test_metrics.json, {report}\nplots:      {', '.join(plots)}")
     print(f"try:        vidlang search --ckpt {best} --videos {corpus}/videos \"a blue circle grows\"")

@@ -1,19 +1,35 @@
-"""Errors that are the user's to fix: ``vidlang`` prints their message on one line and exits with status 2.
+"""Errors that mean "vidlang must refuse what the user gave it", as opposed to a bug in vidlang.
 
-Raise a :class:`VidlangUserError` (or a subclass) only for a mistake in what the user gave (a config value,
-a file, a flag), with a message that names the value or file and the reason. Anything else is a bug and
-keeps its traceback. ``vidlang --debug ...`` or ``VIDLANG_DEBUG=1`` shows the traceback of user errors too.
+The CLI prints any :class:`VidlangUserError` as one line and exits with status 2 (the traceback only
+with ``--debug`` or ``VIDLANG_DEBUG=1``). Raise one only for a mistake in what the user gave (a config
+value, a file, a flag), with a message that names the value or file and the reason; anything else is a
+bug and keeps its traceback. Subclasses also derive from ``ValueError`` (or ``FileNotFoundError``) where
+older callers caught that.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "InputNotFoundError",
+    "UnknownArchitectureError",
+    "UnsafeCheckpointError",
+    "VidlangUserError",
+]
+
 
 class VidlangUserError(Exception):
-    """A mistake in the user's input; reported as one line, exit status 2."""
+    """A user error: printed as one line, exit 2."""
 
 
-class UnsafeCheckpointError(VidlangUserError):
-    """The checkpoint needs arbitrary code to load and was refused."""
+class UnsafeCheckpointError(VidlangUserError, ValueError):
+    """The checkpoint can only be read by unpickling arbitrary objects, i.e. by running code stored in it."""
+
+
+class UnknownArchitectureError(VidlangUserError, ValueError):
+    """The weights do not determine the architecture (e.g. the attention heads); the user has to state it."""
 
 
 class ConfigError(VidlangUserError, ValueError):
@@ -21,7 +37,7 @@ class ConfigError(VidlangUserError, ValueError):
 
 
 class CheckpointError(VidlangUserError, ValueError):
-    """A checkpoint that is missing, unreadable, or of the wrong kind for the command (names the file)."""
+    """A checkpoint that is unreadable, foreign, or of the wrong kind for the command (names the file)."""
 
 
 class InputNotFoundError(VidlangUserError, FileNotFoundError):

@@ -4,13 +4,15 @@
 extensions in :data:`VIDEO_EXTENSIONS`, hidden folders skipped) and keeps the result in ``cache_dir``:
 
 * ``embeddings.safetensors`` -- one tensor ``embeddings [N, E]`` (float32, L2-normalised);
-* ``manifest.json`` -- ``{"version", "fingerprint", "dim", "videos": {relpath: {"size", "mtime_ns", "row"}},
-  "failed": {relpath: {"size", "mtime_ns", "error"}}}``.
+* ``manifest.json`` -- ``{"version", "generation", "fingerprint", "dim",
+  "videos": {relpath: {"size", "mtime_ns", "row"}}, "failed": {relpath: {"size", "mtime_ns", "error"}}}``.
 
 A later build reuses every cached row whose relative path, size and modification time are unchanged and
 whose model fingerprint (checkpoint bytes + preprocessing) matches; only new or changed files are decoded;
 removed files are dropped. Videos that cannot be decoded are reported (``VideoIndex.failed``), never
-zero-filled, and are not retried until they change. Both files are replaced atomically.
+zero-filled, and are not retried until they change. Both files are replaced atomically (:mod:`vidlang.io`)
+and carry the same random ``generation``: a cache whose two files come from different builds (a crash
+between the two renames) is rebuilt, never read with rows pointing at the wrong embeddings.
 
 ``search(text_embeds, k)`` ranks the videos by cosine similarity; equal scores keep path order.
 """
@@ -29,7 +31,7 @@ from torch import Tensor
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: embeddings and manifest carry a shared 'generation'
 
 
 def scan_videos(root: str | os.PathLike) -> dict[str, os.stat_result]:
@@ -124,23 +126,27 @@ class VideoIndex:
         return index
 
     def save(self, cache_dir: Path, fingerprint: str, signatures: dict[str, dict[str, int]]) -> None:
-        """Write ``embeddings.safetensors`` and ``manifest.json`` atomically (temporary file + rename)."""
+        """Write ``embeddings.safetensors`` and ``manifest.json``, each atomically, tied by one ``generation``."""
+        import secrets
+
         from safetensors.torch import save_file
 
+        from vidlang.io import atomic_path, atomic_write_text
+
         cache_dir.mkdir(parents=True, exist_ok=True)
+        generation = secrets.token_hex(8)
         manifest = {
             "version": CACHE_VERSION,
+            "generation": generation,
             "fingerprint": fingerprint,
             "dim": int(self.embeddings.shape[1]),
             "root": str(self.root.resolve()),
             "videos": {p: {**signatures[p], "row": i} for i, p in enumerate(self.paths)},
             "failed": {p: {**signatures[p], "error": why} for p, why in self.failed.items()},
         }
-        tmp_emb, tmp_man = cache_dir / f".{EMBEDDINGS}.tmp", cache_dir / f".{MANIFEST}.tmp"
-        save_file({"embeddings": self.embeddings.contiguous().float()}, str(tmp_emb))
-        tmp_man.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp_emb, cache_dir / EMBEDDINGS)
-        os.replace(tmp_man, cache_dir / MANIFEST)
+        with atomic_path(cache_dir / EMBEDDINGS, clean_stale=True) as tmp:
+            save_file({"embeddings": self.embeddings.contiguous().float()}, str(tmp), {"generation": generation})
+        atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
     # -- searching ---------------------------------------------------------------------------------
     def scores(self, text_embeds: Tensor) -> Tensor:
@@ -171,19 +177,24 @@ def _load_cache(
     cache_dir: Path, fingerprint: str, dim: int
 ) -> tuple[dict[str, tuple[dict, Tensor]], dict[str, tuple[dict, str]]]:
     """Cached ``rel -> (signature, embedding [E])`` and ``rel -> (signature, error)``; empty when stale."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     man_path, emb_path = cache_dir / MANIFEST, cache_dir / EMBEDDINGS
     if not (man_path.is_file() and emb_path.is_file()):
         return {}, {}
     try:
         manifest = json.loads(man_path.read_text())
-        emb = load_file(str(emb_path))["embeddings"]
-    except (OSError, ValueError, KeyError) as err:  # a damaged cache is rebuilt, never trusted
+        with safe_open(str(emb_path), "pt") as f:
+            generation = (f.metadata() or {}).get("generation")
+            emb = f.get_tensor("embeddings")
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # a damaged cache is rebuilt, never trusted
         print(f"warning: ignoring unreadable index cache {cache_dir}: {err}")
         return {}, {}
     if (manifest.get("version") != CACHE_VERSION or manifest.get("fingerprint") != fingerprint
             or manifest.get("dim") != dim or emb.shape[1:] != (dim,)):
+        return {}, {}
+    if generation is None or manifest.get("generation") != generation:
+        print(f"warning: ignoring index cache {cache_dir}: its two files come from different builds")
         return {}, {}
     sig = ("size", "mtime_ns")
     rows = {

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import pickle
-import pickletools
 import threading
 import warnings
 import zipfile
@@ -148,68 +146,26 @@ def _named_globals(message: str) -> list[str]:
     return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
 
 
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-
-
-def pickle_globals(path: str | os.PathLike, max_pickles: int = 4) -> list[str]:
-    """The globals (``module.name``) that a checkpoint's pickle would import and call, found by reading its
-    opcodes (nothing is executed). Zip checkpoints: ``*/data.pkl``; other files: up to ``max_pickles``
-    consecutive pickles from the start (the legacy ``torch.save`` layout, or a raw pickle)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            name = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
-            if name is None:
-                return []
-            return _scan_pickles(io.BytesIO(zf.read(name)), 1)
-    with open(path, "rb") as f:
-        return _scan_pickles(f, max_pickles)
-
-
-def _scan_pickles(f: Any, max_pickles: int) -> list[str]:
-    found: list[str] = []
-    for _ in range(max_pickles):
-        pushed: list[Any] = []  # values pushed, strings kept (enough to resolve STACK_GLOBAL)
-        memo: dict[int, Any] = {}
-        try:
-            for op, arg, _pos in pickletools.genops(f):
-                if op.name in _STRING_OPS:
-                    pushed.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    pushed.append(memo.get(int(arg)))
-                elif op.name == "MEMOIZE":
-                    memo[len(memo)] = pushed[-1] if pushed else None
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[int(arg)] = pushed[-1] if pushed else None
-                elif op.name in ("GLOBAL", "INST"):
-                    found.append(".".join(str(arg).split(" ", 1)))
-                    pushed.append(None)
-                elif op.name == "STACK_GLOBAL":
-                    mod, name = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-                    found.append(f"{mod}.{name}" if isinstance(mod, str) and isinstance(name, str) else "<unknown>")
-                    pushed.append(None)
-                elif op.stack_after:
-                    pushed.append(None)
-        except Exception:  # end of the pickles (raw storage bytes follow in the legacy layout), or not a pickle
-            break
-    return found
+_SCAN_BYTES = 256 * 2**20  # the pickles of a legacy torch file come first, raw storages after
 
 
 def disallowed_globals(path: str | os.PathLike) -> list[str]:
-    """The globals of :func:`pickle_globals` that torch's weights-only unpickler does not allow (sorted)."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
+    """The globals a checkpoint's pickle would import beyond what ``torch.load(weights_only=True)`` allows,
+    found by reading its opcodes (:mod:`vidlang.models.clip.pickle_scan`; nothing is executed). Zip
+    checkpoints: ``*/data.pkl``; other files: their leading pickles (legacy ``torch.save`` layout, raw pickle)."""
+    from vidlang.models.clip.pickle_scan import allowed_torch_globals, scan_pickles
 
-        allowed = set(_get_allowed_globals())
-    except Exception:  # private API moved: every global outside torch counts
-        allowed = set()
-    for item in torch.serialization.get_safe_globals():
-        obj = item[0] if isinstance(item, tuple) else item
-        allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
     try:
-        names = pickle_globals(path)
-    except (OSError, zipfile.BadZipFile):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile, KeyError):
         return []
-    return sorted({n for n in names if n not in allowed and not (not allowed and n.startswith("torch."))})
+    return sorted(scan_pickles(data).disallowed(allowed_torch_globals()))
 
 
 def checkpoint_task(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> str:

@@ -164,7 +164,10 @@ def pretrain(
         last = {k: round(x.item(), 4) for k, x in losses.items()}
     info = {"steps": recipe.pretrain_steps, "seconds": time.perf_counter() - t0, "final_losses": last,
             "embed_scale": calibrate_embed_norm(model, bank, recipe.embed_norm, recipe.seed + 4)}  # fmt: skip
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out))
+    from vidlang.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     if held is not None:  # held-out losses of the heads, to show the features are useful
         model.eval()
         with torch.no_grad():

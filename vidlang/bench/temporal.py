@@ -229,5 +229,7 @@ class TemporalBench:
         print(f"total {result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            from vidlang.io import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
         return 0

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 
 from vidlang.commands import COMMANDS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: object = None,
+) -> None:
+    """Warnings as one loud line each on stderr (the activation guess must not go unseen)."""
+    print(f"vidlang convert: WARNING: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 @COMMANDS.register("convert")
@@ -16,36 +38,65 @@ class ConvertCommand:
         parser.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
         parser.add_argument("--image-size", type=int, default=None, help="resample position embeddings to this size")
         parser.add_argument(
+            "--heads",
+            type=_positive_int,
+            default=None,
+            help="attention heads of the image tower (width / head width); needed when a bare weights file's "
+            "shapes match no known architecture",
+        )
+        parser.add_argument(
+            "--text-heads", type=_positive_int, default=None, help="attention heads of the text tower (as --heads)"
+        )
+        parser.add_argument(
             "--act",
             choices=("quick_gelu", "gelu"),
             default=None,
-            help="activation of the towers (a bare weights file cannot record it; default quick_gelu, as OpenAI)",
+            help="activation of the towers: quick_gelu for OpenAI's weights, gelu for most open_clip trainings. "
+            "A bare weights file cannot record it: without --act vidlang guesses and warns",
         )
         parser.add_argument(
             "--dtype", choices=("float32", "float16", "bfloat16", "keep"), default="float32", help="stored precision"
         )
 
     def run(self, args: argparse.Namespace) -> int:
+        from vidlang.errors import VidlangUserError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = _print_warning  # restored on leaving the block
+                return self._convert(args)
+        except (VidlangUserError, ValueError, FileNotFoundError) as e:
+            if os.environ.get("VIDLANG_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"vidlang convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+
+    def _convert(self, args: argparse.Namespace) -> int:
         import torch
 
         from vidlang.models.clip.pretrained import load_pretrained, save_vidlang
 
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
-        sd, info = load_pretrained(args.src, dtype=dtype, act=args.act, image_size=args.image_size)
+        sd, info = load_pretrained(
+            args.src, dtype=dtype, act=args.act, image_size=args.image_size, heads=args.heads,
+            text_heads=args.text_heads,
+        )  # fmt: skip
         out = save_vidlang(sd, info, args.out)
         n_params = sum(v.numel() for v in sd.values())
         towers = ", ".join(t for t in ("vision", "text") if info.get(t) is not None)
+        heads_from = info.get("heads_source", {})
         print(f"converted {info['format']} checkpoint {args.src} ({n_params:,} values; towers: {towers}) -> {out}")
         if info.get("vision") is not None:
             v = info["vision"]
             print(
-                f"  vision: width {v['width']}, layers {v['layers']}, heads {v['heads']}, "
+                f"  vision: width {v['width']}, layers {v['layers']}, heads {v['heads']} ({heads_from.get('vision')}), "
                 f"patch {v['patch_size']}, image {v['image_size']}, embed {v['embed_dim']}, act {v['act']}"
             )
         if info.get("text") is not None:
             t = info["text"]
             print(
-                f"  text: width {t['width']}, layers {t['layers']}, heads {t['heads']}, "
+                f"  text: width {t['width']}, layers {t['layers']}, heads {t['heads']} ({heads_from.get('text')}), "
                 f"context {t['context_length']}, vocab {t['vocab_size']}, embed {t['embed_dim']}"
             )
         print(f"  activation: {info['vision' if info.get('vision') else 'text']['act']} ({info['act_source']})")

@@ -5,7 +5,7 @@ unchanged), ``{key}.txt`` (first caption) and ``{key}.json`` (key, source path, 
 window, label, label_name, metadata); keys are 9-digit sample numbers. Per shard a
 ``{shard:05d}_stats.json`` (``count``, ``successes``, ``failed``), and ``stats.json`` +
 ``classes.txt`` (if the format has class names) for the set. Missing or unreadable videos are
-skipped, counted and listed in ``stats.json``.
+skipped, counted and listed in ``stats.json``. Each file is written atomically (:mod:`vidlang.io`).
 
 Example::
 
@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
+import itertools
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vidlang.commands import COMMANDS
+from vidlang.io import atomic_open, atomic_write_text
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -41,57 +44,67 @@ def _video_ext(path: str) -> str:
 
 
 def write_shards(index: Any, out: str | os.PathLike, samples_per_shard: int = 1000, progress: bool = True) -> dict:
-    """Write the entries of a :class:`~vidlang.data.sample.FormatIndex` as shards; return the stats dict."""
+    """Write the entries of a :class:`~vidlang.data.sample.FormatIndex` as shards; return the stats dict.
+
+    Every file is written atomically (:mod:`vidlang.io`): an interrupted run leaves complete
+    shards (each with its ``_stats.json``) and no partial one under a ``.tar`` name.
+    """
     from tqdm import tqdm
 
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if any(out.glob("*.tar")):
+    if any(out.glob("[!.]*.tar")):
         raise FileExistsError(f"{out} already holds .tar shards; choose an empty folder")
     stats: dict[str, Any] = {"samples": 0, "failed": 0, "failures": [], "shards": 0}
-    shard, in_shard, tf = -1, 0, None
-    for entry in tqdm(index.entries, desc="shards", unit="video", disable=not progress):
-        try:
-            data = entry.open_source()
-            data = data if isinstance(data, bytes) else Path(data).read_bytes()
-        except OSError as e:
-            stats["failed"] += 1
-            stats["failures"].append({"path": entry.path, "reason": str(e)})
-            continue
-        if tf is None or in_shard == samples_per_shard:
-            if tf is not None:
-                _close_shard(tf, out, shard, in_shard)
-            shard, in_shard = shard + 1, 0
-            tf = tarfile.open(out / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
-        key = f"{stats['samples']:09d}"
-        names = index.classes
-        meta = {
-            "key": key, "source_key": entry.key, "source_path": entry.path, "captions": entry.captions,
-            "window": list(entry.window) if entry.window else None, "label": entry.label,
-            "label_name": names[entry.label] if names and entry.label is not None else entry.meta.get("label_name"),
-            "eval_captions": entry.eval_captions,
-            "meta": {k: v for k, v in entry.meta.items() if _jsonable(v)},
-        }
-        _add_member(tf, f"{key}.{_video_ext(entry.path)}", data)
-        _add_member(tf, f"{key}.txt", (entry.captions[0] if entry.captions else "").encode("utf-8"))
-        _add_member(tf, f"{key}.json", json.dumps(meta).encode("utf-8"))
-        stats["samples"] += 1
-        in_shard += 1
-    if tf is not None:
-        _close_shard(tf, out, shard, in_shard)
-    stats["shards"] = shard + 1
+
+    def readable() -> Iterator[tuple[Any, bytes]]:
+        for entry in tqdm(index.entries, desc="shards", unit="video", disable=not progress):
+            try:
+                data = entry.open_source()
+                yield entry, data if isinstance(data, bytes) else Path(data).read_bytes()
+            except OSError as e:
+                stats["failed"] += 1
+                stats["failures"].append({"path": entry.path, "reason": str(e)})
+
+    samples = readable()
+    while chunk := list(itertools.islice(samples, samples_per_shard)):
+        shard = stats["shards"]
+        with atomic_open(out / f"{shard:05d}.tar", "wb") as f, \
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for entry, data in chunk:
+                _add_sample(tf, f"{stats['samples']:09d}", entry, data, index.classes)
+                stats["samples"] += 1
+        counts = {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0, "failed_to_subsample": 0}
+        atomic_write_text(out / f"{shard:05d}_stats.json", json.dumps(counts))
+        stats["shards"] += 1
     if index.classes:
-        (out / "classes.txt").write_text("\n".join(index.classes) + "\n", encoding="utf-8")
-    (out / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
+        atomic_write_text(out / "classes.txt", "\n".join(index.classes) + "\n")
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
     return stats
 
 
-def _close_shard(tf: tarfile.TarFile, out: Path, shard: int, count: int) -> None:
-    tf.close()
-    stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_subsample": 0}
-    (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats), encoding="utf-8")
+def _label_name(entry: Any, names: list[str] | None) -> str | list[str] | None:
+    """The class name(s) of an entry's label (a list for multi-label entries)."""
+    if not names or entry.label is None:
+        return entry.meta.get("label_name")
+    if isinstance(entry.label, (tuple, list)):
+        return [names[i] for i in entry.label]
+    return names[entry.label]
+
+
+def _add_sample(tf: tarfile.TarFile, key: str, entry: Any, data: bytes, names: list[str] | None) -> None:
+    meta = {
+        "key": key, "source_key": entry.key, "source_path": entry.path, "captions": entry.captions,
+        "window": list(entry.window) if entry.window else None, "label": entry.label,
+        "label_name": _label_name(entry, names),
+        "eval_captions": entry.eval_captions,
+        "meta": {k: v for k, v in entry.meta.items() if _jsonable(v)},
+    }
+    _add_member(tf, f"{key}.{_video_ext(entry.path)}", data)
+    _add_member(tf, f"{key}.txt", (entry.captions[0] if entry.captions else "").encode("utf-8"))
+    _add_member(tf, f"{key}.json", json.dumps(meta).encode("utf-8"))
 
 
 def _jsonable(v: Any) -> bool:

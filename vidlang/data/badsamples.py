@@ -2,9 +2,13 @@
 
 * A sample whose decode fails (:class:`VideoDecodeError`, a missing file, an unreadable shard
   member, a window outside the video, or a decode that exceeds ``decode_timeout_s``) is
-  **skipped and replaced** by a deterministic different index (map-style datasets) or by the
-  next sample of the stream (streaming). Nothing is dropped or duplicated silently: every
-  failure is recorded with its epoch, index, key, path, reason and replacement.
+  **skipped**. In training it is **replaced** by a deterministic different index (map-style
+  datasets) or by the next sample of the stream (streaming). In evaluation it is never replaced
+  (a stand-in would change the gallery): a map-style dataset returns a :class:`SkippedSample`
+  that the collate leaves out of the batch (``batch["skipped"]`` names it; the tasks report how
+  many were skipped), a stream goes on with its next sample, which it serves once anyway.
+  Nothing is dropped or duplicated silently: every failure is recorded with its epoch, index,
+  key, path, reason and replacement (``None`` in evaluation).
 * **Reports.** Each process (DataLoader worker or the main process) appends its failures to
   ``{report_dir}/workers/rank{r}-pid{p}.jsonl`` as they happen. At epoch end the main process
   (:class:`BadSampleCallback`, added to the trainer by the DataModule) collects that epoch's
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vidlang.io import append_line, append_lines
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +51,18 @@ class BadSampleError(RuntimeError):
 
 class DecodeTimeout(TimeoutError):
     pass
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """What an evaluation dataset returns for a sample that failed to load (instead of a replacement).
+
+    The collate (:func:`vidlang.data.collate.collate_samples`) leaves it out of the batch and lists its
+    ``key`` in ``batch["skipped"]``; the failure itself is recorded by the dataset's tracker."""
+
+    key: str
+    path: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -108,8 +126,7 @@ class BadSampleTracker:
         self.failures.append(rec)
         f = self._file()
         if f is not None:
-            with open(f, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_line(f, json.dumps(rec))
         log.warning("skipping bad sample %s (%s): %s", key, path, reason)
         n_fail = sum(1 for r in self.failures if r["epoch"] == epoch)
         n_try = self.attempts[epoch]
@@ -129,17 +146,21 @@ def _message(n_fail: int, n_total: int, records: Sequence[dict], policy: BadSamp
 
 def collect_epoch(
     policy: BadSamplePolicy, epoch: int, extra: Sequence[dict] = (), split: str = "train",
-    reported: set[tuple[Any, Any]] | None = None,
+    reported: set[tuple[Any, Any]] | None = None, rank: int | None = None,
 ) -> list[dict]:
-    """Gather every process's failures of ``split`` in ``epoch`` and append them to ``bad_samples.jsonl``.
+    """Gather the failures of ``split`` in ``epoch`` of every process of ``rank`` (None: of every rank) and
+    append them to ``bad_samples.jsonl``.
 
     ``reported``: (pid, time) of records collected before (updated); they are not collected twice
-    (e.g. the sanity-check validation and the validation of epoch 0 share the epoch number).
+    (e.g. the sanity-check validation and the validation of epoch 0 share the epoch number). Under DDP each
+    rank collects its own records (the report directory may be shared): none is written twice, and each
+    rank's skip rate compares its own failures with its own served samples.
     """
     seen = reported if reported is not None else set()
 
     def wanted(rec: dict) -> bool:
-        return rec["epoch"] == epoch and rec.get("split", "train") == split and (rec["pid"], rec["time"]) not in seen
+        return (rec["epoch"] == epoch and rec.get("split", "train") == split and (rec["pid"], rec["time"]) not in seen
+                and (rank is None or rec.get("rank", 0) == rank))
 
     records: list[dict] = []
     for rec in extra:
@@ -157,9 +178,7 @@ def collect_epoch(
                 seen.add((rec["pid"], rec["time"]))
     records.sort(key=lambda r: r["time"])
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "bad_samples.jsonl", "a", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
+    append_lines(root / "bad_samples.jsonl", [json.dumps(r) for r in records])
     return records
 
 
@@ -214,12 +233,13 @@ def make_callback(policy: BadSamplePolicy, trackers: Sequence[BadSampleTracker] 
         def _end(self, trainer: Any, pl_module: Any, stage: str) -> None:
             epoch = trainer.current_epoch
             extra = [r for t in self.trackers for r in t.failures]
-            records = collect_epoch(self.policy, epoch, extra, split=stage, reported=self.reported)
+            rank = trainer.global_rank
+            records = collect_epoch(self.policy, epoch, extra, split=stage, reported=self.reported, rank=rank)
             if records:
-                log.warning("%s epoch %d: %d bad samples skipped (report: %s)", stage, epoch, len(records),
-                            self.policy.report_dir)
-            with contextlib.suppress(Exception):
-                pl_module.log(f"data/bad_samples_{stage}", float(len(records)), rank_zero_only=True)
+                log.warning("%s epoch %d rank %d: %d bad samples skipped (report: %s)", stage, epoch, rank,
+                            len(records), self.policy.report_dir)
+            with contextlib.suppress(Exception):  # summed over ranks
+                pl_module.log(f"data/bad_samples_{stage}", float(len(records)), sync_dist=True, reduce_fx="sum")
             check_rate(self.policy, records, self.served[stage], scope=f"in {stage} epoch {epoch}")
 
         def on_train_epoch_start(self, trainer, pl_module):

@@ -5,13 +5,20 @@ Batch (``B`` videos, ``A`` captions in all)::
     video:         uint8 [B, T, C, H, W]   single view; [B, V, T, C, H, W] when samples carry V > 1 views
     captions:      list[str]               length A, every caption of every sample, in sample order
     caption_index: int64 [A]               caption a belongs to video caption_index[a]
-    label:         int64 [B]               -1 = no label
+    label:         int64 [B]               -1 = no label (or a label set: multi-label sample)
+    label_set:     int64 [B, L]            only if a sample has a label tuple (multi-label data): its class
+                                           indices, -1 padded (an int label counts as a set of one)
     key:           list[str]               length B
     path:          list[str]               length B
     window:        float64 [B, 2]          NaN where a sample has no window
     audio:         float32 [B, S]          only if any sample carries audio; zero-padded
     audio_lengths: int64 [B]
     audio_mask:    bool [B]                False = no audio track (row is all zeros)
+    skipped:       list[str]               keys of the samples left out (:class:`SkippedSample`, evaluation)
+
+Evaluation datasets return a :class:`~vidlang.data.badsamples.SkippedSample` for a sample that failed to
+load: it is left out (``B`` counts the loaded samples only). When every sample of a batch was skipped the
+batch is empty: ``video`` is ``None``, the lists are empty and the tensors have 0 rows.
 """
 
 from __future__ import annotations
@@ -23,18 +30,24 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
+from vidlang.data.badsamples import SkippedSample
 from vidlang.data.sample import VideoSample
 from vidlang.data.shm_ring import SLOT_KEY, BatchRing
 
 
-def collate_samples(samples: Sequence[VideoSample], ring: BatchRing | None = None) -> dict[str, Any]:
-    """Stack samples into a batch dict (module docstring). All videos must share ``[V, T, C, H, W]``.
+def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchRing | None = None) -> dict[str, Any]:
+    """Stack samples into a batch dict (module docstring). All videos must share ``[V, T, C, H, W]``;
+    :class:`SkippedSample` items are left out (their keys go to ``skipped``).
 
     ``ring``: reusable shared-memory slots for the video inside DataLoader workers (:mod:`vidlang.data.shm_ring`;
     the batch then carries a slot tag that :class:`~vidlang.data.shm_ring.RingDataLoader` releases).
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
+    skipped = [s.key for s in samples if isinstance(s, SkippedSample)]
+    samples = [s for s in samples if not isinstance(s, SkippedSample)]
+    if not samples:
+        return empty_batch(skipped)
     shapes = {tuple(s.video.shape) for s in samples}
     if len(shapes) != 1:
         detail = ", ".join(f"{s.key}: {tuple(s.video.shape)}" for s in samples[:4])
@@ -51,18 +64,36 @@ def collate_samples(samples: Sequence[VideoSample], ring: BatchRing | None = Non
         "video": video,
         "captions": captions,
         "caption_index": torch.tensor(owner, dtype=torch.long),
-        "label": torch.tensor([-1 if s.label is None else int(s.label) for s in samples], dtype=torch.long),
+        "label": torch.tensor([-1 if s.label is None or isinstance(s.label, (tuple, list)) else int(s.label)
+                               for s in samples], dtype=torch.long),
         "key": [s.key for s in samples],
         "path": [s.path for s in samples],
         "window": torch.tensor(
             [list(s.window) if s.window is not None else [math.nan, math.nan] for s in samples], dtype=torch.float64
         ),
     }
+    batch["skipped"] = skipped
+    if any(isinstance(s.label, (tuple, list)) for s in samples):
+        batch["label_set"] = _label_sets(samples)
     if slot is not None:
         batch[SLOT_KEY] = slot
     if any(s.audio is not None for s in samples):
         batch.update(_collate_audio(samples, video.device))
     return batch
+
+
+def empty_batch(skipped: Sequence[str]) -> dict[str, Any]:
+    """The batch of a list whose every sample was skipped (module docstring)."""
+    return {
+        "video": None,
+        "captions": [],
+        "caption_index": torch.zeros(0, dtype=torch.long),
+        "label": torch.zeros(0, dtype=torch.long),
+        "key": [],
+        "path": [],
+        "window": torch.zeros(0, 2, dtype=torch.float64),
+        "skipped": list(skipped),
+    }
 
 
 def stack_videos(
@@ -96,6 +127,16 @@ def stack_videos(
     for b, v in enumerate(videos):
         out[b].copy_(v)
     return out, slot
+
+
+def _label_sets(samples: Sequence[VideoSample]) -> torch.Tensor:
+    """``int64 [B, L]`` class indices of each sample's label set, ``-1`` padded (multi-label data)."""
+    sets = [list(s.label) if isinstance(s.label, (tuple, list)) else [] if s.label is None else [int(s.label)]
+            for s in samples]
+    out = torch.full((len(sets), max(1, *map(len, sets))), -1, dtype=torch.long)
+    for b, labels in enumerate(sets):
+        out[b, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+    return out
 
 
 def _collate_audio(samples: Sequence[VideoSample], device: torch.device) -> dict[str, torch.Tensor]:

@@ -18,9 +18,12 @@ randomness is seeded by (seed, rank, epoch, index), so it does not depend on the
 workers; ``worker_init_fn`` also seeds ``random``/``numpy``/``torch`` of each worker from
 (seed, rank, worker id, epoch at worker start) for third-party code. With persistent workers
 the epoch reaches the workers through shared memory (``set_epoch``, called by Lightning via
-the sampler). Ranks split the (shuffled) index without padding: no duplicated samples; in
-training the last ``len % world_size`` samples of each epoch's permutation are left out so
-that every rank runs the same number of steps (logged).
+the sampler). In training, ranks split the shuffled index without padding (no duplicated samples):
+the last ``len % world_size`` samples of each epoch's permutation are left out so that every rank
+runs the same number of steps (logged). In evaluation nothing is left out: the index is padded by
+repeating its first samples until every rank has the same number (>= 1, so no rank skips the
+evaluation loop and leaves the others waiting in a collective); the tasks drop those repeats when
+they gather (``num_videos`` counts each video once).
 
 GPU decode: ``decode_device="cuda"`` decodes with torchcodec on the GPU in the main process
 (``num_workers`` forced to 0: CUDA contexts do not survive a fork), frames stay on the GPU
@@ -45,6 +48,7 @@ from vidlang.data import protocols  # noqa: F401  (registers the few_shot / clas
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import VideoTextDataset, mix_seed
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.formats import build_index
 from vidlang.data.sample import FormatIndex
 from vidlang.data.sampling import build_sampler
@@ -58,12 +62,14 @@ SPLITS = ("train", "val", "test")
 
 
 class EpochSampler(DistributedSampler):
-    """Rank split without padding (see module docs); ``set_epoch`` also reaches the dataset's workers."""
+    """Rank split: training drops the tail, evaluation pads with repeats (see module docs); ``set_epoch`` also
+    reaches the dataset's workers."""
 
     def __init__(self, dataset: Any, shuffle: bool, seed: int, rank: int, world_size: int, drop_tail: bool) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_tail)
         n = len(dataset)
-        self.total = n - n % world_size if drop_tail else n
+        # drop_tail: the largest multiple of world_size <= n; else the smallest >= n (padded with repeats)
+        self.total = n - n % world_size if drop_tail else -(-n // world_size) * world_size
         if drop_tail and n % world_size:
             log.info("each epoch leaves out %d of %d samples so that %d ranks take equal steps",
                      n % world_size, n, world_size)
@@ -74,6 +80,8 @@ class EpochSampler(DistributedSampler):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(n))
+        if self.total > n:  # evaluation padding: repeat from the start (cyclically when n < world_size)
+            order = (order * -(-self.total // n))[: self.total]
         return iter(order[: self.total][self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
@@ -130,6 +138,7 @@ class VideoDataModule(pl.LightningDataModule):
         backend: str = "auto",
         decode_device: str = "cpu",
         resize_short_side: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         decode_audio: bool = False,
         audio_sample_rate: int = 16000,
         streaming: bool = False,
@@ -157,6 +166,8 @@ class VideoDataModule(pl.LightningDataModule):
             batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, prefetch_factor: loaders.
             backend: decoding backend; decode_device: ``cpu`` or ``cuda`` (main-process GPU decode).
             resize_short_side: resize at decode time (speed); decode_audio, audio_sample_rate: audio track.
+            max_pixels: largest frame (width x height) decoded; a video with bigger frames is a bad sample,
+                refused from its metadata before decoding (``null``: no limit).
             streaming, shuffle_buffer, resampled, samples_per_epoch: shard streaming (webdataset splits).
             seed: base seed (per rank, worker, epoch and sample).
             bad_sample_dir, max_skip_rate, max_retries, decode_timeout_s, preflight_entries: the bad-sample
@@ -218,7 +229,7 @@ class VideoDataModule(pl.LightningDataModule):
         h = self.hparams
         return dict(sampler=self._sampler(training), transform=self._transform(training), training=training,
                     backend=self.backend, decode_audio=h.decode_audio, audio_sample_rate=h.audio_sample_rate,
-                    resize_short_side=h.resize_short_side, seed=h.seed, policy=self.policy)
+                    resize_short_side=h.resize_short_side, seed=h.seed, policy=self.policy, max_pixels=h.max_pixels)
 
     def _build(self, split: str) -> Any:
         spec = dict(self.splits[split])

@@ -11,6 +11,11 @@ number of workers, and differs between epochs. The epoch lives in shared memory
 Caption choice: training -> one random caption of the entry; evaluation -> all captions, or
 the first for entries whose captions are alternatives of one item (``eval_captions="first"``,
 HowToCaption windows). ``caption_mode`` overrides this (``random``/``first``/``all``).
+
+Bad samples (:mod:`vidlang.data.badsamples`): in training a sample that fails to load is replaced by
+a deterministic other index; in evaluation (``training=False``) it is never replaced (a stand-in would
+change the gallery): ``__getitem__`` returns a :class:`SkippedSample`, which the collate leaves out of
+the batch. Either way the failure is recorded and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from vidlang.data.badsamples import BadSampleError, BadSamplePolicy, BadSampleTracker, DecodeTimeout, time_limit
+from vidlang.data.badsamples import (
+    BadSampleError,
+    BadSamplePolicy,
+    BadSampleTracker,
+    DecodeTimeout,
+    SkippedSample,
+    time_limit,
+)
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.sample import VideoEntry, VideoSample
 
 Transform = Callable[[torch.Tensor, list[str], torch.Generator], tuple[torch.Tensor, list[str]]]
@@ -70,12 +83,14 @@ def load_clip(
     resize_short_side: int | None = None,
     audio_sample_rate: int | None = None,
     max_audio_seconds: float = 30.0,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Decode ``uint8 [V, T, C, H, W]`` (+ mono audio of the clip's span, has_audio) from one entry."""
     from vidlang.data.decoding import VideoDecodeError, open_video
     from vidlang.data.sampling import sample_clip
 
-    with open_video(source, backend=backend, device=device, resize_short_side=resize_short_side) as reader:
+    opts = dict(device=device, resize_short_side=resize_short_side, max_pixels=max_pixels)
+    with open_video(source, backend, **opts) as reader:
         try:
             video = sample_clip(reader, sampler, training, generator, entry.window)
         except ValueError as e:  # e.g. a caption window outside the video
@@ -92,7 +107,8 @@ def load_clip(
 
 
 class VideoTextDataset(Dataset):
-    """Entries -> :class:`VideoSample` (uint8 ``[V, T, C, H, W]`` after ``transform``), with the bad-sample policy."""
+    """Entries -> :class:`VideoSample` (uint8 ``[V, T, C, H, W]`` after ``transform``), with the bad-sample policy
+    (training: replaced; evaluation: a :class:`SkippedSample`, see the module docstring)."""
 
     def __init__(
         self,
@@ -110,6 +126,7 @@ class VideoTextDataset(Dataset):
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
         split: str = "train",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if not entries:
             raise ValueError("VideoTextDataset: no entries")
@@ -117,6 +134,7 @@ class VideoTextDataset(Dataset):
         self.training, self.backend, self.device = training, backend, device
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.resize_short_side, self.seed, self.rank = resize_short_side, seed, rank
+        self.max_pixels = max_pixels
         self.policy = policy or BadSamplePolicy()
         self.caption_mode = caption_mode
         self.epoch = SharedEpoch()
@@ -141,6 +159,7 @@ class VideoTextDataset(Dataset):
             video, audio, has_audio = load_clip(
                 entry, source, self.sampler, training=self.training, generator=g, backend=self.backend,
                 device=self.device, resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
+                max_pixels=self.max_pixels,
             )
         captions = self._captions(entry, g)
         if self.transform is not None:
@@ -156,7 +175,7 @@ class VideoTextDataset(Dataset):
         r = int(torch.randint(n - 1, (1,), generator=g))
         return r if r < index else r + 1
 
-    def __getitem__(self, index: int) -> VideoSample:
+    def __getitem__(self, index: int) -> VideoSample | SkippedSample:
         from vidlang.data.decoding import VideoDecodeError
 
         current = index
@@ -165,9 +184,12 @@ class VideoTextDataset(Dataset):
             try:
                 sample = self.load(current, attempt)
             except (VideoDecodeError, OSError, DecodeTimeout) as e:
+                entry, reason = self.entries[current], f"{type(e).__name__}: {e}"
+                if not self.training:  # evaluation: skip, never replace
+                    self.tracker.failure(epoch, current, entry.key, entry.path, reason, None)
+                    return SkippedSample(entry.key, entry.path, reason)
                 nxt = self.replacement(index, attempt + 1)
-                entry = self.entries[current]
-                self.tracker.failure(epoch, current, entry.key, entry.path, f"{type(e).__name__}: {e}", nxt)
+                self.tracker.failure(epoch, current, entry.key, entry.path, reason, nxt)
                 current = nxt
                 continue
             self.tracker.success(epoch)

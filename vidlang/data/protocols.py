@@ -15,6 +15,10 @@ Pure functions work on label lists / :class:`FormatIndex`; the same operations a
 - ``class_subset``: keep the classes ``classes`` = ``"base"`` / ``"novel"`` (of
   :func:`base_novel_split`) or a list of names or indices; labels are renumbered 0..k-1 in that
   order and the class names become the subset (the label-set switch for zero-shot transfer).
+  Multi-label entries (label tuples) keep the labels of the subset, renumbered; an entry left
+  with none of them is dropped.
+
+Few-shot subsets are defined for single-label data only (a multi-label index is refused).
 """
 
 from __future__ import annotations
@@ -117,19 +121,29 @@ def subset_classes(index: FormatIndex, keep: Sequence[int]) -> FormatIndex:
     if index.classes is None:
         raise ValueError(f"{index.description}: has no class names; cannot select classes")
     remap = {c: j for j, c in enumerate(keep)}
-    entries = [_relabel(e, remap[e.label]) for e in index.entries if e.label is not None and e.label in remap]
+    entries = []
+    for e in index.entries:
+        if isinstance(e.label, tuple):
+            kept = tuple(remap[c] for c in e.label if c in remap)
+            if kept:
+                entries.append(_relabel(e, kept))
+        elif e.label is not None and e.label in remap:
+            entries.append(_relabel(e, remap[e.label]))
     names = [index.classes[c] for c in keep]
     return FormatIndex(entries, names, f"{index.description} [classes {len(keep)} of {len(index.classes)}]")
 
 
-def _relabel(entry: VideoEntry, label: int) -> VideoEntry:
+def _relabel(entry: VideoEntry, label: int | tuple[int, ...]) -> VideoEntry:
     from dataclasses import replace
 
     return replace(entry, label=label, meta={**entry.meta, "original_label": entry.label})
 
 
 def few_shot_index(index: FormatIndex, shots: int, seed: int = 0) -> FormatIndex:
-    """The K-shot subset of ``index`` (see :func:`few_shot_indices`)."""
+    """The K-shot subset of ``index`` (see :func:`few_shot_indices`); single-label data only."""
+    if any(isinstance(e.label, tuple) for e in index.entries):
+        raise ValueError(f"few-shot: {index.description} is multi-label (label sets); K-shot sampling needs one "
+                         "label per video")
     pick = few_shot_indices([e.label for e in index.entries], shots, seed, keys=[e.key for e in index.entries],
                             class_names=index.classes)
     entries = [index.entries[i] for i in pick]

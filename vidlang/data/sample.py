@@ -7,6 +7,7 @@ Index entries (what format readers produce, cheap, no decoding)::
         captions: list[str]  (may be empty for pure recognition data)
         window:   (start_s, end_s) | None  (timestamped captions)
         label:    int | None   (class index; class names live in FormatIndex.classes)
+                  | tuple[int, ...]  (multi-label data: the class indices present, maybe none)
 
 Decoded samples (what a dataset returns, one per item)::
 
@@ -72,7 +73,7 @@ class VideoEntry:
     key: str
     captions: list[str] = field(default_factory=list)
     window: Window | None = None
-    label: int | None = None
+    label: int | tuple[int, ...] | None = None  # a tuple in multi-label data
     eval_captions: EvalCaptions = "all"  # "first": captions are alternatives of one item (HowToCaption)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -109,7 +110,7 @@ class VideoSample:
     key: str
     captions: list[str]
     window: Window | None = None
-    label: int | None = None
+    label: int | tuple[int, ...] | None = None
     audio: torch.Tensor | None = None  # float32 [S]
     path: str = ""
     has_audio: bool = False

@@ -17,9 +17,17 @@ loader made by :func:`make_streaming_loader` forwards from Lightning automatical
   Needs ``len(shards) >= world_size * num_workers`` (else :class:`ValueError`: write more,
   smaller shards, or use fewer workers).
   ``samples_per_epoch`` is derived from the shards' sample counts (``{shard}_stats.json`` or a
-  header scan). With ``world_size > 1`` ranks would see different counts, which hangs DDP, so
-  each rank stops at the smallest rank's count; the samples this drops are counted and logged.
-  A sample that fails to decode is skipped and counted (the epoch is shorter by that much).
+  header scan). *Training* with ``world_size > 1``: ranks would see different counts, which hangs
+  DDP, so each rank stops at the smallest rank's count (the samples this leaves out are counted and
+  logged). *Evaluation* serves every sample of every shard: ranks may yield different numbers of
+  batches (evaluation has no per-step collective; the tasks gather at the end of the epoch).
+  A sample that fails to decode -- or that a truncated shard holds only in part or lost after the
+  cut (the record names the shard and member; see
+  :func:`~vidlang.data.formats.webdataset.iter_shard`) -- is counted. In *evaluation* it is skipped:
+  its key goes to the next batch's ``skipped`` list (never a replacement: that would change the
+  gallery). In *training* the worker serves a fresh decode (new random crop/frames) of its last good
+  sample in its place, so every rank keeps its step count (a rank short of steps hangs DDP); if no
+  sample has been served yet, the replacement follows the next good one.
 * **resampled** (``resampled=True``; large-scale DDP training): each worker draws shards *with
   replacement* (seeded by seed, epoch, rank, worker), an endless stream; an epoch is exactly
   ``samples_per_epoch`` samples over all ranks (default: the shards' total count), split evenly
@@ -32,22 +40,23 @@ from __future__ import annotations
 import logging
 import math
 import random
-import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
-from vidlang.data.badsamples import BadSamplePolicy, BadSampleTracker, DecodeTimeout, time_limit
+from vidlang.data.badsamples import BadSamplePolicy, BadSampleTracker, DecodeTimeout, SkippedSample, time_limit
 from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import SharedEpoch, load_clip, mix_seed, pick_captions
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.formats.webdataset import (
     VIDEO_EXTS,
+    BrokenSample,
     expand_shards,
+    iter_shard,
     sample_from_parts,
     shard_sample_count,
-    split_member_name,
 )
 from vidlang.data.sample import VideoEntry, VideoSample
 from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
@@ -56,22 +65,17 @@ log = logging.getLogger(__name__)
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Stream ``{"__key__", "__shard__", ext: bytes, ...}`` groups of consecutive members of one tar."""
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, "r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = split_member_name(m.name)
-            data = tf.extractfile(m).read()
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__shard__": path}
-            current[ext] = data
-    if current is not None:
-        yield current
+    """Stream ``{"__key__", "__shard__", ext: bytes, ...}`` groups of consecutive members of one tar.
+
+    A truncated shard yields its complete samples, then for each sample that is cut or lost
+    ``{"__key__", "__shard__", "__member__", "__broken__": reason}`` (see
+    :func:`~vidlang.data.formats.webdataset.iter_shard`); the consumer counts those as bad samples.
+    """
+    for s in iter_shard(path, lambda ext: True):
+        if isinstance(s, BrokenSample):
+            yield {"__key__": s.key, "__shard__": path, "__member__": s.member, "__broken__": s.reason}
+        else:
+            yield {"__key__": s.key, "__shard__": path, **s.parts}
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -133,6 +137,7 @@ class StreamingVideoDataset(IterableDataset):
         policy: BadSamplePolicy | None = None,
         caption_mode: str | None = None,
         split: str = "train",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.shards = expand_shards(shards)
         self.counts = [shard_sample_count(s) for s in self.shards]
@@ -140,7 +145,7 @@ class StreamingVideoDataset(IterableDataset):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.buffer, self.resampled, self.seed = int(shuffle_buffer) if training else 0, resampled, seed
         self.rank, self.world_size = _dist_info(rank, world_size)
-        self.backend, self.resize_short_side = backend, resize_short_side
+        self.backend, self.resize_short_side, self.max_pixels = backend, resize_short_side, max_pixels
         self.audio_sample_rate = audio_sample_rate if decode_audio else None
         self.policy = policy or BadSamplePolicy()
         self.ring: BatchRing | None = None  # set by make_streaming_loader when it has workers
@@ -185,12 +190,14 @@ class StreamingVideoDataset(IterableDataset):
                 for ws in rank:
                     rng.shuffle(ws)
         counts = [[sum(self.counts[i] for i in ws) for ws in rank] for rank in shards]
+        if not self.training:  # evaluation: every sample; ranks may differ
+            return shards, counts
         per_rank = min(sum(c) for c in counts)
         quotas = [split_quota(per_rank, workers, c) for c in counts]
         return shards, quotas
 
     def rank_samples(self, epoch: int = 0) -> int:
-        """Samples this rank yields in ``epoch`` (before bad-sample skips in exact mode)."""
+        """Samples this rank yields in ``epoch`` (evaluation: before bad-sample skips)."""
         if self.resampled:
             return split_quota(self.samples_per_epoch, self.world_size)[self.rank]
         return sum(self._exact_plan(epoch)[1][self.rank])
@@ -232,24 +239,64 @@ class StreamingVideoDataset(IterableDataset):
         stream = shuffle_buffer(self._raw_stream(epoch, worker), self.buffer, rng)
         yield from self._batches(self._decoded(stream, epoch, worker, quota))
 
-    def _decoded(self, stream: Iterator[dict[str, Any]], epoch: int, worker: int, quota: int) -> Iterator[VideoSample]:
-        from vidlang.data.decoding import VideoDecodeError
-
+    def _decoded(
+        self, stream: Iterator[dict[str, Any]], epoch: int, worker: int, quota: int
+    ) -> Iterator[VideoSample | SkippedSample]:
+        """Decoded samples of ``stream`` up to ``quota``; failures are counted and handled as the module
+        docstring says (evaluation: :class:`SkippedSample` markers; exact training: repeats of a good sample)."""
         tracker = self._tracker()
-        served = 0
-        for n, raw in enumerate(stream):
+        served, owed, last_good, n = 0, 0, None, 0
+        # exact training must serve its quota (equal steps on every rank); resampled streams never end
+        repeat = self.training and not self.resampled
+        replacement = "repeat of a good sample" if repeat else ("next in stream" if self.training else None)
+        for raw in stream:
             if served >= quota:
                 return
-            key = raw["__key__"].rsplit("/", 1)[-1]
-            path = f"{raw['__shard__']}::{key}"
-            try:
-                sample = self._decode(raw, key, path, mix_seed(self.seed, self.rank, epoch, worker, n))
-            except (VideoDecodeError, OSError, DecodeTimeout, ValueError) as e:
-                tracker.failure(epoch, path, key, path, f"{type(e).__name__}: {e}", "next in stream")
+            n += 1
+            sample = self._try_decode(raw, epoch, worker, n, tracker, replacement)
+            if isinstance(sample, SkippedSample):
+                owed += repeat
+                if not self.training:
+                    yield sample
                 continue
-            tracker.success(epoch)
             served += 1
+            last_good = raw
             yield sample
+            while owed and served < quota:  # replacements for earlier failures, right after a good sample
+                n += 1
+                again = self._try_decode(raw, epoch, worker, n, tracker, replacement)
+                if isinstance(again, SkippedSample):
+                    break
+                owed, served = owed - 1, served + 1
+                yield again
+        while repeat and owed and last_good is not None and served < quota:  # failures at the end of the stream
+            n += 1
+            again = self._try_decode(last_good, epoch, worker, n, tracker, replacement)
+            if isinstance(again, SkippedSample):
+                return
+            owed, served = owed - 1, served + 1
+            yield again
+
+    def _try_decode(
+        self, raw: dict[str, Any], epoch: int, worker: int, n: int, tracker: BadSampleTracker, replacement: str | None
+    ) -> VideoSample | SkippedSample:
+        """One raw sample decoded, or a :class:`SkippedSample` after recording the failure."""
+        from vidlang.data.decoding import VideoDecodeError
+
+        key = raw["__key__"].rsplit("/", 1)[-1]
+        path = f"{raw['__shard__']}::{key}"
+        if "__broken__" in raw:  # a sample a truncated shard holds only in part, or lost after the cut
+            member = f"{raw['__shard__']}::{raw['__member__']}"
+            tracker.failure(epoch, path, key, member, raw["__broken__"], replacement)
+            return SkippedSample(key, member, raw["__broken__"])
+        try:
+            sample = self._decode(raw, key, path, mix_seed(self.seed, self.rank, epoch, worker, n))
+        except (VideoDecodeError, OSError, DecodeTimeout, ValueError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            tracker.failure(epoch, path, key, path, reason, replacement)
+            return SkippedSample(key, path, reason)
+        tracker.success(epoch)
+        return sample
 
     def _tracker(self) -> BadSampleTracker:
         if not hasattr(self, "_tracker_obj"):
@@ -267,6 +314,7 @@ class StreamingVideoDataset(IterableDataset):
             video, audio, has_audio = load_clip(
                 entry, raw[video_ext], self.sampler, training=self.training, generator=g, backend=self.backend,
                 resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
+                max_pixels=self.max_pixels,
             )
         mode = self.caption_mode or ("random" if self.training else entry.eval_captions)
         captions = pick_captions(entry.captions, mode, g)
@@ -274,13 +322,17 @@ class StreamingVideoDataset(IterableDataset):
             video, captions = self.transform(video, captions, g)
         return VideoSample(video, key, captions, entry.window, entry.label, audio, path, has_audio)
 
-    def _batches(self, samples: Iterator[VideoSample]) -> Iterator[dict[str, Any]]:
-        batch: list[VideoSample] = []
+    def _batches(self, samples: Iterator[VideoSample | SkippedSample]) -> Iterator[dict[str, Any]]:
+        """Batches of ``batch_size`` served samples; skipped markers ride along (``batch["skipped"]``) without
+        taking a place (a trailing run of them comes as a batch of its own with no video)."""
+        batch: list[VideoSample | SkippedSample] = []
+        served = 0
         for s in samples:
             batch.append(s)
-            if len(batch) == self.batch_size:
+            served += not isinstance(s, SkippedSample)
+            if served == self.batch_size:
                 yield collate_samples(batch, self.ring)
-                batch = []
+                batch, served = [], 0
         if batch:
             yield collate_samples(batch, self.ring)
 

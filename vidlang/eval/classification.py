@@ -1,13 +1,23 @@
-"""Recognition metrics: top-1/top-5, mean-class accuracy, multi-view fusion, base-to-novel, confusion plot.
+"""Recognition metrics: top-1/top-5, mean-class accuracy, multi-view fusion, base-to-novel, confusion plot;
+mAP for multi-label data.
 
 Multi-view testing (DESIGN.md §7b): every view (temporal clip x spatial crop) is classified on its own;
-the fused prediction is the mean over views of the per-view **softmax** probabilities. Per-view results
-are reported next to the fused ones. Accuracies are percentages.
+the fused prediction is the mean over views of the per-view **softmax** probabilities (``sigmoid`` for
+a model trained with binary cross-entropy). Per-view results are reported next to the fused ones.
+Accuracies are percentages.
+
+Multi-label data (targets ``[N, K]`` 0/1 instead of labels ``[N]``): ``mAP`` = the mean over classes of
+the average precision of ranking all samples by that class's score (classes without a positive sample
+are left out, as in the Charades evaluation; ``map_classes`` counts the others). Average precision is
+``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, high to low (tied scores form one
+threshold), the definition scikit-learn's ``average_precision_score`` uses. ``top1``: % of the samples
+with at least one positive whose highest-scoring class is a positive (ties with a negative count as a miss).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +26,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vidlang.io import append_line, atomic_path, atomic_write_text
 
-def fuse_views(logits: Tensor) -> Tensor:
-    """``logits [N, V, K]`` -> fused probabilities ``[N, K]`` = mean over views of ``softmax`` per view."""
+FUSIONS = ("softmax", "sigmoid")
+
+
+def fuse_views(logits: Tensor, fuse: str = "softmax") -> Tensor:
+    """``logits [N, V, K]`` -> fused probabilities ``[N, K]`` = mean over views of ``softmax`` (or ``sigmoid``)
+    per view."""
     if logits.ndim != 3:
         raise ValueError(f"fuse_views expects logits [N, V, K], got shape {tuple(logits.shape)}")
-    return logits.float().softmax(dim=-1).mean(dim=1)
+    if fuse not in FUSIONS:
+        raise ValueError(f"fuse must be one of {FUSIONS}, got {fuse!r}")
+    logits = logits.float()
+    return (logits.softmax(dim=-1) if fuse == "softmax" else logits.sigmoid()).mean(dim=1)
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -68,6 +86,49 @@ def score_metrics(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return out
 
 
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Per-class average precision ``[K]`` (float64; NaN for a class without positives) of ``scores [N, K]``
+    against 0/1 ``targets [N, K]`` (module docstring: distinct thresholds, ties form one threshold)."""
+    if scores.ndim != 2 or targets.shape != scores.shape:
+        raise ValueError(f"scores and targets [N, K] expected, got {tuple(scores.shape)}, {tuple(targets.shape)}")
+    scores, targets = scores.detach().double().cpu(), (targets.detach().cpu() > 0).double()
+    out = torch.full((scores.shape[1],), float("nan"), dtype=torch.float64)
+    for k in range(scores.shape[1]):
+        positives = targets[:, k].sum()
+        if positives == 0:
+            continue
+        s, order = scores[:, k].sort(descending=True, stable=True)
+        tp = targets[order, k].cumsum(0)  # true positives among the top i+1
+        _, counts = torch.unique_consecutive(s, return_counts=True)
+        ends = counts.cumsum(0) - 1  # last position of each tie group = one threshold
+        tp_at = tp[ends]
+        precision = tp_at / (ends + 1).double()
+        recall_step = torch.diff(tp_at, prepend=tp_at.new_zeros(1)) / positives
+        out[k] = (recall_step * precision).sum()
+    return out
+
+
+def multilabel_metrics(scores: Tensor, targets: Tensor) -> dict[str, float]:
+    """``mAP`` (%), ``map_classes``, ``top1`` (%) and ``num_samples`` of ``scores [N, K]`` against 0/1
+    ``targets [N, K]`` (module docstring)."""
+    ap = average_precision(scores, targets)
+    present = ~torch.isnan(ap)
+    if not bool(present.any()):
+        raise ValueError("multi-label metrics: no sample has a positive label")
+    pos = targets.detach().cpu() > 0
+    scores = scores.detach().double().cpu()
+    has_pos = pos.any(dim=1)
+    best_pos = scores.masked_fill(~pos, -math.inf).max(dim=1).values
+    best_neg = scores.masked_fill(pos, -math.inf).max(dim=1).values
+    hit = (best_pos > best_neg)[has_pos]
+    return {
+        "mAP": 100.0 * ap[present].mean().item(),
+        "map_classes": int(present.sum()),
+        "top1": 100.0 * hit.double().mean().item(),
+        "num_samples": int(scores.shape[0]),
+    }
+
+
 def view_names(num_views: int, layout: tuple[int, int] | None = None) -> list[str]:
     """Names of the views: ``clip{c}_crop{s}`` for a ``(clips, crops)`` layout (clip-major), else ``view{v}``."""
     if layout is not None:
@@ -98,11 +159,15 @@ def base_novel_metrics(
 
 @dataclass
 class ClassificationResult:
-    metrics: dict[str, float]  # fused: top1, top5, mean_class_acc, num_samples (+ base/novel/hm)
+    metrics: dict[str, float]  # fused: top1, top5, mean_class_acc, num_samples (+ base/novel/hm); multi-label: mAP ...
     per_view: dict[str, dict[str, float]]  # view name -> metrics of that view alone
-    confusion: Tensor  # [K, K] of the fused predictions
+    confusion: Tensor | None  # [K, K] of the fused predictions (None for multi-label data)
     probs: Tensor  # [N, K] fused probabilities
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.confusion is None
 
 
 def evaluate_views(
@@ -111,20 +176,37 @@ def evaluate_views(
     layout: tuple[int, int] | None = None,
     base_novel: tuple[Sequence[int], Sequence[int]] | None = None,
     ks: Sequence[int] = (1, 5),
+    fuse: str = "softmax",
 ) -> ClassificationResult:
-    """Metrics of ``logits [N, V, K]`` (or ``[N, K]``): fused (softmax per view, averaged) and per view."""
+    """Metrics of ``logits [N, V, K]`` (or ``[N, K]``): fused (``fuse`` per view, averaged) and per view.
+
+    ``labels [N]``: single-label top-k / mean-class accuracy; 0/1 ``targets [N, K]``: multi-label mAP
+    (per view on that view's ``fuse`` probabilities)."""
     if logits.ndim == 2:
         logits = logits[:, None]
-    labels = labels.long().cpu()
     logits = logits.float().cpu()
     k = logits.shape[-1]
+    probs = fuse_views(logits, fuse)  # [N, K]
+    names = view_names(logits.shape[1], layout)
+    if labels.ndim == 2:
+        if labels.shape != (logits.shape[0], k):
+            raise ValueError(f"multi-label targets [N, K] = [{logits.shape[0]}, {k}] expected, got "
+                             f"{tuple(labels.shape)}: the evaluation label set does not match the data")
+        if base_novel is not None:
+            raise ValueError("base-to-novel evaluation is defined for single-label data only")
+        targets = labels.cpu()
+        per_view = {name: multilabel_metrics(fuse_views(logits[:, v : v + 1], fuse), targets)
+                    for v, name in enumerate(names)}
+        freq = (targets > 0).double().mean(dim=0)  # a random ranking's AP of a class is about its frequency
+        chance = {"mAP": 100.0 * freq[freq > 0].mean().item()}
+        return ClassificationResult(metrics=multilabel_metrics(probs, targets), per_view=per_view, confusion=None,
+                                    probs=probs, extra={"chance": chance})
+    labels = labels.long().cpu()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels outside the {k} classes of the classifier (range {int(labels.min())}.."
                          f"{int(labels.max())}): the evaluation label set does not match the data")
-    probs = fuse_views(logits)  # [N, K]
     metrics = score_metrics(probs, labels, ks)
-    per_view = {name: score_metrics(logits[:, v], labels, ks)
-                for v, name in enumerate(view_names(logits.shape[1], layout))}
+    per_view = {name: score_metrics(logits[:, v], labels, ks) for v, name in enumerate(names)}
     if base_novel is not None:
         metrics.update(base_novel_metrics(probs, labels, *base_novel, ks=ks))
     cm = confusion_matrix(probs.argmax(dim=1), labels, k)
@@ -163,7 +245,8 @@ def plot_confusion_matrix(
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     return out
 
 
@@ -175,25 +258,30 @@ def write_report(
     info: dict[str, Any] | None = None,
     plot: bool = True,
 ) -> Path:
-    """Write ``{stage}_metrics.json`` (+ a line in ``{stage}_metrics_history.jsonl``) and
-    ``{stage}_confusion.png`` to ``out_dir``; returns the JSON path."""
+    """Write ``{stage}_metrics.json`` (+ a line in ``{stage}_metrics_history.jsonl``) and, for single-label
+    data, ``{stage}_confusion.png`` to ``out_dir``; returns the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = len(class_names)
+    if result.multi_label:
+        chance = dict(result.extra.get("chance", {}))
+    else:
+        chance = {"top1": 100.0 / k, "top5": 100.0 * min(5, k) / k}
     report = {
         "stage": stage,
         **(info or {}),
         "metrics": result.metrics,
         "per_view": result.per_view,
-        "chance": {"top1": 100.0 / k, "top5": 100.0 * min(5, k) / k},
+        "chance": chance,
         "class_names": list(class_names),
-        "confusion": result.confusion.tolist(),
     }
+    if result.confusion is not None:
+        report["confusion"] = result.confusion.tolist()
     path = out / f"{stage}_metrics.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / f"{stage}_metrics_history.jsonl", "a") as f:
-        f.write(json.dumps({key: v for key, v in report.items() if key != "confusion"}) + "\n")
-    if plot:
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    append_line(out / f"{stage}_metrics_history.jsonl", json.dumps({key: v for key, v in report.items()
+                                                                     if key != "confusion"}))
+    if plot and result.confusion is not None:
         title = f"{stage}: top-1 {result.metrics['top1']:.1f}%"
         plot_confusion_matrix(result.confusion, class_names, out / f"{stage}_confusion.png", title=title)
     return path

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from vidlang.io import atomic_path
+
 
 def recall_curve(ranks: Tensor, max_k: int) -> np.ndarray:
     """Recall@K in percent for K = 1..max_k from 1-based ``ranks [Q]`` -> ``[max_k]``."""
@@ -53,5 +55,6 @@ def plot_recall_at_k(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path

@@ -4,6 +4,10 @@ Mixing follows the image recipe (timm's ``Mixup``) applied to whole clips: each 
 itself flipped (sample ``i`` with ``B-1-i``), one ``lambda ~ Beta(alpha, alpha)`` per batch, the same
 ``lambda`` (and, for cutmix, the same box) for every frame of a clip. Targets are smoothed one-hot
 vectors mixed with the same ``lambda``; for cutmix ``lambda`` is corrected to the exact pasted area.
+
+Multi-label data: the targets given are ``[B, K]`` rows (multi-hot, or multi-hot normalised to sum 1
+for the soft-target cross-entropy) instead of ``labels [B]``; smoothing (``y (1 - s) + s / K``) and
+mixing apply to them row-wise in the same way, so a mixed row is ``lam y_i + (1 - lam) y_{B-1-i}``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,27 @@ def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> 
     off = smoothing / num_classes
     out = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
     return out.scatter_(1, labels.long()[:, None], 1.0 - smoothing + off)
+
+
+def multi_hot(label_set: Tensor, num_classes: int) -> Tensor:
+    """``label_set [B, L]`` (class indices, ``-1`` = padding, as collated) -> float ``[B, K]`` with 1 at each label."""
+    if label_set.ndim != 2:
+        raise ValueError(f"label_set must be [B, L], got shape {tuple(label_set.shape)}")
+    valid = label_set >= 0
+    if bool((label_set[valid] >= num_classes).any()):
+        bad = int(label_set[valid].max())
+        raise ValueError(f"label {bad} outside [0, {num_classes}): the label set does not match the data")
+    out = torch.zeros(label_set.shape[0], num_classes + 1, dtype=torch.float32, device=label_set.device)
+    out.scatter_(1, torch.where(valid, label_set, num_classes).long(), 1.0)  # padding goes to a spare column
+    return out[:, :num_classes]
+
+
+def smooth_targets(targets: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Label smoothing of target rows ``[B, K]``: ``targets * (1 - smoothing) + smoothing / K``
+    (for one-hot rows the same as :func:`smooth_one_hot`)."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label smoothing must lie in [0, 1), got {smoothing}")
+    return targets.float() * (1.0 - smoothing) + smoothing / targets.shape[1]
 
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -59,21 +84,27 @@ def cutmix_videos(video: Tensor, box: tuple[int, int, int, int]) -> Tensor:
 
 
 def mix_targets(labels: Tensor, num_classes: int, lam: float, smoothing: float = 0.0) -> Tensor:
-    """``lam * y + (1 - lam) * y.flip(0)`` with smoothed one-hot ``y`` -> ``[B, K]``."""
-    y = smooth_one_hot(labels, num_classes, smoothing)
+    """``lam * y + (1 - lam) * y.flip(0)`` -> ``[B, K]``; ``y`` = smoothed one-hot of ``labels [B]``, or the
+    smoothed target rows when ``labels`` is already ``[B, K]`` (multi-label data)."""
+    if labels.ndim == 2:
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"targets [B, K] with K = {num_classes} expected, got shape {tuple(labels.shape)}")
+        y = smooth_targets(labels, smoothing)
+    else:
+        y = smooth_one_hot(labels, num_classes, smoothing)
     return y * lam + y.flip(0) * (1.0 - lam)
 
 
 @dataclass
 class MixOutput:
     video: Tensor  # same shape as the input
-    targets: Tensor  # [B, K] soft targets (rows sum to 1)
+    targets: Tensor  # [B, K] soft targets (rows sum to 1 unless multi-hot rows were given)
     lam: float  # the weight of the un-flipped sample (1.0 = not mixed)
     mode: str  # "none", "mixup" or "cutmix"
 
 
 class MixupCutmix:
-    """Batch mixing for videos: ``(video [B, T, C, H, W] float, labels [B]) -> MixOutput``.
+    """Batch mixing for videos: ``(video [B, T, C, H, W] float, labels [B] or targets [B, K]) -> MixOutput``.
 
     ``mixup_alpha`` / ``cutmix_alpha``: Beta parameters (0 disables that kind); with both enabled,
     cutmix is chosen with ``switch_prob``. ``prob``: chance that a batch is mixed at all.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +143,7 @@ def load_weights(model: VideoTextModel, path: str) -> dict[str, Any]:
     Tower weights must match exactly (after resampling); block weights load when present.
     """
     loader = importlib.import_module("vidlang.models.clip.pretrained").load_pretrained
-    sd, info = loader(path)
+    sd, info = loader(path, on_unknown="omit")  # what the file cannot tell comes from the model config
     sd = dict(sd)
     _fit_shapes(sd, model, path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -163,10 +164,9 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
     """Refuse a checkpoint whose stored activation or head count differs from the model's presets.
 
     Weight shapes cannot reveal either, so a mismatch would load silently and compute wrongly.
-    Only facts the checkpoint really stores are compared (not defaults guessed for bare weight files).
+    Only what the checkpoint tells is compared (its config, or heads of a known architecture's shapes);
+    what it cannot tell (``info["unknown"]``) comes from the model config, with a warning.
     """
-    if str(info.get("act_source", "")).startswith("default"):
-        return
     towers = (("vision", model.image_tower.cfg), ("text", model.text_tower.cfg))
     for name, cfg in towers:
         stored = info.get(name) or {}
@@ -177,6 +177,15 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
                     f"model preset has {getattr(cfg, field_name)!r}; set ModelConfig.{name}_overrides"
                     f"={{'{field_name}': {stored[field_name]!r}}} or pick the matching preset"
                 )
+    unknown = info.get("unknown") or []
+    if unknown:
+        cfgs = dict(towers)
+        used = ", ".join(f"{u}={getattr(cfgs[u.split('.')[0]], u.split('.')[1])!r}" for u in unknown)
+        warnings.warn(
+            f"{source} does not record {', '.join(unknown)}; using the model config's {used}. If the weights were "
+            "trained otherwise, set ModelConfig.vision_overrides / text_overrides (e.g. {'act': 'gelu'})",
+            stacklevel=3,
+        )
 
 
 # -- freezing --------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ class ChatEncoderTask(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch.get("video") is None:  # every sample of the batch failed to load (skipped, vidlang.data.collate)
+            return
         self.log("val/loss_caption", self.caption_loss(batch), batch_size=batch["video"].shape[0], sync_dist=True)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -17,12 +17,25 @@ Losses. Soft-target cross-entropy with mixup / cutmix / label smoothing (:class:
 lambda for every frame); the block's auxiliary losses (weights: ``aux_loss_weights``, else the block's
 ``default_aux_weights``, else 1); optionally M2-CLIP's multi-task terms (:mod:`vidlang.losses.m2clip`).
 
+Multi-label data (Charades-style: the batch carries ``label_set [B, L]``, see :mod:`vidlang.data.collate`):
+the targets are multi-hot ``[B, K]``. ``multi_label_loss="soft_ce"`` (default) normalises each row to sum 1
+and uses the same soft-target cross-entropy over the class similarities (a video with m actions puts 1/m
+on each; scale-free, so CLIP's text classifier needs no bias term, and mixup / cutmix / smoothing mix these
+rows exactly like one-hot rows); ``"bce"`` uses binary cross-entropy with logits on the raw multi-hot rows
+(mean over videos and classes; ``scale x cosine`` has no bias, so this suits the linear head best), and
+evaluation then fuses views with a sigmoid instead of a softmax. M2-CLIP's terms and base-to-novel need
+single-label data. Evaluation reports mAP (:mod:`vidlang.eval.classification`) instead of top-k accuracy.
+
 Evaluation. ``video [B, T, C, H, W]`` or multi-view ``[B, V, T, C, H, W]`` (views clip-major, e.g. the
-``multiview`` sampler x ``three_crop``): every view is classified, softmax per view, averaged.
-Reported: top-1/top-5/mean-class accuracy fused and per view, base/novel/harmonic mean with
-``base_to_novel`` (kept in ``last_metrics[stage]``; the per-view logits and labels of the last
-evaluation in ``last_outputs[stage]``); rank 0 writes ``{stage}_metrics.json`` (+ history) and ``{stage}_confusion.png``
-beside the checkpoint (else the logger's directory, else ``default_root_dir``).
+``multiview`` sampler x ``three_crop``): every view is classified, softmax (sigmoid with multi-label
+``bce``) per view, averaged.
+Reported: top-1/top-5/mean-class accuracy (multi-label: mAP, top-1) fused and per view, base/novel/harmonic
+mean with ``base_to_novel``, and ``num_videos``, the videos evaluated (kept in ``last_metrics[stage]``; the
+per-view logits and labels of the last evaluation in ``last_outputs[stage]``). Under DDP the ranks' outputs
+are gathered and a video evaluated twice (a distributed sampler pads ranks with repeats) counts once: items
+are the same video when key, path and window agree; the first occurrence is kept. Rank 0 writes
+``{stage}_metrics.json`` (+ history) and ``{stage}_confusion.png`` (single-label data) beside the checkpoint
+(else the logger's directory, else ``default_root_dir``).
 
 Tokenizer: as :class:`~vidlang.tasks.retrieval.RetrievalTask` (``set_tokenizer``, the checkpoint,
 the ``tokenizer`` directory, ``trainer.datamodule.tokenizer``), embedded in every checkpoint.
@@ -42,7 +55,7 @@ from torch import Tensor, nn
 
 from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset formats)
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
-from vidlang.losses.classification import MixupCutmix, soft_target_cross_entropy
+from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
 from vidlang.models.factory import ModelConfig, build_model
@@ -52,6 +65,7 @@ from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cos
 VIFI_TEMPLATES = ["a photo of a {}."]
 CLASSES_KEY = "vidlang_classes"
 CLASSIFIERS = ("auto", "text", "head")
+MULTI_LABEL_LOSSES = ("soft_ce", "bce")
 MAX_SCALE = 100.0
 
 
@@ -87,6 +101,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
+        multi_label_loss: str = "soft_ce",
         aux_loss_weights: dict[str, float] | None = None,
         m2clip: bool = False,
         m2clip_weights: dict[str, float] | None = None,
@@ -106,6 +121,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         one and M2-CLIP is off). ``mixup``/``cutmix``: Beta alphas (0 disables), ``mix_prob`` the chance
         to mix a batch, ``switch_prob`` cutmix vs mixup. ``m2clip``: add M2-CLIP's losses (implies a head;
         ``m2clip_weights`` override ``contrastive``/``cross_modal``/``head``/``mlm``; 0 disables a term).
+        ``multi_label_loss``: ``"soft_ce"`` or ``"bce"`` for multi-label data (module docstring).
         ``view_layout``: (clips, crops) of multi-view evaluation, for naming per-view results.
         ``base_to_novel``: also report base / novel / harmonic mean over the evaluation classes split by
         :func:`vidlang.data.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
@@ -114,6 +130,8 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             model = ModelConfig(**model)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        if multi_label_loss not in MULTI_LABEL_LOSSES:
+            raise ValueError(f"multi_label_loss must be one of {MULTI_LABEL_LOSSES}, got {multi_label_loss!r}")
         if head_init not in ("text", "random"):
             raise ValueError(f"head_init must be 'text' or 'random', got {head_init!r}")
         templates = list(templates or VIFI_TEMPLATES)
@@ -147,7 +165,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         self._cached: dict[tuple[str, ...], Tensor] = {}
         self._eval: dict[str, list] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
-        self.last_outputs: dict[str, dict[str, Tensor]] = {}  # stage -> {"logits" [N, V, K], "labels" [N]} (CPU)
+        self.last_outputs: dict[str, dict[str, Tensor]] = {}  # stage -> {"logits" [N, V, K], "labels" [N] or [N, K]}
 
     # -- tokenizer -------------------------------------------------------------------------------
     def on_tokenizer_change(self) -> None:
@@ -270,6 +288,12 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
 
     @staticmethod
     def _labels(batch: dict[str, Any], num_classes: int) -> Tensor:
+        """Class indices ``[B]`` of a single-label batch, or multi-hot ``[B, K]`` when it carries ``label_set``."""
+        if "label_set" in batch:
+            try:
+                return multi_hot(batch["label_set"], num_classes)
+            except ValueError as e:
+                raise ValueError(f"{e} (samples {list(batch.get('key', []))[:5]} ...)") from None
         labels = batch["label"].long()
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             keys = batch.get("key", [])
@@ -278,6 +302,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             raise ValueError(f"labels outside [0, {num_classes}) (-1 = unlabelled) for samples {bad[:5]}")
         return labels
 
+    def _fuse(self, multi_label: bool) -> str:
+        return "sigmoid" if multi_label and self.hparams.multi_label_loss == "bce" else "softmax"
+
     # -- training --------------------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and its (unweighted) parts for one training batch."""
@@ -285,20 +312,29 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if video.ndim != 5:
             raise ValueError(f"recognition training expects video [B, T, C, H, W], got {tuple(video.shape)}")
         names = self.train_label_set()
-        labels = self._labels(batch, len(names))
+        labels = self._labels(batch, len(names))  # [B], or multi-hot [B, K]
+        multi = labels.ndim == 2
+        if multi and self.m2_weights:
+            raise ValueError("M2-CLIP's losses need single-label data; this batch is multi-label (label_set)")
+        bce = multi and self.hparams.multi_label_loss == "bce"
+        if multi and not bce:  # soft-target CE: a video with m labels puts 1/m on each
+            labels = labels / labels.sum(dim=1, keepdim=True).clamp_min(1.0)
         mix = self.mixer(video, labels, len(names))
         out = self.model.encode_video(mix.video)
         emb = F.normalize(out.embeds.float(), dim=-1)  # [B, E]
         parts: dict[str, Tensor] = {}
         if self.head is not None and not self.m2_weights:  # plain linear classification: no text needed
-            parts["ce"] = soft_target_cross_entropy(self.head_logits(emb), mix.targets)
+            logits = self.head_logits(emb)
         else:
             text_cls = self._train_classifier(names)  # [K, E]
-            text_logits = self.scale * emb @ text_cls.t()  # [B, K]
+            logits = self.scale * emb @ text_cls.t()  # [B, K]
             if self.m2_weights:
-                parts.update(self._m2clip_parts(emb, out, text_cls, text_logits, mix.targets, labels, names))
+                parts.update(self._m2clip_parts(emb, out, text_cls, logits, mix.targets, labels, names))
+        if not self.m2_weights:
+            if bce:
+                parts["bce"] = F.binary_cross_entropy_with_logits(logits.float(), mix.targets)
             else:
-                parts["ce"] = soft_target_cross_entropy(text_logits, mix.targets)
+                parts["ce"] = soft_target_cross_entropy(logits, mix.targets)
         total = sum(self.m2_weights.get(k, 1.0) * v for k, v in parts.items())
         for name, value in out.aux_losses.items():
             parts[f"aux_{name}"] = value
@@ -357,66 +393,103 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         if "names" not in self._eval:
             names = self.eval_label_set("val" if stage == "val" else "test")
-            self._eval = {"names": names, "text": self.class_embeddings(names), "logits": [], "labels": [], "keys": []}
+            self._eval = {"names": names, "text": self.class_embeddings(names), "logits": [], "labels": [], "ids": [],
+                          "skipped": []}
         e = self._eval
-        labels = self._labels(batch, len(e["names"]))
+        e["skipped"].extend(batch.get("skipped", []))
+        if batch.get("video") is None or batch["video"].shape[0] == 0:  # every sample of the batch was skipped
+            return
+        labels = self._labels(batch, len(e["names"]))  # [B] or multi-hot [B, K]
+        if e.setdefault("multi", labels.ndim == 2) != (labels.ndim == 2):
+            raise ValueError(f"{stage} data mixes single-label and multi-label (label_set) batches")
         e["logits"].append(self.view_logits(batch["video"], e["names"], e["text"]).float())
         e["labels"].append(labels)
-        offset = sum(x.shape[0] for x in e["logits"][:-1])
-        e["keys"].extend(batch.get("key", [f"#{self.global_rank}:{offset + i}" for i in range(labels.shape[0])]))
+        e["ids"].extend(self._identities(batch, labels.shape[0], sum(x.shape[0] for x in e["logits"][:-1])))
 
-    def _gathered(self) -> tuple[Tensor, Tensor]:
-        """All ranks' logits ``[N, V, K]`` and labels ``[N]``, without a distributed sampler's duplicates."""
+    def _identities(self, batch: dict[str, Any], n: int, offset: int) -> list[tuple]:
+        """What makes two evaluated items the same video: ``(key, path, window)`` (a sampler's repeat agrees
+        on all three; two windows of one video do not)."""
+        keys = batch.get("key") or [f"#{self.global_rank}:{offset + i}" for i in range(n)]
+        paths = batch.get("path") or [""] * n
+        window = batch.get("window")
+        spans = [None] * n if window is None else [
+            None if any(math.isnan(x) for x in w) else tuple(w) for w in window.tolist()]
+        return [(str(k), str(p), w) for k, p, w in zip(keys, paths, spans, strict=True)]
+
+    def _gathered(self) -> tuple[Tensor, Tensor, int, int]:
+        """All ranks' logits ``[N, V, K]``, labels ``[N]`` (or multi-hot ``[N, K]``), the number of duplicates
+        dropped (a video that occurs more than once, e.g. a distributed sampler's padding, is kept at its first
+        occurrence in rank order) and the number of distinct samples skipped as bad. Collective: every rank
+        calls it, also a rank whose every batch was skipped."""
         e = self._eval
-        logits, labels = torch.cat(e["logits"]), torch.cat(e["labels"])
-        keys = [k for ks in all_gather_objects(e["keys"]) for k in ks]
+        shapes = (tuple(e["logits"][0].shape[1:]), tuple(e["labels"][0].shape[1:])) if e["logits"] else None
+        per_rank = all_gather_objects((e["ids"], e["skipped"], shapes))
+        logit_shape, label_shape = next((s for _, _, s in per_rank if s is not None), ((1, len(e["names"])), ()))
+        dev = self.device
+        logits = torch.cat(e["logits"]) if e["logits"] else torch.zeros(0, *logit_shape, device=dev)
+        labels = torch.cat(e["labels"]) if e["labels"] else torch.zeros(0, *label_shape, dtype=torch.long, device=dev)
+        ids = [item for rank_ids, _, _ in per_rank for item in rank_ids]
         logits, labels = all_gather_no_grad(logits).cpu(), all_gather_no_grad(labels).cpu()
-        seen: set[str] = set()
-        keep = [not (k in seen or seen.add(k)) for k in keys]
-        mask = torch.tensor(keep, dtype=torch.bool)
-        return logits[mask], labels[mask]
+        first: dict[tuple, int] = {}
+        keep = torch.tensor([first.setdefault(item, pos) == pos for pos, item in enumerate(ids)], dtype=torch.bool)
+        served = {item[0] for item in ids}
+        skipped = {key for _, keys, _ in per_rank for key in keys} - served
+        return logits[keep], labels[keep], int((~keep).sum()), len(skipped)
 
     def _finish_eval(self, stage: str) -> None:
-        if self.trainer.sanity_checking or not self._eval.get("logits"):
+        if self.trainer.sanity_checking or "names" not in self._eval:  # every rank runs >= 1 step (Lightning)
             self._eval = {}
             return
         names = self._eval["names"]
-        logits, labels = self._gathered()
+        logits, labels, dropped, skipped = self._gathered()
         self._eval = {}
+        if labels.shape[0] == 0:
+            raise RuntimeError(f"{stage}: no video left to evaluate ({skipped} samples skipped as bad; see the "
+                               "bad-sample report)")
         h = self.hparams
         split = None
         if h.base_to_novel:
             from vidlang.data.protocols import base_novel_split
 
             split = base_novel_split(len(names), h.base_ratio, h.split_seed)
-        result = evaluate_views(logits, labels, h.view_layout, split)
-        logs = {f"{stage}/{k}": float(v) for k, v in result.metrics.items() if k != "num_samples"}
+        result = evaluate_views(logits, labels, h.view_layout, split, fuse=self._fuse(labels.ndim == 2))
+        result.metrics["num_videos"] = int(labels.shape[0])
+        result.metrics["num_skipped"] = skipped
+        logs = {f"{stage}/{k}": float(v) for k, v in result.metrics.items() if k not in ("num_samples", "map_classes")}
         if len(result.per_view) > 1:
-            logs.update({f"{stage}/{view}/top1": m["top1"] for view, m in result.per_view.items()})
+            main = "mAP" if result.multi_label else "top1"
+            logs.update({f"{stage}/{view}/{main}": m[main] for view, m in result.per_view.items()})
         self.log_dict(logs, sync_dist=False)
         self.last_metrics[stage] = result.metrics
         self.last_outputs[stage] = {"logits": logits, "labels": labels}
+        out_dir = self.report_dir()  # on every rank: trainer.log_dir is a collective (broadcast) under DDP
         if self.trainer.is_global_zero:
-            self._write_report(stage, result, names, split)
+            self._write_report(out_dir, stage, result, names, split, dropped)
 
     def report_dir(self) -> Path:
-        """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``."""
+        """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``.
+
+        Call it on every rank: ``trainer.log_dir`` broadcasts rank 0's value."""
         ckpt = getattr(self.trainer, "checkpoint_callback", None)
         if ckpt is not None and getattr(ckpt, "dirpath", None):
             return Path(ckpt.dirpath)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
-    def _write_report(self, stage: str, result: ClassificationResult, names: list[str], split: Any) -> None:
+    def _write_report(self, out_dir: Path, stage: str, result: ClassificationResult, names: list[str], split: Any,
+                      dropped: int = 0) -> None:
         info = {
             "epoch": self.current_epoch,
             "global_step": self.global_step,
             "classifier": "head" if self._eval_uses_head(names) else "text",
             "templates": self.templates,
             "views": list(result.per_view),
+            "duplicates_dropped": dropped,
         }
+        if result.multi_label:
+            info["multi_label_loss"] = self.hparams.multi_label_loss
         if split is not None:
             info["base_classes"], info["novel_classes"] = [names[i] for i in split[0]], [names[i] for i in split[1]]
-        write_report(self.report_dir(), stage, result, names, info, plot=self.hparams.write_plots)
+        write_report(out_dir, stage, result, names, info, plot=self.hparams.write_plots)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -10,11 +10,14 @@ a checkpoint this task was loaded from; the directory ``tokenizer`` (loaded lazi
 checkpoint (``checkpoint["vidlang_tokenizer"]``, plain strings), so ``load_from_checkpoint`` needs no
 tokenizer files.
 
-Evaluation embeds every video and caption once, gathers them across ranks, drops the duplicates that a
-distributed sampler pads with, computes :func:`vidlang.eval.retrieval.evaluate_embeddings` and logs
-``{stage}/t2v_R@1`` ... (``{stage}/dsl_...`` separately when ``dsl``). Rank 0 writes
-``{stage}_metrics.json`` (+ a line in ``{stage}_metrics_history.jsonl``) and ``{stage}_recall_at_k.png``
-to the checkpoint directory (else the logger's directory, else ``trainer.default_root_dir``).
+Evaluation embeds every video and caption once, gathers them across ranks, keeps the first occurrence of
+each video (a distributed sampler pads with repeats; key + captions identify a video), computes
+:func:`vidlang.eval.retrieval.evaluate_embeddings` and logs ``{stage}/t2v_R@1`` ... (``{stage}/dsl_...``
+separately when ``dsl``) with the gallery's size: ``{stage}/num_videos``, ``{stage}/num_captions`` and
+``{stage}/num_skipped`` (distinct samples that failed to load and were left out, ``batch["skipped"]``; they
+are never replaced in evaluation). Rank 0 writes ``{stage}_metrics.json`` (+ a line in
+``{stage}_metrics_history.jsonl``, both with those counts) and ``{stage}_recall_at_k.png`` to the checkpoint
+directory (else the logger's directory, else ``trainer.default_root_dir``).
 
 Audio (``audio`` set): the video model is wrapped in :class:`~vidlang.models.fusion.AudioVisualModel`
 (parameters ``model.video_model.*``, ``model.audio.*``, ``model.fusion.*``). Batches then should carry
@@ -241,6 +244,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        self._eval.setdefault("skipped", []).extend(batch.get("skipped", []))
+        if batch.get("video") is None or batch["video"].shape[0] == 0:  # every sample of the batch was skipped
+            return
         ids, mask = self._text_inputs(batch)
         video = self.encode_video(batch["video"], *self._batch_audio(batch))  # [B, E]
         text = F.normalize(self.model.encode_text(ids, mask).embeds, dim=-1)  # [A, E]
@@ -257,8 +263,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             caps = [c for c, o in zip(captions, owner, strict=False) if o == b]
             keys.append(f"{key}\x00" + "\x1f".join(caps))  # identifies a sampler-padding duplicate
 
-    def _gathered(self) -> tuple[Tensor, Tensor, Tensor]:
-        """All ranks' video ``[B, E]``, text ``[A, E]`` and global ``caption_index [A]``.
+    def _gathered(self) -> tuple[Tensor, Tensor, Tensor, int]:
+        """All ranks' video ``[B, E]``, text ``[A, E]``, global ``caption_index [A]`` and the number of distinct
+        skipped samples.
 
         Videos whose key and captions repeat an earlier one (a distributed sampler's padding) are
         dropped with their captions; the first occurrence is kept and order is preserved.
@@ -268,23 +275,29 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         text = torch.cat(e["text"]) if e.get("text") else torch.empty(0, dim, device=dev)
         index = torch.cat(e["index"]) if e.get("index") else torch.empty(0, dtype=torch.long, device=dev)
         rank, _ = world_info()
-        keys_per_rank = all_gather_objects(e.get("keys", []))
+        per_rank = all_gather_objects((e.get("keys", []), e.get("skipped", [])))
+        keys_per_rank = [k for k, _ in per_rank]
         offset = sum(len(k) for k in keys_per_rank[:rank])
         index = all_gather_no_grad(index + offset).cpu()
         video, text = all_gather_no_grad(video), all_gather_no_grad(text)
         keys = [k for ks in keys_per_rank for k in ks]
-        first: dict[str, int] = {}
-        new_id = torch.tensor([first.setdefault(k, len(first)) for k in keys], dtype=torch.long)  # [B_all]
-        keep_video = torch.tensor([first[k] == i for i, k in enumerate(keys)], dtype=torch.bool)  # [B_all]
+        keep_video, new_id = first_occurrences(keys)  # [B_all], [B_all]
         keep_text = keep_video[index]  # [A_all]
-        return video[keep_video.to(dev)], text[keep_text.to(dev)], new_id[index[keep_text]]
+        served = {k.split("\x00", 1)[0] for k in keys}
+        skipped = {k for _, sk in per_rank for k in sk} - served  # a padding repeat of a bad sample counts once
+        return video[keep_video.to(dev)], text[keep_text.to(dev)], new_id[index[keep_text]], len(skipped)
 
     def _finish_eval(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             self._eval = {}
             return
-        video, text, index = self._gathered()
+        video, text, index, skipped = self._gathered()
         self._eval = {}
+        if video.shape[0] == 0 or text.shape[0] == 0:
+            raise RuntimeError(
+                f"{stage}: no video to evaluate ({video.shape[0]} videos, {text.shape[0]} captions; {skipped} "
+                "samples skipped as bad, see the bad-sample report)"
+            )
         h = self.hparams
         with torch.autocast(self.device.type, enabled=False):  # fp32 similarities even under bf16 training
             result = evaluate_embeddings(
@@ -297,11 +310,13 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
                 ties=h.ties,
                 normalize=False,
             )
-        self.log_dict({f"{stage}/{k}": v for k, v in result.metrics.items()}, sync_dist=False)
+        counts = {"num_videos": video.shape[0], "num_captions": text.shape[0], "num_skipped": skipped}
+        logs = {f"{stage}/{k}": float(v) for k, v in {**result.metrics, **counts}.items()}
+        self.log_dict(logs, sync_dist=False)
         self.last_metrics = {stage: result.metrics}
         out_dir = self.report_dir()  # on every rank: trainer.log_dir is a collective (broadcast)
         if self.trainer.is_global_zero:
-            self._write_report(out_dir, stage, result, chance_levels(index, video.shape[0]))
+            self._write_report(out_dir, stage, result, chance_levels(index, video.shape[0]), counts)
 
     def report_dir(self) -> Path:
         """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``.
@@ -313,22 +328,36 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             return Path(ckpt.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _write_report(self, out_dir: Path, stage: str, result: Any, chance: dict[str, float]) -> None:
+    def _write_report(
+        self, out_dir: Path, stage: str, result: Any, chance: dict[str, float], counts: dict[str, int]
+    ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         h = self.hparams
         report = {
             "stage": stage,
             "epoch": self.current_epoch,
             "global_step": self.global_step,
+            **counts,
             "metrics": result.metrics,
             "chance": chance,
             "options": {"ties": h.ties, "dsl": h.dsl, "dsl_temperature": h.dsl_temperature},
         }
-        (out_dir / f"{stage}_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        with open(out_dir / f"{stage}_metrics_history.jsonl", "a") as f:
-            f.write(json.dumps(report) + "\n")
+        from vidlang.io import append_line, atomic_write_text
+
+        atomic_write_text(out_dir / f"{stage}_metrics.json", json.dumps(report, indent=2) + "\n")
+        append_line(out_dir / f"{stage}_metrics_history.jsonl", json.dumps(report))
         if h.write_plots:
             from vidlang.eval.plots import plot_recall_at_k
 
             title = f"{stage} recall@K (epoch {self.current_epoch}, step {self.global_step})"
             plot_recall_at_k(result.ranks, out_dir / f"{stage}_recall_at_k.png", title=title)
+
+
+def first_occurrences(keys: list[str]) -> tuple[Tensor, Tensor]:
+    """``keep [N]`` (True at the first occurrence of each key) and ``new_id [N]`` (the compacted position of each
+    key's first occurrence among the kept ones), e.g. ``[a, b, b, c]`` -> ``[T, T, F, T]``, ``[0, 1, 1, 2]``."""
+    first: dict[str, int] = {}
+    new_id = torch.tensor([first.setdefault(k, len(first)) for k in keys], dtype=torch.long)  # [N]
+    seen: set[str] = set()
+    keep = torch.tensor([not (k in seen or seen.add(k)) for k in keys], dtype=torch.bool)  # [N]
+    return keep, new_id

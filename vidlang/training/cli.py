@@ -128,3 +128,11 @@ class VidlangCLI(LightningCLI):
                 not any(isinstance(c, ProgressBar) for c in given):  # fmt: skip
             callbacks = [*callbacks, bar]
         return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The configured trainer, saving checkpoints atomically unless a checkpoint IO is configured."""
+        from vidlang.io import with_atomic_checkpoint_io
+
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("plugins", with_atomic_checkpoint_io(trainer_cfg.get("plugins"), trainer_cfg.get("strategy")))
+        return super().instantiate_trainer(**kwargs)

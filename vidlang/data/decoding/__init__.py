@@ -2,7 +2,8 @@
 
 ``open_video(source, backend="auto")`` opens a path, ``bytes`` or a binary file-like object
 with torchcodec, PyAV or decord (registered in :data:`READERS`); see
-:mod:`vidlang.data.decoding.pyav` for the rules on truncated, corrupt and non-video input.
+:mod:`vidlang.data.decoding.scan` for the rules on truncated, corrupt, rotated, too large and
+non-video input, and docs/decoding.md for what each backend decodes exactly.
 """
 
 from vidlang.data.decoding import decord, pyav, torchcodec  # noqa: F401  (register the backends)
@@ -15,6 +16,7 @@ from vidlang.data.decoding.auto import (
     resolve_backend,
 )
 from vidlang.data.decoding.base import (
+    DEFAULT_MAX_PIXELS,
     READERS,
     FrameIndexError,
     VideoDecodeError,
@@ -26,6 +28,7 @@ from vidlang.data.decoding.base import (
 
 __all__ = [
     "AUTO_ORDER",
+    "DEFAULT_MAX_PIXELS",
     "READERS",
     "FrameIndexError",
     "VideoDecodeError",

@@ -1,12 +1,14 @@
 """``open_video``: one entry point that picks a backend.
 
-``backend="auto"`` takes the first *importable* backend of :data:`AUTO_ORDER`
-(torchcodec > pyav > decord, the order of measured sparse-sampling speed, DESIGN.md §2).
-It does **not** retry another backend when the chosen one fails to decode a file: every
-backend opens through the same container scan, so a file one backend rejects is, in all
-cases we tested, bad for all of them, and retrying would triple the cost of bad files in
-a data loader. A backend whose import fails (e.g. torchcodec without FFmpeg shared
-libraries) is skipped once and remembered.
+``backend="auto"`` scans the file once and takes the first *importable* backend of
+:data:`AUTO_ORDER` (torchcodec > pyav > decord, the order of measured sparse-sampling speed) that
+can return the ffmpeg CLI's frames for it: each backend names the files it cannot decode exactly
+(``unsupported``, decided from the scan's metadata; see docs/decoding.md), and ``auto`` passes over
+them, handing the scan on so that the file is not scanned twice. It does **not** retry another
+backend when the chosen one fails to decode a file: every backend opens through the same container
+scan, so a file one backend rejects is, in all cases we tested, bad for all of them, and retrying
+would triple the cost of bad files in a data loader. A backend whose import fails (e.g. torchcodec
+without FFmpeg shared libraries) is skipped once and remembered.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from functools import cache
 
 import torch
 
-from vidlang.data.decoding.base import READERS, VideoReader, VideoSource
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, READERS, VideoDecodeError, VideoReader, VideoSource
+from vidlang.data.decoding.scan import load_source, scan_video
 
 AUTO_ORDER = ("torchcodec", "pyav", "decord")
 _MODULES = {"torchcodec": "torchcodec.decoders", "pyav": "av", "decord": "decord"}
@@ -38,7 +41,11 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """The concrete backend ``open_video`` would use for ``backend``."""
+    """The backend ``open_video`` would use for ``backend`` on an ordinary file (``auto``: the first importable).
+
+    For a given file ``auto`` may pick a later one (see the module docstring); the reader's
+    ``backend`` attribute says which.
+    """
     if backend != "auto":
         READERS.get(backend)  # KeyError listing the registered names
         return backend
@@ -54,11 +61,25 @@ def open_video(
     *,
     device: str | torch.device = "cpu",
     resize_short_side: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> VideoReader:
     """Open a video (path, bytes or binary file-like) with ``backend`` ("auto", "torchcodec", "pyav", "decord").
 
+    ``max_pixels`` (width x height, ``None`` for no limit) refuses larger streams before decoding.
     Raises :class:`~vidlang.data.decoding.base.VideoDecodeError` for a missing, empty,
-    truncated-beyond-repair, corrupt, non-video or zero-frame input.
+    truncated-beyond-repair, corrupt, non-video, zero-frame or too large input, and when an explicitly
+    chosen backend cannot decode the file exactly.
     """
-    name = resolve_backend(backend)
-    return READERS.build(name, source, device=device, resize_short_side=resize_short_side)
+    kwargs = dict(device=device, resize_short_side=resize_short_side, max_pixels=max_pixels)
+    first = resolve_backend(backend)
+    if backend != "auto":
+        return READERS.build(first, source, **kwargs)
+    src, name = load_source(source, first)
+    index = scan_video(src, name, first, max_pixels)
+    reasons = []
+    for b in available_backends():
+        why = READERS.get(b).unsupported(index)
+        if why is None:
+            return READERS.build(b, source, scan=(src, name, index), **kwargs)
+        reasons.append(f"{b}: {why}")
+    raise VideoDecodeError(name, "auto", "no backend decodes this file exactly (" + "; ".join(reasons) + ")")

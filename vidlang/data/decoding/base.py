@@ -24,6 +24,9 @@ import torch
 from vidlang.registry import Registry
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # noqa: UP007 (runtime alias)
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Largest frame (width x height) a reader decodes unless told otherwise: bigger ones are refused from the
+container's metadata, before any decoding (a tiny file can declare an 8192x8192 stream that costs GBs)."""
 
 
 class VideoDecodeError(RuntimeError):
@@ -48,8 +51,10 @@ class VideoMetadata:
     """Stream facts. Times are seconds; ``fps`` is the average rate (frames / duration).
 
     ``duration`` spans the first frame's pts to the end of the last frame; ``start_time`` is
-    the first frame's pts (usually 0). ``width``/``height`` are the stream's size before any
-    ``resize_short_side``.
+    the first frame's pts (usually 0). ``width``/``height`` are the size of the frames as displayed
+    (after ``rotation``, before any ``resize_short_side``). ``rotation`` is the display rotation in
+    degrees counter-clockwise (0, 90, 180, 270) that readers apply to the coded frames, as the ffmpeg
+    CLI does.
     """
 
     duration: float
@@ -60,6 +65,7 @@ class VideoMetadata:
     has_audio: bool
     audio_sample_rate: int | None = None
     start_time: float = 0.0
+    rotation: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,13 +147,20 @@ class VideoReader(ABC):
         device: ``"cpu"`` or a CUDA device for backends that decode on the GPU.
         resize_short_side: if set, frames are resized at decode time so that their
             short side has this many pixels (aspect ratio kept).
+        max_pixels: largest frame (width x height) to decode; a bigger stream is refused at open,
+            from the container's metadata (``None``: no limit).
     """
 
     backend: ClassVar[str]
 
     @abstractmethod
     def __init__(
-        self, source: VideoSource, *, device: str | torch.device = "cpu", resize_short_side: int | None = None
+        self,
+        source: VideoSource,
+        *,
+        device: str | torch.device = "cpu",
+        resize_short_side: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None: ...
 
     @property

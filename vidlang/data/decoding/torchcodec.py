@@ -1,9 +1,13 @@
 """torchcodec backend: FFmpeg through PyTorch's decoder, on CPU or on a CUDA GPU (NVDEC).
 
-The shared container scan (:func:`vidlang.data.decoding.pyav.scan_video`) is handed to
+The shared container scan (:func:`vidlang.data.decoding.scan.scan_video`) is handed to
 torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does not scan the
 file a second time and its frame ``i`` is exactly the scan's frame ``i`` (truncated files
-included). Resizing happens inside the decoder (``torchcodec.transforms.Resize``).
+included: torchcodec reads only their complete packets). Resizing happens inside the decoder
+(``torchcodec.transforms.Resize``); torchcodec applies the display rotation itself.
+
+torchcodec finds a frame by its timestamp, so it refuses the files where timestamps cannot name
+frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 import torch
 
 from vidlang.data.decoding.base import READERS, VideoDecodeError
-from vidlang.data.decoding.pyav import ScannedReader
+from vidlang.data.decoding.scan import ScannedReader, VideoIndex
 
 
 @READERS.register("torchcodec")
@@ -21,6 +25,17 @@ class TorchCodecReader(ScannedReader):
     """Decode with ``torchcodec.decoders.VideoDecoder`` (one FFmpeg thread; NVDEC on ``device="cuda"``)."""
 
     backend = "torchcodec"
+
+    @classmethod
+    def unsupported(cls, index: VideoIndex) -> str | None:
+        if not index.order_from_timestamps:
+            return (
+                f"the {index.format} container stores no timestamps and the {index.codec} stream reorders frames "
+                "(B-frames): torchcodec's FFmpeg derives other timestamps and misplaces or loses frames"
+            )
+        if index.duplicate_pts:
+            return "frames share a timestamp, and torchcodec finds frames by timestamp (it returns the first of them)"
+        return None
 
     @staticmethod
     def _library() -> Any:
@@ -35,16 +50,16 @@ class TorchCodecReader(ScannedReader):
             device=str(self._device),
             custom_frame_mappings=self.index.frame_mappings_json(),
         )
-        if self._size != (self.index.height, self.index.width):
+        if self._size != self.index.display_size:
             from torchcodec.transforms import Resize
 
-            kwargs["transforms"] = [Resize(self._size)]
-        self._decoder = video_decoder(self._src, **kwargs)
-        # torchcodec may report the header's frame count (a truncated file lists missing frames): never fewer
-        if len(self._decoder) < self.index.num_frames:
-            raise VideoDecodeError(
-                self.name, self.backend, f"index mismatch: {len(self._decoder)} vs {self.index.num_frames} frames"
-            )
+            kwargs["transforms"] = [Resize(self._size)]  # the displayed (rotated) size
+        # frame indices are checked against the scan (torchcodec's len() may be estimated from the duration)
+        self._decoder = video_decoder(self._complete_data(), **kwargs)
+        rotation = round(self._decoder.metadata.rotation or 0) % 360
+        if rotation != self.index.rotation:
+            why = f"torchcodec reads a {rotation} degree rotation, the container scan {self.index.rotation}"
+            raise VideoDecodeError(self.name, self.backend, why)
 
     def _decode(self, indices: list[int]) -> torch.Tensor:
         return self._decoder.get_frames_at(indices).data  # [T, C, H, W]

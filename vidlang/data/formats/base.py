@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,44 +41,98 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def read_csv(path: str | os.PathLike, required: tuple[str, ...], what: str = "CSV") -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, row)`` of a CSV with a header; missing columns or ragged rows raise FormatError."""
+def _undecodable(p: Path) -> FormatError:
+    """A FormatError naming the physical line of the first byte that is not UTF-8."""
+    data = p.read_bytes()
+    try:
+        data.decode("utf-8")
+        start = 0
+    except UnicodeDecodeError as e:
+        start = e.start
+    line = data[:start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+    return FormatError(p, f"not valid UTF-8 (byte {data[start:start + 1]!r} at offset {start})", line=line)
+
+
+def read_lines(path: str | os.PathLike, what: str) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of the non-blank lines of a text file, stripped.
+
+    Lines are the file's physical lines (ended by ``\\n``, ``\\r\\n`` or ``\\r``); unlike ``str.splitlines`` no
+    other character (form feed, ``\\x85``, ``\\u2028`` ...) starts a new line, so numbers match an editor's.
+    """
     p = existing_file(path, what)
-    with open(p, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise FormatError(p, f"missing column(s) {missing}; header is {header}", line=1)
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise FormatError(p, f"expected {len(header)} fields, got a different count", line=reader.line_num)
-            yield reader.line_num, {k: v.strip() for k, v in row.items()}
+    try:
+        with open(p, encoding="utf-8-sig") as f:  # universal newlines: \n, \r\n, \r
+            lines = list(f)
+    except UnicodeDecodeError:
+        raise _undecodable(p) from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            yield n, line.strip()
+
+
+def read_csv(path: str | os.PathLike, required: tuple[str, ...], what: str = "CSV") -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)`` of a CSV with a header (UTF-8, an optional BOM); values are stripped.
+
+    ``line_number`` is the physical line where the record *starts* (a quoted field may hold newlines, so a
+    record can span several lines). Blank lines are skipped. A missing column, a row with another number of
+    fields than the header, an unterminated quote or other malformed CSV, and bytes that are not UTF-8 raise
+    :class:`FormatError` naming the file and that line.
+    """
+    p = existing_file(path, what)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            header: list[str] | None = None
+            end = 0  # physical lines consumed so far
+            while True:
+                start = end + 1
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    reason = "unterminated quoted field" if "unexpected end of data" in str(e) else str(e)
+                    raise FormatError(p, f"malformed CSV: {reason}", line=start) from None
+                end = reader.line_num
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # a blank line
+                if header is None:
+                    header = [h.strip() for h in fields]
+                    missing = [c for c in required if c not in header]
+                    if missing:
+                        raise FormatError(p, f"missing column(s) {missing}; header is {header}", line=start)
+                    continue
+                if len(fields) != len(header):
+                    raise FormatError(p, f"expected {len(header)} fields (the header's), got {len(fields)}",
+                                      line=start)
+                yield start, {k: v.strip() for k, v in zip(header, fields, strict=True)}
+    except UnicodeDecodeError:
+        raise _undecodable(p) from None
+    if header is None:
+        raise FormatError(p, f"{what} is empty (no header)")
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     p = existing_file(path, "JSONL manifest")
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(p, f"invalid JSON: {e.msg}", line=n) from None
-            if not isinstance(row, dict):
-                raise FormatError(p, "each line must be a JSON object", line=n)
-            missing = [c for c in required if c not in row]
-            if missing:
-                raise FormatError(p, f"missing field(s) {missing}", line=n)
-            yield n, row
+    for n, line in read_lines(p, "JSONL manifest"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(p, f"invalid JSON: {e.msg}", line=n) from None
+        if not isinstance(row, dict):
+            raise FormatError(p, "each line must be a JSON object", line=n)
+        missing = [c for c in required if c not in row]
+        if missing:
+            raise FormatError(p, f"missing field(s) {missing}", line=n)
+        yield n, row
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
     p = existing_file(path, what)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise _undecodable(p) from None
     except json.JSONDecodeError as e:
         raise FormatError(p, f"invalid JSON: {e.msg}", line=e.lineno) from None
 
@@ -99,10 +154,48 @@ def parse_int(value: Any, path: str | os.PathLike, line: int | None, column: str
         raise FormatError(path, f"column {column!r}: {value!r} is not an integer", line=line) from None
 
 
+_PATH_LABELS = re.compile(r"^(?P<path>.*?\S)(?P<labels>(?:\s+[+-]?\d+)+)$")
+
+
+def parse_path_labels(
+    line: str, path: str | os.PathLike, n: int, delimiter: str | None = None
+) -> tuple[str, list[int]]:
+    """Split a list-file line ``<video path> <label> [<label> ...]`` into the path and its integer labels.
+
+    Without ``delimiter``, the labels are the trailing whitespace-separated integer tokens and the path is
+    everything before them (it may hold spaces): ``my clip.mp4 0 3`` -> ``("my clip.mp4", [0, 3])``. A path
+    whose own name ends in `` <int>`` cannot be told apart from a label; a line with several labels after
+    a path without a file extension (``clip 12 3``, also the shape of a rawframes list ``dir frames label``)
+    is therefore refused as ambiguous. With ``delimiter`` (e.g. ``"\\t"`` or ``","``) the path is everything
+    before its first occurrence and the labels follow, separated by the delimiter and/or whitespace.
+    Anything else (no label, a label that is not an integer) raises :class:`FormatError` naming the line.
+    """
+    text = line.strip()
+    if delimiter is not None:
+        head, sep, rest = text.partition(delimiter)
+        tokens = [t for chunk in rest.split(delimiter) for t in chunk.split()]
+        if not sep or not head.strip() or not tokens:
+            raise FormatError(path, f"expected 'path{delimiter!r}label', got {text!r}", line=n)
+        return head.strip(), [parse_int(t, path, n, "label") for t in tokens]
+    m = _PATH_LABELS.match(text)
+    if m is None:
+        raise FormatError(path, f"expected 'path label [label ...]' with integer labels, got {text!r}", line=n)
+    rel, labels = m["path"], [int(t) for t in m["labels"].split()]
+    if len(labels) > 1 and not Path(rel).suffix:
+        raise FormatError(
+            path,
+            f"ambiguous line {text!r}: {rel!r} has no file extension, so the numbers after it may belong to the "
+            "name (or this is a rawframes list: frame folder, frame count, label); set delimiter= to mark where "
+            "the labels start",
+            line=n,
+        )
+    return rel, labels
+
+
 def read_class_names(path: str | os.PathLike) -> list[str]:
     """Class names, one per line: ``name``, or ``index name`` (0- or 1-based, as in UCF101's classInd.txt)."""
     p = existing_file(path, "class-name file")
-    rows = [(n, ln.strip()) for n, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    rows = list(read_lines(p, "class-name file"))
     if not rows:
         raise FormatError(p, "class-name file is empty")
     indexed = [r[1].split(maxsplit=1) for r in rows]

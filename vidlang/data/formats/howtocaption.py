@@ -53,6 +53,9 @@ def _texts(items: Any, where: str, path: Path) -> tuple[list[str], list[float] |
         raise FormatError(path, f"{where}: 'text' must be a non-empty list of captions")
     caps, scores = [], []
     for it in items:
+        text = it if isinstance(it, str) else it[0] if isinstance(it, (list, tuple)) and it else None
+        if isinstance(text, str) and not text.strip():
+            raise FormatError(path, f"{where}: blank caption")
         if isinstance(it, str):
             caps.append(it)
         elif isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str):

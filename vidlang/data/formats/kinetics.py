@@ -5,7 +5,15 @@
   ``{video_root}/{youtube_id}_{start:06d}_{end:06d}.mp4``, or inside a class folder
   ``{video_root}/{label}/...`` with ``class_subdirs=True``. Class indices follow ``classes``
   (a file, one name per line) or the sorted names of the CSV.
-* List file: lines ``relative/path.mp4 <int label>`` (label indexing ``classes``).
+* List file: lines ``relative/path.mp4 <int label> [<int label> ...]`` (labels index ``classes``),
+  as MMAction2 writes them. The labels are the trailing integer tokens, the path is the rest (spaces
+  allowed); ``delimiter`` marks the path's end explicitly instead (see
+  :func:`~vidlang.data.formats.base.parse_path_labels` for the rule and the one ambiguous case).
+  Several labels on a line make the list multi-label (``multi_label=None``, the default, decides
+  from the file): every entry's label is then a tuple of class indices (repeats count once).
+  ``multi_label=True`` forces tuples (a multi-label split whose lines happen to carry one label
+  each), ``False`` refuses a line with several labels. A line that does not parse is refused
+  with ``file:line``.
 """
 
 from __future__ import annotations
@@ -15,11 +23,11 @@ from pathlib import Path
 from vidlang.data.formats.base import (
     FORMATS,
     FormatError,
-    existing_file,
     parse_float,
-    parse_int,
+    parse_path_labels,
     read_class_names,
     read_csv,
+    read_lines,
     resolve,
 )
 from vidlang.data.sample import FormatIndex, VideoEntry
@@ -52,22 +60,29 @@ def _from_csv(p: Path, root: Path, split: str | None, classes: list[str] | None,
     return FormatIndex(entries, names, f"Kinetics CSV {p}")
 
 
-def _from_list(p: Path, root: str | None, classes: list[str] | None) -> FormatIndex:
+def _from_list(
+    p: Path, root: str | None, classes: list[str] | None, delimiter: str | None, multi_label: bool | None
+) -> FormatIndex:
     if classes is None:
         raise FormatError(p, "a 'path label' list file needs a class-name file (classes=...)")
+    rows = []
+    for n, line in read_lines(p, "Kinetics list file"):
+        rel, labels = parse_path_labels(line, p, n, delimiter)
+        for label in labels:
+            if not 0 <= label < len(classes):
+                raise FormatError(p, f"label {label} outside the {len(classes)} classes", line=n)
+        if len(labels) > 1 and multi_label is False:
+            raise FormatError(p, f"{len(labels)} labels on one line but multi_label=False: {line!r}", line=n)
+        rows.append((rel, tuple(dict.fromkeys(labels))))
+    multi = multi_label if multi_label is not None else any(len(labels) > 1 for _, labels in rows)
     entries = []
-    for n, line in enumerate(existing_file(p, "Kinetics list file").read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise FormatError(p, f"expected 'path label', got {line.strip()!r}", line=n)
-        label = parse_int(parts[1], p, n, "label")
-        if not 0 <= label < len(classes):
-            raise FormatError(p, f"label {label} outside the {len(classes)} classes", line=n)
-        entries.append(VideoEntry(resolve(root, parts[0], p.parent), Path(parts[0]).stem, [], None, label,
-                                  meta={"label_name": classes[label]}))
-    return FormatIndex(entries, classes, f"Kinetics list {p}")
+    for rel, labels in rows:
+        label: int | tuple[int, ...] = labels if multi else labels[0]
+        name = [classes[c] for c in labels] if multi else classes[labels[0]]
+        entries.append(VideoEntry(resolve(root, rel, p.parent), Path(rel).stem, [], None, label,
+                                  meta={"label_name": name}))
+    kind = "multi-label list" if multi else "list"
+    return FormatIndex(entries, classes, f"Kinetics {kind} {p}")
 
 
 @FORMATS.register("kinetics")
@@ -78,12 +93,15 @@ def read_kinetics(
     classes: str | None = None,
     split: str | None = None,
     class_subdirs: bool = False,
+    delimiter: str | None = None,
+    multi_label: bool | None = None,
 ) -> FormatIndex:
-    """Give exactly one of ``csv`` (official annotations) or ``list_file`` (``path label`` lines)."""
+    """Give exactly one of ``csv`` (official annotations) or ``list_file`` (``path label [label ...]`` lines;
+    ``delimiter`` and ``multi_label`` apply to it, see the module docstring)."""
     if (csv is None) == (list_file is None):
         raise ValueError("kinetics: give exactly one of csv=... or list_file=...")
     names = read_class_names(classes) if classes else None
     if csv is not None:
         p = Path(csv)
         return _from_csv(p, Path(video_root) if video_root else p.parent, split, names, class_subdirs)
-    return _from_list(Path(list_file), video_root, names)
+    return _from_list(Path(list_file), video_root, names, delimiter, multi_label)

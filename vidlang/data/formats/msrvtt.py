@@ -39,7 +39,9 @@ def read_msrvtt(csv: str, video_root: str, data_json: str | None = None, ext: st
     for i, s in enumerate(data["sentences"]):
         if not isinstance(s, dict) or "video_id" not in s or "caption" not in s:
             raise FormatError(data_json, f"sentences[{i}]: expected {{video_id, caption}}")
-        caps[str(s["video_id"])].append(str(s["caption"]))
+        if not isinstance(s["caption"], str) or not s["caption"].strip():
+            raise FormatError(data_json, f"sentences[{i}]: blank caption (video {s['video_id']!r})")
+        caps[str(s["video_id"])].append(s["caption"])
     entries = []
     for n, vid in vids:
         if not caps.get(vid):

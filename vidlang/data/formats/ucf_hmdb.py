@@ -16,13 +16,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vidlang.data.formats.base import FORMATS, FormatError, existing_file, read_class_names, read_json
+from vidlang.data.formats.base import FORMATS, FormatError, parse_int, read_class_names, read_json, read_lines
 from vidlang.data.sample import FormatIndex, VideoEntry
 
 
 def _lines(path: Path, what: str) -> list[tuple[int, str]]:
-    text = existing_file(path, what).read_text(encoding="utf-8")
-    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    return list(read_lines(path, what))
 
 
 @FORMATS.register("ucf101")
@@ -42,7 +41,7 @@ def read_ucf101(split_dir: str, video_root: str, fold: int = 1, split: str = "tr
         if "/" not in rel or cls not in lookup:
             raise FormatError(lst, f"{rel!r}: expected Class/v_....avi with a class from classInd.txt", line=n)
         label = lookup[cls]
-        if len(parts) > 1 and int(parts[1]) - 1 != label:
+        if len(parts) > 1 and parse_int(parts[1], lst, n, "label") - 1 != label:
             raise FormatError(lst, f"label {parts[1]} disagrees with class folder {cls!r}", line=n)
         entries.append(VideoEntry(str(Path(video_root) / rel), Path(rel).stem, [], None, label,
                                   meta={"label_name": cls}))

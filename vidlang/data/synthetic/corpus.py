@@ -28,6 +28,7 @@ import numpy as np
 
 from vidlang.data.synthetic.render import render_audio, render_video
 from vidlang.data.synthetic.spec import LABEL_NAMES, MOTIONS, SOUNDS, SPLITS, VideoSpec, make_specs
+from vidlang.io import atomic_open, atomic_path, atomic_write_text
 
 MANIFEST_COLUMNS = [
     "key", "path", "split", "captions", "label", "label_name", "motion", "shape", "color", "sound",
@@ -88,7 +89,7 @@ def encode_video(spec: VideoSpec, path: str | os.PathLike, frames: np.ndarray | 
 
     frames = render_video(spec) if frames is None else frames  # [T, H, W, 3]
     audio = _encoded_audio(spec.sound, spec.tone_hz, spec.beep_hz, spec.duration, spec.sample_rate, spec.has_audio)
-    with av.open(str(path), "w", format="mp4") as out:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
         vs = out.add_stream("libx264", rate=_rate(spec.fps))
         vs.width, vs.height, vs.pix_fmt = spec.size, spec.size, "yuv420p"
         gop = max(1, round(spec.fps))
@@ -186,22 +187,22 @@ def iso_duration(seconds: float) -> str:
 def write_manifests(out_dir: Path, specs: list[VideoSpec]) -> list[dict]:
     """Write manifest.csv/.jsonl, webvid_{split}.csv and classes.txt; returns the manifest rows."""
     rows = [manifest_row(s) for s in specs]
-    with open(out_dir / "manifest.jsonl", "w", encoding="utf-8") as f:
+    with atomic_open(out_dir / "manifest.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    with open(out_dir / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_open(out_dir / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         w.writeheader()
         for row in rows:
             w.writerow({**row, "captions": json.dumps(row["captions"]), "has_audio": str(row["has_audio"]).lower()})
     for split in SPLITS:
-        with open(out_dir / f"webvid_{split}.csv", "w", newline="", encoding="utf-8") as f:
+        with atomic_open(out_dir / f"webvid_{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(WEBVID_COLUMNS)
             for s in specs:
                 if s.split == split:
                     w.writerow([s.key, video_relpath(s), iso_duration(s.duration), page_dir(s), s.captions[0]])
-    (out_dir / "classes.txt").write_text("".join(LABEL_NAMES[m] + "\n" for m in MOTIONS), encoding="utf-8")
+    atomic_write_text(out_dir / "classes.txt", "".join(LABEL_NAMES[m] + "\n" for m in MOTIONS))
     return rows
 
 
@@ -342,4 +343,4 @@ def write_readme(out_dir: Path, specs: list[VideoSpec], seed: int) -> None:
         no_audio=sum(not s.has_audio for s in specs),
         counts=", ".join(f"{sp} {sum(s.split == sp for s in specs)}" for sp in SPLITS),
     )
-    (out_dir / "README.txt").write_text(text, encoding="utf-8")
+    atomic_write_text(out_dir / "README.txt", text)

@@ -2,6 +2,8 @@
 
 Presets are registered factories (``VISION_CONFIGS.get("vit_b32")()`` returns a fresh config).
 Architecture only: weights come from a separate pretrained source (DESIGN.md section 8.1).
+:data:`KNOWN_VISION` / :data:`KNOWN_TEXT` hold the shape signatures of released ViT CLIP
+architectures, to tell a bare weights file's attention heads (weights cannot show them).
 """
 
 from __future__ import annotations
@@ -116,3 +118,67 @@ def vision_config(name: str) -> VisionConfig:
 
 def text_config(name: str) -> TextConfig:
     return TEXT_CONFIGS.get(name)()
+
+
+# ---------------------------------------------------------------------------------------------
+# Known architectures: what a bare weights file cannot say (attention heads, activation)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KnownTower:
+    """Shape signature of one tower of a released ViT CLIP architecture (open_clip / OpenAI), and its heads.
+
+    Matched on ``(width, layers, mlp_dim[, patch_size])``: image size, context length and vocabulary
+    are left out (fine-tunes change them; they do not change the heads).
+    """
+
+    name: str  # open_clip model name(s) sharing this tower shape
+    width: int
+    layers: int
+    mlp_dim: int
+    heads: int
+    patch_size: int | None = None  # vision towers only
+    openai: bool = False  # OpenAI released weights of this shape (their towers use quick_gelu)
+    quick_gelu_variant: bool = False  # open_clip also ships a ``-quickgelu`` config of this shape
+
+
+# Head width is 64 up to ViT-L; ViT-H/14 uses 80, ViT-g 88, ViT-bigG 104, ViT-e 112 (16 heads each).
+KNOWN_VISION: tuple[KnownTower, ...] = (
+    KnownTower("ViT-S-32", 384, 12, 1536, 6, patch_size=32),
+    KnownTower("ViT-S-16", 384, 12, 1536, 6, patch_size=16),
+    KnownTower("ViT-M-32", 512, 12, 2048, 8, patch_size=32),
+    KnownTower("ViT-M-16", 512, 12, 2048, 8, patch_size=16),
+    KnownTower("ViT-B-32", 768, 12, 3072, 12, patch_size=32, openai=True, quick_gelu_variant=True),
+    KnownTower("ViT-B-16", 768, 12, 3072, 12, patch_size=16, openai=True, quick_gelu_variant=True),
+    KnownTower("ViT-B-32-plus", 896, 12, 3584, 14, patch_size=32),
+    KnownTower("ViT-B-16-plus", 896, 12, 3584, 14, patch_size=16),
+    KnownTower("ViT-L-14", 1024, 24, 4096, 16, patch_size=14, openai=True, quick_gelu_variant=True),
+    KnownTower("ViT-L-16", 1024, 24, 4096, 16, patch_size=16),
+    KnownTower("ViT-H-14", 1280, 32, 5120, 16, patch_size=14, quick_gelu_variant=True),
+    KnownTower("ViT-H-16", 1280, 32, 5120, 16, patch_size=16),
+    KnownTower("ViT-g-14", 1408, 40, 6144, 16, patch_size=14),
+    KnownTower("ViT-bigG-14", 1664, 48, 8192, 16, patch_size=14, quick_gelu_variant=True),
+    KnownTower("ViT-e-14", 1792, 56, 15360, 16, patch_size=14),
+)
+# Text towers: all use head width 64.
+KNOWN_TEXT: tuple[KnownTower, ...] = (
+    KnownTower("ViT-S-*-alt", 256, 10, 1024, 4),
+    KnownTower("ViT-S / ViT-M-*-alt", 384, 12, 1536, 6),
+    KnownTower("ViT-B / ViT-M", 512, 12, 2048, 8, openai=True, quick_gelu_variant=True),
+    KnownTower("ViT-B-plus", 640, 12, 2560, 10),
+    KnownTower("ViT-L", 768, 12, 3072, 12, openai=True, quick_gelu_variant=True),
+    KnownTower("ViT-H / ViT-g", 1024, 24, 4096, 16, quick_gelu_variant=True),
+    KnownTower("ViT-bigG", 1280, 32, 5120, 20, quick_gelu_variant=True),
+    KnownTower("ViT-e", 1280, 36, 5120, 20),
+)
+
+
+def match_known_vision(width: int, layers: int, patch_size: int, mlp_dim: int) -> list[KnownTower]:
+    """Known vision towers with exactly these shapes (empty: an architecture vidlang does not know)."""
+    return [
+        k for k in KNOWN_VISION if (k.width, k.layers, k.patch_size, k.mlp_dim) == (width, layers, patch_size, mlp_dim)
+    ]
+
+
+def match_known_text(width: int, layers: int, mlp_dim: int) -> list[KnownTower]:
+    """Known text towers with exactly these shapes."""
+    return [k for k in KNOWN_TEXT if (k.width, k.layers, k.mlp_dim) == (width, layers, mlp_dim)]

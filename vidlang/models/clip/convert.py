@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.models.clip.configs import KnownTower, match_known_text, match_known_vision
 from vidlang.models.clip.layers import resample_pos_embed
 from vidlang.registry import Registry
 
@@ -289,14 +290,20 @@ def _count_layers(sd: Mapping[str, Tensor], prefix: str) -> int:
     return len(idx)
 
 
+def _unique_heads(known: list[KnownTower]) -> int | None:
+    heads = {k.heads for k in known}
+    return heads.pop() if len(heads) == 1 else None
+
+
 def infer_config(
     sd: Mapping[str, Any], hints: Mapping[str, Mapping[str, Any]] | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Infer ``(vision, text)`` architecture dicts from any supported state dict.
 
-    Heads cannot be read from weights: they default to ``width // 64`` (the OpenAI/open_clip
-    rule) unless ``hints={"vision": {"heads": h}, "text": {...}}`` says otherwise (HF configs).
-    A tower absent from ``sd`` gives ``None``.
+    Heads cannot be read from weights: they come from ``hints={"vision": {"heads": h}, "text": {...}}``
+    (a config stored beside the weights) or else from the known architectures whose shapes match
+    (:func:`~vidlang.models.clip.configs.match_known_vision`); ``heads`` is ``None`` when neither
+    tells (see :func:`vidlang.models.clip.pretrained.resolve_towers`). A tower absent from ``sd`` gives ``None``.
     """
     nat = sd if detect_format(sd) == "vidlang" else to_vidlang(sd)
     hints = hints or {}
@@ -311,24 +318,27 @@ def infer_config(
         vision = {
             "width": width,
             "layers": _count_layers(nat, IMAGE_PREFIX),
-            "heads": max(1, width // 64),
+            "heads": None,
             "patch_size": patch,
             "image_size": grid * patch,
             "mlp_dim": nat[f"{IMAGE_PREFIX}blocks.0.mlp.fc1.weight"].shape[0],
             "embed_dim": nat[f"{IMAGE_PREFIX}proj"].shape[1],
         }
+        known = match_known_vision(width, vision["layers"], patch, vision["mlp_dim"])
+        vision["heads"] = _unique_heads(known)
         vision.update(hints.get("vision", {}))
     if f"{TEXT_PREFIX}token_embedding.weight" in nat:
         vocab, width = nat[f"{TEXT_PREFIX}token_embedding.weight"].shape
         text = {
             "width": width,
             "layers": _count_layers(nat, TEXT_PREFIX),
-            "heads": max(1, width // 64),
+            "heads": None,
             "context_length": nat[f"{TEXT_PREFIX}positional_embedding"].shape[0],
             "vocab_size": vocab,
             "mlp_dim": nat[f"{TEXT_PREFIX}blocks.0.mlp.fc1.weight"].shape[0],
             "embed_dim": nat[f"{TEXT_PREFIX}text_projection"].shape[1],
         }
+        text["heads"] = _unique_heads(match_known_text(width, text["layers"], text["mlp_dim"]))
         text.update(hints.get("text", {}))
     return vision, text
 

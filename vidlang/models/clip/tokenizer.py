@@ -102,7 +102,10 @@ class ClipTokenizer:
         """Write ``tokenizer.json`` + ``tokenizer_config.json`` (loadable by ``from_dir`` and by transformers)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(out / "tokenizer.json"))
+        from vidlang.io import atomic_path, atomic_write_text
+
+        with atomic_path(out / "tokenizer.json") as tmp:
+            self.tokenizer.save(str(tmp))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
@@ -111,7 +114,7 @@ class ClipTokenizer:
         }
         if self.pad_token is not None:
             cfg["pad_token"] = self.pad_token
-        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
         return out
 
     # -- encoding ----------------------------------------------------------------------------------
