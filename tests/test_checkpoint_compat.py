@@ -90,7 +90,10 @@ def test_validate_and_test(made, producer, stage):
         assert reported["num_videos"] == 2 and reported["num_texts"] == 10, reported
     if producer == "demo" and stage == "test":
         # `vidlang test --ckpt_path` reproduces the demo's own test of the checkpoint: the same weights and model
-        assert reported == pytest.approx(made["demo"]["metrics"])
+        demo = made["demo"]["metrics"]
+        shared = sorted(set(demo) & set(reported))
+        assert {"t2v_R@1", "v2t_R@1", "t2v_MdR", "num_videos"} <= set(shared), shared
+        assert {k: reported[k] for k in shared} == pytest.approx({k: demo[k] for k in shared})
 
 
 @pytest.mark.parametrize("producer", PRODUCERS)
