@@ -114,8 +114,8 @@ def safe_torch_load(path: Path) -> Any:
             if refused:
                 shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
                 raise UnsafeCheckpointError(
-                    f"{path}: the checkpoint needs arbitrary code to load (it calls {shown}) and was refused; "
-                    "vidlang only loads checkpoints made of tensors and plain data"
+                    f"{path}: the checkpoint needs arbitrary code to load (its pickle imports {shown}) and was "
+                    "refused; vidlang only loads checkpoints made of tensors and plain data"
                 ) from None
             raise CheckpointError(f"{path}: not a checkpoint vidlang can read ({_torch_reason(err)})") from None
         except Exception as err:  # truncated zip, foreign bytes, ...: torch raises RuntimeError/EOFError/KeyError
