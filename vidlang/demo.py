@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_KEYS = ("R@1", "R@5", "R@10")
+MIN_VIDEOS = 20  # the smallest corpus with two validation and two test videos
 
 
 @dataclass
@@ -34,6 +35,17 @@ class DemoConfig:
     lr: float = 2e-3
     workers: int = 2
     query: str = "a red square moves to the left"
+
+    def __post_init__(self) -> None:
+        from vidlang.errors import ConfigError
+
+        for name, low in (("videos", MIN_VIDEOS), ("epochs", 1), ("batch_size", 1), ("num_frames", 1),
+                          ("image_size", 8), ("workers", 0)):  # fmt: skip
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"demo --{name.replace('_', '-')} must be >= {low}, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"demo --lr must be > 0, got {self.lr}")
 
 
 def ensure_corpus(cfg: DemoConfig) -> Path:
@@ -59,6 +71,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     from vidlang.io import with_atomic_checkpoint_io
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
+    from vidlang.training.progress import default_progress_bar
 
     manifest = str(corpus / "manifest.csv")
     data = VideoDataModule(
@@ -73,7 +86,8 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     ckpt = ModelCheckpoint(dirpath=Path(cfg.out) / "checkpoints", filename="best", save_top_k=1, save_last=True,
                            monitor="val/t2v_R@1", mode="max", enable_version_counter=False)  # fmt: skip
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=cfg.epochs, default_root_dir=cfg.out, callbacks=[ckpt, TQDMProgressBar()],
+        accelerator="cpu", max_epochs=cfg.epochs, default_root_dir=cfg.out,
+        callbacks=[ckpt, default_progress_bar() or TQDMProgressBar()],
         check_val_every_n_epoch=max(1, min(5, cfg.epochs)), log_every_n_steps=10, enable_model_summary=False,
         logger=pl.loggers.CSVLogger(cfg.out, name="logs"), plugins=with_atomic_checkpoint_io(),
     )  # fmt: skip

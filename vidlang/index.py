@@ -209,7 +209,7 @@ def _load_cache(
 def _embed_files(
     bundle: Any, root: Path, rels: list[str], batch_size: int, progress: bool
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from tqdm.auto import tqdm
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     rows: dict[str, Tensor] = {}
     failed: dict[str, str] = {}

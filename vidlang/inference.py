@@ -10,8 +10,16 @@ Two checkpoint kinds are recognised from their state-dict keys (:data:`CHECKPOIN
   embeddings / query tokens and, with its causal LM directory, chat answers. It has no CLIP tokenizer,
   so :meth:`InferenceBundle.embed_texts` is unavailable.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary pickles). The model config's
-``pretrained`` source is ignored: every weight comes from the checkpoint.
+Which task wrote a checkpoint (:func:`checkpoint_task`): the ``_class_path`` LightningCLI stores, else the
+state-dict keys (``encoder.*``: chat; ``model.*``: recognition when the checkpoint carries class names /
+prompt templates, else retrieval). A :class:`~vidlang.tasks.recognition.RecognitionTask` checkpoint is
+not a bundle kind (``vidlang classify`` reads it, see :func:`load_classifier`).
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`): a file that needs
+arbitrary code to load is refused with :class:`~vidlang.errors.UnsafeCheckpointError` naming the globals it
+would call (found by scanning its pickle, never by running it); missing, empty, truncated or foreign files
+raise :class:`~vidlang.errors.CheckpointError` naming the file. The model config's ``pretrained`` source is
+ignored: every weight comes from the checkpoint.
 
 Preprocessing of one video (the evaluation path of the data pipeline): decode (``open_video``), one clip
 of ``num_frames`` frames from the ``segment`` sampler (centre of each segment), short-side resize + centre
@@ -25,7 +33,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
 import threading
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from vidlang.registry import Registry
 
 CHECKPOINT_KINDS: Registry[Callable[..., InferenceBundle]] = Registry("checkpoint kind")
@@ -58,27 +70,132 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+TASK_CLASSES = {
+    "retrieval": "vidlang.tasks.retrieval.RetrievalTask",
+    "recognition": "vidlang.tasks.recognition.RecognitionTask",
+    "chat": "vidlang.tasks.chat_encoder.ChatEncoderTask",
+}
+"""checkpoint kind -> the task class that writes it."""
+TASK_ROLES = {"retrieval": "text-video retrieval", "recognition": "action recognition", "chat": "video chat encoder"}
+
+
+def task_name(kind: str) -> str:
+    return TASK_CLASSES[kind].rsplit(".", 1)[1]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, loaded with ``weights_only=True``; clear errors for bad files."""
+    """A Lightning checkpoint as a dict, loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointNotFoundError` (no such file), :class:`UnsafeCheckpointError` (it needs arbitrary
+    code to load: refused), :class:`CheckpointError` (empty, truncated, not a torch file, no ``state_dict``).
+    """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p}: a directory, not a checkpoint file")
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors, truncated zip, ...
-        raise ValueError(f"{p}: cannot read the checkpoint safely (weights_only=True): {err}") from err
+        raise CheckpointNotFoundError(f"{p}: checkpoint not found")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: empty file, not a checkpoint")
+    ckpt = safe_torch_load(p)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{p}: not a Lightning checkpoint (no 'state_dict')")
+        raise CheckpointError(f"{p}: not a Lightning checkpoint (no 'state_dict'); vidlang reads the checkpoints "
+                              "that training writes (bare model weights go to model.pretrained)")
     return ckpt
 
 
-def checkpoint_kind(ckpt: dict[str, Any]) -> str:
-    keys = ckpt["state_dict"].keys()
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU with one-line errors (see :func:`read_checkpoint`)."""
+    with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: not for the user
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            refused = disallowed_globals(path) or _named_globals(str(err))
+            if refused:
+                shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+                raise UnsafeCheckpointError(
+                    f"{path}: the checkpoint needs arbitrary code to load (its pickle imports {shown}) and was "
+                    "refused; vidlang only loads checkpoints made of tensors and plain data"
+                ) from None
+            raise CheckpointError(f"{path}: not a checkpoint vidlang can read ({_torch_reason(err)})") from None
+        except Exception as err:  # truncated zip, foreign bytes, ...: torch raises RuntimeError/EOFError/KeyError
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+                raise CheckpointError(f"{path}: truncated or corrupt checkpoint (incomplete zip archive)") from None
+            raise CheckpointError(f"{path}: not a torch checkpoint, or truncated or corrupt "
+                                  f"({_torch_reason(err)})") from None
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The gist of a torch loading error, without torch's advice (which suggests ``weights_only`` off)."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and not ln.startswith(("Check the documentation",
+                                                                                     "Weights only load failed"))]
+    reason = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    return f"{type(err).__name__}: {reason}" if len(reason) < 12 else reason
+
+
+def _named_globals(message: str) -> list[str]:
+    import re
+
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+
+
+_SCAN_BYTES = 256 * 2**20  # the pickles of a legacy torch file come first, raw storages after
+
+
+def disallowed_globals(path: str | os.PathLike) -> list[str]:
+    """The globals a checkpoint's pickle would import beyond what ``torch.load(weights_only=True)`` allows,
+    found by reading its opcodes (:mod:`vidlang.models.clip.pickle_scan`; nothing is executed). Zip
+    checkpoints: ``*/data.pkl``; other files: their leading pickles (legacy ``torch.save`` layout, raw pickle)."""
+    from vidlang.models.clip.pickle_scan import allowed_torch_globals, scan_pickles
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    return sorted(scan_pickles(data).disallowed(allowed_torch_globals()))
+
+
+def checkpoint_task(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> str:
+    """Which vidlang task wrote ``ckpt``: ``"retrieval"``, ``"recognition"`` or ``"chat"`` (module docstring);
+    :class:`CheckpointError` for another model's checkpoint."""
+    hp = ckpt.get("hyper_parameters")
+    hp = hp if isinstance(hp, dict) else {}
+    by_path = {v: k for k, v in TASK_CLASSES.items()}
+    if hp.get("_class_path") in by_path:
+        return by_path[hp["_class_path"]]
+    keys = list(ckpt["state_dict"].keys())
     if any(k.startswith("encoder.") for k in keys):
         return "chat"
     if any(k.startswith("model.") for k in keys):
-        return "retrieval"
-    raise ValueError("checkpoint holds neither a RetrievalTask ('model.*') nor a ChatEncoderTask ('encoder.*')")
+        return "recognition" if "vidlang_classes" in ckpt or "templates" in hp else "retrieval"
+    raise CheckpointError(f"{path}: not a vidlang checkpoint: its weights are neither a RetrievalTask / "
+                          "RecognitionTask's ('model.*') nor a ChatEncoderTask's ('encoder.*')")
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """Alias of :func:`checkpoint_task` (kept for callers of the old name)."""
+    return checkpoint_task(ckpt)
+
+
+def wrong_kind(path: str | os.PathLike, kind: str, command: str, wanted: Sequence[str]) -> CheckpointError:
+    """The error for a checkpoint of ``kind`` given to ``command``, which needs one of ``wanted``."""
+    need = " or ".join(f"{task_name(k)} ({TASK_ROLES[k]})" for k in wanted)
+    hint = f"; classify videos with it: vidlang classify --ckpt {path}" if kind == "recognition" else ""
+    return CheckpointError(f"{path}: a {task_name(kind)} checkpoint ({TASK_ROLES[kind]}), but {command} needs a "
+                           f"{need} checkpoint{hint}")
 
 
 class InferenceBundle:
@@ -251,9 +368,16 @@ def _model_config(hparams: dict[str, Any]) -> Any:
 
     model = hparams.get("model")
     if not isinstance(model, dict):
-        raise ValueError("checkpoint hyper-parameters have no model config ('model')")
+        raise CheckpointError("the checkpoint's hyper-parameters have no model config ('model')")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(**{**{k: v for k, v in model.items() if k in fields}, "pretrained": None})
+
+
+def _config_of(hparams: dict[str, Any], path: str) -> Any:
+    try:
+        return _model_config(hparams)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 @CHECKPOINT_KINDS.register("retrieval")
@@ -262,14 +386,14 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
     from vidlang.tasks.common import TOKENIZER_KEY, tokenizer_from_state
 
     hp = ckpt.get("hyper_parameters", {})
-    cfg = _model_config(hp)
+    cfg = _config_of(hp, path)
     model = build_model(cfg)
     full, frontend = _audio_visual(model, hp)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = (full or model).load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}")
     tok = tokenizer_from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
     return InferenceBundle(model, tok, cfg.num_frames, device, file_fingerprint(path), audio_frontend=frontend,
                            audio_model=full)
@@ -295,8 +419,8 @@ def load_chat(ckpt: dict[str, Any], path: str, device: str, llm: str | None = No
     hp = ckpt.get("hyper_parameters", {})
     llm_dir = llm or hp.get("llm")
     if not llm_dir:
-        raise ValueError(f"{path}: a chat-encoder checkpoint needs its causal LM directory (--llm)")
-    cfg = _model_config(hp)
+        raise ConfigError(f"{path}: a chat-encoder checkpoint needs its causal LM directory (--llm)")
+    cfg = _config_of(hp, path)
     task = ChatEncoderTask.load_from_checkpoint(path, map_location="cpu", weights_only=True, model=cfg, llm=llm_dir)
     enc = task.encoder
     return InferenceBundle(enc.visual, None, cfg.num_frames, device, file_fingerprint(path), chat=enc,
@@ -315,14 +439,58 @@ def attach_llm(bundle: InferenceBundle, llm_dir: str) -> None:
 
 
 def load_bundle(ckpt_path: str | os.PathLike, device: str = "cpu", llm: str | None = None,
-                backend: str = "auto") -> InferenceBundle:
+                backend: str = "auto", kinds: Sequence[str] | None = None,
+                command: str = "this command") -> InferenceBundle:
     """A checkpoint (retrieval or chat encoder, detected) -> :class:`InferenceBundle` on ``device``.
 
     ``llm``: the causal LM directory for a chat-encoder checkpoint (default: the path stored in it).
+    ``kinds``: the kinds ``command`` accepts (default: every bundle kind); another kind raises
+    :class:`CheckpointError` naming the file, its kind and what ``command`` needs.
     """
     ckpt = read_checkpoint(ckpt_path)
-    kind = checkpoint_kind(ckpt)
+    kind = checkpoint_task(ckpt, ckpt_path)
+    wanted = list(kinds) if kinds is not None else CHECKPOINT_KINDS.names()
+    if kind not in wanted:
+        raise wrong_kind(ckpt_path, kind, command, wanted)
     bundle = CHECKPOINT_KINDS.get(kind)(ckpt, str(ckpt_path), str(device), llm=llm)
     bundle.backend = backend
     bundle.kind = kind
     return bundle
+
+
+def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu", labels: bool = False) -> Any:
+    """A checkpoint -> a :class:`~vidlang.tasks.recognition.RecognitionTask` in eval mode, for ``vidlang classify``.
+
+    A recognition checkpoint loads as trained (class names, head, templates). A retrieval checkpoint gives a
+    zero-shot classifier over its towers (no head, default templates) and needs ``labels`` (the class names
+    come from the caller); an audio-visual one is refused (classification here is video only).
+    """
+    from vidlang.tasks.recognition import RecognitionTask
+
+    ckpt = read_checkpoint(ckpt_path)
+    kind = checkpoint_task(ckpt, ckpt_path)
+    if kind not in ("recognition", "retrieval"):
+        raise wrong_kind(ckpt_path, kind, "vidlang classify", ["recognition", "retrieval"])
+    hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    cfg = _config_of(hp, str(ckpt_path))
+    if kind == "retrieval":
+        if not labels:
+            raise CheckpointError(f"{ckpt_path}: a RetrievalTask checkpoint has no class names: pass the labels to "
+                                  'choose from, e.g. --labels "dancing,running" (zero-shot)')
+        if hp.get("audio"):
+            raise CheckpointError(f"{ckpt_path}: an audio-visual RetrievalTask checkpoint; classify uses video only "
+                                  "(train a recognition model, or use vidlang search)")
+        task = RecognitionTask(cfg, head=False, write_plots=False)
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    else:
+        import inspect
+
+        params = set(inspect.signature(RecognitionTask.__init__).parameters) - {"self", "model"}
+        task = RecognitionTask(cfg, **{k: v for k, v in hp.items() if k in params})
+        state = ckpt["state_dict"]
+    task.on_load_checkpoint(ckpt)  # tokenizer, class names
+    missing, unexpected = task.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path}: weights do not match the model config: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}")
+    return task.to(device).eval()

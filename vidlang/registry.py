@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from vidlang.errors import ConfigError
+
 T = TypeVar("T")
+
+
+class UnknownNameError(KeyError, ConfigError):
+    """A name that is not registered (names usually come from configs: a user error, reported on one line)."""
 
 
 class Registry(Generic[T]):
@@ -40,7 +46,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]

@@ -82,9 +82,8 @@ def _decode_all(path: Path, size: int) -> tuple[Tensor, Tensor, float]:
 
 def load_bank(corpus: Path, rows: list[dict], size: int, desc: str, progress: bool = True) -> ClipBank:
     """Decode the videos of ``rows`` once into a :class:`ClipBank` (all must share one frame layout)."""
-    from tqdm.auto import tqdm
-
     from vidlang.data.synthetic.spec import COLORS, SHAPES
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     frames, ts0, dur0 = [], None, None
     for row in tqdm(rows, desc=f"decode {desc}", unit="video", disable=not progress):

@@ -142,7 +142,8 @@ def pretrain(
     is and how it lies -- what a temporal block needs to compare across frames.
     """
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     torch.manual_seed(recipe.seed)
     model = build_model(model_config(recipe, "mean")).train()
@@ -228,7 +229,7 @@ def train_block(
     model: VideoTextModel, head: nn.Linear, bank: ClipBank, recipe: TrainRecipe, desc: str, progress: bool = True
 ) -> dict:
     """Train ``model`` + ``head`` on the motion labels; returns timing and parameter counts."""
-    from tqdm.auto import tqdm
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     model.train()
     opt = _optimizer(model, head, recipe)

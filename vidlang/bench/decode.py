@@ -150,7 +150,7 @@ def measure(fn: Callable[[Path, bool], int], videos: list[Path], full: bool, rep
 
 
 def run_table(sets: dict[str, list[Path]], repeat: int, min_time: float) -> tuple[list[str], dict]:
-    from tqdm import tqdm
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     columns = [f"{name} {mode}" for name in sets for mode in ("sparse", "full")]
     jobs = [(m, c) for m in METHODS for c in columns]

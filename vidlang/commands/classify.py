@@ -1,7 +1,8 @@
 """``vidlang classify --ckpt CKPT VIDEO... [--labels "a,b,c"]``: zero-shot (or fine-tuned) video classification.
 
 With ``--labels`` the checkpoint's text tower classifies the videos among those names (zero-shot); without,
-the checkpoint's training class names are used (and its linear head, if it has one). Each video is decoded,
+the checkpoint's training class names are used (and its linear head, if it has one). A retrieval checkpoint
+works zero-shot and needs ``--labels``. Each video is decoded,
 ``--frames`` frames are taken with the segment sampler (segment middles), resized + centre-cropped to the
 model's image size and normalised; the top-k classes are printed with their probabilities. A video that
 cannot be read gets a one-line error and the others continue; the exit status is then 1.
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from vidlang.commands import COMMANDS
+from vidlang.errors import CheckpointError, ConfigError
 
 
 def parse_labels(text: str) -> list[str]:
@@ -80,7 +82,8 @@ class ClassifyCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
-        parser.add_argument("--ckpt", required=True, help="RecognitionTask checkpoint (.ckpt)")
+        parser.add_argument("--ckpt", required=True,
+                            help="RecognitionTask checkpoint (.ckpt), or a RetrievalTask one with --labels")
         parser.add_argument("--labels", help='comma-separated class names, e.g. "dancing,running" (zero-shot); '
                             "default: the checkpoint's training classes")
         parser.add_argument("--topk", type=int, default=5, help="classes to print per video (default 5)")
@@ -93,13 +96,8 @@ class ClassifyCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         if args.topk < 1 or (args.frames is not None and args.frames < 1):
-            print("--topk and --frames must be >= 1", file=sys.stderr)
-            return 2
-        try:
-            task, names = _load(args)
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
-            print(f"{args.ckpt}: {e}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--topk and --frames must be >= 1, got --topk {args.topk} --frames {args.frames}")
+        task, names = _load(args)
         frames = args.frames or int(task.hparams.model["num_frames"])
         results = classify_files(task, args.videos, names, frames, args.topk, args.backend)
         for r in results:
@@ -112,22 +110,24 @@ class ClassifyCommand:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    from pathlib import Path
+    """The classifier (:func:`vidlang.inference.load_classifier`) and the class names to choose from."""
+    from vidlang.inference import load_classifier
 
-    from vidlang.tasks.recognition import RecognitionTask
-
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError("checkpoint file not found")
-    task = RecognitionTask.load_from_checkpoint(args.ckpt, map_location=args.device)
-    task.eval()
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = parse_labels(args.labels)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    task = load_classifier(args.ckpt, device=args.device, labels=labels is not None)
     if args.templates:
         bad = [t for t in args.templates if t.count("{}") != 1]
         if bad:
-            raise ValueError(f"each --templates needs exactly one {{}}: {bad}")
+            raise ConfigError(f"each --templates needs exactly one {{}}: {bad}")
         task.templates = list(args.templates)
-    if args.labels:
-        return task, parse_labels(args.labels)
+    if labels is not None:
+        return task, labels
     names = task.class_names_by_split.get("train") or task.hparams.get("class_names")
     if not names:
-        raise ValueError("the checkpoint has no class names; pass --labels")
+        raise CheckpointError(f"{args.ckpt}: the checkpoint has no class names; pass --labels")
     return task, list(names)

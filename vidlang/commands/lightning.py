@@ -20,7 +20,7 @@ def run_lightning(argv: Sequence[str]) -> int:
     from vidlang.training.cli import VidlangCLI
 
     saved = sys.argv
-    sys.argv = [f"{saved[0]}", *argv]  # LightningCLI reads sys.argv (passing args too only warns)
+    sys.argv = ["vidlang", *argv]  # LightningCLI reads sys.argv (passing args too only warns); prog "vidlang fit"
     try:
         VidlangCLI()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vidlang.commands import COMMANDS
+from vidlang.errors import CheckpointError, ConfigError
 
 
 def _positive(text: str) -> int:
@@ -31,13 +32,18 @@ class SearchCommand:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
+        from pathlib import Path
+
         from vidlang.index import VideoIndex, default_cache_dir
         from vidlang.inference import load_bundle
 
-        bundle = load_bundle(args.ckpt, device=args.device, backend=args.backend)
+        if not Path(args.videos).is_dir():
+            raise ConfigError(f"--videos {args.videos}: not a folder")
+
+        bundle = load_bundle(args.ckpt, device=args.device, backend=args.backend, kinds=("retrieval",),
+                             command="vidlang search")
         if bundle.tokenizer is None:
-            print(f"error: {args.ckpt} has no text tokenizer; search needs a retrieval checkpoint")
-            return 2
+            raise CheckpointError(f"{args.ckpt}: the checkpoint has no text tokenizer; search needs one")
         cache = args.cache or default_cache_dir(args.videos)
         index = VideoIndex.build(bundle, args.videos, cache, batch_size=args.batch_size, progress=not args.quiet)
         s = index.stats

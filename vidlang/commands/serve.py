@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from vidlang.commands import COMMANDS
+from vidlang.errors import ConfigError, VidlangUserError
 
 
 def _positive_float(text: str) -> float:
@@ -45,44 +47,46 @@ class ServeCommand:
         parser.add_argument("--quiet", action="store_true", help="no request log")
 
     def run(self, args: argparse.Namespace) -> int:
+        app = self.build_app(args)
+        app.serve_forever()
+        print("server stopped")
+        return 0
+
+    def build_app(self, args: argparse.Namespace) -> Any:
+        """Load the checkpoint, index ``--index``, bind the socket: a ready :class:`ServeApp` (not serving yet)."""
         import os
 
         from vidlang.inference import attach_llm, load_bundle
         from vidlang.serve import ServeApp, ServeConfig
 
         if args.workers < 1:
-            print("error: --workers must be >= 1")
-            return 2
-        bundle = load_bundle(args.ckpt, device=args.device, llm=args.llm, backend=args.backend)
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        root = args.root or args.index
+        if root is not None and not os.path.isdir(root):
+            raise ConfigError(f"--{'root' if args.root else 'index'} {root}: not a directory")
+        bundle = load_bundle(args.ckpt, device=args.device, llm=args.llm, backend=args.backend,
+                             kinds=("retrieval", "chat"), command="vidlang serve")
         if args.llm and bundle.chat is None:
             try:
                 attach_llm(bundle, args.llm)
             except ValueError as err:
-                print(f"error: --llm needs a checkpoint whose temporal block yields query tokens: {err}")
-                return 2
+                raise ConfigError(f"--llm needs a checkpoint whose temporal block yields query tokens: {err}") from err
             print("warning: the checkpoint is a retrieval model; its projection to the LLM is untrained "
                   "(serve a ChatEncoderTask checkpoint for meaningful answers)")
         index = self._index(bundle, args)
         bundle.warmup()
-        root = args.root or args.index
-        if root is not None and not os.path.isdir(root):
-            print(f"error: --root {root}: not a directory")
-            return 2
         config = ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              timeout_s=args.timeout_s, workers=args.workers, log_requests=not args.quiet)
         try:
             app = ServeApp(bundle, config, index=index, root=root)
         except OSError as err:
-            print(f"error: cannot listen on {args.host}:{args.port}: {err}")
-            return 2
+            raise VidlangUserError(f"cannot listen on {args.host}:{args.port}: {err}") from err
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: the API has no authentication")
         print(f"serving {args.ckpt} on {app.url} (chat: {'on' if bundle.chat is not None else 'off'}, "
               f"index: {len(index) if index is not None else 'none'} videos, paths under: {root or 'disabled'})",
               flush=True)
-        app.serve_forever()
-        print("server stopped")
-        return 0
+        return app
 
     @staticmethod
     def _index(bundle, args: argparse.Namespace):

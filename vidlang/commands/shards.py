@@ -49,7 +49,7 @@ def write_shards(index: Any, out: str | os.PathLike, samples_per_shard: int = 10
     Every file is written atomically (:mod:`vidlang.io`): an interrupted run leaves complete
     shards (each with its ``_stats.json``) and no partial one under a ``.tar`` name.
     """
-    from tqdm import tqdm
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")

@@ -14,19 +14,29 @@ def _even_size(text: str) -> int:
     return value
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 @COMMANDS.register("synth")
 class SynthCommand:
     help = "generate a synthetic video-text corpus (H.264 + AAC .mp4, captions, labels, manifests)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="output folder (created; a previous corpus is replaced)")
-        parser.add_argument("--videos", type=int, default=512, help="number of videos (default 512)")
+        parser.add_argument("--videos", type=_at_least(1), default=512, help="number of videos (default 512)")
         parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same corpus)")
         parser.add_argument("--size", type=_even_size, default=64, help="frame width = height in pixels (default 64)")
-        parser.add_argument("--frames", type=int, default=24, help="frames per video (default 24)")
+        parser.add_argument("--frames", type=_at_least(1), default=24, help="frames per video (default 24)")
         parser.add_argument("--fps", type=float, default=8.0, help="frame rate (default 8)")
         parser.add_argument("--sample-rate", type=int, default=16000, choices=[16000, 44100], help="audio rate")
-        parser.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+        parser.add_argument("--workers", type=_at_least(0), default=2, help="encoding processes (default 2)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ from vidlang.data.sampling import build_sampler
 from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
 from vidlang.data.streaming import StreamingVideoDataset, make_streaming_loader
 from vidlang.data.transforms import ClipTransform
+from vidlang.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -173,11 +174,16 @@ class VideoDataModule(pl.LightningDataModule):
                 policy (:mod:`vidlang.data.badsamples`); loader_timeout_s: DataLoader batch timeout (0 = none).
         """
         super().__init__()
+        for key, value, low in (("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
+                                ("eval_batch_size", eval_batch_size, 1), ("image_size", image_size, 1),
+                                ("num_workers", num_workers, 0)):  # fmt: skip
+            if value is not None and value < low:
+                raise ConfigError(f"data.{key} must be >= {low}, got {value}")
         self.save_hyperparameters()
         self.splits = {"train": train, "val": val, "test": test}
         for name, spec in self.splits.items():
             if spec is not None and "format" not in spec:
-                raise ValueError(f"data.{name}: a split needs a 'format' key, one of the registered formats")
+                raise ConfigError(f"data.{name}: a split needs a 'format' key, one of the registered formats")
         self.decode_device = resolve_decode_device(decode_device)
         self.num_workers = num_workers
         self.backend = "torchcodec" if self.decode_device != "cpu" and backend == "auto" else backend

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from vidlang.errors import ConfigError
 from vidlang.models.clip.configs import DEFAULT_TEXT, TextConfig, VisionConfig, text_config, vision_config
 from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES, resample_temporal_embed
 from vidlang.models.clip.layers import resample_pos_embed
@@ -51,6 +52,10 @@ class ModelConfig:
     vocab_size: int | None = None  # override for from-scratch tokenizers
     context_length: int | None = None
     logit_scale_init: float = math.log(1 / 0.07)
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ConfigError(f"model.num_frames must be >= 1, got {self.num_frames}")
 
 
 def resolve_configs(cfg: ModelConfig) -> tuple[VisionConfig, TextConfig]:

@@ -1,5 +1,6 @@
-"""Tiny fixtures for the index/serve tests and ``tools/load_test_serve.py``: a random tiny retrieval checkpoint
-saved by a real ``pl.Trainer`` (one optimisation step) and a folder of synthetic videos. No downloads."""
+"""Tiny fixtures for the index/serve/CLI tests and ``tools/load_test_serve.py``: random tiny retrieval and
+recognition checkpoints saved by a real ``pl.Trainer`` (one optimisation step) and a folder of synthetic videos.
+No downloads."""
 
 from __future__ import annotations
 
@@ -40,6 +41,38 @@ def tiny_retrieval_checkpoint(out_dir: str | Path, num_frames: int = 4, block: s
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
     trainer.fit(task, DataLoader(batches, batch_size=None))
     path = out / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def tiny_recognition_checkpoint(out_dir: str | Path, num_frames: int = 4,
+                                class_names: tuple[str, ...] = ("moving left", "moving right", "growing"),
+                                seed: int = 0) -> Path:
+    """Train a ``vit_tiny`` :class:`RecognitionTask` with a linear head for one step on random clips; returns
+    ``out_dir/tiny_recognition.ckpt``."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from vidlang.models.clip.tokenizer import train_tokenizer
+    from vidlang.models.factory import ModelConfig
+    from vidlang.tasks.recognition import RecognitionTask
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(seed, verbose=False)
+    tok = train_tokenizer([WORDS + " moving growing"] * 4, out / "tokenizer", vocab_size=300, min_frequency=1,
+                          context_length=24)
+    cfg = ModelConfig(vision="vit_tiny", num_frames=num_frames, block="mean", freeze="full")
+    task = RecognitionTask(cfg, class_names=list(class_names), head=True, lr=1e-3, warmup_steps=0,
+                           warmup_ratio=None, mixup=0.0, cutmix=0.0, write_plots=False)
+    task.set_tokenizer(tok)
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"video": torch.randint(0, 256, (4, num_frames, 3, 32, 32), generator=g, dtype=torch.uint8),
+                "label": torch.arange(4) % len(class_names)}]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    trainer.fit(task, DataLoader(batches, batch_size=None))
+    path = out / "tiny_recognition.ckpt"
     trainer.save_checkpoint(path)
     return path
 

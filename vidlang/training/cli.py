@@ -1,11 +1,24 @@
-"""vidlang's LightningCLI: tasks chosen by ``class_path``, the resolved config kept with checkpoints."""
+"""vidlang's LightningCLI: tasks chosen by ``class_path``, the resolved config kept with checkpoints.
+
+Checkpoints given with ``--ckpt_path`` are read safely first (:func:`vidlang.inference.read_checkpoint`: a
+missing, unsafe or foreign file is a one-line error) and their task is detected, so the checkpoints of every
+vidlang producer -- ``vidlang fit``, ``vidlang demo``, a plain ``pl.Trainer`` -- rebuild their model from their
+own hyper-parameters (which take precedence over the config, as in Lightning). A checkpoint of another task
+than the config's ``model.class_path`` is refused. Parse errors raise :class:`~vidlang.errors.ConfigError`
+(one line) instead of printing the usage. Outside a terminal the progress bar prints lines (no ``\\r``).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from vidlang.errors import CheckpointError, ConfigError
+
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 class ConfigInCheckpoint(SaveConfigCallback):
@@ -14,6 +27,28 @@ class ConfigInCheckpoint(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint["vidlang_config"] = self.parser.dump(self.config, skip_none=False)
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _user_error_in(err: BaseException, depth: int = 10) -> BaseException | None:
+    """The first user error (:func:`vidlang.cli.is_user_error`) in ``err``'s cause/context chain."""
+    from vidlang.cli import is_user_error
+
+    seen: BaseException | None = err
+    for _ in range(depth):
+        if seen is None:
+            return None
+        if is_user_error(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class VidlangCLI(LightningCLI):
@@ -32,6 +67,67 @@ class VidlangCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # parse errors raise; parse_arguments makes them one line
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(str(err)) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps what a class raises: surface a user error inside
+            user = _user_error_in(err)
+            if user is None:
+                raise
+            raise user from None
+
+    def _parse_ckpt_path(self) -> None:
+        """Rebuild the model from the checkpoint's hyper-parameters (see the module docstring)."""
+        from vidlang.inference import TASK_CLASSES, checkpoint_task, read_checkpoint
+
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_KEYWORDS or str(ckpt_path).startswith("registry:"):
+            return
+        ckpt = read_checkpoint(ckpt_path)  # one-line errors: missing, unsafe, not a checkpoint
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)  # written by LightningCLI; else a vidlang task's weights
+        if class_path is None:
+            class_path = TASK_CLASSES[checkpoint_task(ckpt, ckpt_path)]
+        model = self.config[sub].get("model")
+        wanted = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if wanted and _import(wanted) is not _import(class_path):
+            short = class_path.rsplit(".", 1)[-1]
+            raise CheckpointError(f"{ckpt_path}: a {short} checkpoint, but the config's model is {wanted}; use "
+                                  f"a {short} config (the checkpoint's hyper-parameters fill in its model)")
+        if not hparams:
+            return
+        update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except Exception as err:  # jsonargparse's ArgumentError (exit_on_error is off)
+            raise CheckpointError(f"{ckpt_path}: its hyper-parameters do not fit {class_path}: {err}") from err
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> pl.Trainer:
+        from pytorch_lightning.callbacks import ProgressBar
+
+        from vidlang.training.progress import default_progress_bar
+
+        given = list(callbacks) + list(config.get("callbacks") or [])
+        bar = default_progress_bar()
+        if bar is not None and config.get("enable_progress_bar", True) is not False and \
+                not any(isinstance(c, ProgressBar) for c in given):  # fmt: skip
+            callbacks = [*callbacks, bar]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The configured trainer, saving checkpoints atomically unless a checkpoint IO is configured."""

@@ -240,7 +240,7 @@ def generate_corpus(
     progress: bool = True,
 ) -> CorpusInfo:
     """Generate the whole corpus in ``out_dir`` (see module docs); deterministic for a seed."""
-    from tqdm.auto import tqdm
+    from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -79,7 +79,9 @@ class ClipTokenizer:
 
             tok = CLIPTokenizerFast.from_pretrained(str(d), local_files_only=True).backend_tokenizer
         else:
-            raise FileNotFoundError(f"{d}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+            from vidlang.errors import InputNotFoundError
+
+            raise InputNotFoundError(f"{d}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
         return cls(tok, context_length=context_length, **special)
 
     @staticmethod
@@ -159,6 +161,8 @@ def train_tokenizer(
     """
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    from vidlang.progress import interactive
+
     specials = [PAD_TOKEN, BOS_TOKEN, EOT_TOKEN]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
@@ -172,7 +176,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=specials,
         initial_alphabet=alphabet,
-        show_progress=True,
+        show_progress=interactive(),  # its bars print blank lines into logs
     )
     tok.train_from_iterator(captions, trainer=trainer)
     bos, eot = tok.token_to_id(BOS_TOKEN), tok.token_to_id(EOT_TOKEN)
