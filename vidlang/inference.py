@@ -236,7 +236,7 @@ class InferenceBundle:
         self.lock = threading.Lock()  # one forward at a time through the shared model
         self.chat_lock = threading.Lock()
         self.fingerprint = hashlib.sha256(
-            f"{fingerprint}|frames={self.num_frames}|size={self.image_size}|sampler=segment".encode()
+            f"{fingerprint}|frames={self.num_frames}|size={self.image_size}|sampler=segment|decode_resize".encode()
         ).hexdigest()[:32]
 
     @property
@@ -245,15 +245,18 @@ class InferenceBundle:
 
     # -- video -------------------------------------------------------------------------------------
     def decode_clip(self, source: VideoInput, name: str | None = None) -> Tensor:
-        """One video -> eval clip ``uint8 [T, 3, S, S]``; :class:`VideoDecodeError` when it cannot be decoded."""
+        """One video -> eval clip ``uint8 [T, 3, S, S]``; :class:`VideoDecodeError` when it cannot be decoded.
+
+        Frames are resized to short side ``S`` while decoding (memory stays bounded whatever the file's size),
+        then center-cropped."""
         from vidlang.data.decoding import VideoDecodeError, open_video
         from vidlang.data.sampling import sample_clip
 
         label = name or (str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>")
         src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
         try:
-            with open_video(src, backend=self.backend) as reader:
-                clip = sample_clip(reader, self.sampler, training=False)[0]  # [T, C, H, W]
+            with open_video(src, backend=self.backend, resize_short_side=self.image_size) as reader:
+                clip = sample_clip(reader, self.sampler, training=False)[0]  # [T, C, H', W'], short side S
         except VideoDecodeError:
             raise
         except (ValueError, RuntimeError, OSError) as err:  # a sampler/backend failure on odd input
