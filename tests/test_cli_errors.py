@@ -151,6 +151,8 @@ CASES = [
      ["no_such_block", "temporal block"]),
     ("unknown-format", lambda f: lightning("validate", f, "--data.val.format", "no_such_format"),
      ["no_such_format"]),
+    ("bad-block-arg", lambda f: lightning("validate", f, "--model.init_args.model.block_args", "{layer: 2}"),
+     ["seq_transformer", "layer", "layers"]),
     ("demo-zero-batch", lambda f: ["demo", "--batch-size", "0", "--corpus", str(f["base"] / "demo_corpus"),
                                   "--videos", "20", "--workers", "0"],
      ["batch", "0"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -49,7 +50,11 @@ class Registry(Generic[T]):
             raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+        """``self.get(name)(*args, **kwargs)``; arguments the target does not take (usually a typo in a config's
+        ``*_args``) raise :class:`ConfigError` naming them and what the target accepts."""
+        target = self.get(name)
+        check_arguments(target, f"{self.kind} {name!r}", args, kwargs)
+        return target(*args, **kwargs)  # type: ignore[operator]
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -65,3 +70,17 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def check_arguments(target: Any, what: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ConfigError` if ``target(*args, **kwargs)`` would fail to bind its arguments."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins and the like: nothing to check
+        return
+    try:
+        sig.bind(*args, **(kwargs or {}))
+    except TypeError as e:
+        accepted = [p.name for p in sig.parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(args):]
+        raise ConfigError(f"{what}: {e}; it takes {', '.join(accepted) or 'no arguments'}") from None
