@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from vidlang.data.datamodule import VideoDataModule
-from vidlang.data.protocols import base_novel_split
+from vidlang.data.formats.protocols import base_novel_split
 from vidlang.data.synthetic import generate_corpus
 from vidlang.losses.classification import (
     MixupCutmix,

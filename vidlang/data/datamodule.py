@@ -44,7 +44,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset wrapper formats)
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
 from vidlang.data.datasets import VideoTextDataset, mix_seed
