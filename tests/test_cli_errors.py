@@ -86,7 +86,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f"  train: {{format: manifest, path: {f['manifest']}, split: train}}\n"
         f"  val: {{format: manifest, path: {f['manifest']}, split: train}}\n"
         f"  test: {{format: manifest, path: {f['manifest']}, split: train}}\n"
-        "  num_frames: 4\n  image_size: 32\n  batch_size: 2\n  num_workers: 0\n"
+        "  sampling: {num_frames: 4}\n  transform: {image_size: 32}\n  loader: {batch_size: 2, num_workers: 0}\n"
         "trainer:\n  max_epochs: 1\n  enable_model_summary: false\n"
         f"  default_root_dir: {base / 'runs'}\n"
         "model:\n  init_args:\n"
@@ -141,11 +141,14 @@ CASES = [
      ["cli_retrieval.ckpt", "--labels"]),
     ("recognition-ckpt-retrieval-config", lambda f: lightning("test", f, "--ckpt_path", str(f["recognition"])),
      ["tiny_recognition.ckpt", "RecognitionTask", "RetrievalTask"]),
-    ("negative-batch-size", lambda f: lightning("fit", f, "--data.batch_size", "-1"), ["batch_size", "-1"]),
-    ("zero-frames", lambda f: lightning("fit", f, "--data.num_frames", "0"), ["num_frames", "0"]),
+    ("negative-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "-1"),
+     ["batch_size", "-1"]),
+    ("zero-frames", lambda f: lightning("fit", f, "--data.sampling.num_frames", "0"),
+     ["num_frames", "0"]),
     ("zero-model-frames", lambda f: lightning("validate", f, "--model.init_args.model.num_frames", "0"),
      ["num_frames", "0"]),
-    ("non-int-batch-size", lambda f: lightning("fit", f, "--data.batch_size", "abc"), ["data.batch_size", "abc"]),
+    ("non-int-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "abc"),
+     ["data.loader.batch_size", "abc"]),
     ("missing-config", lambda f: ["fit", "--config", str(f["base"] / "nope.yaml")], ["nope.yaml"]),
     ("unknown-block", lambda f: lightning("validate", f, "--model.init_args.model.block", "no_such_block"),
      ["no_such_block", "temporal block"]),
