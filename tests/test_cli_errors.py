@@ -100,6 +100,11 @@ def lightning(sub: str, f: dict[str, Path], *extra: str) -> list[str]:
     return [sub, "--config", str(DEMO_CONFIG), "--config", str(f["data_yaml"]), *extra]
 
 
+def yaml_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 # (id, argv from the fixture files, substrings the one error line must contain)
 CASES = [
     ("missing-ckpt-search", lambda f: ["search", "--ckpt", str(f["base"] / "nope.ckpt"), "--videos",
@@ -147,6 +152,17 @@ CASES = [
      ["num_frames", "0"]),
     ("zero-model-frames", lambda f: lightning("validate", f, "--model.init_args.model.num_frames", "0"),
      ["num_frames", "0"]),
+    ("typo-in-data-group", lambda f: lightning("fit", f, "--data.loader.batch_sise", "4"), ["batch_sise"]),
+    ("typo-in-data-group-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "typo.yaml", "data:\n  sampling: {num_frame: 4}\n")), ["num_frame"]),
+    ("flat-data-key", lambda f: lightning("fit", f, "--data.num_frames", "4"),
+     ["data.num_frames", "data.sampling.num_frames"]),
+    ("flat-data-key-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "flat.yaml", "data:\n  bad_sample_dir: runs/bad\n")),
+     ["data.bad_sample_dir", "data.bad_samples.report_dir"]),
+    ("data-group-as-a-value", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "streaming.yaml", "data:\n  streaming: true\n")),
+     ["data.streaming", "StreamingConfig", "data.streaming.enabled"]),
     ("non-int-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "abc"),
      ["data.loader.batch_size", "abc"]),
     ("missing-config", lambda f: ["fit", "--config", str(f["base"] / "nope.yaml")], ["nope.yaml"]),

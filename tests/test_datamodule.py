@@ -364,3 +364,24 @@ def test_train_sampler_drops_the_tail_without_repeats():
              for r in range(2)]
     flat = [i for p in parts for i in p]
     assert len(flat) == 4 and len(set(flat)) == 4
+
+
+def test_every_flat_key_of_before_the_groups_has_a_hint_to_a_real_option():
+    """The 32 flat settings VideoDataModule took before the groups each map to an existing group field."""
+    from dataclasses import fields
+
+    from vidlang.data.config import MOVED_KEYS, moved_keys_hint
+    from vidlang.data.datamodule import GROUP_TYPES
+
+    old = ("num_frames sampler sampler_args eval_sampler eval_sampler_args image_size crop_scale crop_ratio hflip "
+           "three_crop batch_size eval_batch_size num_workers persistent_workers pin_memory prefetch_factor backend "
+           "decode_device resize_short_side max_pixels decode_audio audio_sample_rate streaming shuffle_buffer "
+           "resampled samples_per_epoch bad_sample_dir max_skip_rate max_retries decode_timeout_s loader_timeout_s "
+           "preflight_entries").split()
+    assert sorted(MOVED_KEYS) == sorted(old)
+    for new in MOVED_KEYS.values():
+        group, key = new.split(".")
+        assert key in {f.name for f in fields(GROUP_TYPES[group])}, new
+    assert moved_keys_hint("unrecognized arguments: --data.decode_audio true") == (
+        " (data settings are grouped: data.decode_audio is now data.decode.audio)")
+    assert moved_keys_hint("data.sampling.num_frames must be >= 1") == ""  # a grouped key is not flagged

@@ -18,6 +18,7 @@ option (``data.<group>.<key>``) and the value.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -177,6 +178,31 @@ class StreamingConfig:
         check_min("streaming", 0, shuffle_buffer=self.shuffle_buffer)
 
 
+# The flat VideoDataModule arguments before the groups -> where they live now (for a one-line hint).
+MOVED_KEYS: dict[str, str] = {
+    **{k: f"sampling.{k}" for k in ("num_frames", "sampler", "sampler_args", "eval_sampler", "eval_sampler_args")},
+    **{k: f"transform.{k}" for k in ("image_size", "crop_scale", "crop_ratio", "hflip", "three_crop")},
+    **{k: f"loader.{k}" for k in ("batch_size", "eval_batch_size", "num_workers", "persistent_workers", "pin_memory",
+                                   "prefetch_factor")},
+    "loader_timeout_s": "loader.timeout_s",
+    **{k: f"decode.{k}" for k in ("backend", "resize_short_side", "max_pixels", "audio_sample_rate")},
+    "decode_device": "decode.device",
+    "decode_audio": "decode.audio",
+    "streaming": "streaming.enabled",
+    **{k: f"streaming.{k}" for k in ("shuffle_buffer", "resampled", "samples_per_epoch")},
+    "bad_sample_dir": "bad_samples.report_dir",
+    **{k: f"bad_samples.{k}" for k in ("max_skip_rate", "max_retries", "decode_timeout_s", "preflight_entries")},
+}
+
+
+def moved_keys_hint(message: str) -> str:
+    """For an error message that names pre-group keys (``data.num_frames``): where they are now, else ``""``."""
+    old = [k for k in MOVED_KEYS if re.search(rf"\bdata\.{k}(?![\w.])", message)]
+    if not old:
+        return ""
+    return " (data settings are grouped: " + ", ".join(f"data.{k} is now data.{MOVED_KEYS[k]}" for k in old) + ")"
+
+
 def as_config(cls: type[C], value: C | Mapping[str, Any] | None, group: str) -> C:
     """``value`` as a ``cls`` group: an instance as is, a mapping of its fields (e.g. loaded from YAML), or None
     for the defaults; an unknown key raises :class:`ConfigError` naming ``data.<group>`` and the valid keys."""
@@ -185,7 +211,8 @@ def as_config(cls: type[C], value: C | Mapping[str, Any] | None, group: str) -> 
     if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise ConfigError(f"data.{group} must be a {cls.__name__} or a mapping of its fields, got {value!r}")
+        raise ConfigError(f"data.{group} must be a {cls.__name__} or a mapping of its fields, got {value!r}"
+                          + moved_keys_hint(f"data.{group}"))
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(value) - set(names))
     if unknown:

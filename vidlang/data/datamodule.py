@@ -68,7 +68,21 @@ from vidlang.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-GROUPS = ("sampling", "transform", "loader", "decode", "streaming", "bad_samples")  # the typed settings groups
+
+
+GROUP_TYPES: dict[str, type] = {"sampling": SamplingConfig, "transform": TransformConfig, "loader": LoaderConfig,
+                                 "decode": DecodeConfig, "streaming": StreamingConfig, "bad_samples": BadSamplePolicy}
+
+
+def check_parsed_groups(data: Any) -> None:
+    """Raise :class:`ConfigError` for a group given as a plain value in a parsed config (e.g. the old
+    ``streaming: true``): jsonargparse lets it through, and instantiation would fail with a bare TypeError."""
+    from jsonargparse import Namespace
+
+    for group, cls in GROUP_TYPES.items():
+        value = data.get(group) if data is not None else None
+        if not isinstance(value, Namespace):
+            as_config(cls, value, group)  # None and mappings pass; anything else is the one-line error
 
 
 class EpochSampler(DistributedSampler):
@@ -165,7 +179,7 @@ class VideoDataModule(pl.LightningDataModule):
             if spec is not None and "format" not in spec:
                 raise ConfigError(f"data.{name}: a split needs a 'format' key, one of the registered formats")
         # plain values only: the hyper-parameters go into checkpoints, which must not pickle vidlang classes
-        self.save_hyperparameters({**self.splits, **{g: asdict(getattr(self, g)) for g in GROUPS}, "seed": seed})
+        self.save_hyperparameters({**self.splits, **{g: asdict(getattr(self, g)) for g in GROUP_TYPES}, "seed": seed})
         self.decode_device = resolve_decode_device(self.decode.device)
         self.num_workers = self.loader.num_workers
         self.backend = "torchcodec" if self.decode_device != "cpu" and self.decode.backend == "auto" else \
