@@ -168,7 +168,7 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
             "--model.init_args.model.vision=vit_tiny", "--model.init_args.model.num_frames=4",
             f"--model.init_args.audio.backbone_args={tiny_audio}", "--model.init_args.audio.dim=32",
             "--model.init_args.audio.qformer_heads=2", "--model.init_args.fusion=cross_attention",
-            "--model.init_args.fusion_args={\"heads\": 4}", "--data.decode_audio=true",
+            "--model.init_args.fusion_args={\"heads\": 4}", "--data.decode.audio=true",
             f"--trainer.default_root_dir={tmp_path}",
         ],
         run=False,
@@ -176,7 +176,7 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
     task = cli.model
     assert isinstance(task, RetrievalTask) and isinstance(task.model, AudioVisualModel)
     assert task.hparams.audio["dim"] == 32 and task.frontend.num_segments == 8
-    assert type(task.model.fusion).__name__ == "CrossAttentionFusion" and cli.datamodule.hparams.decode_audio
+    assert type(task.model.fusion).__name__ == "CrossAttentionFusion" and cli.datamodule.decode.audio
     names = {g["name"] for g in task.param_groups(1.0, 1.0)}
     assert {"audio_decay", "audio_no_decay"} <= names
     assert {g["lr"] for g in task.param_groups(1.0, 1.0) if g["name"].startswith("audio")} == {1e-5 * 100}

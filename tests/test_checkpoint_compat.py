@@ -51,8 +51,8 @@ def made(tmp_path_factory) -> dict:
     data_yaml.write_text(
         "data:\n"
         + "".join(f"  {s}: {{format: manifest, path: {manifest}, split: {s}}}\n" for s in ("train", "val", "test"))
-        + f"  num_frames: {FRAMES}\n  image_size: {SIZE}\n  crop_scale: [0.8, 1.0]\n  batch_size: 8\n"
-        "  num_workers: 0\n  persistent_workers: false\n  pin_memory: false\n"
+        + f"  sampling: {{num_frames: {FRAMES}}}\n  transform: {{image_size: {SIZE}, crop_scale: [0.8, 1.0]}}\n"
+        "  loader: {batch_size: 8, num_workers: 0, persistent_workers: false, pin_memory: false}\n"
         "trainer:\n  max_epochs: 1\n  enable_model_summary: false\n  log_every_n_steps: 1\n"
         f"model:\n  init_args:\n    tokenizer: {corpus / 'tokenizer'}\n"
     )

@@ -86,7 +86,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f"  train: {{format: manifest, path: {f['manifest']}, split: train}}\n"
         f"  val: {{format: manifest, path: {f['manifest']}, split: train}}\n"
         f"  test: {{format: manifest, path: {f['manifest']}, split: train}}\n"
-        "  num_frames: 4\n  image_size: 32\n  batch_size: 2\n  num_workers: 0\n"
+        "  sampling: {num_frames: 4}\n  transform: {image_size: 32}\n  loader: {batch_size: 2, num_workers: 0}\n"
         "trainer:\n  max_epochs: 1\n  enable_model_summary: false\n"
         f"  default_root_dir: {base / 'runs'}\n"
         "model:\n  init_args:\n"
@@ -98,6 +98,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def lightning(sub: str, f: dict[str, Path], *extra: str) -> list[str]:
     return [sub, "--config", str(DEMO_CONFIG), "--config", str(f["data_yaml"]), *extra]
+
+
+def yaml_file(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
 
 
 # (id, argv from the fixture files, substrings the one error line must contain)
@@ -141,11 +146,25 @@ CASES = [
      ["cli_retrieval.ckpt", "--labels"]),
     ("recognition-ckpt-retrieval-config", lambda f: lightning("test", f, "--ckpt_path", str(f["recognition"])),
      ["tiny_recognition.ckpt", "RecognitionTask", "RetrievalTask"]),
-    ("negative-batch-size", lambda f: lightning("fit", f, "--data.batch_size", "-1"), ["batch_size", "-1"]),
-    ("zero-frames", lambda f: lightning("fit", f, "--data.num_frames", "0"), ["num_frames", "0"]),
+    ("negative-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "-1"),
+     ["batch_size", "-1"]),
+    ("zero-frames", lambda f: lightning("fit", f, "--data.sampling.num_frames", "0"),
+     ["num_frames", "0"]),
     ("zero-model-frames", lambda f: lightning("validate", f, "--model.init_args.model.num_frames", "0"),
      ["num_frames", "0"]),
-    ("non-int-batch-size", lambda f: lightning("fit", f, "--data.batch_size", "abc"), ["data.batch_size", "abc"]),
+    ("typo-in-data-group", lambda f: lightning("fit", f, "--data.loader.batch_sise", "4"), ["batch_sise"]),
+    ("typo-in-data-group-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "typo.yaml", "data:\n  sampling: {num_frame: 4}\n")), ["num_frame"]),
+    ("flat-data-key", lambda f: lightning("fit", f, "--data.num_frames", "4"),
+     ["data.num_frames", "data.sampling.num_frames"]),
+    ("flat-data-key-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "flat.yaml", "data:\n  bad_sample_dir: runs/bad\n")),
+     ["data.bad_sample_dir", "data.bad_samples.report_dir"]),
+    ("data-group-as-a-value", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "streaming.yaml", "data:\n  streaming: true\n")),
+     ["data.streaming", "StreamingConfig", "data.streaming.enabled"]),
+    ("non-int-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "abc"),
+     ["data.loader.batch_size", "abc"]),
     ("missing-config", lambda f: ["fit", "--config", str(f["base"] / "nope.yaml")], ["nope.yaml"]),
     ("unknown-block", lambda f: lightning("validate", f, "--model.init_args.model.block", "no_such_block"),
      ["no_such_block", "temporal block"]),

@@ -54,7 +54,12 @@ def test_data_config_instantiates(data_config: Path):
     cli = instantiate(ROOT / "configs/retrieval/mean.yaml", data_config, extra=TINY)
     raw = yaml.safe_load(data_config.read_text())["data"]
     dm = cli.datamodule
-    assert dm.hparams.num_frames == raw.get("num_frames", 8)
+    assert dm.sampling.num_frames == raw["sampling"]["num_frames"]
+    for group, values in raw.items():
+        if group not in ("train", "val", "test", "seed"):  # a typed group: every value reaches the datamodule
+            built = getattr(dm, group)
+            assert {k: getattr(built, k) for k in values} == {
+                k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, group
     for split in ("train", "val", "test"):
         if raw.get(split) is not None:
             spec = dict(dm.splits[split])

@@ -10,7 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from vidlang.data.config import LoaderConfig, SamplingConfig
 from vidlang.data.datamodule import VideoDataModule
+from vidlang.errors import ConfigError
 
 T, S = 4, 32
 
@@ -24,16 +26,22 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
+GROUPS = dict(sampling={"num_frames": T}, transform={"image_size": S},
+              loader={"batch_size": 4, "num_workers": 0, "pin_memory": False}, decode={"backend": "pyav"})
+
+
 def module(corpus: Path, **kw) -> VideoDataModule:
+    """Train and val on the corpus; a group given in ``kw`` (a dict) updates the defaults of that group."""
     manifest = {"format": "manifest", "path": str(corpus / "manifest.csv")}
-    defaults = dict(train=manifest, val=manifest, num_frames=T, image_size=S, batch_size=4, num_workers=0,
-                    backend="pyav", pin_memory=False)
-    return VideoDataModule(**{**defaults, **kw})
+    args: dict = dict(train=manifest, val=manifest)
+    for group, defaults in GROUPS.items():
+        args[group] = {**defaults, **kw.pop(group, {})}
+    return VideoDataModule(**{**args, **kw})
 
 
-def check_batch(batch: dict, b: int, views: int | None = None) -> None:
+def check_batch(batch: dict, b: int, views: int | None = None, frames: int = T) -> None:
     video = batch["video"]
-    shape = (b, T, 3, S, S) if views is None else (b, views, T, 3, S, S)
+    shape = (b, frames, 3, S, S) if views is None else (b, views, frames, 3, S, S)
     assert tuple(video.shape) == shape and video.dtype == torch.uint8
     assert len(batch["key"]) == b and batch["label"].shape == (b,) and batch["label"].dtype == torch.long
     assert len(batch["captions"]) == batch["caption_index"].numel()
@@ -42,7 +50,7 @@ def check_batch(batch: dict, b: int, views: int | None = None) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_follow_the_contract(corpus, workers):
-    dm = module(corpus, num_workers=workers, persistent_workers=False)
+    dm = module(corpus, loader={"num_workers": workers, "persistent_workers": False})
     dm.setup("fit")
     assert dm.classes == (corpus / "classes.txt").read_text().split("\n")[:-1]
     train = list(dm.train_dataloader())
@@ -71,8 +79,8 @@ def test_epochs_reshuffle_and_are_reproducible(corpus):
 
 
 def test_multiview_three_crop_and_audio(corpus):
-    dm = module(corpus, eval_sampler="multiview", eval_sampler_args={"num_views": 2}, three_crop=True,
-                decode_audio=True, audio_sample_rate=8000)
+    dm = module(corpus, sampling={"eval_sampler": "multiview", "eval_sampler_args": {"num_views": 2}},
+                transform={"three_crop": True}, decode={"audio": True, "audio_sample_rate": 8000})
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     check_batch(batch, 4, views=6)
@@ -88,8 +96,9 @@ def test_streaming_split(corpus, tmp_path):
     from vidlang.data.formats import build_index
 
     write_shards(build_index("manifest", path=str(corpus / "manifest.csv")), tmp_path, 3, progress=False)
-    dm = module(corpus, train={"format": "webdataset", "shards": str(tmp_path)}, streaming=True, num_workers=2,
-                persistent_workers=False, shuffle_buffer=4)
+    dm = module(corpus, train={"format": "webdataset", "shards": str(tmp_path)},
+                streaming={"enabled": True, "shuffle_buffer": 4},
+                loader={"num_workers": 2, "persistent_workers": False})
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == len(dm.train_dataloader())
@@ -101,7 +110,7 @@ def test_gpu_decode_falls_back_to_cpu_with_a_warning(corpus):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the fallback is for CPU-only machines")
     with pytest.warns(UserWarning, match="no CUDA GPU"):
-        dm = module(corpus, decode_device="cuda", num_workers=2)
+        dm = module(corpus, decode={"device": "cuda"}, loader={"num_workers": 2})
     assert dm.decode_device == "cpu" and dm.num_workers == 2
     dm.setup("validate")
     assert next(iter(dm.val_dataloader()))["video"].device.type == "cpu"
@@ -110,7 +119,7 @@ def test_gpu_decode_falls_back_to_cpu_with_a_warning(corpus):
 @pytest.mark.gpu
 def test_gpu_decode_keeps_frames_on_gpu(corpus):
     with warnings.catch_warnings(record=True):
-        dm = module(corpus, decode_device="cuda", backend="torchcodec", num_workers=2)
+        dm = module(corpus, decode={"device": "cuda", "backend": "torchcodec"}, loader={"num_workers": 2})
     assert dm.num_workers == 0
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -139,7 +148,8 @@ def test_lightning_fit_sets_epochs_and_reports_bad_samples(corpus, tmp_path):
     shutil.copytree(corpus, bad_corpus)
     victim = json.loads((bad_corpus / "manifest.jsonl").read_text().splitlines()[2])
     (bad_corpus / victim["path"]).write_bytes(b"garbage")
-    dm = module(bad_corpus, val=None, num_workers=2, bad_sample_dir=str(tmp_path / "report"), max_skip_rate=0.2)
+    dm = module(bad_corpus, val=None, loader={"num_workers": 2},
+                bad_samples={"report_dir": str(tmp_path / "report"), "max_skip_rate": 0.2})
     model = _Tiny()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
@@ -151,7 +161,7 @@ def test_lightning_fit_sets_epochs_and_reports_bad_samples(corpus, tmp_path):
     report = [json.loads(x) for x in (tmp_path / "report" / "bad_samples.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in report] == [0, 1] and {r["key"] for r in report} == {str(victim["key"])}
 
-    strict = module(bad_corpus, val=None, bad_sample_dir=str(tmp_path / "r2"), max_skip_rate=0.05)
+    strict = module(bad_corpus, val=None, bad_samples={"report_dir": str(tmp_path / "r2"), "max_skip_rate": 0.05})
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     from vidlang.data.badsamples import BadSampleError
@@ -160,19 +170,114 @@ def test_lightning_fit_sets_epochs_and_reports_bad_samples(corpus, tmp_path):
         trainer.fit(_Tiny(), datamodule=strict)
 
 
-def test_typed_signature_builds_from_yaml(corpus):
+def _data_parser():
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser()
+    parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(VideoDataModule, "data")
+    return parser
+
+
+def _instantiate(parser, cfg) -> VideoDataModule:
+    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).data
+
+
+def test_typed_signature_builds_from_yaml(corpus):
+    parser = _data_parser()
     cfg = parser.parse_string(
         f"data:\n  train: {{format: manifest, path: {corpus / 'manifest.csv'}, split: train}}\n"
-        f"  num_frames: 4\n  image_size: 32\n  crop_scale: [0.4, 1.0]\n  backend: pyav\n  num_workers: 0\n")
-    dm = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    dm = dm(cfg).data
-    assert isinstance(dm, VideoDataModule) and dm.hparams.crop_scale == (0.4, 1.0)
+        "  sampling: {num_frames: 4, eval_num_frames: 6}\n  transform: {image_size: 32, crop_scale: [0.4, 1.0]}\n"
+        "  decode: {backend: pyav}\n  loader: {num_workers: 0}\n  bad_samples: {max_skip_rate: 0.2}\n")
+    dm = _instantiate(parser, cfg)
+    assert isinstance(dm, VideoDataModule) and dm.transform.crop_scale == (0.4, 1.0)
+    assert isinstance(dm.sampling, SamplingConfig) and (dm.sampling.num_frames, dm.sampling.eval_num_frames) == (4, 6)
+    assert dm.bad_samples.max_skip_rate == 0.2 and dm.loader.batch_size == LoaderConfig().batch_size
     with pytest.raises(ValueError, match="needs a 'format' key"):
         VideoDataModule(train={"path": "x.csv"})
+
+
+def test_group_options_override_on_the_command_line_and_typos_are_errors():
+    from jsonargparse import ArgumentError
+
+    parser = _data_parser()
+    cfg = parser.parse_args(["--data.loader.batch_size", "4", "--data.sampling.eval_num_frames", "16",
+                             "--data.decode.audio", "true", "--data.bad_samples.report_dir", "/tmp/r"])
+    dm = _instantiate(parser, cfg)
+    assert dm.loader.batch_size == 4 and dm.loader.batch(training=False) == 4 and dm.decode.audio
+    assert (dm.sampling.frames(training=True), dm.sampling.frames(training=False)) == (8, 16)
+    assert dm.bad_samples.report_dir == "/tmp/r"
+    with pytest.raises(ArgumentError, match="batch_sise"):  # a typo'd key inside a group, on the command line
+        parser.parse_args(["--data.loader.batch_sise", "4"])
+    with pytest.raises(ArgumentError, match="num_frame"):  # ... and in YAML
+        parser.parse_string("data:\n  sampling: {num_frame: 4}\n")
+    with pytest.raises(ArgumentError, match="num_frames"):  # an old flat key is refused, not ignored
+        parser.parse_string("data:\n  num_frames: 4\n")
+
+
+@pytest.mark.parametrize("group,values,message", [
+    ("sampling", {"num_frames": 0}, r"data\.sampling\.num_frames must be >= 1, got 0"),
+    ("sampling", {"eval_num_frames": -2}, r"data\.sampling\.eval_num_frames must be >= 1, got -2"),
+    ("transform", {"image_size": 0}, r"data\.transform\.image_size must be >= 1, got 0"),
+    ("loader", {"batch_size": -1}, r"data\.loader\.batch_size must be >= 1, got -1"),
+    ("loader", {"eval_batch_size": 0}, r"data\.loader\.eval_batch_size must be >= 1, got 0"),
+    ("loader", {"num_workers": -1}, r"data\.loader\.num_workers must be >= 0, got -1"),
+    ("loader", {"prefetch_factor": 0}, r"data\.loader\.prefetch_factor must be >= 1, got 0"),
+    ("decode", {"resize_short_side": 0}, r"data\.decode\.resize_short_side must be >= 1, got 0"),
+    ("streaming", {"samples_per_epoch": 0}, r"data\.streaming\.samples_per_epoch must be >= 1, got 0"),
+    ("bad_samples", {"max_skip_rate": 1.5}, r"data\.bad_samples\.max_skip_rate must be in \[0, 1\], got 1\.5"),
+    ("bad_samples", {"max_retries": -1}, r"data\.bad_samples\.max_retries must be >= 0, got -1"),
+    ("loader", {"batch_sise": 3}, r"data\.loader: unknown key\(s\) batch_sise; it takes batch_size, eval_batch_size"),
+])
+def test_bad_group_values_are_config_errors(group, values, message):
+    with pytest.raises(ConfigError, match=message):
+        VideoDataModule(**{group: values})
+
+
+def test_eval_clips_have_eval_num_frames(corpus):
+    """Training samples ``num_frames`` per clip, validation and test ``eval_num_frames`` (default: the same)."""
+    test = {"format": "manifest", "path": str(corpus / "manifest.csv")}
+    dm = module(corpus, test=test, sampling={"eval_num_frames": 6})
+    dm.setup(None)
+    check_batch(next(iter(dm.train_dataloader())), 4, frames=T)
+    check_batch(next(iter(dm.val_dataloader())), 4, frames=6)
+    check_batch(next(iter(dm.test_dataloader())), 4, frames=6)
+    views = module(corpus, sampling={"eval_num_frames": 2, "eval_sampler": "multiview",
+                                     "eval_sampler_args": {"num_views": 2}})
+    views.setup("validate")
+    check_batch(next(iter(views.val_dataloader())), 4, views=2, frames=2)
+    same = module(corpus)  # no eval_num_frames: evaluation takes num_frames
+    same.setup("validate")
+    check_batch(next(iter(same.val_dataloader())), 4, frames=T)
+    fps = module(corpus, sampling={"sampler": "fps", "sampler_args": {"fps": 100.0}, "eval_num_frames": 3})
+    assert (fps.sampling.build(True).max_frames, fps.sampling.build(False).max_frames) == (T, 3)
+
+
+def test_hyper_parameters_are_plain_values(corpus):
+    """The hyper-parameters go into checkpoints: plain values only (a vidlang class would make the safe reader
+    refuse the checkpoint), and they round-trip into an equal datamodule."""
+    dm = module(corpus, sampling={"eval_num_frames": 6}, bad_samples={"max_skip_rate": 0.1})
+
+    def plain(x) -> bool:
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (str, int, float, bool))
+
+    hp = dict(dm.hparams)
+    assert plain(hp) and hp["sampling"]["eval_num_frames"] == 6 and hp["bad_samples"]["max_skip_rate"] == 0.1
+    again = VideoDataModule(**hp)
+    assert (again.sampling, again.transform, again.loader, again.decode, again.streaming) == (
+        dm.sampling, dm.transform, dm.loader, dm.decode, dm.streaming)
+    assert again.bad_samples == dm.bad_samples and again.splits == dm.splits
+
+
+def test_default_bad_sample_policy_is_not_shared():
+    a, b = VideoDataModule(), VideoDataModule()
+    a.setup(None)  # no splits: only picks a report folder
+    assert a.bad_samples.report_dir is not None and b.bad_samples.report_dir is None
+    assert VideoDataModule.__init__.__defaults__ is not None  # the signature default stays untouched
+    assert all(getattr(d, "report_dir", None) is None for d in VideoDataModule.__init__.__defaults__)
 
 
 def test_lightning_streaming_epochs_are_exact_and_reshuffled(corpus, tmp_path):
@@ -180,8 +285,9 @@ def test_lightning_streaming_epochs_are_exact_and_reshuffled(corpus, tmp_path):
     from vidlang.data.formats import build_index
 
     write_shards(build_index("manifest", path=str(corpus / "manifest.csv")), tmp_path / "s", 2, progress=False)
-    dm = module(corpus, val=None, train={"format": "webdataset", "shards": str(tmp_path / "s")}, streaming=True,
-                num_workers=2, shuffle_buffer=3, bad_sample_dir=str(tmp_path / "r"))
+    dm = module(corpus, val=None, train={"format": "webdataset", "shards": str(tmp_path / "s")},
+                streaming={"enabled": True, "shuffle_buffer": 3}, loader={"num_workers": 2},
+                bad_samples={"report_dir": str(tmp_path / "r")})
     model = _Tiny()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
@@ -212,7 +318,8 @@ def test_validation_bad_samples_are_counted_reported_and_checked_per_split(corpu
     val_rows = [json.dumps(good)] + [json.dumps({**json.loads(r), "path": "videos/nowhere.mp4"}) for r in rows[1:3]]
     (bad_corpus / "val.jsonl").write_text("\n".join(val_rows + rows[3:8]) + "\n")  # 2 of 8 val entries are missing
     val = {"format": "manifest", "path": str(bad_corpus / "val.jsonl")}
-    dm = module(bad_corpus, val=val, num_workers=1, bad_sample_dir=str(tmp_path / "report"), max_skip_rate=0.5)
+    dm = module(bad_corpus, val=val, loader={"num_workers": 1},
+                bad_samples={"report_dir": str(tmp_path / "report"), "max_skip_rate": 0.5})
     model = _TinyVal()
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -224,7 +331,8 @@ def test_validation_bad_samples_are_counted_reported_and_checked_per_split(corpu
     assert {r["split"] for r in report} == {"val"} and len(report) == 2  # no training failure; each val one once
     assert all("nowhere.mp4" in r["path"] for r in report)
 
-    strict = module(bad_corpus, val=val, num_workers=1, bad_sample_dir=str(tmp_path / "r2"), max_skip_rate=0.05)
+    strict = module(bad_corpus, val=val, loader={"num_workers": 1},
+                    bad_samples={"report_dir": str(tmp_path / "r2"), "max_skip_rate": 0.05})
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=str(tmp_path))
@@ -256,3 +364,24 @@ def test_train_sampler_drops_the_tail_without_repeats():
              for r in range(2)]
     flat = [i for p in parts for i in p]
     assert len(flat) == 4 and len(set(flat)) == 4
+
+
+def test_every_flat_key_of_before_the_groups_has_a_hint_to_a_real_option():
+    """The 32 flat settings VideoDataModule took before the groups each map to an existing group field."""
+    from dataclasses import fields
+
+    from vidlang.data.config import MOVED_KEYS, moved_keys_hint
+    from vidlang.data.datamodule import GROUP_TYPES
+
+    old = ("num_frames sampler sampler_args eval_sampler eval_sampler_args image_size crop_scale crop_ratio hflip "
+           "three_crop batch_size eval_batch_size num_workers persistent_workers pin_memory prefetch_factor backend "
+           "decode_device resize_short_side max_pixels decode_audio audio_sample_rate streaming shuffle_buffer "
+           "resampled samples_per_epoch bad_sample_dir max_skip_rate max_retries decode_timeout_s loader_timeout_s "
+           "preflight_entries").split()
+    assert sorted(MOVED_KEYS) == sorted(old)
+    for new in MOVED_KEYS.values():
+        group, key = new.split(".")
+        assert key in {f.name for f in fields(GROUP_TYPES[group])}, new
+    assert moved_keys_hint("unrecognized arguments: --data.decode_audio true") == (
+        " (data settings are grouped: data.decode_audio is now data.decode.audio)")
+    assert moved_keys_hint("data.sampling.num_frames must be >= 1") == ""  # a grouped key is not flagged

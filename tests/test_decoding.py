@@ -418,6 +418,7 @@ def test_bomb_costs_no_memory_to_refuse(tmp_path):
 
 
 def test_max_pixels_is_plumbed_through_the_data_pipeline(cfr_video):
+    from vidlang.data.config import DecodeConfig
     from vidlang.data.datamodule import VideoDataModule
     from vidlang.data.datasets import VideoTextDataset
     from vidlang.data.sample import VideoEntry
@@ -428,7 +429,7 @@ def test_max_pixels_is_plumbed_through_the_data_pipeline(cfr_video):
     with pytest.raises(VideoDecodeError, match="exceeds the pixel limit"):
         VideoTextDataset(entries, sampler, max_pixels=64 * 48 - 1).load(0)
     assert VideoTextDataset(entries, sampler, max_pixels=None).load(0).video.shape == (1, 4, 3, 48, 64)
-    dm = VideoDataModule(train={"format": "manifest", "path": "unused.csv"}, max_pixels=1000)
+    dm = VideoDataModule(train={"format": "manifest", "path": "unused.csv"}, decode=DecodeConfig(max_pixels=1000))
     assert dm._common(training=True)["max_pixels"] == 1000
     assert VideoDataModule(train={"format": "manifest", "path": "unused.csv"})._common(False)["max_pixels"] == (
         DEFAULT_MAX_PIXELS

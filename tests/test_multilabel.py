@@ -12,7 +12,7 @@ import torch
 
 from vidlang.data.collate import collate_samples
 from vidlang.data.formats import FormatError, build_index
-from vidlang.data.protocols import few_shot_index, subset_classes
+from vidlang.data.formats.protocols import few_shot_index, subset_classes
 from vidlang.data.sample import VideoSample
 from vidlang.eval.classification import average_precision, evaluate_views, multilabel_metrics, write_report
 from vidlang.losses.classification import MixupCutmix, mix_targets, multi_hot, smooth_targets

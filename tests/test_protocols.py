@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from vidlang.data.formats import build_index
-from vidlang.data.protocols import (
+from vidlang.data.formats.protocols import (
     base_novel_split,
     few_shot_index,
     few_shot_indices,

@@ -10,8 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
 from vidlang.data.datamodule import VideoDataModule
-from vidlang.data.protocols import base_novel_split
+from vidlang.data.formats.protocols import base_novel_split
 from vidlang.data.synthetic import generate_corpus
 from vidlang.losses.classification import (
     MixupCutmix,
@@ -38,12 +39,12 @@ def corpus(tmp_path_factory):
     return root, info
 
 
-def datamodule(root, train=None, val=None, **kw) -> VideoDataModule:
+def datamodule(root, train=None, val=None, sampling=None, transform=None) -> VideoDataModule:
     src = {"format": "manifest", "path": str(root / "corpus" / "manifest.csv")}
-    args = dict(train=train or {**src, "split": "train"}, val=val or {**src, "split": "val"}, num_frames=4,
-                image_size=32, batch_size=8, num_workers=0, persistent_workers=False, pin_memory=False)
-    args.update(kw)
-    return VideoDataModule(**args)
+    return VideoDataModule(train=train or {**src, "split": "train"}, val=val or {**src, "split": "val"},
+                           sampling=SamplingConfig(num_frames=4, **(sampling or {})),
+                           transform=TransformConfig(image_size=32, **(transform or {})),
+                           loader=LoaderConfig(batch_size=8, num_workers=0, persistent_workers=False, pin_memory=False))
 
 
 def trainer(tmp_path, **kw) -> pl.Trainer:
@@ -100,7 +101,8 @@ def test_mixup_and_cutmix_targets():
 def test_supervised_fit_multiview_report_and_reload(corpus, tmp_path):
     root, info = corpus
     pl.seed_everything(0)
-    dm = datamodule(root, eval_sampler="multiview", eval_sampler_args={"num_views": 2}, three_crop=True)
+    dm = datamodule(root, sampling={"eval_sampler": "multiview", "eval_sampler_args": {"num_views": 2}},
+                    transform={"three_crop": True})
     model = task(root, templates=["a photo of a {}.", "a video of {}"], view_layout=(2, 3))
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     tr = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt],
@@ -218,8 +220,9 @@ def synthetic_config(root, out) -> dict:
             "class_path": "vidlang.data.datamodule.VideoDataModule",
             "init_args": {
                 "train": {**src, "split": "train"}, "val": {**src, "split": "val"}, "test": {**src, "split": "test"},
-                "num_frames": 4, "image_size": 32, "batch_size": 8, "num_workers": 0, "persistent_workers": False,
-                "sampler": "segment", "three_crop": True,
+                "sampling": {"num_frames": 4, "sampler": "segment"},
+                "transform": {"image_size": 32, "three_crop": True},
+                "loader": {"batch_size": 8, "num_workers": 0, "persistent_workers": False},
             },
         },
     }

@@ -145,6 +145,7 @@ def test_ddp_eval_drops_sampler_padding(tok, tmp_path):
 
 def test_multi_label_list_file_end_to_end(tok, tmp_path):
     """A list file with several labels per line, through the datamodule (decoding real files), training and mAP."""
+    from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
     from vidlang.data.synthetic import generate_corpus
 
@@ -157,8 +158,9 @@ def test_multi_label_list_file_end_to_end(tok, tmp_path):
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     split = {"format": "kinetics", "classes": str(tmp_path / "classes.txt"), "video_root": str(tmp_path / "c")}
     dm = VideoDataModule(train={**split, "list_file": str(tmp_path / "train.txt")},
-                         val={**split, "list_file": str(tmp_path / "val.txt")}, num_frames=4, image_size=32,
-                         batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False)
+                         val={**split, "list_file": str(tmp_path / "val.txt")}, sampling=SamplingConfig(num_frames=4),
+                         transform=TransformConfig(image_size=32), loader=LoaderConfig(
+                             batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False))
     task = make_task(tok, class_names=None, mixup=0.8, cutmix=1.0, label_smoothing=0.1, lr=1e-3)
     fit = trainer(tmp_path, max_steps=2, num_sanity_val_steps=0)
     fit.fit(task, dm)

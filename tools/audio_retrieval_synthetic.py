@@ -130,16 +130,19 @@ def make_variants(out: Path, base: list[Any], splits: list[str] | None = None) -
 
 def datamodule(train: str | None, test: str, frames: int, size: int, batch: int, workers: int, seed: int,
                audio: bool) -> Any:
-    """Manifest splits -> :class:`VideoDataModule` (``decode_audio`` at 16 kHz when ``audio``)."""
+    """Manifest splits -> :class:`VideoDataModule` (audio decoded at 16 kHz when ``audio``)."""
+    from vidlang.data.config import DecodeConfig, LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
 
     def split(path: str, name: str) -> dict:
         return {"format": "manifest", "path": path, "split": name}
 
     return VideoDataModule(train=split(train, "train") if train else None, test=split(test, "test"),
-                           num_frames=frames, image_size=size, crop_scale=(0.8, 1.0), batch_size=batch,
-                           eval_batch_size=64, num_workers=workers, persistent_workers=workers > 0,
-                           pin_memory=False, seed=seed, decode_audio=audio, audio_sample_rate=16000)
+                           sampling=SamplingConfig(num_frames=frames),
+                           transform=TransformConfig(image_size=size, crop_scale=(0.8, 1.0)),
+                           loader=LoaderConfig(batch_size=batch, eval_batch_size=64, num_workers=workers,
+                                               persistent_workers=workers > 0, pin_memory=False),
+                           decode=DecodeConfig(audio=audio, audio_sample_rate=16000), seed=seed)
 
 
 # -- model -----------------------------------------------------------------------------------------------

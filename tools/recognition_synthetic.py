@@ -179,18 +179,21 @@ def pretrained_tower(args: argparse.Namespace, corpus: Path) -> tuple[Path, dict
 
 
 def datamodule(args: argparse.Namespace, corpus: Path, held: Path, multiview: bool):
+    from vidlang.data.badsamples import BadSamplePolicy
+    from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
 
     classes = str(corpus / "classes.txt")
     return VideoDataModule(
         train={"format": "manifest", "path": str(corpus / "manifest.csv"), "split": "train"},
         test={"format": "manifest", "path": str(held), "video_root": str(corpus), "classes": classes},
-        num_frames=args.frames, image_size=32, crop_scale=(args.crop_scale, 1.0), batch_size=args.batch,
-        eval_batch_size=64, num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=False,
-        seed=args.seed, decode_timeout_s=600.0, loader_timeout_s=0.0,  # no spurious skips on a busy / paused machine
-        eval_sampler="multiview" if multiview else None,
-        eval_sampler_args={"sampler": "segment", "num_views": args.clips} if multiview else None,
-        three_crop=multiview,
+        sampling=SamplingConfig(num_frames=args.frames, eval_sampler="multiview" if multiview else None,
+                                eval_sampler_args={"sampler": "segment", "num_views": args.clips} if multiview else {}),
+        transform=TransformConfig(image_size=32, crop_scale=(args.crop_scale, 1.0), three_crop=multiview),
+        # no loader timeout, a long decode limit: no spurious skips on a busy / paused machine
+        loader=LoaderConfig(batch_size=args.batch, eval_batch_size=64, num_workers=args.workers,
+                            persistent_workers=args.workers > 0, pin_memory=False, timeout_s=0.0),
+        bad_samples=BadSamplePolicy(decode_timeout_s=600.0), seed=args.seed,
     )  # fmt: skip
 
 

@@ -67,6 +67,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
+    from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
     from vidlang.io import with_atomic_checkpoint_io
     from vidlang.models.factory import ModelConfig
@@ -78,8 +79,11 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
         train={"format": "manifest", "path": manifest, "split": "train"},
         val={"format": "manifest", "path": manifest, "split": "val"},
         test={"format": "manifest", "path": manifest, "split": "test"},
-        num_frames=cfg.num_frames, image_size=cfg.image_size, crop_scale=(0.8, 1.0), batch_size=cfg.batch_size,
-        num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=False, seed=cfg.seed,
+        sampling=SamplingConfig(num_frames=cfg.num_frames),
+        transform=TransformConfig(image_size=cfg.image_size, crop_scale=(0.8, 1.0)),
+        loader=LoaderConfig(batch_size=cfg.batch_size, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                            pin_memory=False),
+        seed=cfg.seed,
     )  # fmt: skip
     model = ModelConfig(vision="vit_tiny", block=cfg.block, num_frames=cfg.num_frames)
     task = RetrievalTask(model, tokenizer=str(corpus / "tokenizer"), lr=cfg.lr, weight_decay=0.05, warmup_ratio=0.05)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Iterator
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from vidlang.errors import ConfigError
@@ -84,3 +86,16 @@ def check_arguments(target: Any, what: str, args: tuple = (), kwargs: dict[str, 
         accepted = [p.name for p in sig.parameters.values()
                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][len(args):]
         raise ConfigError(f"{what}: {e}; it takes {', '.join(accepted) or 'no arguments'}") from None
+
+
+def import_submodules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> list[str]:
+    """Import every module of a package (by name order) so that its entries register; returns their names.
+
+    Called at the end of a package's ``__init__`` as ``import_submodules(__name__, __path__)``: a new block,
+    format or command is a new file in that folder, listed nowhere else. ``skip``: module names to leave out.
+    """
+    skipped = set(skip)
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path)) if info.name not in skipped)
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

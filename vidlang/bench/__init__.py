@@ -6,15 +6,12 @@ Every module here registers a benchmark class in :data:`BENCHMARKS` with ``help`
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-from vidlang.registry import Registry
+from vidlang.registry import Registry, import_submodules
 
 BENCHMARKS: Registry[type] = Registry("benchmark")
 
 
 def load_all() -> Registry[type]:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    """Import every module of this package so that its benchmarks register."""
+    import_submodules(__name__, __path__)
     return BENCHMARKS

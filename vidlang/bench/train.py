@@ -51,15 +51,17 @@ def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, fra
     """Train ``warmup + steps`` steps of one setting; returns clips/s and the data-wait share."""
     import pytorch_lightning as pl
 
+    from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
 
     vision, size, text = SETTINGS[setting]
     manifest = str(corpus / "manifest.csv")
-    data = VideoDataModule(train={"format": "manifest", "path": manifest, "split": "train"}, num_frames=frames,
-                           image_size=size, batch_size=batch, num_workers=workers, persistent_workers=False,
-                           pin_memory=False)  # fmt: skip
+    data = VideoDataModule(train={"format": "manifest", "path": manifest, "split": "train"},
+                           sampling=SamplingConfig(num_frames=frames), transform=TransformConfig(image_size=size),
+                           loader=LoaderConfig(batch_size=batch, num_workers=workers, persistent_workers=False,
+                                               pin_memory=False))  # fmt: skip
     vocab = {"text_tiny": {}, "text_b": {"vocab_size": 512, "context_length": 32}}[text]
     task = RetrievalTask(ModelConfig(vision=vision, text=text, block="mean", num_frames=frames, **vocab),
                          tokenizer=str(corpus / "tokenizer"), lr=1e-4)  # fmt: skip

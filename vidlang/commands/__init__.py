@@ -10,11 +10,9 @@ the raw argument list instead (used for the LightningCLI subcommands).
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 from typing import Protocol
 
-from vidlang.registry import Registry
+from vidlang.registry import Registry, import_submodules
 
 
 class Command(Protocol):
@@ -30,6 +28,5 @@ COMMANDS: Registry[type] = Registry("command")
 
 def load_all() -> Registry[type]:
     """Import every module of this package so that its commands register."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__)
     return COMMANDS

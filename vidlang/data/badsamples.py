@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vidlang.data.config import check_min
+from vidlang.errors import ConfigError
 from vidlang.io import append_line, append_lines
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,13 @@ class SkippedSample:
 
 @dataclass
 class BadSamplePolicy:
-    """Settings of the policy (module docstring). ``report_dir=None`` keeps records in memory only."""
+    """Settings of the policy (module docstring); the ``data.bad_samples`` group of a data config.
+
+    ``report_dir``: where failures are reported (None: records in memory only; the DataModule then picks a
+    temporary folder); ``max_skip_rate``: the largest share of failed samples per split and epoch;
+    ``max_retries``: replacements tried in a row in training; ``min_attempts``: loads a worker makes before it
+    checks its own rate; ``decode_timeout_s``: per-sample decode limit; ``preflight_entries``: entries
+    checked before training."""
 
     report_dir: str | None = None
     max_skip_rate: float = 0.05
@@ -78,7 +86,9 @@ class BadSamplePolicy:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_skip_rate <= 1.0:
-            raise ValueError(f"max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+            raise ConfigError(f"data.bad_samples.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+        check_min("bad_samples", 0, max_retries=self.max_retries, preflight_entries=self.preflight_entries)
+        check_min("bad_samples", 1, min_attempts=self.min_attempts)
 
 
 @contextlib.contextmanager

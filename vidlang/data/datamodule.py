@@ -1,13 +1,17 @@
 """``VideoDataModule``: formats -> datasets -> loaders for train / val / test, from a typed config.
 
-Each split is a dict ``{"format": NAME, **format_args}`` (see :data:`vidlang.data.formats.FORMATS`),
-e.g. in YAML for LightningCLI::
+Each split is a dict ``{"format": NAME, **format_args}`` (see :data:`vidlang.data.formats.FORMATS`); the
+other settings come in typed groups (:mod:`vidlang.data.config`), e.g. in YAML for LightningCLI::
 
     data:
       train: {format: webvid, csv: data/webvid_train.csv, video_root: data}
       val: {format: msrvtt, csv: data/MSRVTT_JSFUSION_test.csv, video_root: data/videos}
-      num_frames: 8
-      image_size: 224
+      sampling: {num_frames: 8, eval_num_frames: 16}
+      transform: {image_size: 224}
+      loader: {batch_size: 32, num_workers: 8}
+
+Training clips have ``sampling.num_frames`` frames, validation and test clips ``sampling.eval_num_frames``
+(default: the same).
 
 Batches follow :mod:`vidlang.data.collate` (``video`` stays uint8; the task normalises on the
 device in ``on_after_batch_transfer`` with :func:`vidlang.data.transforms.normalize`).
@@ -25,8 +29,8 @@ repeating its first samples until every rank has the same number (>= 1, so no ra
 evaluation loop and leaves the others waiting in a collective); the tasks drop those repeats when
 they gather (``num_videos`` counts each video once).
 
-GPU decode: ``decode_device="cuda"`` decodes with torchcodec on the GPU in the main process
-(``num_workers`` forced to 0: CUDA contexts do not survive a fork), frames stay on the GPU
+GPU decode: ``decode.device: cuda`` decodes with torchcodec on the GPU in the main process
+(``loader.num_workers`` forced to 0: CUDA contexts do not survive a fork), frames stay on the GPU
 for the transforms; without a GPU it falls back to CPU decoding with a warning.
 """
 
@@ -36,6 +40,7 @@ import logging
 import random
 import tempfile
 import warnings
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
@@ -44,21 +49,40 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
-from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset wrapper formats)
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
+from vidlang.data.config import (
+    DecodeConfig,
+    LoaderConfig,
+    SamplingConfig,
+    StreamingConfig,
+    TransformConfig,
+    as_config,
+)
 from vidlang.data.datasets import VideoTextDataset, mix_seed
-from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.data.formats import build_index
 from vidlang.data.sample import FormatIndex
-from vidlang.data.sampling import build_sampler
 from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
 from vidlang.data.streaming import StreamingVideoDataset, make_streaming_loader
-from vidlang.data.transforms import ClipTransform
 from vidlang.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+
+
+GROUP_TYPES: dict[str, type] = {"sampling": SamplingConfig, "transform": TransformConfig, "loader": LoaderConfig,
+                                 "decode": DecodeConfig, "streaming": StreamingConfig, "bad_samples": BadSamplePolicy}
+
+
+def check_parsed_groups(data: Any) -> None:
+    """Raise :class:`ConfigError` for a group given as a plain value in a parsed config (e.g. the old
+    ``streaming: true``): jsonargparse lets it through, and instantiation would fail with a bare TypeError."""
+    from jsonargparse import Namespace
+
+    for group, cls in GROUP_TYPES.items():
+        value = data.get(group) if data is not None else None
+        if not isinstance(value, Namespace):
+            as_config(cls, value, group)  # None and mappings pass; anything else is the one-line error
 
 
 class EpochSampler(DistributedSampler):
@@ -106,7 +130,8 @@ def seed_worker(worker_id: int, seed: int, rank: int) -> None:
 def resolve_decode_device(device: str) -> str:
     """``cuda`` when requested and present; otherwise ``cpu`` (with a warning if cuda was asked for)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn("decode_device='cuda' but no CUDA GPU is available: decoding on the CPU instead", stacklevel=2)
+        warnings.warn(f"data.decode.device={device!r} but no CUDA GPU is available: decoding on the CPU instead",
+                      stacklevel=2)
         return "cpu"
     return device
 
@@ -119,79 +144,49 @@ class VideoDataModule(pl.LightningDataModule):
         train: dict[str, Any] | None = None,
         val: dict[str, Any] | None = None,
         test: dict[str, Any] | None = None,
-        num_frames: int = 8,
-        sampler: str = "segment",
-        sampler_args: dict[str, Any] | None = None,
-        eval_sampler: str | None = None,
-        eval_sampler_args: dict[str, Any] | None = None,
-        image_size: int = 224,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: float = 0.0,
-        three_crop: bool = False,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        persistent_workers: bool = True,
-        pin_memory: bool = True,
-        prefetch_factor: int = 2,
-        backend: str = "auto",
-        decode_device: str = "cpu",
-        resize_short_side: int | None = None,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        decode_audio: bool = False,
-        audio_sample_rate: int = 16000,
-        streaming: bool = False,
-        shuffle_buffer: int = 1000,
-        resampled: bool = False,
-        samples_per_epoch: int | None = None,
+        sampling: SamplingConfig = SamplingConfig(),  # noqa: B008  (frozen: a shared default is safe)
+        transform: TransformConfig = TransformConfig(),  # noqa: B008
+        loader: LoaderConfig = LoaderConfig(),  # noqa: B008
+        decode: DecodeConfig = DecodeConfig(),  # noqa: B008
+        streaming: StreamingConfig = StreamingConfig(),  # noqa: B008
+        bad_samples: BadSamplePolicy = BadSamplePolicy(),  # noqa: B008  (copied: setup sets its report_dir)
         seed: int = 0,
-        bad_sample_dir: str | None = None,
-        max_skip_rate: float = 0.05,
-        max_retries: int = 10,
-        decode_timeout_s: float = 60.0,
-        loader_timeout_s: float = 600.0,
-        preflight_entries: int = 64,
     ) -> None:
-        """Build from config (every argument is a LightningCLI option).
+        """Build from config (every argument is a LightningCLI option; the groups are :mod:`vidlang.data.config`).
 
         Args:
             train, val, test: ``{"format": NAME, **format args}`` per split (None = no such split).
-            num_frames: frames per clip (T).
-            sampler, sampler_args: training frame sampler (:data:`vidlang.data.sampling.SAMPLERS`).
-            eval_sampler, eval_sampler_args: evaluation sampler (default: the training one), e.g. ``multiview``.
-            image_size: square crop size; crop_scale / crop_ratio: random-resized-crop ranges (training).
-            hflip: horizontal-flip probability (0: direction words would lie; captions are swapped when on).
-            three_crop: evaluation with 3 spatial crops (V -> 3V views).
-            batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, prefetch_factor: loaders.
-            backend: decoding backend; decode_device: ``cpu`` or ``cuda`` (main-process GPU decode).
-            resize_short_side: resize at decode time (speed); decode_audio, audio_sample_rate: audio track.
-            max_pixels: largest frame (width x height) decoded; a video with bigger frames is a bad sample,
-                refused from its metadata before decoding (``null``: no limit).
-            streaming, shuffle_buffer, resampled, samples_per_epoch: shard streaming (webdataset splits).
+            sampling: frames per clip (train / eval) and the frame samplers.
+            transform: crop size, training augmentation, three-crop evaluation.
+            loader: batch sizes and DataLoader workers.
+            decode: backend, device, decode-time resize, pixel limit, audio.
+            streaming: shard streaming of ``webdataset`` splits.
+            bad_samples: the bad-sample policy (:mod:`vidlang.data.badsamples`).
             seed: base seed (per rank, worker, epoch and sample).
-            bad_sample_dir, max_skip_rate, max_retries, decode_timeout_s, preflight_entries: the bad-sample
-                policy (:mod:`vidlang.data.badsamples`); loader_timeout_s: DataLoader batch timeout (0 = none).
+
+        Each group may also be given as a mapping of its fields (e.g. from YAML loaded in Python).
         """
         super().__init__()
-        for key, value, low in (("num_frames", num_frames, 1), ("batch_size", batch_size, 1),
-                                ("eval_batch_size", eval_batch_size, 1), ("image_size", image_size, 1),
-                                ("num_workers", num_workers, 0)):  # fmt: skip
-            if value is not None and value < low:
-                raise ConfigError(f"data.{key} must be >= {low}, got {value}")
-        self.save_hyperparameters()
+        self.sampling = as_config(SamplingConfig, sampling, "sampling")
+        self.transform = as_config(TransformConfig, transform, "transform")
+        self.loader = as_config(LoaderConfig, loader, "loader")
+        self.decode = as_config(DecodeConfig, decode, "decode")
+        self.streaming = as_config(StreamingConfig, streaming, "streaming")
+        self.bad_samples = replace(as_config(BadSamplePolicy, bad_samples, "bad_samples"))  # our own copy
+        self.seed = seed
         self.splits = {"train": train, "val": val, "test": test}
         for name, spec in self.splits.items():
             if spec is not None and "format" not in spec:
                 raise ConfigError(f"data.{name}: a split needs a 'format' key, one of the registered formats")
-        self.decode_device = resolve_decode_device(decode_device)
-        self.num_workers = num_workers
-        self.backend = "torchcodec" if self.decode_device != "cpu" and backend == "auto" else backend
-        if self.decode_device != "cpu" and num_workers > 0:
+        # plain values only: the hyper-parameters go into checkpoints, which must not pickle vidlang classes
+        self.save_hyperparameters({**self.splits, **{g: asdict(getattr(self, g)) for g in GROUP_TYPES}, "seed": seed})
+        self.decode_device = resolve_decode_device(self.decode.device)
+        self.num_workers = self.loader.num_workers
+        self.backend = "torchcodec" if self.decode_device != "cpu" and self.decode.backend == "auto" else \
+            self.decode.backend  # fmt: skip
+        if self.decode_device != "cpu" and self.num_workers > 0:
             warnings.warn("GPU decoding runs in the main process: num_workers set to 0", stacklevel=2)
             self.num_workers = 0
-        self.policy = BadSamplePolicy(bad_sample_dir, max_skip_rate, max_retries, decode_timeout_s=decode_timeout_s,
-                                      preflight_entries=preflight_entries)
         self.indices: dict[str, FormatIndex] = {}
         self.datasets: dict[str, Any] = {}
         self._callback: Any = None
@@ -208,55 +203,39 @@ class VideoDataModule(pl.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
-    def _sampler(self, training: bool) -> Any:
-        h = self.hparams
-        name, args = h.sampler, dict(h.sampler_args or {})
-        if not training and h.eval_sampler is not None:
-            name, args = h.eval_sampler, dict(h.eval_sampler_args or {})
-        if name == "fps":
-            args.setdefault("max_frames", h.num_frames)
-        else:
-            args.setdefault("num_frames", h.num_frames)
-        return build_sampler(name, **args)
-
-    def _transform(self, training: bool) -> ClipTransform:
-        h = self.hparams
-        if training:
-            return ClipTransform(h.image_size, "train", h.crop_scale, h.crop_ratio, h.hflip)
-        return ClipTransform(h.image_size, "three_crop" if h.three_crop else "eval")
-
     def _common(self, training: bool) -> dict[str, Any]:
-        h = self.hparams
-        return dict(sampler=self._sampler(training), transform=self._transform(training), training=training,
-                    backend=self.backend, decode_audio=h.decode_audio, audio_sample_rate=h.audio_sample_rate,
-                    resize_short_side=h.resize_short_side, seed=h.seed, policy=self.policy, max_pixels=h.max_pixels)
+        d = self.decode
+        return dict(sampler=self.sampling.build(training), transform=self.transform.build(training),
+                    training=training, backend=self.backend, decode_audio=d.audio,
+                    audio_sample_rate=d.audio_sample_rate, resize_short_side=d.resize_short_side, seed=self.seed,
+                    policy=self.bad_samples, max_pixels=d.max_pixels)  # fmt: skip
 
     def _build(self, split: str) -> Any:
         spec = dict(self.splits[split])
         fmt = spec.pop("format")
         training = split == "train"
-        h = self.hparams
+        st = self.streaming
         rank, world = self._dist()
-        if h.streaming and fmt == "webdataset":
+        if st.enabled and fmt == "webdataset":
             return StreamingVideoDataset(
-                spec["shards"], batch_size=h.batch_size if training else (h.eval_batch_size or h.batch_size),
-                num_workers=self.num_workers, shuffle_buffer=h.shuffle_buffer, resampled=h.resampled and training,
-                samples_per_epoch=h.samples_per_epoch if training else None, rank=rank, world_size=world,
+                spec["shards"], batch_size=self.loader.batch(training), num_workers=self.num_workers,
+                shuffle_buffer=st.shuffle_buffer, resampled=st.resampled and training,
+                samples_per_epoch=st.samples_per_epoch if training else None, rank=rank, world_size=world,
                 split=split, **self._common(training))
         self.indices[split] = build_index(fmt, **spec)
         entries = self.indices[split].entries
         return VideoTextDataset(entries, device=self.decode_device, rank=rank, split=split, **self._common(training))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.policy.report_dir is None:
-            self.policy.report_dir = tempfile.mkdtemp(prefix="vidlang_bad_samples_")
+        if self.bad_samples.report_dir is None:
+            self.bad_samples.report_dir = tempfile.mkdtemp(prefix="vidlang_bad_samples_")  # our copy (see __init__)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if self.splits[split] is not None and split not in self.datasets:
                 self.datasets[split] = self._build(split)
                 ds = self.datasets[split]
                 if split == "train" and isinstance(ds, VideoTextDataset):
-                    preflight(ds.entries, self.policy, backend="pyav")
+                    preflight(ds.entries, self.bad_samples, backend="pyav")
         self._attach_callback()
 
     def _attach_callback(self) -> None:
@@ -264,7 +243,7 @@ class VideoDataModule(pl.LightningDataModule):
         if trainer is None or self._callback is not None:
             return
         trackers = [ds.tracker for ds in self.datasets.values() if isinstance(ds, VideoTextDataset)]
-        self._callback = make_callback(self.policy, trackers)
+        self._callback = make_callback(self.bad_samples, trackers)
         trainer.callbacks.append(self._callback)
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,24 +256,25 @@ class VideoDataModule(pl.LightningDataModule):
             if self.splits[split] is None:
                 raise ValueError(f"no '{split}' split configured (data.{split})")
             self.setup(None)
-        ds, h = self.datasets[split], self.hparams
+        ds, cfg = self.datasets[split], self.loader
         rank, world = self._dist()
         workers = self.num_workers
+        pin = cfg.pin_memory and self.decode_device == "cpu" and torch.cuda.is_available()
         kw: dict[str, Any] = dict(
-            num_workers=workers, pin_memory=h.pin_memory and self.decode_device == "cpu" and torch.cuda.is_available(),
-            worker_init_fn=partial(seed_worker, seed=h.seed, rank=rank) if workers else None,
-            persistent_workers=h.persistent_workers and workers > 0, timeout=h.loader_timeout_s if workers else 0,
+            num_workers=workers, pin_memory=pin,
+            worker_init_fn=partial(seed_worker, seed=self.seed, rank=rank) if workers else None,
+            persistent_workers=cfg.persistent_workers and workers > 0, timeout=cfg.timeout_s if workers else 0,
         )
         if workers:
-            kw["prefetch_factor"] = h.prefetch_factor
+            kw["prefetch_factor"] = cfg.prefetch_factor
         if isinstance(ds, StreamingVideoDataset):
             return make_streaming_loader(ds, **kw)
         training = split == "train"
-        sampler = EpochSampler(ds, shuffle=training, seed=h.seed, rank=rank, world_size=world, drop_tail=training)
-        bs = h.batch_size if training else (h.eval_batch_size or h.batch_size)
+        sampler = EpochSampler(ds, shuffle=training, seed=self.seed, rank=rank, world_size=world, drop_tail=training)
+        bs = cfg.batch(training)
         if not workers:
             return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_samples, **kw)
-        ring = BatchRing(workers, slots=h.prefetch_factor + RING_SPARE_SLOTS)
+        ring = BatchRing(workers, slots=cfg.prefetch_factor + RING_SPARE_SLOTS)
         return RingDataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=partial(collate_samples, ring=ring), **kw)
 
     def train_dataloader(self) -> DataLoader:

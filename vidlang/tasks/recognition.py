@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset formats)
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
 from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
@@ -124,7 +123,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         ``multi_label_loss``: ``"soft_ce"`` or ``"bce"`` for multi-label data (module docstring).
         ``view_layout``: (clips, crops) of multi-view evaluation, for naming per-view results.
         ``base_to_novel``: also report base / novel / harmonic mean over the evaluation classes split by
-        :func:`vidlang.data.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
+        :func:`vidlang.data.formats.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
             model = ModelConfig(**model)
@@ -449,7 +448,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         h = self.hparams
         split = None
         if h.base_to_novel:
-            from vidlang.data.protocols import base_novel_split
+            from vidlang.data.formats.protocols import base_novel_split
 
             split = base_novel_split(len(names), h.base_ratio, h.split_seed)
         result = evaluate_views(logits, labels, h.view_layout, split, fuse=self._fuse(labels.ndim == 2))

@@ -75,10 +75,15 @@ class VidlangCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from jsonargparse import ArgumentError
 
+        from vidlang.data.config import moved_keys_hint
+        from vidlang.data.datamodule import check_parsed_groups
+
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(str(err)) from err
+            raise ConfigError(f"{err}{moved_keys_hint(str(err))}") from err
+        sub = self.config.get("subcommand")
+        check_parsed_groups((self.config[sub] if sub else self.config).get("data"))
 
     def instantiate_classes(self) -> None:
         try:

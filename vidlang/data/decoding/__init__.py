@@ -6,7 +6,6 @@ with torchcodec, PyAV or decord (registered in :data:`READERS`); see
 non-video input, and docs/decoding.md for what each backend decodes exactly.
 """
 
-from vidlang.data.decoding import decord, pyav, torchcodec  # noqa: F401  (register the backends)
 from vidlang.data.decoding.audio import decode_audio
 from vidlang.data.decoding.auto import (
     AUTO_ORDER,
@@ -25,6 +24,9 @@ from vidlang.data.decoding.base import (
     VideoSource,
     resized_hw,
 )
+from vidlang.registry import import_submodules
+
+import_submodules(__name__, __path__)  # the backend modules register their readers in READERS
 
 __all__ = [
     "AUTO_ORDER",

@@ -1,8 +1,5 @@
 """Temporal blocks: interchangeable ways of turning per-frame CLIP into a video model."""
 
-import importlib
-import pkgutil
-
 from vidlang.models.temporal.base import (
     BLOCKS,
     HookContext,
@@ -12,9 +9,8 @@ from vidlang.models.temporal.base import (
     VideoOutput,
     build_block,
 )
+from vidlang.registry import import_submodules
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_submodules(__name__, __path__)  # every block module registers itself in BLOCKS
 
 __all__ = ["BLOCKS", "HookContext", "TemporalBlock", "TextOutput", "TowerSpec", "VideoOutput", "build_block"]
