@@ -17,7 +17,7 @@ from vidlang.models.temporal import BLOCKS, TemporalBlock, TowerSpec
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 
 BLOCK_NAMES = BLOCKS.names()
-TOWERS = {"tiny32": {"vision": "vit_tiny"}, "tiny40": {"vision": "vit_tiny", "image_size": 40}}
+TOWERS = {"tiny32": {"image": "vit_tiny"}, "tiny40": {"image": "vit_tiny", "image_size": 40}}
 
 
 def make(block: str, tower: str = "tiny32", seed: int = 0, **kw) -> VideoTextModel:

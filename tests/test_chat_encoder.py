@@ -14,7 +14,7 @@ WORDS = (
     "a the red blue ball square circle moves left right up down grows shrinks beeps quietly loudly "
     "### Human : < Video > </ Assistant what is in this video ? describe it"
 ).split()
-VISUAL = ModelConfig(vision="vit_tiny", block="qformer", block_args={"num_queries": 4, "num_layers": 1})
+VISUAL = ModelConfig(image="vit_tiny", block="qformer", block_args={"num_queries": 4, "num_layers": 1})
 
 
 @pytest.fixture(scope="module")
@@ -207,4 +207,4 @@ def test_validation_step_passes_over_an_all_skipped_batch(llm_dir):
 
 def test_task_rejects_non_qformer_blocks(llm_dir):
     with pytest.raises(ValueError, match="block='qformer'"):
-        ChatEncoderTask(model=ModelConfig(vision="vit_tiny", block="mean"), llm=llm_dir)
+        ChatEncoderTask(model=ModelConfig(image="vit_tiny", block="mean"), llm=llm_dir)

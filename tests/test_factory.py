@@ -14,25 +14,25 @@ from vidlang.models.optim import param_groups
 
 
 def tiny(**kw) -> ModelConfig:
-    return ModelConfig(vision="vit_tiny", **kw)
+    return ModelConfig(image="vit_tiny", **kw)
 
 
 def test_presets_and_overrides():
     v, t = resolve_configs(ModelConfig())
     assert (v.width, v.layers, v.patch_size, v.embed_dim, t.width, t.context_length) == (768, 12, 32, 512, 512, 77)
-    v, t = resolve_configs(ModelConfig(vision="vit_l14"))
+    v, t = resolve_configs(ModelConfig(image="vit_l14"))
     assert (v.width, v.layers, v.patch_size, v.embed_dim, t.width) == (1024, 24, 14, 768, 768)
-    v, t = resolve_configs(tiny(image_size=48, vocab_size=300, context_length=12, vision_overrides={"layers": 2}))
+    v, t = resolve_configs(tiny(image_size=48, vocab_size=300, context_length=12, image_overrides={"layers": 2}))
     assert (v.image_size, v.grid, v.layers, t.vocab_size, t.context_length) == (48, (6, 6), 2, 300, 12)
     with pytest.raises(ValueError, match="embeds to"):
-        resolve_configs(ModelConfig(vision="vit_b32", text="text_l"))
-    with pytest.raises(KeyError, match="unknown vision tower config"):
-        resolve_configs(ModelConfig(vision="vit_nope"))
+        resolve_configs(ModelConfig(image="vit_b32", text="text_l"))
+    with pytest.raises(KeyError, match="unknown image tower config"):
+        resolve_configs(ModelConfig(image="vit_nope"))
 
 
 def test_build_model_parts_and_constants():
     model = build_model(tiny(block="seq_transformer", block_args={"layers": 1}))
-    assert len(model.block.blocks) == 1
+    assert len(model.block.layers) == 1
     assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
     assert model.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert model.image_std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
@@ -46,7 +46,7 @@ def test_seq_transformer_initialised_from_text_tower_when_shapes_match():
     # text width == E (as in OpenAI CLIP) -> CLIP4Clip copies the text layers and position embedding
     cfg = tiny(block="seq_transformer", block_args={"heads": 4}, text_overrides={"width": 32, "heads": 4})
     model = build_model(cfg)
-    src, dst = model.text_tower.blocks[0], model.block.blocks[0]
+    src, dst = model.text_tower.layers[0], model.block.layers[0]
     assert torch.equal(src.attn.qkv.weight, dst.attn.qkv.weight)
     assert torch.equal(model.block.frame_position_embedding[:24], model.text_tower.positional_embedding[:24])
 
@@ -83,10 +83,10 @@ def test_param_groups_decay_and_lr():
     assert groups["block_no_decay"]["lr"] == pytest.approx(4e-3) and groups["block_no_decay"]["weight_decay"] == 0.0
     assert groups["logit_scale"]["weight_decay"] == 0.0 and members("logit_scale") == {"logit_scale"}
     no_decay = members("backbone_no_decay")
-    for n in ("image_tower.ln_pre.weight", "image_tower.blocks.0.attn.qkv.bias", "image_tower.class_embedding",
+    for n in ("image_tower.ln_pre.weight", "image_tower.layers.0.attn.qkv.bias", "image_tower.class_embedding",
               "image_tower.positional_embedding", "text_tower.token_embedding.weight"):
         assert n in no_decay, n
-    assert "image_tower.blocks.0.mlp.fc1.weight" in members("backbone_decay")
+    assert "image_tower.layers.0.mlp.fc1.weight" in members("backbone_decay")
     assert members("block_no_decay") == {"block.vision_prompts", "block.text_prompts"}
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len(list(model.parameters()))
@@ -105,7 +105,7 @@ def test_model_config_is_jsonargparse_friendly():
 
     parser = ArgumentParser()
     parser.add_class_arguments(ModelConfig, "model")
-    cfg = parser.parse_args(["--model.vision=vit_tiny", "--model.block=vpt", "--model.block_args={\"n_vision\": 4}"])
+    cfg = parser.parse_args(["--model.image=vit_tiny", "--model.block=vpt", "--model.block_args={\"n_vision\": 4}"])
     built = parser.instantiate(cfg).model
     assert isinstance(built, ModelConfig) and built.block_args == {"n_vision": 4}
     assert build_model(built).block.vision_prompts.shape[1] == 4
@@ -165,7 +165,7 @@ def test_checkpoint_activation_mismatch_is_refused(monkeypatch):
     sd = build_model(tiny(block="mean")).state_dict()
     info = {"source": "/ckpt", "act_source": "config", "vision": {"act": "gelu"}, "text": {"act": "gelu"}}
     _fake_loader(monkeypatch, sd, info)
-    with pytest.raises(ValueError, match=r"/ckpt: the checkpoint's vision tower has act='gelu'"):
+    with pytest.raises(ValueError, match=r"/ckpt: the checkpoint's image tower has act='gelu'"):
         build_model(tiny(pretrained="/ckpt"))
     # what the file does not tell is absent from info and listed as unknown: the model config's is used, loudly
     info.update(vision={}, text={}, unknown=["vision.act", "text.act"])

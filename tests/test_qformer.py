@@ -115,7 +115,7 @@ def test_residual_pool_starts_as_frame_mean():
 
 def test_video_llama_recipe_freezes_the_image_tower():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vision="vit_tiny", block="qformer", block_args={"num_queries": 4}))
+    model = build_model(ModelConfig(image="vit_tiny", block="qformer", block_args={"num_queries": 4}))
     assert model.freeze_policy == "block_only"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("block.") for n in trainable)

@@ -23,7 +23,7 @@ from vidlang.tasks.schedule import resolve_warmup, warmup_cosine, warmup_cosine_
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255), (0, 0, 0), (128, 0, 128), (255, 128, 0)]
-TINY = ModelConfig(vision="vit_tiny", num_frames=4)
+TINY = ModelConfig(image="vit_tiny", num_frames=4)
 
 
 class ColorVideos(Dataset):

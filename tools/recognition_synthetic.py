@@ -203,7 +203,7 @@ def build_task(args: argparse.Namespace, block: str, weights: Path, tok: Path, c
     from vidlang.tasks.recognition import RecognitionTask
 
     pl.seed_everything(args.seed, verbose=False)
-    cfg = ModelConfig(vision="vit_tiny", image_size=32, num_frames=args.frames, block=block,
+    cfg = ModelConfig(image="vit_tiny", image_size=32, num_frames=args.frames, block=block,
                       block_args=BLOCK_ARGS.get(block, {}), pretrained=str(weights),
                       lr_mult_backbone=args.backbone_lr_mult,
                       lr_mult_block=block_lr_mult(TrainRecipe(lr=args.lr), BLOCKS.get(block).lr_mult))  # fmt: skip
@@ -255,7 +255,7 @@ def evaluate(task, trainer, dm, reverse: dict[int, int], multiview: bool, clips:
     return m
 
 
-def run_block(block: str, args: argparse.Namespace, setup: dict) -> dict[str, Any]:
+def run_layer(block: str, args: argparse.Namespace, setup: dict) -> dict[str, Any]:
     task = build_task(args, block, setup["weights"], setup["tok"], setup["classes"])
     aug = LabelAwareAugment(setup["classes"], args.seed + 11) if args.augment else None
     (args.out / "runs" / block).mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
     rows = []
     for block in blocks:
-        rows.append(run_block(block, args, setup))
+        rows.append(run_layer(block, args, setup))
         print(json.dumps(rows[-1]), flush=True)
     n_held = rows[0]["1view"]["num_samples"]
     result = {"seed": args.seed, "budget": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -30,7 +30,7 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.optim import param_groups
 from vidlang.models.video_clip import VideoTextModel
 
-VISION = "vit_tiny"
+IMAGE = "vit_tiny"
 
 
 @dataclass
@@ -68,7 +68,7 @@ def block_lr_mult(recipe: TrainRecipe, paper_mult: float) -> float:
 
 def model_config(recipe: TrainRecipe, block: str, pretrained: str | None = None) -> ModelConfig:
     return ModelConfig(
-        vision=VISION, image_size=recipe.size, num_frames=recipe.frames, block=block, pretrained=pretrained,
+        image=IMAGE, image_size=recipe.size, num_frames=recipe.frames, block=block, pretrained=pretrained,
         block_args=BLOCK_ARGS.get(block, {}),
     )
 

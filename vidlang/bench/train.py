@@ -61,7 +61,7 @@ def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, fra
                            image_size=size, batch_size=batch, num_workers=workers, persistent_workers=False,
                            pin_memory=False)  # fmt: skip
     vocab = {"text_tiny": {}, "text_b": {"vocab_size": 512, "context_length": 32}}[text]
-    task = RetrievalTask(ModelConfig(vision=vision, text=text, block="mean", num_frames=frames, **vocab),
+    task = RetrievalTask(ModelConfig(image=vision, text=text, block="mean", num_frames=frames, **vocab),
                          tokenizer=str(corpus / "tokenizer"), lr=1e-4)  # fmt: skip
     timer = _timer_callback()
     trainer = pl.Trainer(accelerator="cpu", max_steps=warmup + steps, limit_val_batches=0, logger=False,

@@ -22,7 +22,7 @@ class BlocksCommand:
         from vidlang.models.factory import ModelConfig, resolve_configs, tower_spec
         from vidlang.models.temporal import BLOCKS, TemporalBlock, build_block
 
-        vcfg, tcfg = resolve_configs(ModelConfig(vision=args.arch, text=args.text, image_size=args.image_size))
+        vcfg, tcfg = resolve_configs(ModelConfig(image=args.arch, text=args.text, image_size=args.image_size))
         spec = tower_spec(vcfg, tcfg)
         rows = [("block", "params", "hooks", "default freeze", "lr mult", "zero-init identity")]
         for name in BLOCKS.names():

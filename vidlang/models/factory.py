@@ -12,18 +12,18 @@ import dataclasses
 import importlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from vidlang.errors import ConfigError
-from vidlang.models.clip.configs import DEFAULT_TEXT, TextConfig, VisionConfig, text_config, vision_config
+from vidlang.models.clip.configs import DEFAULT_TEXT, ImageConfig, TextConfig, image_config, text_config
 from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES, resample_temporal_embed
+from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.layers import resample_pos_embed
 from vidlang.models.clip.text import TextTower
-from vidlang.models.clip.vision import VisionTower
 from vidlang.models.temporal import build_block
 from vidlang.models.temporal.base import TowerSpec
 from vidlang.models.video_clip import VideoTextModel
@@ -36,9 +36,9 @@ FREEZE_POLICIES: Registry[Callable[[VideoTextModel], None]] = Registry("freeze p
 class ModelConfig:
     """Typed model config (read by LightningCLI / jsonargparse)."""
 
-    vision: str = "vit_b32"  # preset in VISION_CONFIGS
-    text: str = "auto"  # preset in TEXT_CONFIGS; "auto" = the preset paired with ``vision``
-    vision_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 6}
+    image: str = "vit_b32"  # preset in IMAGE_CONFIGS
+    text: str = "auto"  # preset in TEXT_CONFIGS; "auto" = the preset paired with ``image``
+    image_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 6}
     text_overrides: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # None = the preset's; position embeddings are resampled
     num_frames: int = 8  # frames per clip; temporal position embeddings are resampled to it on load
@@ -57,12 +57,32 @@ class ModelConfig:
         if self.num_frames < 1:
             raise ConfigError(f"model.num_frames must be >= 1, got {self.num_frames}")
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> ModelConfig:
+        """A config from a plain dict, e.g. a checkpoint's hyper-parameters: keys of older versions are mapped
+        (:data:`RENAMED_KEYS`); unknown keys raise :class:`ConfigError` (``strict``) or are dropped."""
+        d = dict(d)
+        for old, new in RENAMED_KEYS.items():
+            if old in d:
+                if new in d:
+                    raise ConfigError(f"model config has both {old!r} and {new!r} (its new name); keep {new!r}")
+                d[new] = d.pop(old)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown and strict:
+            raise ConfigError(f"unknown model config keys {unknown}; ModelConfig takes {', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
 
-def resolve_configs(cfg: ModelConfig) -> tuple[VisionConfig, TextConfig]:
-    vcfg = dataclasses.replace(vision_config(cfg.vision), **cfg.vision_overrides)
-    text_name = DEFAULT_TEXT.get(cfg.vision) if cfg.text == "auto" else cfg.text
+
+# Keys of older ModelConfigs (checkpoints keep them in their hyper-parameters) -> their names now.
+RENAMED_KEYS: dict[str, str] = {"vision": "image", "vision_overrides": "image_overrides"}
+
+
+def resolve_configs(cfg: ModelConfig) -> tuple[ImageConfig, TextConfig]:
+    vcfg = dataclasses.replace(image_config(cfg.image), **cfg.image_overrides)
+    text_name = DEFAULT_TEXT.get(cfg.image) if cfg.text == "auto" else cfg.text
     if text_name is None:
-        raise ValueError(f"no default text tower for vision preset {cfg.vision!r}; set ModelConfig.text")
+        raise ValueError(f"no default text tower for image preset {cfg.image!r}; set ModelConfig.text")
     tcfg = dataclasses.replace(text_config(text_name), **cfg.text_overrides)
     if cfg.image_size is not None:
         vcfg.image_size = cfg.image_size
@@ -72,13 +92,13 @@ def resolve_configs(cfg: ModelConfig) -> tuple[VisionConfig, TextConfig]:
         tcfg.context_length = cfg.context_length
     if vcfg.embed_dim != tcfg.embed_dim:
         raise ValueError(
-            f"vision {cfg.vision!r} embeds to {vcfg.embed_dim} but text {text_name!r} to {tcfg.embed_dim}; "
+            f"image {cfg.image!r} embeds to {vcfg.embed_dim} but text {text_name!r} to {tcfg.embed_dim}; "
             "pick matching presets or override embed_dim"
         )
     return vcfg, tcfg
 
 
-def tower_spec(vcfg: VisionConfig, tcfg: TextConfig) -> TowerSpec:
+def tower_spec(vcfg: ImageConfig, tcfg: TextConfig) -> TowerSpec:
     return TowerSpec(
         width=vcfg.width,
         layers=vcfg.layers,
@@ -95,7 +115,7 @@ def tower_spec(vcfg: VisionConfig, tcfg: TextConfig) -> TowerSpec:
 
 def build_model(cfg: ModelConfig) -> VideoTextModel:
     vcfg, tcfg = resolve_configs(cfg)
-    image, text = VisionTower(vcfg), TextTower(tcfg)
+    image, text = ClipImageTower(vcfg), TextTower(tcfg)
     block = build_block(cfg.block, tower_spec(vcfg, tcfg), **cfg.block_args)
     model = VideoTextModel(image, text, block, cfg.logit_scale_init)
     block_state: dict[str, Tensor] = {}
@@ -167,9 +187,10 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
     Only what the checkpoint tells is compared (its config, or heads of a known architecture's shapes);
     what it cannot tell (``info["unknown"]``) comes from the model config, with a warning.
     """
-    towers = (("vision", model.image_tower.cfg), ("text", model.text_tower.cfg))
-    for name, cfg in towers:
-        stored = info.get(name) or {}
+    # (key in the pretrained info / converted config.json, ModelConfig field, the built tower's config)
+    towers = (("vision", "image", model.image_tower.cfg), ("text", "text", model.text_tower.cfg))
+    for key, name, cfg in towers:
+        stored = info.get(key) or {}
         for field_name in ("act", "heads"):
             if field_name in stored and stored[field_name] != getattr(cfg, field_name):
                 raise ValueError(
@@ -179,11 +200,11 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
                 )
     unknown = info.get("unknown") or []
     if unknown:
-        cfgs = dict(towers)
+        cfgs = {key: cfg for key, _, cfg in towers}
         used = ", ".join(f"{u}={getattr(cfgs[u.split('.')[0]], u.split('.')[1])!r}" for u in unknown)
         warnings.warn(
             f"{source} does not record {', '.join(unknown)}; using the model config's {used}. If the weights were "
-            "trained otherwise, set ModelConfig.vision_overrides / text_overrides (e.g. {'act': 'gelu'})",
+            "trained otherwise, set ModelConfig.image_overrides / text_overrides (e.g. {'act': 'gelu'})",
             stacklevel=3,
         )
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.text import TextTower
-from vidlang.models.clip.vision import VisionTower
 from vidlang.models.temporal.base import TemporalBlock, TextOutput, VideoOutput
 
 
@@ -37,7 +37,7 @@ class VideoTextModel(nn.Module):
 
     def __init__(
         self,
-        image_tower: VisionTower,
+        image_tower: ClipImageTower,
         text_tower: TextTower,
         block: TemporalBlock,
         logit_scale_init: float = math.log(1 / 0.07),

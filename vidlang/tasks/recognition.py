@@ -127,7 +127,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         :func:`vidlang.data.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig(**model)
+            model = ModelConfig.from_dict(model)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         if multi_label_loss not in MULTI_LABEL_LOSSES:

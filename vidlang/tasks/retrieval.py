@@ -95,7 +95,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         ``lr_mult_audio``: lr multiplier of the audio branch and the fusion."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig(**model)
+            model = ModelConfig.from_dict(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
         self.save_hyperparameters()

@@ -30,7 +30,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionBlock, resample_pos_embed
+from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionLayer, resample_pos_embed
 from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
 
 
@@ -69,7 +69,7 @@ class TemporalModule(nn.Module):
         return torch.cat([seq[:, :1], p], dim=1)
 
 
-def spatial_forward(blk: ResidualAttentionBlock, seq: Tensor, t: int, drop: nn.Module) -> Tensor:
+def spatial_forward(blk: ResidualAttentionLayer, seq: Tensor, t: int, drop: nn.Module) -> Tensor:
     """A CLIP layer on the branch sequence ``[B, 1+T*N, C]``: per-frame attention, frame CLS averaged."""
     b, _, c = seq.shape
     cls = seq[:, :1].unsqueeze(1).expand(b, t, 1, c)  # [B, T, 1, C]
@@ -106,7 +106,7 @@ class STAN(TemporalBlock):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear 0..drop_path
         self.temporal = nn.ModuleList(TemporalModule(c, spec.heads, r) for r in rates)
         # placeholders with the tower's default layer shape; init_from_tower replaces them by copies
-        self.spatial = nn.ModuleList(ResidualAttentionBlock(c, spec.heads) for _ in range(depth))
+        self.spatial = nn.ModuleList(ResidualAttentionLayer(c, spec.heads) for _ in range(depth))
         self.spatial_drop = nn.ModuleList(DropPath(r) for r in rates)
         self.temporal_embedding = nn.Parameter(torch.randn(max_frames, c) * time_embed_std)  # [max_frames, C]
         self.input_proj = nn.ModuleList(_identity_linear(c) for _ in range(depth - 1)) if input_proj else None
@@ -116,7 +116,7 @@ class STAN(TemporalBlock):
         """Copy CLIP layers ``L-K .. L-1`` into the spatial modules; keep a reference for the embeddings."""
         self._tower = [image_tower]
         for j in range(self.depth):
-            self.spatial[j] = copy.deepcopy(image_tower.blocks[self.start + j])
+            self.spatial[j] = copy.deepcopy(image_tower.layers[self.start + j])
             self.spatial[j].requires_grad_(True)
 
     def _clip_embeddings(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -22,18 +22,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.configs import VisionConfig
-from vidlang.models.clip.layers import LayerNorm, ResidualAttentionBlock, init_transformer_, resample_pos_embed
-from vidlang.models.clip.tower_base import ImageTower, Transform, VisionOutput
+from vidlang.models.clip.configs import ImageConfig
+from vidlang.models.clip.layers import (
+    LayerNorm,
+    LegacyLayerKeys,
+    ResidualAttentionLayer,
+    init_transformer_,
+    resample_pos_embed,
+)
+from vidlang.models.clip.tower_base import ImageOutput, ImageTower, Transform
 
 
-class VisionTower(ImageTower):
-    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, blocks, ln_post, proj``.
+class ClipImageTower(LegacyLayerKeys, ImageTower):
+    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, layers, ln_post, proj``.
 
     Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
     """
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: ImageConfig) -> None:
         super().__init__()
         self.cfg = cfg
         c = cfg.width
@@ -43,12 +49,12 @@ class VisionTower(ImageTower):
         self.class_embedding = nn.Parameter(scale * torch.randn(c))  # [C]
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], c))
         self.ln_pre = LayerNorm(c)
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(c, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
+        self.layers = nn.ModuleList(
+            ResidualAttentionLayer(c, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
         )
         self.ln_post = LayerNorm(c)
         self.proj = nn.Parameter(scale * torch.randn(c, cfg.embed_dim))  # [C, E]
-        init_transformer_(self.blocks, c)
+        init_transformer_(self.layers, c)
 
     def patch_embed(self, frames: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``[N, 3, H, W]`` -> tokens ``[N, 1+N_p, C]`` with class and position embedding, and the grid."""
@@ -61,8 +67,8 @@ class VisionTower(ImageTower):
             pe = resample_pos_embed(pe, grid, self.grid)
         return torch.cat([cls, x], dim=1) + pe.to(x.dtype), grid
 
-    def block_list(self) -> nn.ModuleList:
-        return self.blocks
+    def layer_list(self) -> nn.ModuleList:
+        return self.layers
 
     def embed_frames(self, frames: Tensor) -> tuple[Tensor, None, tuple[int, int]]:
         x, grid = self.patch_embed(frames)
@@ -71,8 +77,8 @@ class VisionTower(ImageTower):
     def pre_norm(self, x: Tensor) -> Tensor:
         return self.ln_pre(x)
 
-    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: None) -> Tensor:
-        return self.blocks[i](x, attn_input=attn_input, before_mlp=before_mlp)
+    def run_layer(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: None) -> Tensor:
+        return self.layers[i](x, attn_input=attn_input, before_mlp=before_mlp)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.ln_post(x)
@@ -81,4 +87,4 @@ class VisionTower(ImageTower):
         return x[:, 0] @ self.proj  # ln_post(CLS) @ proj
 
 
-__all__ = ["VisionOutput", "VisionTower", "resample_pos_embed"]
+__all__ = ["ImageOutput", "ClipImageTower", "resample_pos_embed"]
