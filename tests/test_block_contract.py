@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidlang.models.contract import TemporalBlock, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.optim import param_groups
-from vidlang.models.temporal import BLOCKS, TemporalBlock, TowerSpec
+from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 
 BLOCK_NAMES = BLOCKS.names()

@@ -17,10 +17,10 @@ from vidlang.models.clip.convert import (  # noqa: E402
     from_vidlang,
     infer_config,
     resample_state_dict,
-    resample_temporal_embed,
     to_vidlang,
     unwrap_state_dict,
 )
+from vidlang.models.clip.layers import resample_temporal_embed  # noqa: E402
 from vidlang.models.clip.pretrained import (  # noqa: E402
     UnsafeCheckpointError,
     load_pretrained,

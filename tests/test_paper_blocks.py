@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vidlang.models.clip.layers import ResidualAttentionLayer
+from vidlang.models.contract import HookContext, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.temporal import HookContext, TowerSpec, build_block
+from vidlang.models.temporal import build_block
 from vidlang.models.temporal.ila import ILALayer, trapezoid, trapezoid_mask
 from vidlang.models.temporal.prompt_switch import switch_index
 from vidlang.models.temporal.stan import TemporalModule

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vidlang.models.contract import HookContext, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.qformer import QFormer
-from vidlang.models.temporal import BLOCKS, HookContext, TowerSpec
+from vidlang.models.temporal import BLOCKS
 
 SPEC = TowerSpec(width=64, layers=2, heads=4, embed_dim=32, grid=(4, 4))
 

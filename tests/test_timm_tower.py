@@ -10,9 +10,9 @@ timm = pytest.importorskip("timm")
 from vidlang.models.clip.configs import TextConfig  # noqa: E402
 from vidlang.models.clip.text import TextTower  # noqa: E402
 from vidlang.models.clip.timm_tower import TimmImageTower  # noqa: E402
+from vidlang.models.contract import TemporalBlock, TowerSpec  # noqa: E402
 from vidlang.models.factory import tower_spec  # noqa: E402
 from vidlang.models.temporal import build_block  # noqa: E402
-from vidlang.models.temporal.base import TemporalBlock, TowerSpec  # noqa: E402
 from vidlang.models.video_clip import VideoTextModel  # noqa: E402
 
 # Tiny shapes of real timm architectures: plain ViT, CLIP (norm_pre), DINOv2 (LayerScale), EVA02 (RoPE, avg pool).

@@ -9,7 +9,7 @@ from vidlang.models.clip.configs import image_config, text_config
 from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.layers import resample_pos_embed
 from vidlang.models.clip.text import TextTower
-from vidlang.models.temporal.base import HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 
 SPEC = TowerSpec(width=64, layers=3, heads=4, embed_dim=32, grid=(4, 4), text_width=48, text_layers=2)
 

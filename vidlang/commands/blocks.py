@@ -19,8 +19,9 @@ class BlocksCommand:
     def run(self, args: argparse.Namespace) -> int:
         import torch
 
+        from vidlang.models.contract import TemporalBlock
         from vidlang.models.factory import ModelConfig, resolve_configs, tower_spec
-        from vidlang.models.temporal import BLOCKS, TemporalBlock, build_block
+        from vidlang.models.temporal import BLOCKS, build_block
 
         vcfg, tcfg = resolve_configs(ModelConfig(image=args.arch, text=args.text, image_size=args.image_size))
         spec = tower_spec(vcfg, tcfg)

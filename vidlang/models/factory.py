@@ -20,12 +20,12 @@ from torch import Tensor, nn
 
 from vidlang.errors import ConfigError
 from vidlang.models.clip.configs import DEFAULT_TEXT, ImageConfig, TextConfig, image_config, text_config
-from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES, resample_temporal_embed
+from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES
 from vidlang.models.clip.image import ClipImageTower
-from vidlang.models.clip.layers import resample_pos_embed
+from vidlang.models.clip.layers import resample_pos_embed, resample_temporal_embed
 from vidlang.models.clip.text import TextTower
+from vidlang.models.contract import TowerSpec
 from vidlang.models.temporal import build_block
-from vidlang.models.temporal.base import TowerSpec
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.registry import Registry
 

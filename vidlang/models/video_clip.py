@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.text import TextTower
-from vidlang.models.temporal.base import TemporalBlock, TextOutput, VideoOutput
+from vidlang.models.contract import TemporalBlock, TextOutput, VideoOutput
 
 
 @dataclass

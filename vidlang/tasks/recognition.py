@@ -58,8 +58,8 @@ from vidlang.eval.classification import ClassificationResult, evaluate_views, wr
 from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
+from vidlang.models.contract import TemporalBlock
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.temporal.base import TemporalBlock
 from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
 VIFI_TEMPLATES = ["a photo of a {}."]

@@ -45,9 +45,9 @@ from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
+from vidlang.models.contract import VideoOutput
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
-from vidlang.models.temporal.base import VideoOutput
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.models.clip.configs import KnownTower, match_known_image, match_known_text
-from vidlang.models.clip.layers import rename_legacy_layer_keys, resample_pos_embed
+from vidlang.models.clip.layers import rename_legacy_layer_keys, resample_pos_embed, resample_temporal_embed
 from vidlang.registry import Registry
 
 StateDict = dict[str, Tensor]
@@ -46,9 +45,7 @@ __all__ = [
     "detect_format",
     "from_vidlang",
     "infer_config",
-    "resample_pos_embed",
     "resample_state_dict",
-    "resample_temporal_embed",
     "to_vidlang",
     "unwrap_state_dict",
 ]
@@ -348,26 +345,8 @@ def infer_config(
 
 
 # ---------------------------------------------------------------------------------------------
-# Position-embedding resampling (spatial: the towers' bicubic ``resample_pos_embed``)
+# Position-embedding resampling of a whole state dict (the functions: :mod:`vidlang.models.clip.layers`)
 # ---------------------------------------------------------------------------------------------
-def resample_temporal_embed(pos: Tensor, num_frames: int, dim: int = -2) -> Tensor:
-    """Linearly resample a frame position embedding along ``dim`` (``[T, D]`` or ``[1, T, D]``) to ``num_frames``.
-
-    ``align_corners=True``: the first and last frame embeddings are kept exactly.
-    """
-    dim = dim % pos.dim()
-    t = pos.shape[dim]
-    if t == num_frames:
-        return pos
-    x = pos.movedim(dim, -1)  # [..., T]
-    flat = x.reshape(1, -1, t).float()
-    if t == 1:
-        res = flat.expand(1, flat.shape[1], num_frames)
-    else:
-        res = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
-    return res.reshape(*x.shape[:-1], num_frames).movedim(-1, dim).to(pos.dtype).contiguous()
-
-
 def resample_state_dict(
     sd: Mapping[str, Tensor],
     image_size: int | None = None,

@@ -2,7 +2,7 @@
 
 Frames ``[B, T, 3, H, W]`` run as ``[B*T, ...]``; the tower builds a :class:`HookContext`
 (it knows B and T) and calls only the hooks the block implements, at the points documented
-in :mod:`vidlang.models.temporal.base`::
+in :mod:`vidlang.models.contract`::
 
     conv1 -> + class/position embedding -> embed -> ln_pre
     for i: before_layer(i) -> x + attn(attn_input(i, ln_1(x))) -> before_mlp(i) -> x + mlp(ln_2(x)) -> after_layer(i)
@@ -30,7 +30,7 @@ from vidlang.models.clip.layers import (
     init_transformer_,
     resample_pos_embed,
 )
-from vidlang.models.clip.tower_base import ImageOutput, ImageTower, Transform
+from vidlang.models.clip.tower_base import ImageTower, Transform
 
 
 class ClipImageTower(LegacyLayerKeys, ImageTower):
@@ -87,4 +87,4 @@ class ClipImageTower(LegacyLayerKeys, ImageTower):
         return x[:, 0] @ self.proj  # ln_post(CLS) @ proj
 
 
-__all__ = ["ImageOutput", "ClipImageTower", "resample_pos_embed"]
+__all__ = ["ClipImageTower"]

@@ -170,3 +170,21 @@ def resample_pos_embed(pe: Tensor, new_grid: tuple[int, int], old_grid: tuple[in
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(pe.dtype)
     return torch.cat([cls, grid], dim=0)
+
+
+def resample_temporal_embed(pos: Tensor, num_frames: int, dim: int = -2) -> Tensor:
+    """Linearly resample a frame position embedding along ``dim`` (``[T, D]`` or ``[1, T, D]``) to ``num_frames``.
+
+    ``align_corners=True``: the first and last frame embeddings are kept exactly.
+    """
+    dim = dim % pos.dim()
+    t = pos.shape[dim]
+    if t == num_frames:
+        return pos
+    x = pos.movedim(dim, -1)  # [..., T]
+    flat = x.reshape(1, -1, t).float()
+    if t == 1:
+        res = flat.expand(1, flat.shape[1], num_frames)
+    else:
+        res = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
+    return res.reshape(*x.shape[:-1], num_frames).movedim(-1, dim).to(pos.dtype).contiguous()

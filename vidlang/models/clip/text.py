@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from vidlang.models.clip.configs import TextConfig
 from vidlang.models.clip.layers import LayerNorm, LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
 from vidlang.models.clip.tower_base import Tower, check_tokens_removed, resolve_hooks
-from vidlang.models.temporal.base import HookContext, TemporalBlock, TextOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TextOutput
 
 
 class TextTower(LegacyLayerKeys, Tower):

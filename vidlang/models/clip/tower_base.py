@@ -1,7 +1,7 @@
 """What the towers share: ``width``/``embed_dim``, gradient checkpointing, the layer loop and the hook plumbing.
 
 :class:`Tower` is the base of the text and image towers. :class:`ImageTower` adds the ViT forward with the
-hook points of the temporal-block contract (:mod:`vidlang.models.temporal.base`), written once for
+hook points of the temporal-block contract (:mod:`vidlang.models.contract`), written once for
 :class:`~vidlang.models.clip.image.ClipImageTower` and :class:`~vidlang.models.clip.timm_tower.TimmImageTower`::
 
     embed_frames -> embed -> pre_norm
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vidlang.models.temporal.base import HookContext, TemporalBlock
+from vidlang.models.contract import HookContext, TemporalBlock
 
 Transform = Callable[[Tensor], Tensor] | None
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vidlang.models.audio.encoder import AudioBranch
-from vidlang.models.temporal.base import TextOutput, VideoOutput
+from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 from vidlang.registry import Registry
 

@@ -3,18 +3,10 @@
 import importlib
 import pkgutil
 
-from vidlang.models.temporal.base import (
-    BLOCKS,
-    HookContext,
-    TemporalBlock,
-    TextOutput,
-    TowerSpec,
-    VideoOutput,
-    build_block,
-)
+from vidlang.models.temporal.base import BLOCKS, build_block
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["BLOCKS", "HookContext", "TemporalBlock", "TextOutput", "TowerSpec", "VideoOutput", "build_block"]
+__all__ = ["BLOCKS", "build_block"]

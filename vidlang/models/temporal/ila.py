@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 FLAT = 0.25  # half-width of the trapezoid's flat top
 SLOPE = 1.5

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 @BLOCKS.register("mean")

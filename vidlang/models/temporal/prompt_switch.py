@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 def switch_index(frames: int, num_prompts: int) -> Tensor:

@@ -28,9 +28,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.convert import resample_temporal_embed
+from vidlang.models.clip.layers import resample_temporal_embed
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.qformer import QFormer
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+
+# name -> (select(frame_tokens [B,T,1+N,C], frame_embeds [B,T,E]) -> [B,T,M,Dc], width(spec) -> Dc)
+from vidlang.models.temporal.base import BLOCKS
 
 # name -> (select(frame_tokens [B,T,1+N,C], frame_embeds [B,T,E]) -> [B,T,M,Dc], width(spec) -> Dc)
 FRAME_SOURCES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[TowerSpec], int]]] = {

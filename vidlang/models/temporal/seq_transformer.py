@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.models.clip.layers import LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 @BLOCKS.register("seq_transformer")

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionLayer, resample_pos_embed
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 
 class DropPath(nn.Module):

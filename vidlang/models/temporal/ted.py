@@ -26,7 +26,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+
+# variant name -> hook positions that get an adapter
+from vidlang.models.temporal.base import BLOCKS
 
 # variant name -> hook positions that get an adapter
 VARIANTS: dict[str, tuple[str, ...]] = {"12x": ("mlp",), "24x": ("attn", "mlp")}

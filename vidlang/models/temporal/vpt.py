@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 
 def _prompts(depth: int, n: int, width: int) -> nn.Parameter | None:
