@@ -263,3 +263,16 @@ def test_logit_scale_parameter_is_clamped_after_each_step():
         task.model.logit_scale.fill_(10.0)
     task.on_train_batch_end(None, None, 0)
     assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+@pytest.mark.parametrize("overrides, weight", [(None, 0.5), ({"caption": 2.0}, 2.0)])
+def test_aux_losses_use_the_block_defaults_unless_overridden(tokenizer_dir, overrides, weight):
+    """Prompt Switch's caption loss weighs its declared 0.5 in retrieval too (issue 13 item 2), unless the config
+    overrides it."""
+    cfg = ModelConfig(image="vit_tiny", num_frames=4, block="prompt_switch", block_args={"caption_layers": 1})
+    task = RetrievalTask(cfg, tokenizer=str(tokenizer_dir), aux_loss_weights=overrides).train()
+    batch = task.on_after_batch_transfer(collate_samples([ColorVideos()[i] for i in range(3)]), 0)
+    torch.manual_seed(0)
+    total, out, aux = task.forward_loss(batch)
+    assert set(aux) == {"caption"} and aux["caption"] > 0
+    torch.testing.assert_close(total, out.loss + weight * aux["caption"])

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from vidlang.bench._temporal_data import ClipBank, augment, clips_at, frame_moments, pair_members, train_indices
 from vidlang.data.synthetic.spec import COLORS, MOTIONS, SHAPES
 from vidlang.data.transforms import normalize
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.optim import param_groups
 from vidlang.models.video_clip import VideoTextModel
@@ -219,10 +220,8 @@ def _optimizer(model: VideoTextModel, head: nn.Linear, recipe: TrainRecipe) -> t
 def _loss(model: VideoTextModel, head: nn.Linear, clips: Tensor, labels: Tensor) -> Tensor:
     out = model.encode_video(clips)
     loss = F.cross_entropy(head(rms_embed(out.embeds)), labels)
-    weights = getattr(model.block, "default_aux_weights", {}) or {}
-    for name, value in out.aux_losses.items():
-        loss = loss + weights.get(name, 1.0) * value
-    return loss
+    aux, _ = weigh_aux_losses(out.aux_losses, model.block.default_aux_weights)
+    return loss if aux is None else loss + aux
 
 
 def train_block(

@@ -32,6 +32,7 @@ them. Blocks never parse arguments, call collectives or special-case datasets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -90,21 +91,40 @@ class TextOutput:
 class TemporalBlock(nn.Module):
     """Base class of every temporal block. Subclasses override the hooks they need.
 
-    Class attributes state the paper's recipe: ``freeze_backbone`` (default freezing
-    policy) and ``lr_mult`` (learning-rate multiplier of the block's own parameters).
+    Declared attributes (read by the factory, the tasks and the chat encoder; never looked up with ``getattr``):
+
+    - ``freeze_backbone``: the paper's freezing policy (``ModelConfig.freeze="auto"``: block only, or everything).
+    - ``zero_init_identity``: True if the block starts as the identity (frame-mean CLIP), as the paper initialises it.
+    - ``default_aux_weights``: weight of each auxiliary loss the block emits (unlisted ones weigh 1.0); a task's
+      ``aux_loss_weights`` override them (:func:`vidlang.losses.aux.weigh_aux_losses`).
+    - ``lr_mult``: learning-rate multiplier of the block's own parameters.
+    - ``token_dim``: the width D of ``VideoOutput.tokens`` (None: the block outputs no tokens).
+    - ``embed_head``: the module that turns the tokens into the pooled embedding (None if there is none), which a
+      consumer of the tokens alone (the chat encoder) leaves untrained.
     """
 
     IMAGE_HOOKS: ClassVar[tuple[str, ...]] = ("embed", "before_layer", "attn_input", "before_mlp", "after_layer")
     TEXT_HOOKS: ClassVar[tuple[str, ...]] = ("text_embed", "text_before_layer", "text_before_mlp", "text_after_layer")
     freeze_backbone: ClassVar[bool] = False
+    zero_init_identity: ClassVar[bool] = False
+    default_aux_weights: ClassVar[Mapping[str, float]] = {}
     lr_mult: ClassVar[float] = 1.0
-    zero_init_identity: ClassVar[bool] = False  # True if the paper zero-initialises it to the identity
 
     @property
     def wants_caption_ids(self) -> bool:
         """True if training forwards need ``ctx.state["caption_ids"]`` (one caption per video, ``[B, Lt]``);
         the model's ``caption_state`` then provides them (Prompt Switch's captioning head)."""
         return False
+
+    @property
+    def token_dim(self) -> int | None:
+        """D of ``VideoOutput.tokens [B, M, D]``; None if the block outputs no tokens."""
+        return None
+
+    @property
+    def embed_head(self) -> nn.Module | None:
+        """The module mapping the tokens to the pooled embedding (None: no such module)."""
+        return None
 
     def __init__(self, spec: TowerSpec) -> None:
         super().__init__()

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from vidlang.data import protocols  # noqa: F401  (registers the few_shot / class_subset formats)
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
@@ -148,8 +149,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if self.use_head and class_names:
             self.head = nn.Linear(self.model.embed_dim, len(class_names))
         self.mixer = MixupCutmix(mixup, cutmix, mix_prob, switch_prob, label_smoothing)
-        block_defaults = dict(getattr(self.model.block, "default_aux_weights", {}) or {})
-        self.aux_loss_weights = {**block_defaults, **(aux_loss_weights or {})}
+        self.aux_loss_weights = dict(aux_loss_weights or {})  # over the block's default_aux_weights
         self.m2_weights = {**DEFAULT_WEIGHTS, **(m2clip_weights or {})} if m2clip else {}
         unknown = set(self.m2_weights) - set(DEFAULT_WEIGHTS)
         if unknown:
@@ -336,10 +336,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             else:
                 parts["ce"] = soft_target_cross_entropy(logits, mix.targets)
         total = sum(self.m2_weights.get(k, 1.0) * v for k, v in parts.items())
-        for name, value in out.aux_losses.items():
-            parts[f"aux_{name}"] = value
-            total = total + self.aux_loss_weights.get(name, 1.0) * value
-        return total, parts
+        aux, _ = weigh_aux_losses(out.aux_losses, self.model.block.default_aux_weights, self.aux_loss_weights)
+        parts.update({f"aux_{name}": value for name, value in out.aux_losses.items()})
+        return (total if aux is None else total + aux), parts
 
     def _m2clip_parts(self, emb: Tensor, out: Any, text_cls: Tensor, text_logits: Tensor, targets: Tensor,
                       labels: Tensor, names: list[str]) -> dict[str, Tensor]:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
@@ -81,18 +82,17 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         audio_frontend: dict[str, Any] | None = None,
         lr_mult_audio: float = 1.0,
     ) -> None:
-        """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring).
-        ``lr_mult_block``: overrides the model config's block lr multiplier. Warm-up: ``warmup_steps``
-        when given, else ``warmup_ratio`` of the total steps; then cosine decay to ``min_lr_ratio * lr``
-        (AdamW with ``betas``/``eps``; weight-decay exclusions from ``param_groups``). ``gather`` /
-        ``local_loss``: see :class:`ContrastiveLoss`. ``aux_loss_weights``: weight per auxiliary loss
-        name (unlisted ones weigh 1.0; 0 disables). ``dsl``: also report dual-softmax metrics under
-        ``dsl_`` keys. ``text_chunk``: rows per similarity block in evaluation. ``ties``: rank tie rule
-        (see :mod:`vidlang.eval.retrieval`). ``audio``: the audio branch config (None = video only);
-        ``fusion`` / ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments;
-        ``audio_frontend``: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
-        ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size);
-        ``lr_mult_audio``: lr multiplier of the audio branch and the fusion."""
+        """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring). ``lr_mult_block``:
+        overrides the model config's block lr multiplier. Warm-up: ``warmup_steps`` when given, else ``warmup_ratio`` of
+        the total steps; then cosine decay to ``min_lr_ratio * lr`` (AdamW with ``betas``/``eps``; weight-decay
+        exclusions from ``param_groups``). ``gather`` / ``local_loss``: see :class:`ContrastiveLoss`.
+        ``aux_loss_weights``: weight per auxiliary loss name, over the block's ``default_aux_weights`` (unlisted in
+        both: 1.0; 0 disables). ``dsl``: also report dual-softmax metrics under ``dsl_`` keys. ``text_chunk``: rows per
+        similarity block in evaluation. ``ties``: rank tie rule (see :mod:`vidlang.eval.retrieval`). ``audio``: the
+        audio branch config (None = video only); ``fusion`` / ``fusion_args``: a name in
+        :data:`vidlang.models.fusion.FUSIONS` and its arguments; ``audio_frontend``: :class:`LogMelFrontend` arguments
+        (e.g. ``num_segments``, ``segment_seconds``, ``num_mel_bins``, ``target_frames``; they must match the audio
+        backbone's input size); ``lr_mult_audio``: lr multiplier of the audio branch and the fusion."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
             model = ModelConfig.from_dict(model)
@@ -195,9 +195,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         t = self.model.encode_text(ids, mask)
         out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
         aux = {**v.aux_losses, **t.aux_losses}
-        total = out.loss
-        for name, value in aux.items():
-            total = total + self.aux_loss_weights.get(name, 1.0) * value
+        weighted, _ = weigh_aux_losses(aux, self.video_text.block.default_aux_weights, self.aux_loss_weights)
+        total = out.loss if weighted is None else out.loss + weighted
         return total, out, aux
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -101,6 +101,14 @@ class VideoQFormer(TemporalBlock):
     def num_queries(self) -> int:
         return self.qformer.num_queries
 
+    @property
+    def token_dim(self) -> int:
+        return self.dim
+
+    @property
+    def embed_head(self) -> nn.Module:
+        return self.embed_proj
+
     def frame_positions(self, t: int) -> Tensor:
         """Frame position embeddings for T frames -> ``[T, Dc]``."""
         if t <= self.max_frames:
