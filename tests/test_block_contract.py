@@ -13,7 +13,6 @@ from torch import nn
 
 from vidlang.models.contract import TemporalBlock, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.optim import param_groups
 from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 
@@ -116,7 +115,7 @@ def test_gradient_checkpointing_identical(block: str):
 def test_frozen_parts_unchanged_after_step(block: str, policy: str):
     model = make(block, freeze=policy).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    groups = param_groups(model, lr=1e-2, weight_decay=0.1)
+    groups = model.param_groups(lr=1e-2, weight_decay=0.1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not groups:
         assert not trainable and sum(p.numel() for p in model.block.parameters()) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -231,7 +232,7 @@ def test_evaluation_with_every_sample_bad_says_so(tokenizer_dir, tmp_path):
 
 
 def test_optimizer_groups_and_missing_tokenizer(tmp_path):
-    task = RetrievalTask(TINY, lr=1e-3, lr_mult_block=10.0, weight_decay=0.2)
+    task = RetrievalTask(dataclasses.replace(TINY, lr_mults={"block": 10.0}), lr=1e-3, weight_decay=0.2)
     trainer = make_trainer(tmp_path, max_steps=10)
     task.trainer = trainer  # estimated_stepping_batches reads max_steps
     conf = task.configure_optimizers()

@@ -12,7 +12,7 @@ class BlocksCommand:
     help = "list registered temporal blocks: parameters added for an arch, hooks used, default freezing, lr mult"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", default="vit_b32", help="vision preset (default: vit_b32)")
+        parser.add_argument("--arch", default="vit_b32", help="image preset (default: vit_b32)")
         parser.add_argument("--text", default="auto", help="text preset (default: the one paired with --arch)")
         parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
 
@@ -33,7 +33,8 @@ class BlocksCommand:
             hooks = ",".join(sorted(block.implemented_hooks()) + pool)
             freeze = "block_only" if block.freeze_backbone else "full"
             ident = "yes" if block.zero_init_identity else "no"
-            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, f"{block.lr_mult:g}", ident))
+            mults = ", ".join(f"{p}: {m:g}" if p else f"{m:g}" for p, m in block.lr_mults.items())
+            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, mults, ident))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         print(f"arch {args.arch}: width {spec.width}, layers {spec.layers}, grid {spec.grid}, embed {spec.embed_dim}")
         for r in rows:

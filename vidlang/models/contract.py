@@ -97,7 +97,10 @@ class TemporalBlock(nn.Module):
     - ``zero_init_identity``: True if the block starts as the identity (frame-mean CLIP), as the paper initialises it.
     - ``default_aux_weights``: weight of each auxiliary loss the block emits (unlisted ones weigh 1.0); a task's
       ``aux_loss_weights`` override them (:func:`vidlang.losses.aux.weigh_aux_losses`).
-    - ``lr_mult``: learning-rate multiplier of the block's own parameters.
+    - ``lr_mults``: the paper's learning-rate multipliers of the block's parameters, by parameter-name prefix
+      relative to the block (``""`` = the whole block; the longest prefix wins), e.g. ``{"": 10.0}`` or
+      ``{"": 10.0, "aggregate": 1.0}``; ``ModelConfig.lr_mults`` override them (as ``block.<prefix>``).
+    - ``weight_decays``: weight decay by relative prefix (absent: the task's weight decay).
     - ``token_dim``: the width D of ``VideoOutput.tokens`` (None: the block outputs no tokens).
     - ``embed_head``: the module that turns the tokens into the pooled embedding (None if there is none), which a
       consumer of the tokens alone (the chat encoder) leaves untrained.
@@ -108,7 +111,8 @@ class TemporalBlock(nn.Module):
     freeze_backbone: ClassVar[bool] = False
     zero_init_identity: ClassVar[bool] = False
     default_aux_weights: ClassVar[Mapping[str, float]] = {}
-    lr_mult: ClassVar[float] = 1.0
+    lr_mults: ClassVar[Mapping[str, float]] = {"": 1.0}
+    weight_decays: ClassVar[Mapping[str, float]] = {}
 
     @property
     def wants_caption_ids(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.layers import resample_pos_embed, resample_temporal_embed
 from vidlang.models.clip.text import TextTower
 from vidlang.models.contract import TowerSpec
+from vidlang.models.optim import matches
 from vidlang.models.temporal import build_block
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.registry import Registry
@@ -45,8 +47,9 @@ class ModelConfig:
     block: str = "mean"  # name in BLOCKS
     block_args: dict[str, Any] = field(default_factory=dict)
     freeze: str = "auto"  # "auto" or a name in FREEZE_POLICIES
-    lr_mult_backbone: float = 1.0
-    lr_mult_block: float | None = None  # None = the block's ``lr_mult``
+    # parameter-name prefix -> lr multiplier / weight decay, over the block's declared ones (VideoTextModel)
+    lr_mults: dict[str, float] = field(default_factory=dict)  # e.g. {"": 0.1, "block": 10, "block.aggregate": 1}
+    weight_decays: dict[str, float] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     pretrained: str | None = None  # local checkpoint file or directory
     vocab_size: int | None = None  # override for from-scratch tokenizers
@@ -56,12 +59,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ConfigError(f"model.num_frames must be >= 1, got {self.num_frames}")
+        for name, table in (("lr_mults", self.lr_mults), ("weight_decays", self.weight_decays)):
+            bad = {k: v for k, v in table.items() if not isinstance(k, str) or not isinstance(v, (int, float)) or v < 0}
+            if bad:
+                raise ConfigError(f"model.{name} maps parameter-name prefixes to numbers >= 0; got {bad}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> ModelConfig:
         """A config from a plain dict, e.g. a checkpoint's hyper-parameters: keys of older versions are mapped
         (:data:`RENAMED_KEYS`); unknown keys raise :class:`ConfigError` (``strict``) or are dropped."""
         d = dict(d)
+        _translate_lr_keys(d)
         for old, new in RENAMED_KEYS.items():
             if old in d:
                 if new in d:
@@ -76,6 +84,33 @@ class ModelConfig:
 
 # Keys of older ModelConfigs (checkpoints keep them in their hyper-parameters) -> their names now.
 RENAMED_KEYS: dict[str, str] = {"vision": "image", "vision_overrides": "image_overrides"}
+# Keys ModelConfig no longer takes -> what to write instead (a config that uses one fails with this hint;
+# ModelConfig.from_dict translates them, for checkpoints written before).
+REMOVED_KEYS: dict[str, str] = {
+    "vision": "model.image",
+    "vision_overrides": "model.image_overrides",
+    "lr_mult_backbone": "model.lr_mults: {'': X} (every parameter no longer prefix covers)",
+    "lr_mult_block": "model.lr_mults: {block: X}",
+}
+
+
+def _translate_lr_keys(d: dict[str, Any]) -> None:
+    """In place: the removed ``lr_mult_backbone`` / ``lr_mult_block`` of older configs -> ``lr_mults``."""
+    backbone, block = d.pop("lr_mult_backbone", 1.0), d.pop("lr_mult_block", None)
+    if backbone == 1.0 and block is None:
+        return
+    mults = dict(d.get("lr_mults") or {})
+    if backbone != 1.0:
+        mults.setdefault("", float(backbone))
+    if block is not None:
+        mults.setdefault("block", float(block))
+    d["lr_mults"] = mults
+
+
+def removed_key_hint(message: str) -> str | None:
+    """For an error ``message`` about a key ModelConfig no longer takes: what to write instead."""
+    found = [k for k in REMOVED_KEYS if re.search(rf"['.\s-]{k}\b(?![.\w])", message)]
+    return "; ".join(f"model.{k} is gone: use {REMOVED_KEYS[k]}" for k in found) or None
 
 
 def resolve_configs(cfg: ModelConfig) -> tuple[ImageConfig, TextConfig]:
@@ -117,7 +152,8 @@ def build_model(cfg: ModelConfig) -> VideoTextModel:
     vcfg, tcfg = resolve_configs(cfg)
     image, text = ClipImageTower(vcfg), TextTower(tcfg)
     block = build_block(cfg.block, tower_spec(vcfg, tcfg), **cfg.block_args)
-    model = VideoTextModel(image, text, block, cfg.logit_scale_init)
+    model = VideoTextModel(image, text, block, cfg.logit_scale_init, cfg.lr_mults, cfg.weight_decays)
+    check_prefixes(model, cfg)
     block_state: dict[str, Tensor] = {}
     if cfg.pretrained:
         info = load_weights(model, cfg.pretrained)
@@ -133,11 +169,20 @@ def build_model(cfg: ModelConfig) -> VideoTextModel:
     FREEZE_POLICIES.get(policy)(model)
     model.freeze_policy = policy
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    model.lr_mults = {
-        "backbone": cfg.lr_mult_backbone,
-        "block": block.lr_mult if cfg.lr_mult_block is None else cfg.lr_mult_block,
-    }
     return model
+
+
+def check_prefixes(model: nn.Module, cfg: ModelConfig) -> None:
+    """Refuse ``lr_mults`` / ``weight_decays`` prefixes that name neither a parameter nor a module of ``model``."""
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_modules() if n]
+    for field_name, table in (("lr_mults", cfg.lr_mults), ("weight_decays", cfg.weight_decays)):
+        unused = [p for p in table if not any(matches(p, n) for n in names)]
+        if unused:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"model.{field_name}: {unused} name no parameter or module of the model (prefixes end at a dot, "
+                f"e.g. 'block' or 'image_tower.layers.0'; the model's top-level names: {', '.join(tops)})"
+            )
 
 
 # -- weights ---------------------------------------------------------------------------------------

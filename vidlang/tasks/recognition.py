@@ -89,7 +89,6 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         head_init: str = "text",
         classifier: str = "auto",
         lr: float = 2e-5,
-        lr_mult_block: float | None = None,
         lr_mult_head: float = 1.0,
         weight_decay: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -376,12 +375,8 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             self._cached.clear()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from vidlang.models.optim import param_groups
-
         h = self.hparams
-        mults = self.model.lr_mults
-        block_mult = mults["block"] if h.lr_mult_block is None else h.lr_mult_block
-        groups = param_groups(self.model, h.lr, h.weight_decay, mults["backbone"], block_mult)
+        groups = self.model.param_groups(h.lr, h.weight_decay)
         for name, module in (("head", self.head), ("mlm", self.mlm)):
             if module is not None:
                 groups.append({"name": name, "params": list(module.parameters()), "lr": h.lr * h.lr_mult_head,

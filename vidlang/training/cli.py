@@ -11,6 +11,7 @@ than the config's ``model.class_path`` is refused. Parse errors raise :class:`~v
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import pytorch_lightning as pl
@@ -75,10 +76,13 @@ class VidlangCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from jsonargparse import ArgumentError
 
+        from vidlang.models.factory import removed_key_hint
+
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(str(err)) from err
+            hint = removed_key_hint(str(err))  # a key of older configs: name what replaced it
+            raise ConfigError(f"{hint}. {err}" if hint else str(err)) from err
 
     def instantiate_classes(self) -> None:
         try:
@@ -111,6 +115,11 @@ class VidlangCLI(LightningCLI):
                                   f"a {short} config (the checkpoint's hyper-parameters fill in its model)")
         if not hparams:
             return
+        task_class = _import(class_path)
+        if task_class is not None:  # as Lightning's load_from_checkpoint: keys the task no longer takes are dropped
+            params = inspect.signature(task_class.__init__).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                hparams = {k: v for k, v in hparams.items() if k in params}
         update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
         try:
             self.config = self.parser.parse_object(update, self.config)

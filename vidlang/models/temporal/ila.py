@@ -151,7 +151,6 @@ class ILA(TemporalBlock):
     """Learnable alignment before attention in every layer; backbone frozen; mean over T."""
 
     freeze_backbone = True
-    lr_mult = 1.0
     zero_init_identity = True
     default_aux_weights = {"ila_align": 1.0}
 

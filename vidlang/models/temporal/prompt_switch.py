@@ -81,7 +81,7 @@ class PromptSwitch(TemporalBlock):
     """Prompt cube + per-layer prompt switch + prompt aggregation attention; mean over T."""
 
     freeze_backbone = False  # both towers fine-tuned at 1e-6, new modules at 1e-5
-    lr_mult = 10.0
+    lr_mults = {"": 10.0}
     zero_init_identity = False  # appended prompts are attended to by CLS from layer 0 on
     default_aux_weights = {"caption": 0.5}
 

@@ -50,7 +50,6 @@ class VideoQFormer(TemporalBlock):
     """Video-LLaMA video Q-former; pooled embedding for retrieval and Q tokens for chat."""
 
     freeze_backbone = True
-    lr_mult = 1.0
     zero_init_identity = False  # True only with pool="residual"; the default "queries" pool is not
 
     def __init__(

@@ -24,7 +24,6 @@ from vidlang.models.temporal.base import BLOCKS
 @BLOCKS.register("seq_transformer")
 class SeqTransformer(LegacyLayerKeys, TemporalBlock):
     freeze_backbone = False
-    lr_mult = 1.0
 
     def __init__(
         self,

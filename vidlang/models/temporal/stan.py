@@ -86,7 +86,7 @@ class STAN(TemporalBlock):
     """Side branch (temporal attention + copied CLIP layer) over the last ``depth`` layers; mean over T."""
 
     freeze_backbone = False
-    lr_mult = 10.0
+    lr_mults = {"": 10.0}
     zero_init_identity = False
 
     def __init__(

@@ -31,7 +31,6 @@ def _prompts(depth: int, n: int, width: int) -> nn.Parameter | None:
 @BLOCKS.register("vpt")
 class DeepPrompts(TemporalBlock):
     freeze_backbone = True
-    lr_mult = 1.0
 
     def __init__(
         self,
