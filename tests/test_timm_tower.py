@@ -217,3 +217,28 @@ def test_in_video_text_model_with_mean_block():
         v = model.encode_video(video).embeds
         img = model.encode_image(frames[:, 0])
     assert v.shape == (2, 16) and torch.allclose(v, img, atol=1e-6)
+
+
+def test_model_config_builds_timm_towers(tmp_path):
+    """``ModelConfig.image = "timm:<name>"`` builds the tower (issue 13 item 4); weights come from a local file."""
+    from safetensors.torch import save_file
+
+    from vidlang.errors import ConfigError
+    from vidlang.models.factory import ModelConfig, build_model
+
+    name, kwargs = MODELS["vit"]
+    src = _tower("vit")
+    save_file({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    overrides = {k: v for k, v in kwargs.items() if k != "img_size"} | {"weights": str(tmp_path / "vit.safetensors")}
+    cfg = ModelConfig(image=f"timm:{name}", image_size=32, image_overrides=overrides, text="text_tiny", block="ted")
+    model = build_model(cfg).eval()
+    assert isinstance(model.image_tower, TimmImageTower) and model.image_tower.kind == "timm"
+    assert model.embed_dim == 32 and model.block.spec.image_kind == "timm" and model.freeze_policy == "block_only"
+    assert torch.equal(model.image_tower.trunk.blocks[1].mlp.fc1.weight, src.trunk.blocks[1].mlp.fc1.weight)
+    video = _video(src)
+    with torch.no_grad():
+        assert model.encode_video(video).embeds.shape == (2, 32)
+    with pytest.raises(ValueError, match="no default text tower for image 'timm:"):
+        build_model(ModelConfig(image=f"timm:{name}", image_overrides=overrides))
+    with pytest.raises(ConfigError, match="image_overrides: {weights: FILE}"):
+        build_model(ModelConfig(image=f"timm:{name}", text="text_tiny", pretrained=str(tmp_path / "vit.safetensors")))

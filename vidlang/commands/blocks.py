@@ -9,7 +9,7 @@ from vidlang.commands import COMMANDS
 
 @COMMANDS.register("blocks")
 class BlocksCommand:
-    help = "list registered temporal blocks: parameters added for an arch, hooks used, default freezing, lr mult"
+    help = "list registered temporal blocks: parameters added for an arch, hooks, default freezing, lr, image towers"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--arch", default="vit_b32", help="image preset (default: vit_b32)")
@@ -25,7 +25,7 @@ class BlocksCommand:
 
         vcfg, tcfg = resolve_configs(ModelConfig(image=args.arch, text=args.text, image_size=args.image_size))
         spec = tower_spec(vcfg, tcfg)
-        rows = [("block", "params", "hooks", "default freeze", "lr mult", "zero-init identity")]
+        rows = [("block", "params", "hooks", "default freeze", "lr mult", "image towers", "zero-init identity")]
         for name in BLOCKS.names():
             with torch.no_grad():
                 block = build_block(name, spec)
@@ -34,7 +34,8 @@ class BlocksCommand:
             freeze = "block_only" if block.freeze_backbone else "full"
             ident = "yes" if block.zero_init_identity else "no"
             mults = ", ".join(f"{p}: {m:g}" if p else f"{m:g}" for p, m in block.lr_mults.items())
-            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, mults, ident))
+            towers = ",".join(sorted(block.supported_towers))
+            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, mults, towers, ident))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         print(f"arch {args.arch}: width {spec.width}, layers {spec.layers}, grid {spec.grid}, embed {spec.embed_dim}")
         for r in rows:

@@ -34,14 +34,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
+
+from vidlang.errors import ConfigError
+
+IMAGE_TOWER_KINDS = ("clip", "timm")  # ImageTowerView.kind: vidlang's CLIP ViT, or a timm ViT trunk
 
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """Shapes of the towers a block is built for."""
+    """Shapes of the towers a block is built for (and the kind of image tower, see :class:`ImageTowerView`)."""
 
     width: int  # C, image tower width
     layers: int  # number of image transformer layers
@@ -53,15 +57,56 @@ class TowerSpec:
     text_heads: int = 8
     context_length: int = 77
     vocab_size: int = 49408
+    image_kind: str = "clip"  # ImageTowerView.kind
+    rotary: bool = False  # ImageTowerView.rotary
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
 
+class ImageTowerView(Protocol):
+    """What a block may read of the image tower (in ``init_from_tower`` and as ``ctx.image_tower``)."""
+
+    kind: str  # one of IMAGE_TOWER_KINDS
+    grid: tuple[int, int]  # the patch grid of the tower's own image size
+
+    @property
+    def width(self) -> int: ...  # C
+
+    @property
+    def embed_dim(self) -> int: ...  # E
+
+    @property
+    def rotary(self) -> bool: ...  # attention uses rotary position embeddings: appended tokens are not covered
+
+    def layer_list(self) -> nn.ModuleList: ...  # the transformer layers
+
+    def class_position_embedding(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The class embedding ``[C]`` and the position embedding ``[1+N, C]`` resampled to ``grid``."""
+        ...
+
+
+class TextTowerView(Protocol):
+    """What a block may read of the text tower (in ``init_from_tower`` and as ``ctx.text_tower``)."""
+
+    token_embedding: nn.Embedding  # [vocab, W]
+    positional_embedding: nn.Parameter  # [context, W]
+
+    def layer_list(self) -> nn.ModuleList: ...  # the transformer layers (vidlang's CLIP layers)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """``[A, Lt]`` ids -> token + position embeddings ``[A, Lt, W]`` (the input of the first layer)."""
+        ...
+
+
 @dataclass
 class HookContext:
-    """Per-forward state handed to every hook. Blocks may keep scratch tensors in ``state``."""
+    """Per-forward state handed to every hook. Blocks may keep scratch tensors in ``state``.
+
+    ``image_tower`` / ``text_tower``: the model's towers for this forward (the one running the hooks, and for
+    ``pool`` both); a block reads them here, at call time, instead of keeping references of its own.
+    """
 
     batch: int  # B (videos) or A (captions) for the text tower
     frames: int  # T; 1 for the text tower
@@ -70,6 +115,8 @@ class HookContext:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     attention_mask: Tensor | None = None  # text only: [A, Lt] 1 = token, 0 = padding
+    image_tower: ImageTowerView | None = None
+    text_tower: TextTowerView | None = None
 
 
 @dataclass
@@ -104,6 +151,8 @@ class TemporalBlock(nn.Module):
     - ``token_dim``: the width D of ``VideoOutput.tokens`` (None: the block outputs no tokens).
     - ``embed_head``: the module that turns the tokens into the pooled embedding (None if there is none), which a
       consumer of the tokens alone (the chat encoder) leaves untrained.
+    - ``supported_towers``: the image-tower kinds the block works on; :meth:`check_tower` refuses the others (and
+      rotary towers for blocks that append image tokens, ``appends_image_tokens``) with a ConfigError.
     """
 
     IMAGE_HOOKS: ClassVar[tuple[str, ...]] = ("embed", "before_layer", "attn_input", "before_mlp", "after_layer")
@@ -113,6 +162,8 @@ class TemporalBlock(nn.Module):
     default_aux_weights: ClassVar[Mapping[str, float]] = {}
     lr_mults: ClassVar[Mapping[str, float]] = {"": 1.0}
     weight_decays: ClassVar[Mapping[str, float]] = {}
+    supported_towers: ClassVar[frozenset[str]] = frozenset(IMAGE_TOWER_KINDS)
+    tower_requirement: ClassVar[str] = ""  # why a kind is not supported (part of check_tower's message)
 
     @property
     def wants_caption_ids(self) -> bool:
@@ -130,6 +181,23 @@ class TemporalBlock(nn.Module):
         """The module mapping the tokens to the pooled embedding (None: no such module)."""
         return None
 
+    @property
+    def appends_image_tokens(self) -> bool:
+        """True if the hooks add tokens to the image sequence (prompts), which rotary towers cannot place."""
+        return False
+
+    def check_tower(self, spec: TowerSpec) -> None:
+        """Raise :class:`ConfigError` (naming the reason) if the block cannot run on the image tower of ``spec``."""
+        if spec.image_kind not in self.supported_towers:
+            why = f": {self.tower_requirement}" if self.tower_requirement else ""
+            supported = ", ".join(sorted(self.supported_towers))
+            raise ConfigError(f"does not work on a {spec.image_kind} image tower (it supports: {supported}){why}")
+        if spec.rotary and self.appends_image_tokens:
+            raise ConfigError(
+                "appends tokens to the image sequence, which the image tower's rotary position embeddings do not "
+                "cover: use a tower without rotary embeddings, or other block arguments"
+            )
+
     def __init__(self, spec: TowerSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -139,8 +207,9 @@ class TemporalBlock(nn.Module):
         names = self.IMAGE_HOOKS + self.TEXT_HOOKS
         return frozenset(n for n in names if getattr(type(self), n) is not getattr(TemporalBlock, n))
 
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:  # noqa: B027
-        """Called once after pretrained weights are loaded (e.g. STAN copies CLIP layers)."""
+    def init_from_tower(self, image_tower: ImageTowerView, text_tower: TextTowerView | None) -> None:  # noqa: B027
+        """Called once after pretrained weights are loaded (e.g. STAN copies CLIP layers); read the towers here,
+        never keep them (the forward hands them over in ``ctx``)."""
 
     # -- image hooks ---------------------------------------------------------------------------
     def embed(self, x: Tensor, ctx: HookContext) -> Tensor:

@@ -1,5 +1,6 @@
-"""Config -> :class:`VideoTextModel`: towers by preset name, the block by registry name, weights from
-a local pretrained source, freezing policy and learning-rate multipliers.
+"""Config -> :class:`VideoTextModel`: towers by preset name (or ``image: "timm:<timm model name>"`` for a timm
+ViT, :data:`IMAGE_TOWERS`), the block by registry name, weights from a local pretrained source, freezing policy
+and the optimisation recipe (``lr_mults`` / ``weight_decays``, see :meth:`VideoTextModel.param_groups`).
 
 Freezing policies (:data:`FREEZE_POLICIES`): ``full`` (everything trains), ``frozen_backbone``
 (image tower frozen; text tower, block and ``logit_scale`` train), ``block_only`` / ``prompts_only``
@@ -20,11 +21,20 @@ from typing import Any
 from torch import Tensor, nn
 
 from vidlang.errors import ConfigError
-from vidlang.models.clip.configs import DEFAULT_TEXT, ImageConfig, TextConfig, image_config, text_config
+from vidlang.models.clip.configs import (
+    DEFAULT_TEXT,
+    IMAGE_CONFIGS,
+    ImageConfig,
+    TextConfig,
+    image_config,
+    text_config,
+)
 from vidlang.models.clip.convert import TEMPORAL_EMBED_NAMES
 from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.layers import resample_pos_embed, resample_temporal_embed
 from vidlang.models.clip.text import TextTower
+from vidlang.models.clip.timm_tower import TimmImageTower
+from vidlang.models.clip.tower_base import ImageTower
 from vidlang.models.contract import TowerSpec
 from vidlang.models.optim import matches
 from vidlang.models.temporal import build_block
@@ -89,7 +99,7 @@ RENAMED_KEYS: dict[str, str] = {"vision": "image", "vision_overrides": "image_ov
 REMOVED_KEYS: dict[str, str] = {
     "vision": "model.image",
     "vision_overrides": "model.image_overrides",
-    "lr_mult_backbone": "model.lr_mults: {'': X} (every parameter no longer prefix covers)",
+    "lr_mult_backbone": "model.lr_mults: {'': X} (X for every parameter that no longer prefix covers)",
     "lr_mult_block": "model.lr_mults: {block: X}",
 }
 
@@ -113,27 +123,70 @@ def removed_key_hint(message: str) -> str | None:
     return "; ".join(f"model.{k} is gone: use {REMOVED_KEYS[k]}" for k in found) or None
 
 
-def resolve_configs(cfg: ModelConfig) -> tuple[ImageConfig, TextConfig]:
-    vcfg = dataclasses.replace(image_config(cfg.image), **cfg.image_overrides)
+def image_tower_kind(image: str) -> tuple[str, str]:
+    """``ModelConfig.image`` -> (kind, name): ``"timm:<timm model name>"`` -> ``("timm", name)``, a preset name
+    (``IMAGE_CONFIGS``) -> ``("clip", name)``."""
+    kind, sep, name = image.partition(":")
+    return (kind, name) if sep else ("clip", image)
+
+
+def text_config_of(cfg: ModelConfig) -> TextConfig:
+    """The text preset (``"auto"``: the one paired with a CLIP image preset) with the config's overrides."""
     text_name = DEFAULT_TEXT.get(cfg.image) if cfg.text == "auto" else cfg.text
     if text_name is None:
-        raise ValueError(f"no default text tower for image preset {cfg.image!r}; set ModelConfig.text")
+        raise ValueError(f"no default text tower for image {cfg.image!r}; set ModelConfig.text")
     tcfg = dataclasses.replace(text_config(text_name), **cfg.text_overrides)
-    if cfg.image_size is not None:
-        vcfg.image_size = cfg.image_size
     if cfg.vocab_size is not None:
         tcfg.vocab_size = cfg.vocab_size
     if cfg.context_length is not None:
         tcfg.context_length = cfg.context_length
+    return tcfg
+
+
+def resolve_configs(cfg: ModelConfig) -> tuple[ImageConfig, TextConfig]:
+    """The tower configs of a CLIP image preset (a timm tower's shapes come from timm: see :data:`IMAGE_TOWERS`)."""
+    kind, name = image_tower_kind(cfg.image)
+    if kind != "clip":
+        raise ConfigError(f"model.image {cfg.image!r} is not a CLIP preset (one of {', '.join(IMAGE_CONFIGS.names())})")
+    vcfg = dataclasses.replace(image_config(name), **cfg.image_overrides)
+    tcfg = text_config_of(cfg)
+    if cfg.image_size is not None:
+        vcfg.image_size = cfg.image_size
     if vcfg.embed_dim != tcfg.embed_dim:
         raise ValueError(
-            f"image {cfg.image!r} embeds to {vcfg.embed_dim} but text {text_name!r} to {tcfg.embed_dim}; "
+            f"image {cfg.image!r} embeds to {vcfg.embed_dim} but text {cfg.text!r} to {tcfg.embed_dim}; "
             "pick matching presets or override embed_dim"
         )
     return vcfg, tcfg
 
 
-def tower_spec(vcfg: ImageConfig, tcfg: TextConfig) -> TowerSpec:
+# kind (image_tower_kind) -> (name, model config, text config) -> the image tower
+IMAGE_TOWERS: Registry[Callable[[str, ModelConfig, TextConfig], ImageTower]] = Registry("image tower kind")
+
+
+@IMAGE_TOWERS.register("clip")
+def clip_image_tower(name: str, cfg: ModelConfig, tcfg: TextConfig) -> ImageTower:
+    """vidlang's CLIP ViT from a preset (+ ``image_overrides``, ``image_size``)."""
+    return ClipImageTower(resolve_configs(cfg)[0])
+
+
+@IMAGE_TOWERS.register("timm")
+def timm_image_tower(name: str, cfg: ModelConfig, tcfg: TextConfig) -> ImageTower:
+    """A timm ViT trunk projected to the text tower's E; ``image_overrides`` are :class:`TimmImageTower` arguments
+    (timm's ``create_model`` keywords, e.g. ``depth``, and ``weights``: a local trunk weights file)."""
+    if cfg.pretrained:
+        raise ConfigError(
+            f"model.pretrained loads CLIP checkpoints into vidlang's CLIP towers; the timm tower {name!r} takes its "
+            "trunk weights from model.image_overrides: {weights: FILE}"
+        )
+    kwargs = dict(cfg.image_overrides)
+    if cfg.image_size is not None:
+        kwargs.setdefault("img_size", cfg.image_size)
+    kwargs.setdefault("proj_dim", tcfg.embed_dim)
+    return TimmImageTower(name, **kwargs)
+
+
+def tower_spec(vcfg: ImageConfig, tcfg: TextConfig, image_kind: str = "clip", rotary: bool = False) -> TowerSpec:
     return TowerSpec(
         width=vcfg.width,
         layers=vcfg.layers,
@@ -145,13 +198,19 @@ def tower_spec(vcfg: ImageConfig, tcfg: TextConfig) -> TowerSpec:
         text_heads=tcfg.heads,
         context_length=tcfg.context_length,
         vocab_size=tcfg.vocab_size,
+        image_kind=image_kind,
+        rotary=rotary,
     )
 
 
 def build_model(cfg: ModelConfig) -> VideoTextModel:
-    vcfg, tcfg = resolve_configs(cfg)
-    image, text = ClipImageTower(vcfg), TextTower(tcfg)
-    block = build_block(cfg.block, tower_spec(vcfg, tcfg), **cfg.block_args)
+    kind, name = image_tower_kind(cfg.image)
+    tcfg = text_config_of(cfg)
+    image = IMAGE_TOWERS.get(kind)(name, cfg, tcfg)
+    if image.embed_dim != tcfg.embed_dim:
+        raise ValueError(f"image {cfg.image!r} embeds to {image.embed_dim} but text to {tcfg.embed_dim}")
+    text = TextTower(tcfg)
+    block = build_block(cfg.block, tower_spec(image.cfg, tcfg, image.kind, image.rotary), **cfg.block_args)
     model = VideoTextModel(image, text, block, cfg.logit_scale_init, cfg.lr_mults, cfg.weight_decays)
     check_prefixes(model, cfg)
     block_state: dict[str, Tensor] = {}

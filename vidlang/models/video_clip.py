@@ -95,14 +95,14 @@ class VideoTextModel(nn.Module):
 
         ``state`` seeds ``HookContext.state`` for this call (e.g. ``{"caption_ids": ...}`` for blocks
         with a captioning head)."""
-        vis = self.image_tower(video, self.block, self._hooks, state=state)
+        vis = self.image_tower(video, self.block, self._hooks, state=state, text_tower=self.text_tower)
         out = self.block.pool(vis.frame_tokens, vis.frame_embeds, vis.ctx)
         out.aux_losses = {**vis.ctx.aux_losses, **out.aux_losses}
         return out
 
     def encode_image(self, images: Tensor) -> Tensor:
         """``images [B, 3, H, W]`` -> per-image embeddings ``[B, E]`` (one-frame videos through the tower)."""
-        return self.image_tower(images[:, None], self.block, self._hooks).frame_embeds[:, 0]
+        return self.image_tower(images[:, None], self.block, self._hooks, text_tower=self.text_tower).frame_embeds[:, 0]
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TextOutput:
         """``input_ids [A, Lt]``, ``attention_mask [A, Lt]`` -> :class:`TextOutput` (embeds ``[A, E]``)."""

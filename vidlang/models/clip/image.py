@@ -39,6 +39,8 @@ class ClipImageTower(LegacyLayerKeys, ImageTower):
     Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
     """
 
+    kind = "clip"
+
     def __init__(self, cfg: ImageConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -61,11 +63,16 @@ class ClipImageTower(LegacyLayerKeys, ImageTower):
         x = self.conv1(frames.to(self.conv1.weight.dtype))  # [N, C, gh, gw]
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # [N, gh*gw, C]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        pe = self.positional_embedding
-        if grid != self.grid:
-            pe = resample_pos_embed(pe, grid, self.grid)
+        class_embedding, pe = self.class_position_embedding(grid)
+        cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + pe.to(x.dtype), grid
+
+    def class_position_embedding(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``class_embedding [C]`` and ``positional_embedding [1+N, C]`` (bicubic-resampled to ``grid``)."""
+        pe = self.positional_embedding
+        if tuple(grid) != tuple(self.grid):
+            pe = resample_pos_embed(pe, grid, self.grid)
+        return self.class_embedding, pe
 
     def layer_list(self) -> nn.ModuleList:
         return self.layers

@@ -66,8 +66,8 @@ class TextTower(LegacyLayerKeys, Tower):
         mask = self._check_inputs(input_ids, attention_mask)
         hooks = resolve_hooks(block, hooks)
         a, lt = input_ids.shape
-        x = self.token_embedding(input_ids) + self.positional_embedding[:lt]  # [A, Lt, W]
-        ctx = HookContext(batch=a, frames=1, training=self.training, attention_mask=mask)
+        x = self.embed_tokens(input_ids)  # [A, Lt, W]
+        ctx = HookContext(batch=a, frames=1, training=self.training, attention_mask=mask, text_tower=self)
         if "text_embed" in hooks:
             x = block.text_embed(x, ctx)
         attn_mask, is_causal = self._attention_mask(ctx.attention_mask, x.shape[1])
@@ -77,6 +77,13 @@ class TextTower(LegacyLayerKeys, Tower):
         last = mask.sum(-1) - 1  # [A] index of EOT
         embeds = tokens[torch.arange(a, device=tokens.device), last]  # [A, E]
         return TextOutput(embeds=embeds, tokens=tokens, mask=mask, aux_losses=ctx.aux_losses)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """``[A, Lt]`` ids -> token + position embeddings ``[A, Lt, W]``."""
+        return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+
+    def layer_list(self) -> nn.ModuleList:
+        return self.layers
 
     @staticmethod
     def _attention_mask(mask: Tensor | None, length: int) -> tuple[Tensor | None, bool]:

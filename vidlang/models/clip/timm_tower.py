@@ -70,8 +70,11 @@ class TimmImageTower(ImageTower):
     """A timm ViT trunk + projection, running the temporal-block hooks like ``ClipImageTower``.
 
     ``proj_dim`` is E (``embed_dim`` in ``timm_kwargs`` is timm's width C); ``weights`` a local file.
-    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
+    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`. Built by
+    :func:`vidlang.models.factory.build_model` for ``ModelConfig.image = "timm:<timm model name>"``.
     """
+
+    kind = "timm"
 
     def __init__(
         self,
@@ -116,6 +119,10 @@ class TimmImageTower(ImageTower):
         self.grid = tuple(t.patch_embed.grid_size)
         if weights is not None:
             self.load_trunk_weights(weights)
+
+    @property
+    def rotary(self) -> bool:
+        return getattr(self.trunk, "rope", None) is not None  # EVA02-style rotary position embeddings
 
     @staticmethod
     def _runner(block_type: str, model_name: str) -> LayerRunner:

@@ -17,13 +17,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vidlang.models.contract import HookContext, TemporalBlock
+from vidlang.models.contract import HookContext, TemporalBlock, TextTowerView
 
 Transform = Callable[[Tensor], Tensor] | None
 
@@ -82,9 +82,22 @@ class Tower(nn.Module):
 class ImageTower(Tower, ABC):
     """A ViT image tower with the hook points: ``video [B, T, 3, H, W]`` -> :class:`ImageOutput`.
 
-    A subclass provides ``layer_list`` (its transformer layers), ``embed_frames``, ``pre_norm``,
-    ``run_layer``, ``final_norm`` and ``project``.
+    A subclass provides ``kind`` (see :data:`vidlang.models.contract.IMAGE_TOWER_KINDS`), ``grid``, ``layer_list``
+    (its transformer layers), ``embed_frames``, ``pre_norm``, ``run_layer``, ``final_norm`` and ``project``; what
+    blocks may read of it is :class:`~vidlang.models.contract.ImageTowerView`.
     """
+
+    kind: ClassVar[str]
+    grid: tuple[int, int]
+
+    @property
+    def rotary(self) -> bool:
+        """True if attention uses rotary position embeddings (then blocks must not append tokens)."""
+        return False
+
+    def class_position_embedding(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The class embedding ``[C]`` and the position embedding ``[1+N, C]`` for ``grid``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its class / position embeddings")
 
     def forward(
         self,
@@ -92,18 +105,21 @@ class ImageTower(Tower, ABC):
         block: TemporalBlock | None = None,
         hooks: frozenset[str] | None = None,
         state: dict | None = None,
+        text_tower: TextTowerView | None = None,
     ) -> ImageOutput:
         """``video [B, T, 3, H, W]`` (normalised float) -> :class:`ImageOutput`.
 
         ``hooks`` is ``block.implemented_hooks()``, computed once by the caller (computed here if None).
-        ``state`` seeds the per-call ``HookContext.state``.
+        ``state`` seeds the per-call ``HookContext.state``; ``text_tower`` (the model's) is handed to the hooks
+        and to ``pool`` in ``ctx.text_tower``, this tower in ``ctx.image_tower``.
         """
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"{type(self).__name__} expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         hooks = resolve_hooks(block, hooks)
         x, rope, grid = self.embed_frames(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
+        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}),
+                          image_tower=self, text_tower=text_tower)
         n_tokens = x.shape[1]
         if "embed" in hooks:
             x = block.embed(x, ctx)

@@ -165,6 +165,10 @@ class ILA(TemporalBlock):
         self.layers = nn.ModuleList(ILALayer(spec.width, hidden, delta) for _ in range(spec.layers))
         self.pooled_token_in_attention = pooled_token_in_attention
 
+    @property
+    def appends_image_tokens(self) -> bool:
+        return self.pooled_token_in_attention
+
     @torch.no_grad()
     def align_decay(self) -> None:
         """Halve the training jitter offsets (the released code calls this on a schedule)."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.models.clip.layers import LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
-from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
 
 
@@ -47,14 +47,14 @@ class SeqTransformer(LegacyLayerKeys, TemporalBlock):
         )
         init_transformer_(self.layers, e)
 
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
+    def init_from_tower(self, image_tower: ImageTowerView, text_tower: TextTowerView | None) -> None:
         """CLIP4Clip's initialisation from the CLIP text transformer, when its shapes match."""
         if not self.init_from_text or text_tower is None:
             return
         tpe = text_tower.positional_embedding  # [ctx, W]
         if tpe.shape[1] != self.spec.embed_dim:
             return
-        pairs = list(zip(text_tower.layers, self.layers, strict=False))  # the first min(L_text, L) layers
+        pairs = list(zip(text_tower.layer_list(), self.layers, strict=False))  # the first min(L_text, L) layers
         if any(s.attn.heads != d.attn.heads or s.mlp.fc1.out_features != d.mlp.fc1.out_features for s, d in pairs):
             return
         with torch.no_grad():

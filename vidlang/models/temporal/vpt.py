@@ -51,6 +51,10 @@ class DeepPrompts(TemporalBlock):
         self.vision_prompts = _prompts(depth, n_vision, spec.width)  # [depth, n_vision, C]
         self.text_prompts = _prompts(text_depth, n_text, spec.text_width)  # [text_depth, n_text, W]
 
+    @property
+    def appends_image_tokens(self) -> bool:
+        return self.vision_prompts is not None
+
     # -- vision --------------------------------------------------------------------------------------
     def embed(self, x: Tensor, ctx: HookContext) -> Tensor:
         if self.vision_prompts is None:
