@@ -126,7 +126,7 @@ class ModelBench:
     help = "ViT image tower vs transformers CLIPVisionModel (same weights), and block fwd+bwd cost vs mean"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", default="vit_b32", help="vision preset for the tower comparison")
+        parser.add_argument("--arch", default="vit_b32", help="image preset for the tower comparison")
         parser.add_argument("--batch", type=int, default=4)
         parser.add_argument("--frames", type=int, default=8)
         parser.add_argument("--iters", type=int, default=5)
