@@ -26,8 +26,10 @@ Image-tower hooks, in call order for each forward of ``[B*T, 3, H, W]`` frames:
 Text-tower hooks (``ctx.frames == 1``): ``text_embed``, ``text_before_layer``,
 ``text_before_mlp``, ``text_after_layer`` with the same meaning on ``[A, Lt, W]``.
 
-Blocks put auxiliary losses in ``ctx.aux_losses`` (name -> scalar); the task weights
-them. Blocks never parse arguments, call collectives or special-case datasets.
+Blocks put auxiliary losses in ``ctx.aux_losses`` (name -> scalar); tasks weigh them with
+:func:`vidlang.losses.aux.weigh_aux_losses` (the block's ``default_aux_weights``, then the task's overrides).
+The towers of the forward are in ``ctx.image_tower`` / ``ctx.text_tower`` (read them there: a block keeps no
+tower references). Blocks never parse arguments, call collectives or special-case datasets.
 """
 
 from __future__ import annotations
