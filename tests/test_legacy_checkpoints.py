@@ -38,8 +38,9 @@ def old_style(ckpt: dict) -> dict:
     hp = dict(ckpt["hyper_parameters"])
     model = dict(hp["model"])
     model["vision"], model["vision_overrides"] = model.pop("image"), model.pop("image_overrides")
-    model.pop("lr_mults"), model.pop("weight_decays")
-    model.update(lr_mult_backbone=1.0, lr_mult_block=3.0)
+    mults = model.pop("lr_mults")
+    assert not model.pop("weight_decays") and set(mults) <= {"", "block"}, "not expressible before the renames"
+    model.update(lr_mult_backbone=mults.get("", 1.0), lr_mult_block=mults.get("block"))
     hp["model"], hp["lr_mult_block"] = model, None
     old["hyper_parameters"] = hp
     return old

@@ -10,6 +10,7 @@ than the config's ``model.class_path`` is refused. Parse errors raise :class:`~v
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Any
@@ -96,6 +97,7 @@ class VidlangCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's hyper-parameters (see the module docstring)."""
         from vidlang.inference import TASK_CLASSES, checkpoint_task, read_checkpoint
+        from vidlang.models.factory import ModelConfig
 
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
@@ -115,6 +117,9 @@ class VidlangCLI(LightningCLI):
                                   f"a {short} config (the checkpoint's hyper-parameters fill in its model)")
         if not hparams:
             return
+        if class_path in TASK_CLASSES.values() and isinstance(hparams.get("model"), dict):
+            # a vidlang task's ModelConfig: keys written by older versions are mapped (ModelConfig.from_dict)
+            hparams["model"] = dataclasses.asdict(ModelConfig.from_dict(hparams["model"], strict=False))
         task_class = _import(class_path)
         if task_class is not None:  # as Lightning's load_from_checkpoint: keys the task no longer takes are dropped
             params = inspect.signature(task_class.__init__).parameters
