@@ -279,7 +279,7 @@ def test_fit_and_demo_trainers_save_atomically(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     args = ["--config", str(root / "configs/retrieval/mean.yaml"),
-            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.vision", "vit_tiny",
+            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
             "--trainer.accelerator", "cpu", "--trainer.logger", "false", f"--trainer.default_root_dir={tmp_path}"]
     with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
         cli = VidlangCLI(args=args, run=False)

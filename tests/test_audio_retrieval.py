@@ -165,7 +165,7 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
     cli = VidlangCLI(
         args=[
             "--config", str(ROOT / "configs/retrieval/audio_gated_sum.yaml"),
-            "--model.init_args.model.vision=vit_tiny", "--model.init_args.model.num_frames=4",
+            "--model.init_args.model.image=vit_tiny", "--model.init_args.model.num_frames=4",
             f"--model.init_args.audio.backbone_args={tiny_audio}", "--model.init_args.audio.dim=32",
             "--model.init_args.audio.qformer_heads=2", "--model.init_args.fusion=cross_attention",
             "--model.init_args.fusion_args={\"heads\": 4}", "--data.decode.audio=true",
@@ -177,6 +177,6 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
     assert isinstance(task, RetrievalTask) and isinstance(task.model, AudioVisualModel)
     assert task.hparams.audio["dim"] == 32 and task.frontend.num_segments == 8
     assert type(task.model.fusion).__name__ == "CrossAttentionFusion" and cli.datamodule.decode.audio
-    names = {g["name"] for g in task.param_groups(1.0, 1.0)}
-    assert {"audio_decay", "audio_no_decay"} <= names
-    assert {g["lr"] for g in task.param_groups(1.0, 1.0) if g["name"].startswith("audio")} == {1e-5 * 100}
+    groups = task.model.param_groups(task.hparams.lr, task.hparams.weight_decay)
+    assert {"audio_decay", "audio_no_decay"} <= {g["name"] for g in groups}
+    assert {g["lr"] for g in groups if g["name"].startswith("audio")} == {1e-5 * 100}

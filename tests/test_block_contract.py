@@ -1,7 +1,8 @@
 """The temporal-block contract (DESIGN.md section 5), checked for EVERY registered block and tiny tower.
 
 Blocks added later are picked up automatically from ``BLOCKS.names()``; they must work with their
-default arguments on the tiny towers.
+default arguments on the tiny towers: vidlang's CLIP ViT and a timm ViT (``ModelConfig.image = "timm:..."``),
+or refuse a tower kind they do not declare in ``supported_towers`` with a ConfigError naming the reason.
 """
 
 from __future__ import annotations
@@ -11,13 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidlang.errors import ConfigError
+from vidlang.models.contract import TemporalBlock, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.optim import param_groups
-from vidlang.models.temporal import BLOCKS, TemporalBlock, TowerSpec
+from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 
 BLOCK_NAMES = BLOCKS.names()
-TOWERS = {"tiny32": {"vision": "vit_tiny"}, "tiny40": {"vision": "vit_tiny", "image_size": 40}}
+TINY_TIMM = {"depth": 2, "embed_dim": 48, "num_heads": 3}
+TOWERS = {
+    "tiny32": {"image": "vit_tiny"},
+    "tiny40": {"image": "vit_tiny", "image_size": 40},
+    "timm": {"image": "timm:vit_tiny_patch16_224", "image_size": 32, "image_overrides": TINY_TIMM, "text": "text_tiny"},
+}
+KIND = {"tiny32": "clip", "tiny40": "clip", "timm": "timm"}
+
+
+def runs_on(block: str, tower: str) -> bool:
+    return KIND[tower] in BLOCKS.get(block).supported_towers
+
+
+# every block on both kinds of tower (the blocks that refuse a kind: test_blocks_refuse_what_they_cannot_run_on)
+PAIRS = [(b, t) for t in ("tiny32", "timm") for b in BLOCK_NAMES if runs_on(b, t)]
 
 
 def make(block: str, tower: str = "tiny32", seed: int = 0, **kw) -> VideoTextModel:
@@ -52,8 +68,7 @@ def loss_of(out: VideoTextOutput) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("tower", sorted(TOWERS))
-@pytest.mark.parametrize("block", BLOCK_NAMES)
+@pytest.mark.parametrize("block, tower", [(b, t) for t in sorted(TOWERS) for b in BLOCK_NAMES if runs_on(b, t)])
 def test_shapes_and_finite(block: str, tower: str):
     model = make(block, tower).eval()
     e = model.embed_dim
@@ -75,9 +90,9 @@ def test_shapes_and_finite(block: str, tower: str):
             assert value.ndim == 0 and torch.isfinite(value), (block, name)
 
 
-@pytest.mark.parametrize("block", BLOCK_NAMES)
-def test_every_trainable_parameter_gets_a_gradient(block: str):
-    model = make(block).train()
+@pytest.mark.parametrize("block, tower", PAIRS)
+def test_every_trainable_parameter_gets_a_gradient(block: str, tower: str):
+    model = make(block, tower).train()
     video, ids, mask = inputs(model, b=2, t=3)
     loss_of(model(video, ids, mask)).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -91,9 +106,9 @@ def test_every_trainable_parameter_gets_a_gradient(block: str):
         assert any(g.abs().sum() > 0 for g in block_grads), f"{block}: all block gradients are zero"
 
 
-@pytest.mark.parametrize("block", BLOCK_NAMES)
-def test_gradient_checkpointing_identical(block: str):
-    model = make(block, freeze="full").train()
+@pytest.mark.parametrize("block, tower", PAIRS)
+def test_gradient_checkpointing_identical(block: str, tower: str):
+    model = make(block, tower, freeze="full").train()
     video, ids, mask = inputs(model, b=2, t=3)
     out = model(video, ids, mask)
     loss_of(out).backward()
@@ -111,11 +126,11 @@ def test_gradient_checkpointing_identical(block: str):
 
 
 @pytest.mark.parametrize("policy", ["frozen_backbone", "block_only"])
-@pytest.mark.parametrize("block", BLOCK_NAMES)
-def test_frozen_parts_unchanged_after_step(block: str, policy: str):
-    model = make(block, freeze=policy).train()
+@pytest.mark.parametrize("block, tower", PAIRS)
+def test_frozen_parts_unchanged_after_step(block: str, tower: str, policy: str):
+    model = make(block, tower, freeze=policy).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    groups = param_groups(model, lr=1e-2, weight_decay=0.1)
+    groups = model.param_groups(lr=1e-2, weight_decay=0.1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not groups:
         assert not trainable and sum(p.numel() for p in model.block.parameters()) == 0
@@ -152,12 +167,13 @@ class _ZeroAdapter(TemporalBlock):
 ZERO_INIT = [n for n in BLOCK_NAMES if BLOCKS.get(n).zero_init_identity] + ["_zero_adapter_test"]
 
 
+@pytest.mark.parametrize("tower", ["tiny32", "timm"])
 @pytest.mark.parametrize("block", ZERO_INIT)
-def test_zero_init_blocks_reproduce_frame_mean_clip(block: str, monkeypatch):
+def test_zero_init_blocks_reproduce_frame_mean_clip(block: str, tower: str, monkeypatch):
     if block == "_zero_adapter_test":  # proves the check itself on a known identity block
         monkeypatch.setitem(BLOCKS._items, block, _ZeroAdapter)
-    model = make(block, freeze="full").eval()
-    ref = make("mean", freeze="full").eval()
+    model = make(block, tower, freeze="full").eval()
+    ref = make("mean", tower, freeze="full").eval()
     ref.image_tower.load_state_dict(model.image_tower.state_dict())
     ref.text_tower.load_state_dict(model.text_tower.state_dict())
     video, ids, mask = inputs(model, b=3, t=4)
@@ -184,3 +200,51 @@ def test_block_must_remove_appended_tokens():
     model = make("mean")
     with pytest.raises(RuntimeError, match="must remove the tokens"):
         model.image_tower(torch.randn(1, 2, 3, 32, 32), Leaky(model.block.spec))
+
+
+EVA02 = {"image": "timm:eva02_tiny_patch14_224", "image_size": 28, "image_overrides": TINY_TIMM, "text": "text_tiny"}
+
+
+@pytest.mark.parametrize("block", BLOCK_NAMES)
+def test_blocks_refuse_what_they_cannot_run_on(block: str):
+    """A block refuses a tower kind it does not support, and a rotary tower (EVA02) if it appends image tokens,
+    with a ConfigError naming the block and the reason; every other block runs on the rotary tower."""
+    cls = BLOCKS.get(block)
+    if not runs_on(block, "timm"):
+        with pytest.raises(ConfigError, match=rf"temporal block '{block}' does not work on a timm image tower.*: \w"):
+            make(block, "timm")
+        return
+    torch.manual_seed(0)
+    cfg = ModelConfig(block=block, **EVA02)
+    if cls(build_model(ModelConfig(block="mean", **EVA02)).block.spec).appends_image_tokens:
+        with pytest.raises(ConfigError, match=rf"temporal block '{block}' appends tokens .* rotary"):
+            build_model(cfg)
+        return
+    model = build_model(cfg).eval()
+    video, ids, mask = inputs(model, b=2, t=3)
+    with torch.no_grad():
+        assert torch.isfinite(model(video, ids, mask).video.embeds).all()
+
+
+def test_appending_is_refused_only_where_it_breaks():
+    """ILA appends a token only with ``pooled_token_in_attention``; vpt without vision prompts appends nothing."""
+    with pytest.raises(ConfigError, match="'ila' appends tokens"):
+        build_model(ModelConfig(block="ila", block_args={"pooled_token_in_attention": True}, **EVA02))
+    model = build_model(ModelConfig(block="vpt", block_args={"n_vision": 0}, **EVA02)).eval()
+    video, ids, mask = inputs(model, b=1, t=2)
+    with torch.no_grad():
+        assert torch.isfinite(model(video, ids, mask).video.embeds).all()
+
+
+def test_blocks_keep_no_tower_references():
+    """Towers reach blocks at call time (``ctx.image_tower`` / ``ctx.text_tower``), never as hidden attributes."""
+    for tower in ("tiny32", "timm"):
+        for block in BLOCK_NAMES:
+            if not runs_on(block, tower):
+                continue
+            model = make(block, tower)
+            towers = (model.image_tower, model.text_tower)
+            for obj in (model.block, *model.block.modules()):
+                for name, value in vars(obj).items():
+                    held = value if isinstance(value, (list, tuple)) else [value]
+                    assert not any(v is t for v in held for t in towers), f"{block}.{name} holds a tower"

@@ -14,7 +14,7 @@ WORDS = (
     "a the red blue ball square circle moves left right up down grows shrinks beeps quietly loudly "
     "### Human : < Video > </ Assistant what is in this video ? describe it"
 ).split()
-VISUAL = ModelConfig(vision="vit_tiny", block="qformer", block_args={"num_queries": 4, "num_layers": 1})
+VISUAL = ModelConfig(image="vit_tiny", block="qformer", block_args={"num_queries": 4, "num_layers": 1})
 
 
 @pytest.fixture(scope="module")
@@ -207,4 +207,12 @@ def test_validation_step_passes_over_an_all_skipped_batch(llm_dir):
 
 def test_task_rejects_non_qformer_blocks(llm_dir):
     with pytest.raises(ValueError, match="block='qformer'"):
-        ChatEncoderTask(model=ModelConfig(vision="vit_tiny", block="mean"), llm=llm_dir)
+        ChatEncoderTask(model=ModelConfig(image="vit_tiny", block="mean"), llm=llm_dir)
+
+
+def test_encoder_needs_a_block_that_declares_tokens(llm_dir):
+    """The encoder reads the block's declared ``token_dim`` (issue 13 item 2), not its attributes."""
+    assert build_model(VISUAL).block.token_dim == 64  # the Q-former width D (default: the tower width C)
+    for block in ("mean", "stan"):
+        with pytest.raises(ValueError, match="outputs tokens"):
+            ChatEncoder.from_pretrained_llm(build_model(ModelConfig(image="vit_tiny", block=block)), llm_dir)

@@ -149,3 +149,17 @@ def test_serve(made, producer):
     finally:
         app.shutdown()
     assert resp.status == 200 and len(body["results"]) == 2
+
+
+def test_checkpoint_from_before_the_renames_validates(made):
+    """A LightningCLI checkpoint written before issue 13's renames (``vision``, ``lr_mult_*``, ``blocks.*``) still
+    rebuilds its model from its hyper-parameters (see also test_legacy_checkpoints)."""
+    from test_legacy_checkpoints import old_style
+
+    ckpt = torch.load(made["ckpts"]["fit_retrieval"], map_location="cpu", weights_only=True)
+    old = old_style(ckpt)
+    assert "vision" in old["hyper_parameters"]["model"] and any(".blocks." in k for k in old["state_dict"])
+    path = made["base"] / "old_style.ckpt"
+    torch.save(old, path)
+    root = made["base"] / "validate_old_style"
+    assert lightning("validate", DEMO_CONFIG, made["data_yaml"], root, "--ckpt_path", str(path)) == 0

@@ -91,7 +91,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f"  default_root_dir: {base / 'runs'}\n"
         "model:\n  init_args:\n"
         f"    tokenizer: {base / 'ret' / 'tokenizer'}\n"
-        "    model: {vision: vit_tiny, num_frames: 4, block_args: {layers: 1}}\n"
+        "    model: {image: vit_tiny, num_frames: 4, block_args: {layers: 1}}\n"
     )
     return f
 

@@ -19,7 +19,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 DATA_CONFIGS = [p for p in CONFIGS if p.parent.name == "data"]
 TASK_CONFIGS = [p for p in CONFIGS if p.parent.name != "data"]
 CPU = ["--trainer.accelerator", "cpu", "--trainer.logger", "false"]
-TINY = ["--model.init_args.model.vision", "vit_tiny", *CPU]
+TINY = ["--model.init_args.model.image", "vit_tiny", *CPU]
 
 
 def instantiate(*configs: Path, extra: list[str] | None = None) -> VidlangCLI:
@@ -43,8 +43,8 @@ def test_task_config_instantiates(task_config: Path):
     task = cli.model
     video_text = getattr(task, "video_text", task.model)  # audio-visual tasks wrap the video-text model
     assert task.hparams.model["block"] == raw["model"]["block"]
-    assert task.hparams.model["vision"] == raw["model"]["vision"]
-    assert video_text.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["vision"]]
+    assert task.hparams.model["image"] == raw["model"]["image"]
+    assert video_text.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["image"]]
     assert video_text.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
     assert cli.datamodule is not None
 

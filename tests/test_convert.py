@@ -17,10 +17,10 @@ from vidlang.models.clip.convert import (  # noqa: E402
     from_vidlang,
     infer_config,
     resample_state_dict,
-    resample_temporal_embed,
     to_vidlang,
     unwrap_state_dict,
 )
+from vidlang.models.clip.layers import resample_temporal_embed  # noqa: E402
 from vidlang.models.clip.pretrained import (  # noqa: E402
     UnsafeCheckpointError,
     load_pretrained,
@@ -72,16 +72,16 @@ def test_detect_formats(hf_sd, native):
 def test_native_layout_keys_and_shapes(native):
     assert native["image_tower.conv1.weight"].shape == (64, 3, 8, 8)
     assert native["image_tower.positional_embedding"].shape == (17, 64)
-    assert native["image_tower.blocks.1.attn.qkv.weight"].shape == (192, 64)
+    assert native["image_tower.layers.1.attn.qkv.weight"].shape == (192, 64)
     assert native["image_tower.proj"].shape == (64, 16)
     assert native["text_tower.text_projection"].shape == (32, 16)
-    assert native["text_tower.blocks.2.mlp.fc1.weight"].shape == (64, 32)
+    assert native["text_tower.layers.2.mlp.fc1.weight"].shape == (64, 32)
     assert native["logit_scale"].shape == ()
     assert not any("position_ids" in k for k in native)
 
 
 def test_qkv_fused_in_q_k_v_order(hf_sd, native):
-    qkv = native["text_tower.blocks.1.attn.qkv.weight"]
+    qkv = native["text_tower.layers.1.attn.qkv.weight"]
     for n, part in zip("qkv", qkv.chunk(3), strict=True):
         assert torch.equal(part, hf_sd[f"text_model.encoder.layers.1.self_attn.{n}_proj.weight"])
     assert torch.equal(native["image_tower.proj"], hf_sd["visual_projection.weight"].t())

@@ -18,14 +18,14 @@ import torch
 from vidlang.cli import main as cli_main
 from vidlang.errors import UnknownArchitectureError, VidlangUserError
 from vidlang.models.clip import configs as clip_configs
-from vidlang.models.clip.configs import KnownTower, match_known_text, match_known_vision
+from vidlang.models.clip.configs import KnownTower, match_known_image, match_known_text
 from vidlang.models.clip.convert import infer_config, to_vidlang
 from vidlang.models.clip.pretrained import (
     ActivationGuessWarning,
+    image_config_from_info,
     load_pretrained,
     resolve_towers,
     text_config_from_info,
-    vision_config_from_info,
 )
 
 TOL = 1e-5
@@ -89,12 +89,12 @@ def test_vit_h14_shapes_infer_16_heads():
      16), ("ViT-B-16-plus", 896, 12, 16, 3584, 14), ("ViT-S-32", 384, 12, 32, 1536, 6)],
 )  # fmt: skip
 def test_known_vision_table(name, width, layers, patch, mlp, heads):
-    got = match_known_vision(width, layers, patch, mlp)
+    got = match_known_image(width, layers, patch, mlp)
     assert len(got) == 1 and got[0].heads == heads and name in got[0].name
 
 
 def test_unknown_shapes_match_nothing():
-    assert match_known_vision(768, 6, 32, 3072) == []  # a 6-layer ViT-B: no known architecture
+    assert match_known_image(768, 6, 32, 3072) == []  # a 6-layer ViT-B: no known architecture
     assert match_known_text(512, 12, 1024) == []  # MLP ratio 2
 
 
@@ -112,7 +112,7 @@ def test_resolve_refuses_unknown_heads_naming_flags():
 def test_resolve_refuses_shapes_matching_architectures_with_different_heads(monkeypatch):
     twins = (KnownTower("ViT-X", 768, 12, 3072, 12, patch_size=32), KnownTower("ViT-Y", 768, 12, 3072, 8,
                                                                                   patch_size=32))  # fmt: skip
-    monkeypatch.setattr(clip_configs, "KNOWN_VISION", clip_configs.KNOWN_VISION + twins)
+    monkeypatch.setattr(clip_configs, "KNOWN_IMAGE", clip_configs.KNOWN_IMAGE + twins)
     sd = to_vidlang(_openai_shapes(**VIT_B_32))
     with pytest.raises(UnknownArchitectureError, match=r"ViT-X.*ViT-Y.*--heads"):
         resolve_towers(sd, "openai", "b32.bin", act="quick_gelu")
@@ -269,14 +269,14 @@ def _reference_logits(model, pixels, ids) -> torch.Tensor:
 
 
 def _vidlang_logits(sd, info, pixels, ids, mask) -> torch.Tensor:
+    from vidlang.models.clip.image import ClipImageTower
     from vidlang.models.clip.text import TextTower
-    from vidlang.models.clip.vision import VisionTower
     from vidlang.models.factory import tower_spec
     from vidlang.models.temporal import build_block
     from vidlang.models.video_clip import VideoTextModel
 
-    vcfg, tcfg = vision_config_from_info(info), text_config_from_info(info)
-    model = VideoTextModel(VisionTower(vcfg), TextTower(tcfg), build_block("mean", tower_spec(vcfg, tcfg)))
+    vcfg, tcfg = image_config_from_info(info), text_config_from_info(info)
+    model = VideoTextModel(ClipImageTower(vcfg), TextTower(tcfg), build_block("mean", tower_spec(vcfg, tcfg)))
     model.load_state_dict(sd, strict=True)
     model.eval()
     with torch.no_grad():
@@ -303,7 +303,7 @@ def test_custom_head_width_is_refused_then_exact_with_flags(tmp_path, inputs):
 
 def test_heads_from_a_known_shape_end_to_end(tmp_path, inputs, monkeypatch):
     """With the tiny shape registered as a known architecture, heads come from the table; logits match."""
-    monkeypatch.setattr(clip_configs, "KNOWN_VISION", (KnownTower("tiny-hw32", 128, 2, 512, 4, patch_size=8),))
+    monkeypatch.setattr(clip_configs, "KNOWN_IMAGE", (KnownTower("tiny-hw32", 128, 2, 512, 4, patch_size=8),))
     monkeypatch.setattr(clip_configs, "KNOWN_TEXT", (KnownTower("tiny-text", 64, 2, 256, 2),))
     ref_model = _tiny_open_clip(quick_gelu=False, seed=2)
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in ref_model.state_dict().items()}},
@@ -366,7 +366,7 @@ def test_convert_with_heads_flags_and_activation_warning(tmp_path, capsys, input
 def _tiny_model_cfg(path: str):
     from vidlang.models.factory import ModelConfig
 
-    return ModelConfig(vision="vit_tiny", text="text_tiny", block="mean", pretrained=path)
+    return ModelConfig(image="vit_tiny", text="text_tiny", block="mean", pretrained=path)
 
 
 def test_factory_uses_the_model_config_for_what_a_bare_file_cannot_tell(tmp_path):
@@ -376,7 +376,7 @@ def test_factory_uses_the_model_config_for_what_a_bare_file_cannot_tell(tmp_path
 
     src = build_model(_tiny_model_cfg(None))
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    with pytest.warns(UserWarning, match=r"w\.safetensors.*heads.*act.*vision_overrides"):
+    with pytest.warns(UserWarning, match=r"w\.safetensors.*heads.*act.*image_overrides"):
         model = build_model(_tiny_model_cfg(str(tmp_path / "w.safetensors")))
     assert torch.equal(model.image_tower.conv1.weight, src.image_tower.conv1.weight)
 
@@ -388,7 +388,7 @@ def test_factory_refuses_preset_heads_that_contradict_a_known_shape(tmp_path, mo
 
     src = build_model(_tiny_model_cfg(None))  # vit_tiny: width 64, 3 layers, patch 8, 4 heads
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    monkeypatch.setattr(clip_configs, "KNOWN_VISION", (KnownTower("tiny-2-heads", 64, 3, 256, 2, patch_size=8),))
+    monkeypatch.setattr(clip_configs, "KNOWN_IMAGE", (KnownTower("tiny-2-heads", 64, 3, 256, 2, patch_size=8),))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"heads=2.*preset has 4"):

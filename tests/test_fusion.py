@@ -59,7 +59,7 @@ def test_fusion_parameters_learn(name: str):
 
 def tiny_av(fusion: str, freeze_video: bool = True) -> AudioVisualModel:
     torch.manual_seed(0)
-    video_model = build_model(ModelConfig(vision="vit_tiny", block="mean"))
+    video_model = build_model(ModelConfig(image="vit_tiny", block="mean"))
     audio = build_audio_branch(
         AudioConfig(backbone_args={"width": 16, "layers": 1, "heads": 2, "num_mel_bins": 32, "frames": 40},
                     num_queries=4, qformer_layers=1, qformer_heads=2)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.similarity import SIMILARITIES, cosine_similarity, mug_similarity
-from vidlang.models.temporal.base import TextOutput, VideoOutput
 
 
 def _softmax(values: list[float], tau: float) -> list[float]:

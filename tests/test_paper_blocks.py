@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidlang.models.clip.layers import ResidualAttentionBlock
+from vidlang.models.clip.layers import ResidualAttentionLayer
+from vidlang.models.contract import HookContext, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.temporal import HookContext, TowerSpec, build_block
+from vidlang.models.temporal import build_block
 from vidlang.models.temporal.ila import ILALayer, trapezoid, trapezoid_mask
 from vidlang.models.temporal.prompt_switch import switch_index
 from vidlang.models.temporal.stan import TemporalModule
@@ -44,7 +45,7 @@ def test_prompt_switch_exchanges_slots_across_frames(frames: int):
 def test_prompt_switch_leaves_the_residual_stream_alone():
     torch.manual_seed(0)
     block = build_block("prompt_switch", SPEC)
-    layer = ResidualAttentionBlock(SPEC.width, SPEC.heads)
+    layer = ResidualAttentionLayer(SPEC.width, SPEC.heads)
     b, t = 1, 6
     ctx = _ctx(b, t)
     x = block.before_layer(0, torch.randn(b * t, 1 + SPEC.num_patches, SPEC.width), ctx)  # prompts appended
@@ -73,7 +74,7 @@ def test_prompt_switch_prompts_rows_and_aggregation_start():
 
 def test_prompt_switch_caption_head_trains_from_token_embedding():
     torch.manual_seed(0)
-    cfg = ModelConfig(vision="vit_tiny", text_overrides={"width": 32}, block="prompt_switch")
+    cfg = ModelConfig(image="vit_tiny", text_overrides={"width": 32}, block="prompt_switch")
     cfg.block_args = {"caption": True}
     model = build_model(cfg).train()
     head = model.block.caption_head
@@ -143,21 +144,21 @@ def test_ila_identity_at_init_and_loss():
 # -- stan ---------------------------------------------------------------------------------------------------
 def test_stan_spatial_layers_copy_the_clip_layers_after_loading():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vision="vit_tiny", block="stan", block_args={"depth": 2}))
+    model = build_model(ModelConfig(image="vit_tiny", block="stan", block_args={"depth": 2}))
     tower, block = model.image_tower, model.block
     new = {k: torch.randn_like(v) for k, v in tower.state_dict().items()}  # "pretrained" weights
     tower.load_state_dict(new)
     block.init_from_tower(tower, model.text_tower)
     assert block.start == tower.cfg.layers - 2
     for j in range(2):
-        own, clip = block.spatial[j].state_dict(), tower.blocks[block.start + j].state_dict()
+        own, clip = block.spatial[j].state_dict(), tower.layers[block.start + j].state_dict()
         assert own.keys() == clip.keys()
         for k in own:
             torch.testing.assert_close(own[k], clip[k])
             assert own[k].data_ptr() != clip[k].data_ptr()  # a copy, not shared
     with torch.no_grad():
         block.spatial[0].mlp.fc1.weight.add_(1.0)
-    assert not torch.equal(block.spatial[0].mlp.fc1.weight, tower.blocks[block.start].mlp.fc1.weight)
+    assert not torch.equal(block.spatial[0].mlp.fc1.weight, tower.layers[block.start].mlp.fc1.weight)
 
 
 def test_stan_temporal_module_and_branch_output():
@@ -171,8 +172,8 @@ def test_stan_temporal_module_and_branch_output():
     torch.testing.assert_close(out[:, 0], seq[:, 0])  # the video CLS is untouched
     assert not torch.allclose(out[:, 1:], seq[:, 1:])
     # not the identity at init: the branch CLS is added to every frame CLS
-    stan = build_model(ModelConfig(vision="vit_tiny", block="stan")).eval()
-    mean = build_model(ModelConfig(vision="vit_tiny", block="mean")).eval()
+    stan = build_model(ModelConfig(image="vit_tiny", block="stan")).eval()
+    mean = build_model(ModelConfig(image="vit_tiny", block="mean")).eval()
     mean.image_tower.load_state_dict(stan.image_tower.state_dict())
     video = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():

@@ -14,13 +14,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from vidlang.models.clip.convert import detect_format, infer_config, to_vidlang  # noqa: E402
+from vidlang.models.clip.image import ClipImageTower  # noqa: E402
 from vidlang.models.clip.pretrained import (  # noqa: E402
+    image_config_from_info,
     load_pretrained,
     text_config_from_info,
-    vision_config_from_info,
 )
 from vidlang.models.clip.text import TextTower  # noqa: E402
-from vidlang.models.clip.vision import VisionTower  # noqa: E402
 from vidlang.models.factory import tower_spec  # noqa: E402
 from vidlang.models.temporal import build_block  # noqa: E402
 from vidlang.models.video_clip import VideoTextModel  # noqa: E402
@@ -87,8 +87,8 @@ def _hf_reference(model, pixels, ids, mask) -> dict[str, torch.Tensor]:
 
 
 def _vidlang_model(sd: dict[str, torch.Tensor], info: dict) -> VideoTextModel:
-    vcfg, tcfg = vision_config_from_info(info), text_config_from_info(info)
-    model = VideoTextModel(VisionTower(vcfg), TextTower(tcfg), build_block("mean", tower_spec(vcfg, tcfg)))
+    vcfg, tcfg = image_config_from_info(info), text_config_from_info(info)
+    model = VideoTextModel(ClipImageTower(vcfg), TextTower(tcfg), build_block("mean", tower_spec(vcfg, tcfg)))
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -219,7 +219,7 @@ def test_factory_builds_from_converted_checkpoint(tmp_path):
     hf = transformers.CLIPModel(cfg).eval()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert cli_main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "vl")]) == 0
-    model = build_model(ModelConfig(vision="vit_tiny", text="text_tiny", pretrained=str(tmp_path / "vl"))).eval()
+    model = build_model(ModelConfig(image="vit_tiny", text="text_tiny", pretrained=str(tmp_path / "vl"))).eval()
     g = torch.Generator().manual_seed(2)
     pixels = torch.randn(2, 3, 32, 32, generator=g)
     ids = torch.cat(

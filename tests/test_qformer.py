@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vidlang.models.contract import HookContext, TowerSpec
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.qformer import QFormer
-from vidlang.models.temporal import BLOCKS, HookContext, TowerSpec
+from vidlang.models.temporal import BLOCKS
 
 SPEC = TowerSpec(width=64, layers=2, heads=4, embed_dim=32, grid=(4, 4))
 
@@ -115,7 +116,7 @@ def test_residual_pool_starts_as_frame_mean():
 
 def test_video_llama_recipe_freezes_the_image_tower():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vision="vit_tiny", block="qformer", block_args={"num_queries": 4}))
+    model = build_model(ModelConfig(image="vit_tiny", block="qformer", block_args={"num_queries": 4}))
     assert model.freeze_policy == "block_only"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("block.") for n in trainable)

@@ -27,7 +27,7 @@ from vidlang.models.clip.tokenizer import train_tokenizer
 from vidlang.models.factory import ModelConfig
 from vidlang.tasks.recognition import RecognitionTask, prompts_for
 
-TINY = dict(vision="vit_tiny", num_frames=4)
+TINY = dict(image="vit_tiny", num_frames=4)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def synthetic_config(root, out) -> dict:
         "model": {
             "class_path": "vidlang.tasks.recognition.RecognitionTask",
             "init_args": {
-                "model": {"vision": "vit_tiny", "num_frames": 4, "block": "mean", "freeze": "auto"},
+                "model": {"image": "vit_tiny", "num_frames": 4, "block": "mean", "freeze": "auto"},
                 "tokenizer": str(root / "tok"),
                 "templates": ["a photo of a {}."],
                 "lr": 1e-3, "weight_decay": 1e-3, "warmup_ratio": 0.1,

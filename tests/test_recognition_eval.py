@@ -36,7 +36,7 @@ def make_task(tok, **kw) -> RecognitionTask:
     args = dict(tokenizer=str(tok), class_names=CLASSES, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                 warmup_steps=1, warmup_ratio=None, write_plots=False)
     args.update(kw)
-    return RecognitionTask(ModelConfig(vision="vit_tiny", num_frames=4), **args)
+    return RecognitionTask(ModelConfig(image="vit_tiny", num_frames=4), **args)
 
 
 class Clips(Dataset):

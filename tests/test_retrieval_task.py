@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ from vidlang.tasks.schedule import resolve_warmup, warmup_cosine, warmup_cosine_
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255), (0, 0, 0), (128, 0, 128), (255, 128, 0)]
-TINY = ModelConfig(vision="vit_tiny", num_frames=4)
+TINY = ModelConfig(image="vit_tiny", num_frames=4)
 
 
 class ColorVideos(Dataset):
@@ -231,7 +232,7 @@ def test_evaluation_with_every_sample_bad_says_so(tokenizer_dir, tmp_path):
 
 
 def test_optimizer_groups_and_missing_tokenizer(tmp_path):
-    task = RetrievalTask(TINY, lr=1e-3, lr_mult_block=10.0, weight_decay=0.2)
+    task = RetrievalTask(dataclasses.replace(TINY, lr_mults={"block": 10.0}), lr=1e-3, weight_decay=0.2)
     trainer = make_trainer(tmp_path, max_steps=10)
     task.trainer = trainer  # estimated_stepping_batches reads max_steps
     conf = task.configure_optimizers()
@@ -263,3 +264,16 @@ def test_logit_scale_parameter_is_clamped_after_each_step():
         task.model.logit_scale.fill_(10.0)
     task.on_train_batch_end(None, None, 0)
     assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+@pytest.mark.parametrize("overrides, weight", [(None, 0.5), ({"caption": 2.0}, 2.0)])
+def test_aux_losses_use_the_block_defaults_unless_overridden(tokenizer_dir, overrides, weight):
+    """Prompt Switch's caption loss weighs its declared 0.5 in retrieval too (issue 13 item 2), unless the config
+    overrides it."""
+    cfg = ModelConfig(image="vit_tiny", num_frames=4, block="prompt_switch", block_args={"caption_layers": 1})
+    task = RetrievalTask(cfg, tokenizer=str(tokenizer_dir), aux_loss_weights=overrides).train()
+    batch = task.on_after_batch_transfer(collate_samples([ColorVideos()[i] for i in range(3)]), 0)
+    torch.manual_seed(0)
+    total, out, aux = task.forward_loss(batch)
+    assert set(aux) == {"caption"} and aux["caption"] > 0
+    torch.testing.assert_close(total, out.loss + weight * aux["caption"])

@@ -337,7 +337,7 @@ def chat_ckpt(tmp_path_factory):
                       bos_token_id=2, eos_token_id=3, initializer_range=0.2)
     LlamaForCausalLM(cfg).save_pretrained(base / "llm")
     qformer = {"num_queries": 4, "num_layers": 1}
-    visual = ModelConfig(vision="vit_tiny", num_frames=4, block="qformer", block_args=qformer)
+    visual = ModelConfig(image="vit_tiny", num_frames=4, block="qformer", block_args=qformer)
     task = ChatEncoderTask(model=visual, llm=str(base / "llm"))
     state = {k: v for k, v in task.state_dict().items() if not k.startswith("encoder.llm.")}
     ckpt = {"state_dict": state, "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": pl.__version__}

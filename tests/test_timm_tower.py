@@ -9,10 +9,10 @@ timm = pytest.importorskip("timm")
 
 from vidlang.models.clip.configs import TextConfig  # noqa: E402
 from vidlang.models.clip.text import TextTower  # noqa: E402
-from vidlang.models.clip.timm_tower import TimmVisionTower  # noqa: E402
+from vidlang.models.clip.timm_tower import TimmImageTower  # noqa: E402
+from vidlang.models.contract import TemporalBlock, TowerSpec  # noqa: E402
 from vidlang.models.factory import tower_spec  # noqa: E402
 from vidlang.models.temporal import build_block  # noqa: E402
-from vidlang.models.temporal.base import TemporalBlock, TowerSpec  # noqa: E402
 from vidlang.models.video_clip import VideoTextModel  # noqa: E402
 
 # Tiny shapes of real timm architectures: plain ViT, CLIP (norm_pre), DINOv2 (LayerScale), EVA02 (RoPE, avg pool).
@@ -85,13 +85,13 @@ class AppendTokens(TemporalBlock):
         return x[:, :-3] if i == self.layers - 1 else x
 
 
-def _tower(key: str, **extra) -> TimmVisionTower:
+def _tower(key: str, **extra) -> TimmImageTower:
     name, kwargs = MODELS[key]
     torch.manual_seed(0)
-    return TimmVisionTower(name, proj_dim=16, **kwargs, **extra).eval()
+    return TimmImageTower(name, proj_dim=16, **kwargs, **extra).eval()
 
 
-def _video(tower: TimmVisionTower, b: int = 2, t: int = 3) -> torch.Tensor:
+def _video(tower: TimmImageTower, b: int = 2, t: int = 3) -> torch.Tensor:
     s = tower.cfg.image_size
     return torch.randn(b, t, 3, s, s, generator=torch.Generator().manual_seed(1))
 
@@ -182,19 +182,19 @@ def test_weights_from_local_file(tmp_path):
     save_file({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     torch.manual_seed(123)  # a different random init, then overwritten by the file
     name, kwargs = MODELS["vit"]
-    dst = TimmVisionTower(name, proj_dim=16, weights=tmp_path / "vit.safetensors", **kwargs).eval()
+    dst = TimmImageTower(name, proj_dim=16, weights=tmp_path / "vit.safetensors", **kwargs).eval()
     video = _video(src)
     with torch.no_grad():
         assert torch.equal(dst(video).frame_tokens, src(video).frame_tokens)
     bad = {k: v for k, v in src.trunk.state_dict().items() if "blocks.1." not in k}
     save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="missing"):
-        TimmVisionTower(name, proj_dim=16, weights=tmp_path / "bad.safetensors", **kwargs)
+        TimmImageTower(name, proj_dim=16, weights=tmp_path / "bad.safetensors", **kwargs)
 
 
 def test_timm_head_as_projection():
     name, kwargs = MODELS["clip"]
-    tower = TimmVisionTower(name, num_classes=16, **kwargs).eval()
+    tower = TimmImageTower(name, num_classes=16, **kwargs).eval()
     assert tower.proj is None and tower.embed_dim == 16
     video = _video(tower)
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_timm_head_as_projection():
 
 def test_register_tokens_rejected():
     with pytest.raises(ValueError, match="register tokens"):
-        TimmVisionTower("vit_small_patch14_reg4_dinov2", proj_dim=16, img_size=28, depth=1)
+        TimmImageTower("vit_small_patch14_reg4_dinov2", proj_dim=16, img_size=28, depth=1)
 
 
 def test_in_video_text_model_with_mean_block():
@@ -217,3 +217,28 @@ def test_in_video_text_model_with_mean_block():
         v = model.encode_video(video).embeds
         img = model.encode_image(frames[:, 0])
     assert v.shape == (2, 16) and torch.allclose(v, img, atol=1e-6)
+
+
+def test_model_config_builds_timm_towers(tmp_path):
+    """``ModelConfig.image = "timm:<name>"`` builds the tower (issue 13 item 4); weights come from a local file."""
+    from safetensors.torch import save_file
+
+    from vidlang.errors import ConfigError
+    from vidlang.models.factory import ModelConfig, build_model
+
+    name, kwargs = MODELS["vit"]
+    src = _tower("vit")
+    save_file({k: v.contiguous() for k, v in src.trunk.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    overrides = {k: v for k, v in kwargs.items() if k != "img_size"} | {"weights": str(tmp_path / "vit.safetensors")}
+    cfg = ModelConfig(image=f"timm:{name}", image_size=32, image_overrides=overrides, text="text_tiny", block="ted")
+    model = build_model(cfg).eval()
+    assert isinstance(model.image_tower, TimmImageTower) and model.image_tower.kind == "timm"
+    assert model.embed_dim == 32 and model.block.spec.image_kind == "timm" and model.freeze_policy == "block_only"
+    assert torch.equal(model.image_tower.trunk.blocks[1].mlp.fc1.weight, src.trunk.blocks[1].mlp.fc1.weight)
+    video = _video(src)
+    with torch.no_grad():
+        assert model.encode_video(video).embeds.shape == (2, 32)
+    with pytest.raises(ValueError, match="no default text tower for image 'timm:"):
+        build_model(ModelConfig(image=f"timm:{name}", image_overrides=overrides))
+    with pytest.raises(ConfigError, match="image_overrides: {weights: FILE}"):
+        build_model(ModelConfig(image=f"timm:{name}", text="text_tiny", pretrained=str(tmp_path / "vit.safetensors")))

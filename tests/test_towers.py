@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidlang.models.clip.configs import text_config, vision_config
+from vidlang.models.clip.configs import image_config, text_config
+from vidlang.models.clip.image import ClipImageTower
 from vidlang.models.clip.layers import resample_pos_embed
 from vidlang.models.clip.text import TextTower
-from vidlang.models.clip.vision import VisionTower
-from vidlang.models.temporal.base import HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 
 SPEC = TowerSpec(width=64, layers=3, heads=4, embed_dim=32, grid=(4, 4), text_width=48, text_layers=2)
 
@@ -60,7 +60,7 @@ class Recorder(TemporalBlock):
 @pytest.fixture(scope="module")
 def towers():
     torch.manual_seed(0)
-    return VisionTower(vision_config("vit_tiny")).eval(), TextTower(text_config("text_tiny")).eval()
+    return ClipImageTower(image_config("vit_tiny")).eval(), TextTower(text_config("text_tiny")).eval()
 
 
 def test_vision_hooks_called_in_order_with_shapes(towers):
@@ -110,11 +110,11 @@ def test_only_implemented_hooks_are_called(towers):
     torch.testing.assert_close(out, ref)
 
 
-def _reference_vision(vision: VisionTower, frames: torch.Tensor, attn_fn) -> torch.Tensor:
+def _reference_vision(vision: ClipImageTower, frames: torch.Tensor, attn_fn) -> torch.Tensor:
     """Hand-written forward where attention reads ``attn_fn(ln_1(x))`` and the residual stays ``x``."""
     x, _ = vision.patch_embed(frames)
     x = vision.ln_pre(x)
-    for blk in vision.blocks:
+    for blk in vision.layers:
         x = x + blk.attn(attn_fn(blk.ln_1(x)))
         x = x + blk.mlp(blk.ln_2(x))
     return vision.ln_post(x[:, 0]) @ vision.proj
@@ -185,7 +185,7 @@ def test_text_rejects_long_captions(towers):
 
 def test_gradient_checkpointing_same_output_and_grads():
     torch.manual_seed(0)
-    vision = VisionTower(vision_config("vit_tiny")).train()
+    vision = ClipImageTower(image_config("vit_tiny")).train()
     video = torch.randn(2, 2, 3, 32, 32)
     out = vision(video).frame_embeds
     out.square().sum().backward()

@@ -200,16 +200,16 @@ def datamodule(args: argparse.Namespace, corpus: Path, held: Path, multiview: bo
 def build_task(args: argparse.Namespace, block: str, weights: Path, tok: Path, classes: list[str]):
     import pytorch_lightning as pl
 
-    from vidlang.bench._temporal_train import BLOCK_ARGS, TrainRecipe, block_lr_mult
+    from vidlang.bench._temporal_train import BLOCK_ARGS, TrainRecipe, recipe_lr_mults
     from vidlang.models.factory import ModelConfig
     from vidlang.models.temporal import BLOCKS
     from vidlang.tasks.recognition import RecognitionTask
 
     pl.seed_everything(args.seed, verbose=False)
-    cfg = ModelConfig(vision="vit_tiny", image_size=32, num_frames=args.frames, block=block,
+    cfg = ModelConfig(image="vit_tiny", image_size=32, num_frames=args.frames, block=block,
                       block_args=BLOCK_ARGS.get(block, {}), pretrained=str(weights),
-                      lr_mult_backbone=args.backbone_lr_mult,
-                      lr_mult_block=block_lr_mult(TrainRecipe(lr=args.lr), BLOCKS.get(block).lr_mult))  # fmt: skip
+                      lr_mults=recipe_lr_mults(TrainRecipe(lr=args.lr, backbone_lr_mult=args.backbone_lr_mult),
+                                               BLOCKS.get(block)))  # fmt: skip
     task = RecognitionTask(cfg, tokenizer=str(tok), class_names=classes, head=True, head_init="random", lr=args.lr,
                            weight_decay=args.weight_decay, warmup_ratio=0.1, mixup=0.0, cutmix=0.0,
                            label_smoothing=0.0, view_layout=(args.clips, 3), write_plots=False)  # fmt: skip
@@ -266,7 +266,7 @@ def run_block(block: str, args: argparse.Namespace, setup: dict) -> dict[str, An
     trainer = _trainer(args, args.out / "runs" / block, _callbacks(aug, trained))
     t0, c0 = time.perf_counter(), _cpu()
     trainer.fit(task, datamodule(args, setup["corpus"], setup["held"], multiview=False))
-    row: dict[str, Any] = {"block": block, "freeze": task.model.freeze_policy, "lr_mult": task.model.lr_mults["block"],
+    row: dict[str, Any] = {"block": block, "freeze": task.model.freeze_policy, "lr_mult": task.model.lr_mult("block"),
                            "params_added": task.model.block.extra_param_count(),
                            "trained": sum(p.numel() for n, p in task.named_parameters() if n in trained),
                            "train_s": time.perf_counter() - t0}  # fmt: skip

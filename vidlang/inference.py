@@ -30,7 +30,6 @@ zero-filled.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pickle
@@ -372,8 +371,7 @@ def _model_config(hparams: dict[str, Any]) -> Any:
     model = hparams.get("model")
     if not isinstance(model, dict):
         raise CheckpointError("the checkpoint's hyper-parameters have no model config ('model')")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{**{k: v for k, v in model.items() if k in fields}, "pretrained": None})
+    return ModelConfig.from_dict({**model, "pretrained": None}, strict=False)
 
 
 def _config_of(hparams: dict[str, Any], path: str) -> Any:

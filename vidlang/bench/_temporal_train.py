@@ -26,11 +26,14 @@ from torch import Tensor, nn
 from vidlang.bench._temporal_data import ClipBank, augment, clips_at, frame_moments, pair_members, train_indices
 from vidlang.data.synthetic.spec import COLORS, MOTIONS, SHAPES
 from vidlang.data.transforms import normalize
+from vidlang.losses.aux import weigh_aux_losses
+from vidlang.models.contract import TemporalBlock
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.optim import param_groups
+from vidlang.models.optim import join
+from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel
 
-VISION = "vit_tiny"
+IMAGE = "vit_tiny"
 
 
 @dataclass
@@ -60,16 +63,18 @@ class TrainRecipe:
 BLOCK_ARGS: dict[str, dict] = {"prompt_switch": {"caption": False}}
 
 
-def block_lr_mult(recipe: TrainRecipe, paper_mult: float) -> float:
-    """The multiplier of a block's new parameters under ``recipe`` (paper's, capped at ``max_block_lr``)."""
-    mult = paper_mult if recipe.use_block_lr_mult else 1.0
-    return min(mult, recipe.max_block_lr / recipe.lr)
+def recipe_lr_mults(recipe: TrainRecipe, block: type[TemporalBlock]) -> dict[str, float]:
+    """``ModelConfig.lr_mults`` under ``recipe``: the tower at ``backbone_lr_mult``, each of the block's declared
+    multipliers (the paper's, or 1 without ``use_block_lr_mult``) capped at ``max_block_lr``."""
+    cap = recipe.max_block_lr / recipe.lr
+    own = {join("block", p): min(m if recipe.use_block_lr_mult else 1.0, cap) for p, m in block.lr_mults.items()}
+    return {"": recipe.backbone_lr_mult, **own}
 
 
 def model_config(recipe: TrainRecipe, block: str, pretrained: str | None = None) -> ModelConfig:
     return ModelConfig(
-        vision=VISION, image_size=recipe.size, num_frames=recipe.frames, block=block, pretrained=pretrained,
-        block_args=BLOCK_ARGS.get(block, {}),
+        image=IMAGE, image_size=recipe.size, num_frames=recipe.frames, block=block, pretrained=pretrained,
+        block_args=BLOCK_ARGS.get(block, {}), lr_mults=recipe_lr_mults(recipe, BLOCKS.get(block)),
     )
 
 
@@ -208,9 +213,7 @@ def _optimizer(model: VideoTextModel, head: nn.Linear, recipe: TrainRecipe) -> t
     for p in model.text_tower.parameters():  # the text tower is not used by this benchmark
         p.requires_grad_(False)
     model.logit_scale.requires_grad_(False)
-    backbone = recipe.backbone_lr_mult * model.lr_mults["backbone"]
-    block = block_lr_mult(recipe, model.lr_mults["block"])
-    groups = param_groups(model, recipe.lr, recipe.weight_decay, backbone, block)
+    groups = model.param_groups(recipe.lr, recipe.weight_decay)  # the recipe's lr_mults (model_config)
     groups.append({"name": "head", "params": list(head.parameters()), "lr": recipe.lr,
                    "weight_decay": recipe.weight_decay})  # fmt: skip
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.98))
@@ -219,10 +222,8 @@ def _optimizer(model: VideoTextModel, head: nn.Linear, recipe: TrainRecipe) -> t
 def _loss(model: VideoTextModel, head: nn.Linear, clips: Tensor, labels: Tensor) -> Tensor:
     out = model.encode_video(clips)
     loss = F.cross_entropy(head(rms_embed(out.embeds)), labels)
-    weights = getattr(model.block, "default_aux_weights", {}) or {}
-    for name, value in out.aux_losses.items():
-        loss = loss + weights.get(name, 1.0) * value
-    return loss
+    aux, _ = weigh_aux_losses(out.aux_losses, model.block.default_aux_weights)
+    return loss if aux is None else loss + aux
 
 
 def train_block(

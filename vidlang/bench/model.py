@@ -1,6 +1,6 @@
 """``vidlang bench model``: vidlang's ViT image tower against ``transformers`` CLIP, and block costs.
 
-1. Image forward, random weights, fp32, same threads: vidlang's :class:`VisionTower` (fused qkv,
+1. Image forward, random weights, fp32, same threads: vidlang's :class:`ClipImageTower` (fused qkv,
    SDPA) vs ``transformers.CLIPVisionModelWithProjection`` (SDPA attention) holding the *same*
    weights (copied with :func:`vidlang.models.clip.convert.from_vidlang`); their outputs are
    compared, then both run alternately, ``--iters`` times each after a warm-up; medians are
@@ -54,11 +54,11 @@ def _hf_tower(tower, device):
 def bench_towers(args: argparse.Namespace, device, sync) -> None:
     import torch
 
-    from vidlang.models.clip.configs import vision_config
-    from vidlang.models.clip.vision import VisionTower
+    from vidlang.models.clip.configs import image_config
+    from vidlang.models.clip.image import ClipImageTower
 
     torch.manual_seed(0)
-    tower = VisionTower(vision_config(args.arch)).to(device).eval()
+    tower = ClipImageTower(image_config(args.arch)).to(device).eval()
     hf = _hf_tower(tower, device)
     size = tower.cfg.image_size
     video = torch.randn(args.batch, args.frames, 3, size, size, device=device)
@@ -109,7 +109,7 @@ def bench_blocks(args: argparse.Namespace, device, sync) -> None:
           f"{args.block_batch}x{args.frames} frames, default freezing, {args.block_iters} iters (median)")
     for name in names:
         torch.manual_seed(0)
-        model = build_model(ModelConfig(vision=args.block_arch, block=name)).to(device).train()
+        model = build_model(ModelConfig(image=args.block_arch, block=name)).to(device).train()
         size = model.image_tower.cfg.image_size
         video = torch.randn(args.block_batch, args.frames, 3, size, size, device=device)
 
@@ -126,7 +126,7 @@ class ModelBench:
     help = "ViT image tower vs transformers CLIPVisionModel (same weights), and block fwd+bwd cost vs mean"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", default="vit_b32", help="vision preset for the tower comparison")
+        parser.add_argument("--arch", default="vit_b32", help="image preset for the tower comparison")
         parser.add_argument("--batch", type=int, default=4)
         parser.add_argument("--frames", type=int, default=8)
         parser.add_argument("--iters", type=int, default=5)

@@ -124,7 +124,7 @@ def run_benchmark(args: argparse.Namespace, recipe, blocks: list[str], progress:
             info = train_block(model, head, train, recipe, f"train {name}", progress)
             metrics = motion_metrics(predict(model, head, held, idx, recipe.eval_batch), held.labels)
             sensitivity = order_sensitivity(model, held, idx, recipe.eval_batch)
-            rows.append({"block": name, "freeze": model.freeze_policy, "lr_mult": model.lr_mults["block"],
+            rows.append({"block": name, "freeze": model.freeze_policy, "lr_mult": model.lr_mult("block"),
                          "order_sensitivity": sensitivity, "order_aware": "yes" if sensitivity > ORDER_TOLERANCE
                          else "no", **info, **metrics})  # fmt: skip
             models[name] = (model, head)

@@ -16,7 +16,7 @@ from typing import Any
 
 from vidlang.bench import BENCHMARKS
 
-SETTINGS = {  # name -> (vision preset, image size, text preset)
+SETTINGS = {  # name -> (image preset, image size, text preset)
     "tiny": ("vit_tiny", 32, "text_tiny"),
     "vit_b32": ("vit_b32", 224, "text_b"),
 }
@@ -56,14 +56,14 @@ def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, fra
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
 
-    vision, size, text = SETTINGS[setting]
+    image, size, text = SETTINGS[setting]
     manifest = str(corpus / "manifest.csv")
     data = VideoDataModule(train={"format": "manifest", "path": manifest, "split": "train"},
                            sampling=SamplingConfig(num_frames=frames), transform=TransformConfig(image_size=size),
                            loader=LoaderConfig(batch_size=batch, num_workers=workers, persistent_workers=False,
                                                pin_memory=False))  # fmt: skip
     vocab = {"text_tiny": {}, "text_b": {"vocab_size": 512, "context_length": 32}}[text]
-    task = RetrievalTask(ModelConfig(vision=vision, text=text, block="mean", num_frames=frames, **vocab),
+    task = RetrievalTask(ModelConfig(image=image, text=text, block="mean", num_frames=frames, **vocab),
                          tokenizer=str(corpus / "tokenizer"), lr=1e-4)  # fmt: skip
     timer = _timer_callback()
     trainer = pl.Trainer(accelerator="cpu", max_steps=warmup + steps, limit_val_batches=0, logger=False,
@@ -72,7 +72,7 @@ def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, fra
     trainer.fit(task, datamodule=data)
     wait, step = timer.wait[warmup - 1 :], timer.step[warmup:]
     total = sum(wait) + sum(step)
-    return {"setting": setting, "image": f"{vision} {size}px", "steps": len(step), "batch": batch,
+    return {"setting": setting, "image": f"{image} {size}px", "steps": len(step), "batch": batch,
             "frames": frames, "clips_per_s": len(step) * batch / total, "data_wait_share": sum(wait) / total,
             "step_ms": 1000 * sum(step) / len(step)}  # fmt: skip
 

@@ -9,22 +9,23 @@ from vidlang.commands import COMMANDS
 
 @COMMANDS.register("blocks")
 class BlocksCommand:
-    help = "list registered temporal blocks: parameters added for an arch, hooks used, default freezing, lr mult"
+    help = "list registered temporal blocks: parameters added for an arch, hooks, default freezing, lr, image towers"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", default="vit_b32", help="vision preset (default: vit_b32)")
+        parser.add_argument("--arch", default="vit_b32", help="image preset (default: vit_b32)")
         parser.add_argument("--text", default="auto", help="text preset (default: the one paired with --arch)")
         parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
 
+        from vidlang.models.contract import TemporalBlock
         from vidlang.models.factory import ModelConfig, resolve_configs, tower_spec
-        from vidlang.models.temporal import BLOCKS, TemporalBlock, build_block
+        from vidlang.models.temporal import BLOCKS, build_block
 
-        vcfg, tcfg = resolve_configs(ModelConfig(vision=args.arch, text=args.text, image_size=args.image_size))
+        vcfg, tcfg = resolve_configs(ModelConfig(image=args.arch, text=args.text, image_size=args.image_size))
         spec = tower_spec(vcfg, tcfg)
-        rows = [("block", "params", "hooks", "default freeze", "lr mult", "zero-init identity")]
+        rows = [("block", "params", "hooks", "default freeze", "lr mult", "image towers", "zero-init identity")]
         for name in BLOCKS.names():
             with torch.no_grad():
                 block = build_block(name, spec)
@@ -32,7 +33,9 @@ class BlocksCommand:
             hooks = ",".join(sorted(block.implemented_hooks()) + pool)
             freeze = "block_only" if block.freeze_backbone else "full"
             ident = "yes" if block.zero_init_identity else "no"
-            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, f"{block.lr_mult:g}", ident))
+            mults = ", ".join(f"{p}: {m:g}" if p else f"{m:g}" for p, m in block.lr_mults.items())
+            towers = ",".join(sorted(block.supported_towers))
+            rows.append((name, f"{block.extra_param_count():,}", hooks, freeze, mults, towers, ident))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         print(f"arch {args.arch}: width {spec.width}, layers {spec.layers}, grid {spec.grid}, embed {spec.embed_dim}")
         for r in rows:

@@ -84,13 +84,14 @@ class ConvertCommand:
         )  # fmt: skip
         out = save_vidlang(sd, info, args.out)
         n_params = sum(v.numel() for v in sd.values())
-        towers = ", ".join(t for t in ("vision", "text") if info.get(t) is not None)
+        # the info keeps the converted format's tower keys: "vision" is the image tower
+        towers = ", ".join(name for key, name in (("vision", "image"), ("text", "text")) if info.get(key) is not None)
         heads_from = info.get("heads_source", {})
         print(f"converted {info['format']} checkpoint {args.src} ({n_params:,} values; towers: {towers}) -> {out}")
         if info.get("vision") is not None:
             v = info["vision"]
             print(
-                f"  vision: width {v['width']}, layers {v['layers']}, heads {v['heads']} ({heads_from.get('vision')}), "
+                f"  image: width {v['width']}, layers {v['layers']}, heads {v['heads']} ({heads_from.get('vision')}), "
                 f"patch {v['patch_size']}, image {v['image_size']}, embed {v['embed_dim']}, act {v['act']}"
             )
         if info.get("text") is not None:

@@ -95,10 +95,10 @@ class ChatEncoder(nn.Module):
         max_caption_tokens: int = 64,
     ) -> None:
         super().__init__()
-        block_dim = getattr(visual.block, "dim", None)
-        if block_dim is None or not hasattr(visual.block, "qformer"):
+        block_dim = visual.block.token_dim
+        if block_dim is None:
             raise ValueError(
-                f"ChatEncoder needs a temporal block with query tokens (e.g. 'qformer'), got "
+                f"ChatEncoder needs a temporal block that outputs tokens (token_dim, e.g. 'qformer'), got "
                 f"{type(visual.block).__name__}"
             )
         split_prompt(template.replace("{question}", ""), 1)
@@ -130,8 +130,8 @@ class ChatEncoder(nn.Module):
     def _freeze(self) -> None:
         self.visual.requires_grad_(False)
         self.visual.block.requires_grad_(True)
-        if hasattr(self.visual.block, "embed_proj"):
-            self.visual.block.embed_proj.requires_grad_(False)  # retrieval head, unused by chat
+        if self.visual.block.embed_head is not None:
+            self.visual.block.embed_head.requires_grad_(False)  # retrieval head, unused by chat
         self.llm.requires_grad_(False)
         if self.audio is not None:
             self.audio.requires_grad_(True)

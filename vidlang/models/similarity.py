@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidlang.models.temporal.base import TextOutput, VideoOutput
+from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.registry import Registry
 
 SimilarityFn = Callable[[TextOutput, VideoOutput], Tensor]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from vidlang.models.clip.text import TextTower
-from vidlang.models.clip.vision import VisionTower
-from vidlang.models.temporal.base import TemporalBlock, TextOutput, VideoOutput
+from vidlang.models.clip.tower_base import ImageTower
+from vidlang.models.contract import TemporalBlock, TextOutput, VideoOutput
+from vidlang.models.optim import join, lookup, param_groups
 
 
 @dataclass
@@ -33,14 +35,21 @@ class VideoTextModel(nn.Module):
 
     The towers call only the hooks the block implements (computed once here). Parameter names:
     ``image_tower.*``, ``text_tower.*``, ``block.*``, ``logit_scale``.
+
+    The optimisation recipe (:meth:`param_groups`): ``lr_mults`` / ``weight_decays`` map parameter-name prefixes
+    to an lr multiplier / a weight decay (longest prefix wins, see :mod:`vidlang.models.optim`): the block's
+    declared ones (relative to it, so under ``block.``) overridden by the given ones (``ModelConfig.lr_mults`` /
+    ``weight_decays``), e.g. ``{"block": 10, "block.aggregate": 1, "image_tower": 0.1}``.
     """
 
     def __init__(
         self,
-        image_tower: VisionTower,
+        image_tower: ImageTower,
         text_tower: TextTower,
         block: TemporalBlock,
         logit_scale_init: float = math.log(1 / 0.07),
+        lr_mults: Mapping[str, float] | None = None,
+        weight_decays: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if image_tower.embed_dim != text_tower.embed_dim:
@@ -52,8 +61,18 @@ class VideoTextModel(nn.Module):
         self.block = block
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self._hooks = block.implemented_hooks()
-        self.lr_mults: dict[str, float] = {"backbone": 1.0, "block": block.lr_mult}
+        self.lr_mults = {**{join("block", k): v for k, v in block.lr_mults.items()}, **(lr_mults or {})}
+        self.weight_decays = {**{join("block", k): v for k, v in block.weight_decays.items()}, **(weight_decays or {})}
         self.freeze_policy = "full"
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups of the trainable parameters under this model's recipe (``lr`` and ``weight_decay``
+        are the task's base values): see :func:`vidlang.models.optim.param_groups`."""
+        return param_groups(self, lr, weight_decay, self.lr_mults, self.weight_decays)
+
+    def lr_mult(self, name: str) -> float:
+        """The lr multiplier of parameter (or module) ``name``, e.g. ``"block"``."""
+        return lookup(self.lr_mults, name, 1.0)
 
     @property
     def embed_dim(self) -> int:
@@ -76,14 +95,14 @@ class VideoTextModel(nn.Module):
 
         ``state`` seeds ``HookContext.state`` for this call (e.g. ``{"caption_ids": ...}`` for blocks
         with a captioning head)."""
-        vis = self.image_tower(video, self.block, self._hooks, state=state)
+        vis = self.image_tower(video, self.block, self._hooks, state=state, text_tower=self.text_tower)
         out = self.block.pool(vis.frame_tokens, vis.frame_embeds, vis.ctx)
         out.aux_losses = {**vis.ctx.aux_losses, **out.aux_losses}
         return out
 
     def encode_image(self, images: Tensor) -> Tensor:
         """``images [B, 3, H, W]`` -> per-image embeddings ``[B, E]`` (one-frame videos through the tower)."""
-        return self.image_tower(images[:, None], self.block, self._hooks).frame_embeds[:, 0]
+        return self.image_tower(images[:, None], self.block, self._hooks, text_tower=self.text_tower).frame_embeds[:, 0]
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TextOutput:
         """``input_ids [A, Lt]``, ``attention_mask [A, Lt]`` -> :class:`TextOutput` (embeds ``[A, E]``)."""

@@ -26,7 +26,7 @@ def tiny_retrieval_checkpoint(out_dir: str | Path, num_frames: int = 4, block: s
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(seed, verbose=False)
     tok = train_tokenizer([WORDS] * 4, out / "tokenizer", vocab_size=300, min_frequency=1, context_length=24)
-    cfg = ModelConfig(vision="vit_tiny", num_frames=num_frames, block=block, block_args=dict(block_args or {}),
+    cfg = ModelConfig(image="vit_tiny", num_frames=num_frames, block=block, block_args=dict(block_args or {}),
                       freeze="full")
     task = RetrievalTask(cfg, lr=1e-3, warmup_steps=0, warmup_ratio=None, write_plots=False)
     task.set_tokenizer(tok)
@@ -62,7 +62,7 @@ def tiny_recognition_checkpoint(out_dir: str | Path, num_frames: int = 4,
     pl.seed_everything(seed, verbose=False)
     tok = train_tokenizer([WORDS + " moving growing"] * 4, out / "tokenizer", vocab_size=300, min_frequency=1,
                           context_length=24)
-    cfg = ModelConfig(vision="vit_tiny", num_frames=num_frames, block="mean", freeze="full")
+    cfg = ModelConfig(image="vit_tiny", num_frames=num_frames, block="mean", freeze="full")
     task = RecognitionTask(cfg, class_names=list(class_names), head=True, lr=1e-3, warmup_steps=0,
                            warmup_ratio=None, mixup=0.0, cutmix=0.0, write_plots=False)
     task.set_tokenizer(tok)

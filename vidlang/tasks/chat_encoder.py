@@ -51,7 +51,7 @@ class ChatEncoderTask(pl.LightningModule):
         ``encoder``: a ready :class:`ChatEncoder` instead of ``model``/``llm``/``audio`` (programmatic use)."""
         super().__init__()
         if isinstance(model, dict):
-            model = ModelConfig(**model)
+            model = ModelConfig.from_dict(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
         self.save_hyperparameters(ignore=["encoder"])

@@ -54,11 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
+from vidlang.models.contract import TemporalBlock
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.temporal.base import TemporalBlock
 from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
 VIFI_TEMPLATES = ["a photo of a {}."]
@@ -87,7 +88,6 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         head_init: str = "text",
         classifier: str = "auto",
         lr: float = 2e-5,
-        lr_mult_block: float | None = None,
         lr_mult_head: float = 1.0,
         weight_decay: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -126,7 +126,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         :func:`vidlang.data.formats.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig(**model)
+            model = ModelConfig.from_dict(model)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         if multi_label_loss not in MULTI_LABEL_LOSSES:
@@ -147,8 +147,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if self.use_head and class_names:
             self.head = nn.Linear(self.model.embed_dim, len(class_names))
         self.mixer = MixupCutmix(mixup, cutmix, mix_prob, switch_prob, label_smoothing)
-        block_defaults = dict(getattr(self.model.block, "default_aux_weights", {}) or {})
-        self.aux_loss_weights = {**block_defaults, **(aux_loss_weights or {})}
+        self.aux_loss_weights = dict(aux_loss_weights or {})  # over the block's default_aux_weights
         self.m2_weights = {**DEFAULT_WEIGHTS, **(m2clip_weights or {})} if m2clip else {}
         unknown = set(self.m2_weights) - set(DEFAULT_WEIGHTS)
         if unknown:
@@ -335,10 +334,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             else:
                 parts["ce"] = soft_target_cross_entropy(logits, mix.targets)
         total = sum(self.m2_weights.get(k, 1.0) * v for k, v in parts.items())
-        for name, value in out.aux_losses.items():
-            parts[f"aux_{name}"] = value
-            total = total + self.aux_loss_weights.get(name, 1.0) * value
-        return total, parts
+        aux, _ = weigh_aux_losses(out.aux_losses, self.model.block.default_aux_weights, self.aux_loss_weights)
+        parts.update({f"aux_{name}": value for name, value in out.aux_losses.items()})
+        return (total if aux is None else total + aux), parts
 
     def _m2clip_parts(self, emb: Tensor, out: Any, text_cls: Tensor, text_logits: Tensor, targets: Tensor,
                       labels: Tensor, names: list[str]) -> dict[str, Tensor]:
@@ -376,12 +374,8 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             self._cached.clear()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from vidlang.models.optim import param_groups
-
         h = self.hparams
-        mults = self.model.lr_mults
-        block_mult = mults["block"] if h.lr_mult_block is None else h.lr_mult_block
-        groups = param_groups(self.model, h.lr, h.weight_decay, mults["backbone"], block_mult)
+        groups = self.model.param_groups(h.lr, h.weight_decay)
         for name, module in (("head", self.head), ("mlm", self.mlm)):
             if module is not None:
                 groups.append({"name": name, "params": list(module.parameters()), "lr": h.lr * h.lr_mult_head,

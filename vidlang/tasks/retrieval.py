@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
+from vidlang.models.contract import VideoOutput
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
-from vidlang.models.temporal.base import VideoOutput
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
 
@@ -60,7 +61,6 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         model: ModelConfig,
         tokenizer: str | None = None,
         lr: float = 1e-5,
-        lr_mult_block: float | None = None,
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
@@ -81,21 +81,21 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         audio_frontend: dict[str, Any] | None = None,
         lr_mult_audio: float = 1.0,
     ) -> None:
-        """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring).
-        ``lr_mult_block``: overrides the model config's block lr multiplier. Warm-up: ``warmup_steps``
-        when given, else ``warmup_ratio`` of the total steps; then cosine decay to ``min_lr_ratio * lr``
-        (AdamW with ``betas``/``eps``; weight-decay exclusions from ``param_groups``). ``gather`` /
-        ``local_loss``: see :class:`ContrastiveLoss`. ``aux_loss_weights``: weight per auxiliary loss
-        name (unlisted ones weigh 1.0; 0 disables). ``dsl``: also report dual-softmax metrics under
-        ``dsl_`` keys. ``text_chunk``: rows per similarity block in evaluation. ``ties``: rank tie rule
-        (see :mod:`vidlang.eval.retrieval`). ``audio``: the audio branch config (None = video only);
-        ``fusion`` / ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments;
-        ``audio_frontend``: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
-        ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size);
-        ``lr_mult_audio``: lr multiplier of the audio branch and the fusion."""
+        """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring). Learning rates:
+        ``lr`` x the model's recipe (``ModelConfig.lr_mults``, :meth:`VideoTextModel.param_groups`). Warm-up:
+        ``warmup_steps`` when given, else ``warmup_ratio`` of the total steps; then cosine decay to ``min_lr_ratio *
+        lr`` (AdamW with ``betas``/``eps``; weight-decay exclusions from the model's ``param_groups``). ``gather`` /
+        ``local_loss``: see :class:`ContrastiveLoss`. ``aux_loss_weights``: weight per auxiliary loss name, over the
+        block's ``default_aux_weights`` (unlisted in both: 1.0; 0 disables). ``dsl``: also report dual-softmax
+        metrics under ``dsl_`` keys. ``text_chunk``: rows per similarity block in evaluation. ``ties``: rank tie rule
+        (see :mod:`vidlang.eval.retrieval`). ``audio``: the audio branch config (None = video only); ``fusion`` /
+        ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments; ``audio_frontend``:
+        :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``, ``num_mel_bins``,
+        ``target_frames``; they must match the audio backbone's input size); ``lr_mult_audio``: lr multiplier of the
+        audio branch and the fusion."""
         super().__init__()
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig(**model)
+            model = ModelConfig.from_dict(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
         self.save_hyperparameters()
@@ -105,7 +105,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         self.model: VideoTextModel | AudioVisualModel = build_model(model)
         self.frontend: LogMelFrontend | None = None
         if audio is not None:
-            self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args)
+            self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args,
+                                          lr_mults={"": lr_mult_audio})
             self.frontend = LogMelFrontend(**(audio_frontend or {}))
         self.loss = ContrastiveLoss(gather=gather, local_loss=local_loss)
         self.aux_loss_weights = dict(aux_loss_weights or {})
@@ -195,9 +196,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         t = self.model.encode_text(ids, mask)
         out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
         aux = {**v.aux_losses, **t.aux_losses}
-        total = out.loss
-        for name, value in aux.items():
-            total = total + self.aux_loss_weights.get(name, 1.0) * value
+        weighted, _ = weigh_aux_losses(aux, self.video_text.block.default_aux_weights, self.aux_loss_weights)
+        total = out.loss if weighted is None else out.loss + weighted
         return total, out, aux
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -222,25 +222,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             self.model.logit_scale.clamp_(0.0, math.log(self.loss.max_scale))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        mults = self.video_text.lr_mults
-        block_mult = mults["block"] if self.hparams.lr_mult_block is None else self.hparams.lr_mult_block
-        groups = self.param_groups(mults["backbone"], block_mult)
+        groups = self.model.param_groups(self.hparams.lr, self.hparams.weight_decay)
         return adamw_warmup_cosine(self, groups, eps=self.hparams.eps)
-
-    def param_groups(self, backbone_mult: float, block_mult: float) -> list[dict[str, Any]]:
-        """Optimizer groups of the video-text model (:func:`vidlang.models.optim.param_groups`), plus
-        ``audio_*`` groups for the audio branch and the fusion at ``lr_mult_audio``."""
-        from vidlang.models.optim import param_groups
-
-        h = self.hparams
-        groups = param_groups(self.video_text, h.lr, h.weight_decay, backbone_mult, block_mult)
-        if isinstance(self.model, AudioVisualModel):
-            audio = torch.nn.ModuleDict({"audio": self.model.audio, "fusion": self.model.fusion})
-            mult = h.lr_mult_audio
-            for g in param_groups(audio, h.lr, h.weight_decay, mult, mult):
-                g["name"] = g["name"].replace("backbone", "audio", 1)
-                groups.append(g)
-        return groups
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:

@@ -10,7 +10,9 @@ than the config's ``model.class_path`` is refused. Parse errors raise :class:`~v
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 from typing import Any
 
 import pytorch_lightning as pl
@@ -77,11 +79,14 @@ class VidlangCLI(LightningCLI):
 
         from vidlang.data.config import moved_keys_hint
         from vidlang.data.datamodule import check_parsed_groups
+        from vidlang.models.factory import removed_key_hint
 
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise ConfigError(f"{err}{moved_keys_hint(str(err))}") from err
+            hint = removed_key_hint(str(err))  # a key of older configs: name what replaced it
+            raise ConfigError(f"{hint}. {err}{moved_keys_hint(str(err))}" if hint
+                              else f"{err}{moved_keys_hint(str(err))}") from err
         sub = self.config.get("subcommand")
         check_parsed_groups((self.config[sub] if sub else self.config).get("data"))
 
@@ -97,6 +102,7 @@ class VidlangCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's hyper-parameters (see the module docstring)."""
         from vidlang.inference import TASK_CLASSES, checkpoint_task, read_checkpoint
+        from vidlang.models.factory import ModelConfig
 
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
@@ -116,6 +122,14 @@ class VidlangCLI(LightningCLI):
                                   f"a {short} config (the checkpoint's hyper-parameters fill in its model)")
         if not hparams:
             return
+        if class_path in TASK_CLASSES.values() and isinstance(hparams.get("model"), dict):
+            # a vidlang task's ModelConfig: keys written by older versions are mapped (ModelConfig.from_dict)
+            hparams["model"] = dataclasses.asdict(ModelConfig.from_dict(hparams["model"], strict=False))
+        task_class = _import(class_path)
+        if task_class is not None:  # as Lightning's load_from_checkpoint: keys the task no longer takes are dropped
+            params = inspect.signature(task_class.__init__).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                hparams = {k: v for k, v in hparams.items() if k in params}
         update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
         try:
             self.config = self.parser.parse_object(update, self.config)

@@ -1,8 +1,8 @@
-"""Tower shapes: :class:`VisionConfig` / :class:`TextConfig` and named presets.
+"""Tower shapes: :class:`ImageConfig` / :class:`TextConfig` and named presets.
 
-Presets are registered factories (``VISION_CONFIGS.get("vit_b32")()`` returns a fresh config).
+Presets are registered factories (``IMAGE_CONFIGS.get("vit_b32")()`` returns a fresh config).
 Architecture only: weights come from a separate pretrained source (DESIGN.md section 8.1).
-:data:`KNOWN_VISION` / :data:`KNOWN_TEXT` hold the shape signatures of released ViT CLIP
+:data:`KNOWN_IMAGE` / :data:`KNOWN_TEXT` hold the shape signatures of released ViT CLIP
 architectures, to tell a bare weights file's attention heads (weights cannot show them).
 """
 
@@ -17,7 +17,7 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 
 
 @dataclass
-class VisionConfig:
+class ImageConfig:
     width: int = 768  # C
     layers: int = 12
     heads: int = 12
@@ -57,10 +57,10 @@ class TextConfig:
         return self.mlp_dim or int(self.width * self.mlp_ratio)
 
 
-VISION_CONFIGS: Registry = Registry("vision tower config")
+IMAGE_CONFIGS: Registry = Registry("image tower config")
 TEXT_CONFIGS: Registry = Registry("text tower config")
 
-# The text preset that pairs with each vision preset (same embedding size E), used by ``text="auto"``.
+# The text preset that pairs with each image preset (same embedding size E), used by ``text="auto"``.
 DEFAULT_TEXT: dict[str, str] = {
     "vit_b32": "text_b",
     "vit_b16": "text_b",
@@ -70,30 +70,30 @@ DEFAULT_TEXT: dict[str, str] = {
 }
 
 
-@VISION_CONFIGS.register("vit_b32")
-def vit_b32() -> VisionConfig:
-    return VisionConfig(width=768, layers=12, heads=12, patch_size=32, image_size=224, embed_dim=512)
+@IMAGE_CONFIGS.register("vit_b32")
+def vit_b32() -> ImageConfig:
+    return ImageConfig(width=768, layers=12, heads=12, patch_size=32, image_size=224, embed_dim=512)
 
 
-@VISION_CONFIGS.register("vit_b16")
-def vit_b16() -> VisionConfig:
-    return VisionConfig(width=768, layers=12, heads=12, patch_size=16, image_size=224, embed_dim=512)
+@IMAGE_CONFIGS.register("vit_b16")
+def vit_b16() -> ImageConfig:
+    return ImageConfig(width=768, layers=12, heads=12, patch_size=16, image_size=224, embed_dim=512)
 
 
-@VISION_CONFIGS.register("vit_l14")
-def vit_l14() -> VisionConfig:
-    return VisionConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224, embed_dim=768)
+@IMAGE_CONFIGS.register("vit_l14")
+def vit_l14() -> ImageConfig:
+    return ImageConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224, embed_dim=768)
 
 
-@VISION_CONFIGS.register("vit_l14_336")
-def vit_l14_336() -> VisionConfig:
-    return VisionConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=336, embed_dim=768)
+@IMAGE_CONFIGS.register("vit_l14_336")
+def vit_l14_336() -> ImageConfig:
+    return ImageConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=336, embed_dim=768)
 
 
-@VISION_CONFIGS.register("vit_tiny")
-def vit_tiny() -> VisionConfig:
+@IMAGE_CONFIGS.register("vit_tiny")
+def vit_tiny() -> ImageConfig:
     """Test shape: 64 wide, 3 layers, 4 heads, 32x32 images of 8x8 patches (grid 4x4), E = 32."""
-    return VisionConfig(width=64, layers=3, heads=4, patch_size=8, image_size=32, embed_dim=32)
+    return ImageConfig(width=64, layers=3, heads=4, patch_size=8, image_size=32, embed_dim=32)
 
 
 @TEXT_CONFIGS.register("text_b")
@@ -112,8 +112,8 @@ def text_tiny() -> TextConfig:
     return TextConfig(width=48, layers=2, heads=4, context_length=24, vocab_size=512, embed_dim=32)
 
 
-def vision_config(name: str) -> VisionConfig:
-    return VISION_CONFIGS.get(name)()
+def image_config(name: str) -> ImageConfig:
+    return IMAGE_CONFIGS.get(name)()
 
 
 def text_config(name: str) -> TextConfig:
@@ -136,13 +136,13 @@ class KnownTower:
     layers: int
     mlp_dim: int
     heads: int
-    patch_size: int | None = None  # vision towers only
+    patch_size: int | None = None  # image towers only
     openai: bool = False  # OpenAI released weights of this shape (their towers use quick_gelu)
     quick_gelu_variant: bool = False  # open_clip also ships a ``-quickgelu`` config of this shape
 
 
 # Head width is 64 up to ViT-L; ViT-H/14 uses 80, ViT-g 88, ViT-bigG 104, ViT-e 112 (16 heads each).
-KNOWN_VISION: tuple[KnownTower, ...] = (
+KNOWN_IMAGE: tuple[KnownTower, ...] = (
     KnownTower("ViT-S-32", 384, 12, 1536, 6, patch_size=32),
     KnownTower("ViT-S-16", 384, 12, 1536, 6, patch_size=16),
     KnownTower("ViT-M-32", 512, 12, 2048, 8, patch_size=32),
@@ -172,10 +172,10 @@ KNOWN_TEXT: tuple[KnownTower, ...] = (
 )
 
 
-def match_known_vision(width: int, layers: int, patch_size: int, mlp_dim: int) -> list[KnownTower]:
-    """Known vision towers with exactly these shapes (empty: an architecture vidlang does not know)."""
+def match_known_image(width: int, layers: int, patch_size: int, mlp_dim: int) -> list[KnownTower]:
+    """Known image towers with exactly these shapes (empty: an architecture vidlang does not know)."""
     return [
-        k for k in KNOWN_VISION if (k.width, k.layers, k.patch_size, k.mlp_dim) == (width, layers, patch_size, mlp_dim)
+        k for k in KNOWN_IMAGE if (k.width, k.layers, k.patch_size, k.mlp_dim) == (width, layers, patch_size, mlp_dim)
     ]
 
 

@@ -9,11 +9,11 @@ vidlang layout (fixed by contract)::
     image_tower.class_embedding           [C]
     image_tower.positional_embedding      [1+N, C]
     image_tower.ln_pre.{weight,bias}
-    image_tower.blocks.{i}.ln_1.*  .attn.qkv.{weight,bias} [3C, C] (q, k, v)  .attn.out_proj.*
-    image_tower.blocks.{i}.ln_2.*  .mlp.fc1.* (C -> M)  .mlp.fc2.*
+    image_tower.layers.{i}.ln_1.*  .attn.qkv.{weight,bias} [3C, C] (q, k, v)  .attn.out_proj.*
+    image_tower.layers.{i}.ln_2.*  .mlp.fc1.* (C -> M)  .mlp.fc2.*
     image_tower.ln_post.*   image_tower.proj [C, E]   (applied as x @ proj)
     text_tower.token_embedding.weight [V, W]   text_tower.positional_embedding [ctx, W]
-    text_tower.blocks.{i}...   text_tower.ln_final.*   text_tower.text_projection [W, E]
+    text_tower.layers.{i}...   text_tower.ln_final.*   text_tower.text_projection [W, E]
     logit_scale                           []  (log scale)
 
 Supported foreign formats (detected from keys by :func:`detect_format`): ``hf``
@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vidlang.models.clip.configs import KnownTower, match_known_text, match_known_vision
-from vidlang.models.clip.layers import resample_pos_embed
+from vidlang.models.clip.configs import KnownTower, match_known_image, match_known_text
+from vidlang.models.clip.layers import rename_legacy_layer_keys, resample_pos_embed, resample_temporal_embed
 from vidlang.registry import Registry
 
 StateDict = dict[str, Tensor]
@@ -46,9 +45,7 @@ __all__ = [
     "detect_format",
     "from_vidlang",
     "infer_config",
-    "resample_pos_embed",
     "resample_state_dict",
-    "resample_temporal_embed",
     "to_vidlang",
     "unwrap_state_dict",
 ]
@@ -69,9 +66,9 @@ class Rule:
     op: str = "copy"  # "copy" | "t" (transpose 2-D) | "qkv" (three foreign tensors fused on dim 0)
 
 
-def _block_rules(foreign_block: str, native_block: str, layout: str) -> list[Rule]:
-    """Rules of one transformer block, for the ``hf`` or ``openai`` layout."""
-    fb, nb = foreign_block, native_block
+def _layer_rules(foreign_layer: str, native_layer: str, layout: str) -> list[Rule]:
+    """Rules of one transformer layer, for the ``hf`` or ``openai`` layout."""
+    fb, nb = foreign_layer, native_layer
     if layout == "hf":
         return [
             Rule(f"{fb}.layer_norm1.{{p}}", f"{nb}.ln_1.{{p}}"),
@@ -99,12 +96,12 @@ def _hf_rules() -> list[Rule]:
         Rule(f"{v}embeddings.class_embedding", f"{iv}class_embedding"),
         Rule(f"{v}embeddings.position_embedding.weight", f"{iv}positional_embedding"),
         Rule(f"{v}pre_layrnorm.{{p}}", f"{iv}ln_pre.{{p}}"),
-        *_block_rules(f"{v}encoder.layers.{{i}}", f"{iv}blocks.{{i}}", "hf"),
+        *_layer_rules(f"{v}encoder.layers.{{i}}", f"{iv}layers.{{i}}", "hf"),
         Rule(f"{v}post_layernorm.{{p}}", f"{iv}ln_post.{{p}}"),
         Rule("visual_projection.weight", f"{iv}proj", "t"),
         Rule(f"{t}embeddings.token_embedding.weight", f"{it}token_embedding.weight"),
         Rule(f"{t}embeddings.position_embedding.weight", f"{it}positional_embedding"),
-        *_block_rules(f"{t}encoder.layers.{{i}}", f"{it}blocks.{{i}}", "hf"),
+        *_layer_rules(f"{t}encoder.layers.{{i}}", f"{it}layers.{{i}}", "hf"),
         Rule(f"{t}final_layer_norm.{{p}}", f"{it}ln_final.{{p}}"),
         Rule("text_projection.weight", f"{it}text_projection", "t"),
         Rule("logit_scale", "logit_scale"),
@@ -118,12 +115,12 @@ def _openai_rules() -> list[Rule]:
         Rule(f"{v}class_embedding", f"{iv}class_embedding"),
         Rule(f"{v}positional_embedding", f"{iv}positional_embedding"),
         Rule(f"{v}ln_pre.{{p}}", f"{iv}ln_pre.{{p}}"),
-        *_block_rules(f"{v}transformer.resblocks.{{i}}", f"{iv}blocks.{{i}}", "openai"),
+        *_layer_rules(f"{v}transformer.resblocks.{{i}}", f"{iv}layers.{{i}}", "openai"),
         Rule(f"{v}ln_post.{{p}}", f"{iv}ln_post.{{p}}"),
         Rule(f"{v}proj", f"{iv}proj"),
         Rule("token_embedding.weight", f"{it}token_embedding.weight"),
         Rule("positional_embedding", f"{it}positional_embedding"),
-        *_block_rules("transformer.resblocks.{i}", f"{it}blocks.{{i}}", "openai"),
+        *_layer_rules("transformer.resblocks.{i}", f"{it}layers.{{i}}", "openai"),
         Rule("ln_final.{p}", f"{it}ln_final.{{p}}"),
         Rule("text_projection", f"{it}text_projection"),
         Rule("logit_scale", "logit_scale"),
@@ -257,7 +254,11 @@ def open_clip_to_vidlang(sd: Mapping[str, Tensor]) -> StateDict:
 
 @TO_VIDLANG.register("vidlang")
 def vidlang_identity(sd: Mapping[str, Tensor]) -> StateDict:
-    return dict(unwrap_state_dict(sd))
+    """vidlang's own layout; files written before the ``blocks`` -> ``layers`` rename are renamed."""
+    out = dict(unwrap_state_dict(sd))
+    for prefix in (IMAGE_PREFIX, TEXT_PREFIX):
+        rename_legacy_layer_keys(out, prefix)
+    return out
 
 
 @FROM_VIDLANG.register("hf")
@@ -284,9 +285,9 @@ def from_vidlang(sd: Mapping[str, Tensor], fmt: str) -> StateDict:
 # Architecture inference
 # ---------------------------------------------------------------------------------------------
 def _count_layers(sd: Mapping[str, Tensor], prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
+    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
     if idx and idx != set(range(len(idx))):
-        raise ValueError(f"{prefix} blocks are not numbered 0..n-1: {sorted(idx)}")
+        raise ValueError(f"{prefix} layers are not numbered 0..n-1: {sorted(idx)}")
     return len(idx)
 
 
@@ -302,7 +303,7 @@ def infer_config(
 
     Heads cannot be read from weights: they come from ``hints={"vision": {"heads": h}, "text": {...}}``
     (a config stored beside the weights) or else from the known architectures whose shapes match
-    (:func:`~vidlang.models.clip.configs.match_known_vision`); ``heads`` is ``None`` when neither
+    (:func:`~vidlang.models.clip.configs.match_known_image`); ``heads`` is ``None`` when neither
     tells (see :func:`vidlang.models.clip.pretrained.resolve_towers`). A tower absent from ``sd`` gives ``None``.
     """
     nat = sd if detect_format(sd) == "vidlang" else to_vidlang(sd)
@@ -321,10 +322,10 @@ def infer_config(
             "heads": None,
             "patch_size": patch,
             "image_size": grid * patch,
-            "mlp_dim": nat[f"{IMAGE_PREFIX}blocks.0.mlp.fc1.weight"].shape[0],
+            "mlp_dim": nat[f"{IMAGE_PREFIX}layers.0.mlp.fc1.weight"].shape[0],
             "embed_dim": nat[f"{IMAGE_PREFIX}proj"].shape[1],
         }
-        known = match_known_vision(width, vision["layers"], patch, vision["mlp_dim"])
+        known = match_known_image(width, vision["layers"], patch, vision["mlp_dim"])
         vision["heads"] = _unique_heads(known)
         vision.update(hints.get("vision", {}))
     if f"{TEXT_PREFIX}token_embedding.weight" in nat:
@@ -335,7 +336,7 @@ def infer_config(
             "heads": None,
             "context_length": nat[f"{TEXT_PREFIX}positional_embedding"].shape[0],
             "vocab_size": vocab,
-            "mlp_dim": nat[f"{TEXT_PREFIX}blocks.0.mlp.fc1.weight"].shape[0],
+            "mlp_dim": nat[f"{TEXT_PREFIX}layers.0.mlp.fc1.weight"].shape[0],
             "embed_dim": nat[f"{TEXT_PREFIX}text_projection"].shape[1],
         }
         text["heads"] = _unique_heads(match_known_text(width, text["layers"], text["mlp_dim"]))
@@ -344,26 +345,8 @@ def infer_config(
 
 
 # ---------------------------------------------------------------------------------------------
-# Position-embedding resampling (spatial: the towers' bicubic ``resample_pos_embed``)
+# Position-embedding resampling of a whole state dict (the functions: :mod:`vidlang.models.clip.layers`)
 # ---------------------------------------------------------------------------------------------
-def resample_temporal_embed(pos: Tensor, num_frames: int, dim: int = -2) -> Tensor:
-    """Linearly resample a frame position embedding along ``dim`` (``[T, D]`` or ``[1, T, D]``) to ``num_frames``.
-
-    ``align_corners=True``: the first and last frame embeddings are kept exactly.
-    """
-    dim = dim % pos.dim()
-    t = pos.shape[dim]
-    if t == num_frames:
-        return pos
-    x = pos.movedim(dim, -1)  # [..., T]
-    flat = x.reshape(1, -1, t).float()
-    if t == 1:
-        res = flat.expand(1, flat.shape[1], num_frames)
-    else:
-        res = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
-    return res.reshape(*x.shape[:-1], num_frames).movedim(-1, dim).to(pos.dtype).contiguous()
-
-
 def resample_state_dict(
     sd: Mapping[str, Tensor],
     image_size: int | None = None,

@@ -1,8 +1,8 @@
-"""Transformer building blocks shared by the CLIP towers (and by blocks that reuse CLIP layers).
+"""Transformer layers shared by the CLIP towers (and by temporal blocks that reuse CLIP layers).
 
 Parameter names follow vidlang's native layout (OpenAI-like, fused ``qkv``)::
 
-    ResidualAttentionBlock: ln_1, attn.qkv, attn.out_proj, ln_2, mlp.fc1, mlp.fc2
+    ResidualAttentionLayer: ln_1, attn.qkv, attn.out_proj, ln_2, mlp.fc1, mlp.fc2
 
 Attention always goes through :func:`torch.nn.functional.scaled_dot_product_attention`.
 """
@@ -10,7 +10,8 @@ Attention always goes through :func:`torch.nn.functional.scaled_dot_product_atte
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class Mlp(nn.Module):
 Transform = Callable[[Tensor], Tensor]
 
 
-class ResidualAttentionBlock(nn.Module):
+class ResidualAttentionLayer(nn.Module):
     """Pre-LN transformer layer: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``.
 
     ``attn_input`` transforms only the normed attention input (not the residual stream);
@@ -110,19 +111,39 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def init_transformer_(blocks: nn.ModuleList, width: int) -> None:
-    """OpenAI CLIP's initialisation of a stack of :class:`ResidualAttentionBlock`."""
-    layers = max(len(blocks), 1)
-    proj_std = width**-0.5 * (2 * layers) ** -0.5
+LEGACY_LAYERS = "blocks."  # what ``layers`` were called in state dicts written before the rename
+
+
+def rename_legacy_layer_keys(state_dict: MutableMapping[str, Any], prefix: str = "") -> None:
+    """In place: ``{prefix}blocks.*`` -> ``{prefix}layers.*`` (state dicts from before transformer layers were
+    renamed from ``blocks`` to ``layers``; "block" now means only the temporal block)."""
+    old = prefix + LEGACY_LAYERS
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "layers." + key[len(old) :]] = state_dict.pop(key)
+
+
+class LegacyLayerKeys(nn.Module):
+    """Mixin for modules with a ``layers`` list that used to be called ``blocks``: ``load_state_dict`` accepts
+    checkpoints with either name (put it first among the bases)."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        rename_legacy_layer_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def init_transformer_(layers: nn.ModuleList, width: int) -> None:
+    """OpenAI CLIP's initialisation of a stack of :class:`ResidualAttentionLayer`."""
+    depth = max(len(layers), 1)
+    proj_std = width**-0.5 * (2 * depth) ** -0.5
     attn_std = width**-0.5
     fc_std = (2 * width) ** -0.5
-    for blk in blocks:
-        nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
-        nn.init.zeros_(blk.attn.qkv.bias)
-        nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
-        nn.init.zeros_(blk.attn.out_proj.bias)
-        nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
-        nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
+    for layer in layers:
+        nn.init.normal_(layer.attn.qkv.weight, std=attn_std)
+        nn.init.zeros_(layer.attn.qkv.bias)
+        nn.init.normal_(layer.attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(layer.attn.out_proj.bias)
+        nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
 
 
 def resample_pos_embed(pe: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None) -> Tensor:
@@ -149,3 +170,21 @@ def resample_pos_embed(pe: Tensor, new_grid: tuple[int, int], old_grid: tuple[in
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1).to(pe.dtype)
     return torch.cat([cls, grid], dim=0)
+
+
+def resample_temporal_embed(pos: Tensor, num_frames: int, dim: int = -2) -> Tensor:
+    """Linearly resample a frame position embedding along ``dim`` (``[T, D]`` or ``[1, T, D]``) to ``num_frames``.
+
+    ``align_corners=True``: the first and last frame embeddings are kept exactly.
+    """
+    dim = dim % pos.dim()
+    t = pos.shape[dim]
+    if t == num_frames:
+        return pos
+    x = pos.movedim(dim, -1)  # [..., T]
+    flat = x.reshape(1, -1, t).float()
+    if t == 1:
+        res = flat.expand(1, flat.shape[1], num_frames)
+    else:
+        res = F.interpolate(flat, size=num_frames, mode="linear", align_corners=True)
+    return res.reshape(*x.shape[:-1], num_frames).movedim(-1, dim).to(pos.dtype).contiguous()

@@ -39,11 +39,11 @@ from torch import Tensor
 
 from vidlang.errors import UnknownArchitectureError, UnsafeCheckpointError
 from vidlang.models.clip.configs import (
+    ImageConfig,
     KnownTower,
     TextConfig,
-    VisionConfig,
+    match_known_image,
     match_known_text,
-    match_known_vision,
 )
 from vidlang.models.clip.convert import StateDict, detect_format, infer_config, resample_state_dict, to_vidlang
 from vidlang.models.clip.pickle_scan import allowed_torch_globals, scan_pickles
@@ -56,7 +56,7 @@ __all__ = [
     "resolve_towers",
     "save_vidlang",
     "text_config_from_info",
-    "vision_config_from_info",
+    "image_config_from_info",
 ]
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -356,7 +356,7 @@ _TOWER_WORDS = {"vision": "image tower", "text": "text tower"}
 
 def _known_towers(name: str, tower: Mapping[str, Any]) -> list[KnownTower]:
     if name == "vision":
-        return match_known_vision(tower["width"], tower["layers"], tower["patch_size"], tower["mlp_dim"])
+        return match_known_image(tower["width"], tower["layers"], tower["patch_size"], tower["mlp_dim"])
     return match_known_text(tower["width"], tower["layers"], tower["mlp_dim"])
 
 
@@ -505,17 +505,17 @@ def resolve_towers(
 
 def _check_tower_keys(sd: Mapping[str, Tensor], vision: Mapping | None, text: Mapping | None, source: str) -> None:
     """Refuse weights that lack tensors (or have other shapes than) the towers vidlang builds for them."""
+    from vidlang.models.clip.image import ClipImageTower
     from vidlang.models.clip.text import TextTower
-    from vidlang.models.clip.vision import VisionTower
 
-    fields = {"vision": VisionConfig.__dataclass_fields__, "text": TextConfig.__dataclass_fields__}
+    fields = {"vision": ImageConfig.__dataclass_fields__, "text": TextConfig.__dataclass_fields__}
     for name, tower, prefix in (("vision", vision, "image_tower."), ("text", text, "text_tower.")):
         if tower is None:
             continue
         cfg = {k: v for k, v in tower.items() if k in fields[name]}
         cfg["heads"] = 1  # tensor shapes do not depend on heads or activation
         with torch.device("meta"):
-            module = VisionTower(VisionConfig(**cfg)) if name == "vision" else TextTower(TextConfig(**cfg))
+            module = ClipImageTower(ImageConfig(**cfg)) if name == "vision" else TextTower(TextConfig(**cfg))
         want = {prefix + k: v.shape for k, v in module.state_dict().items()}
         missing = [k for k in want if k not in sd]
         wrong = [
@@ -546,7 +546,7 @@ def load_pretrained(
     """Load any supported CLIP checkpoint (file or directory) into vidlang's layout.
 
     Returns ``(state_dict, info)``; ``info`` holds ``format``, ``source``, ``vision`` and ``text``
-    (dicts of :class:`VisionConfig` / :class:`TextConfig` fields, ``None`` for a missing tower),
+    (dicts of :class:`ImageConfig` / :class:`TextConfig` fields, ``None`` for a missing tower),
     ``tokenizer_dir`` (the directory holding tokenizer files, or ``None``), ``act_source``,
     ``heads_source`` and ``unknown`` (see :func:`resolve_towers`, which also explains ``heads``,
     ``text_heads``, ``act`` and ``on_unknown``). ``image_size`` resamples the spatial position
@@ -600,12 +600,12 @@ def _tower_config_fields(info: dict[str, Any], tower: str) -> dict[str, Any]:
     return v
 
 
-def vision_config_from_info(info: dict[str, Any]) -> VisionConfig:
+def image_config_from_info(info: dict[str, Any]) -> ImageConfig:
     v = _tower_config_fields(info, "vision")
     for k in ("image_mean", "image_std"):
         if k in v:
             v[k] = tuple(v[k])
-    return VisionConfig(**v)
+    return ImageConfig(**v)
 
 
 def text_config_from_info(info: dict[str, Any]) -> TextConfig:
@@ -622,7 +622,7 @@ def save_vidlang(sd: StateDict, info: dict[str, Any], out_dir: str | Path) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors", clean_stale=True) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-    vision = asdict(vision_config_from_info(info)) if info.get("vision") is not None else None
+    vision = asdict(image_config_from_info(info)) if info.get("vision") is not None else None
     text = asdict(text_config_from_info(info)) if info.get("text") is not None else None
     cfg = {
         "format": "vidlang",

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from vidlang.models.clip.configs import TextConfig
-from vidlang.models.clip.layers import LayerNorm, ResidualAttentionBlock, init_transformer_
+from vidlang.models.clip.layers import LayerNorm, LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
 from vidlang.models.clip.tower_base import Tower, check_tokens_removed, resolve_hooks
-from vidlang.models.temporal.base import HookContext, TemporalBlock, TextOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TextOutput
 
 
-class TextTower(Tower):
-    """CLIP text transformer: ``token_embedding, positional_embedding, blocks, ln_final, text_projection``."""
+class TextTower(LegacyLayerKeys, Tower):
+    """CLIP text transformer: ``token_embedding, positional_embedding, layers, ln_final, text_projection``."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -29,15 +29,15 @@ class TextTower(Tower):
         w = cfg.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))  # [ctx, W]
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(w, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
+        self.layers = nn.ModuleList(
+            ResidualAttentionLayer(w, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
         )
         self.ln_final = LayerNorm(w)
         self.text_projection = nn.Parameter(torch.empty(w, cfg.embed_dim))  # [W, E]
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=w**-0.5)
-        init_transformer_(self.blocks, w)
+        init_transformer_(self.layers, w)
 
     def _check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if input_ids.ndim != 2:
@@ -66,17 +66,24 @@ class TextTower(Tower):
         mask = self._check_inputs(input_ids, attention_mask)
         hooks = resolve_hooks(block, hooks)
         a, lt = input_ids.shape
-        x = self.token_embedding(input_ids) + self.positional_embedding[:lt]  # [A, Lt, W]
-        ctx = HookContext(batch=a, frames=1, training=self.training, attention_mask=mask)
+        x = self.embed_tokens(input_ids)  # [A, Lt, W]
+        ctx = HookContext(batch=a, frames=1, training=self.training, attention_mask=mask, text_tower=self)
         if "text_embed" in hooks:
             x = block.text_embed(x, ctx)
         attn_mask, is_causal = self._attention_mask(ctx.attention_mask, x.shape[1])
-        x = self.run_layers(self._layer, len(self.blocks), x, attn_mask, is_causal, block, hooks, ctx)
+        x = self.run_layers(self._layer, len(self.layers), x, attn_mask, is_causal, block, hooks, ctx)
         check_tokens_removed(x, lt, block, tokens="text tokens", added="inserted")
         tokens = self.ln_final(x) @ self.text_projection  # [A, Lt, E]
         last = mask.sum(-1) - 1  # [A] index of EOT
         embeds = tokens[torch.arange(a, device=tokens.device), last]  # [A, E]
         return TextOutput(embeds=embeds, tokens=tokens, mask=mask, aux_losses=ctx.aux_losses)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """``[A, Lt]`` ids -> token + position embeddings ``[A, Lt, W]``."""
+        return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+
+    def layer_list(self) -> nn.ModuleList:
+        return self.layers
 
     @staticmethod
     def _attention_mask(mask: Tensor | None, length: int) -> tuple[Tensor | None, bool]:
@@ -101,7 +108,7 @@ class TextTower(Tower):
         if "text_before_layer" in hooks:
             x = block.text_before_layer(i, x, ctx)
         before_mlp = (lambda r: block.text_before_mlp(i, r, ctx)) if "text_before_mlp" in hooks else None
-        x = self.blocks[i](x, attn_mask=attn_mask, is_causal=is_causal, before_mlp=before_mlp)
+        x = self.layers[i](x, attn_mask=attn_mask, is_causal=is_causal, before_mlp=before_mlp)
         if "text_after_layer" in hooks:
             x = block.text_after_layer(i, x, ctx)
         return x

@@ -1,7 +1,7 @@
 """Any timm ViT (CLIP, EVA/EVA02, DINOv2, DeiT ...) as an image tower with vidlang's hook points.
 
-Same forward contract as :class:`vidlang.models.clip.vision.VisionTower`: ``video [B, T, 3, H, W]``
--> :class:`VisionOutput` with ``frame_tokens [B, T, 1+N, C]`` (after the trunk's final norm) and
+Same forward contract as :class:`vidlang.models.clip.image.ClipImageTower`: ``video [B, T, 3, H, W]``
+-> :class:`ImageOutput` with ``frame_tokens [B, T, 1+N, C]`` (after the trunk's final norm) and
 ``frame_embeds [B, T, E]``. The block loop is re-implemented so the hooks run inside each layer::
 
     patch_embed -> _pos_embed (+cls) -> embed -> norm_pre
@@ -27,17 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.configs import VisionConfig
+from vidlang.models.clip.configs import ImageConfig
 from vidlang.models.clip.tower_base import ImageTower, Transform
 from vidlang.registry import Registry
 
 # (timm block, x [N, L, C], attn_input, before_mlp, rope) -> x
-BlockRunner = Callable[[nn.Module, Tensor, Transform, Transform, Tensor | None], Tensor]
-BLOCK_RUNNERS: Registry[BlockRunner] = Registry("timm block runner")
+LayerRunner = Callable[[nn.Module, Tensor, Transform, Transform, Tensor | None], Tensor]
+LAYER_RUNNERS: Registry[LayerRunner] = Registry("timm block runner")
 
 
-@BLOCK_RUNNERS.register("Block")
-def run_vit_block(
+@LAYER_RUNNERS.register("Block")
+def run_vit_layer(
     blk: nn.Module, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None
 ) -> Tensor:
     """timm ``vision_transformer.Block``: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2."""
@@ -50,8 +50,8 @@ def run_vit_block(
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-@BLOCK_RUNNERS.register("EvaBlock")
-def run_eva_block(
+@LAYER_RUNNERS.register("EvaBlock")
+def run_eva_layer(
     blk: nn.Module, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None
 ) -> Tensor:
     """timm ``eva.EvaBlock``: norm1, attn(rope), gamma_1, drop_path1, norm2, mlp, gamma_2, drop_path2."""
@@ -66,12 +66,15 @@ def run_eva_block(
     return x + blk.drop_path2(m if blk.gamma_2 is None else blk.gamma_2 * m)
 
 
-class TimmVisionTower(ImageTower):
-    """A timm ViT trunk + projection, running the temporal-block hooks like ``VisionTower``.
+class TimmImageTower(ImageTower):
+    """A timm ViT trunk + projection, running the temporal-block hooks like ``ClipImageTower``.
 
     ``proj_dim`` is E (``embed_dim`` in ``timm_kwargs`` is timm's width C); ``weights`` a local file.
-    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
+    Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`. Built by
+    :func:`vidlang.models.factory.build_model` for ``ModelConfig.image = "timm:<timm model name>"``.
     """
+
+    kind = "timm"
 
     def __init__(
         self,
@@ -99,10 +102,10 @@ class TimmVisionTower(ImageTower):
         else:
             self.proj = nn.Parameter(width**-0.5 * torch.randn(width, proj_dim))  # [C, E]
         patch = t.patch_embed.patch_size[0]
-        cfg_mean = tuple(t.pretrained_cfg.get("mean", VisionConfig.image_mean))
-        cfg_std = tuple(t.pretrained_cfg.get("std", VisionConfig.image_std))
+        cfg_mean = tuple(t.pretrained_cfg.get("mean", ImageConfig.image_mean))
+        cfg_std = tuple(t.pretrained_cfg.get("std", ImageConfig.image_std))
         heads = getattr(t.blocks[0].attn, "num_heads", max(1, width // 64))
-        self.cfg = VisionConfig(
+        self.cfg = ImageConfig(
             width=width,
             layers=len(t.blocks),
             heads=heads,
@@ -117,14 +120,18 @@ class TimmVisionTower(ImageTower):
         if weights is not None:
             self.load_trunk_weights(weights)
 
+    @property
+    def rotary(self) -> bool:
+        return getattr(self.trunk, "rope", None) is not None  # EVA02-style rotary position embeddings
+
     @staticmethod
-    def _runner(block_type: str, model_name: str) -> BlockRunner:
-        if block_type not in BLOCK_RUNNERS:
+    def _runner(block_type: str, model_name: str) -> LayerRunner:
+        if block_type not in LAYER_RUNNERS:
             raise ValueError(
                 f"timm model {model_name!r} uses block type {block_type}, which has no hook runner "
-                f"(supported: {', '.join(BLOCK_RUNNERS.names())})"
+                f"(supported: {', '.join(LAYER_RUNNERS.names())})"
             )
-        return BLOCK_RUNNERS.get(block_type)
+        return LAYER_RUNNERS.get(block_type)
 
     def load_trunk_weights(self, path: str | Path) -> None:
         """Load timm weights from a local file (safe loading only), through the model's own key filter."""
@@ -143,7 +150,7 @@ class TimmVisionTower(ImageTower):
                 f"{path}: weights do not match the timm trunk: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
 
-    def block_list(self) -> nn.ModuleList:
+    def layer_list(self) -> nn.ModuleList:
         return self.trunk.blocks
 
     def embed_frames(self, frames: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
@@ -161,7 +168,7 @@ class TimmVisionTower(ImageTower):
     def pre_norm(self, x: Tensor) -> Tensor:
         return self.trunk.norm_pre(x)
 
-    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None) -> Tensor:
+    def run_layer(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None) -> Tensor:
         if rope is not None and getattr(self.trunk, "rope_mixed", False):
             rope = rope[i]  # one rotary embedding per layer
         return self.runners[i](self.trunk.blocks[i], x, attn_input, before_mlp, rope)
@@ -174,4 +181,4 @@ class TimmVisionTower(ImageTower):
         return pooled @ self.proj if self.proj is not None else pooled  # [N, E]
 
 
-__all__ = ["BLOCK_RUNNERS", "TimmVisionTower", "run_eva_block", "run_vit_block"]
+__all__ = ["LAYER_RUNNERS", "TimmImageTower", "run_eva_layer", "run_vit_layer"]

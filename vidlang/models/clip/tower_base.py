@@ -1,11 +1,11 @@
 """What the towers share: ``width``/``embed_dim``, gradient checkpointing, the layer loop and the hook plumbing.
 
 :class:`Tower` is the base of the text and image towers. :class:`ImageTower` adds the ViT forward with the
-hook points of the temporal-block contract (:mod:`vidlang.models.temporal.base`), written once for
-:class:`~vidlang.models.clip.vision.VisionTower` and :class:`~vidlang.models.clip.timm_tower.TimmVisionTower`::
+hook points of the temporal-block contract (:mod:`vidlang.models.contract`), written once for
+:class:`~vidlang.models.clip.image.ClipImageTower` and :class:`~vidlang.models.clip.timm_tower.TimmImageTower`::
 
     embed_frames -> embed -> pre_norm
-    for i: before_layer(i) -> run_block(i, attn_input, before_mlp) -> after_layer(i)
+    for i: before_layer(i) -> run_layer(i, attn_input, before_mlp) -> after_layer(i)
     final_norm (all tokens) -> project
 
 With gradient checkpointing each layer *including its hooks* is one checkpointed unit, so the hooks run
@@ -17,19 +17,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vidlang.models.temporal.base import HookContext, TemporalBlock
+from vidlang.models.contract import HookContext, TemporalBlock, TextTowerView
 
 Transform = Callable[[Tensor], Tensor] | None
 
 
 @dataclass
-class VisionOutput:
+class ImageOutput:
     frame_tokens: Tensor  # [B, T, 1+N, C] last-layer tokens after the final norm
     frame_embeds: Tensor  # [B, T, E] projected CLS (or pooled) feature
     ctx: HookContext  # the context the hooks saw (aux losses, state)
@@ -80,11 +80,24 @@ class Tower(nn.Module):
 
 
 class ImageTower(Tower, ABC):
-    """A ViT image tower with the hook points: ``video [B, T, 3, H, W]`` -> :class:`VisionOutput`.
+    """A ViT image tower with the hook points: ``video [B, T, 3, H, W]`` -> :class:`ImageOutput`.
 
-    A subclass provides ``block_list`` (its transformer layers), ``embed_frames``, ``pre_norm``,
-    ``run_block``, ``final_norm`` and ``project``.
+    A subclass provides ``kind`` (see :data:`vidlang.models.contract.IMAGE_TOWER_KINDS`), ``grid``, ``layer_list``
+    (its transformer layers), ``embed_frames``, ``pre_norm``, ``run_layer``, ``final_norm`` and ``project``; what
+    blocks may read of it is :class:`~vidlang.models.contract.ImageTowerView`.
     """
+
+    kind: ClassVar[str]
+    grid: tuple[int, int]
+
+    @property
+    def rotary(self) -> bool:
+        """True if attention uses rotary position embeddings (then blocks must not append tokens)."""
+        return False
+
+    def class_position_embedding(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The class embedding ``[C]`` and the position embedding ``[1+N, C]`` for ``grid``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its class / position embeddings")
 
     def forward(
         self,
@@ -92,27 +105,30 @@ class ImageTower(Tower, ABC):
         block: TemporalBlock | None = None,
         hooks: frozenset[str] | None = None,
         state: dict | None = None,
-    ) -> VisionOutput:
-        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`VisionOutput`.
+        text_tower: TextTowerView | None = None,
+    ) -> ImageOutput:
+        """``video [B, T, 3, H, W]`` (normalised float) -> :class:`ImageOutput`.
 
         ``hooks`` is ``block.implemented_hooks()``, computed once by the caller (computed here if None).
-        ``state`` seeds the per-call ``HookContext.state``.
+        ``state`` seeds the per-call ``HookContext.state``; ``text_tower`` (the model's) is handed to the hooks
+        and to ``pool`` in ``ctx.text_tower``, this tower in ``ctx.image_tower``.
         """
         if video.ndim != 5 or video.shape[2] != 3:
             raise ValueError(f"{type(self).__name__} expects video [B, T, 3, H, W], got shape {tuple(video.shape)}")
         b, t = video.shape[:2]
         hooks = resolve_hooks(block, hooks)
         x, rope, grid = self.embed_frames(video.flatten(0, 1))  # [B*T, 1+N, C]
-        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}))
+        ctx = HookContext(batch=b, frames=t, grid=grid, training=self.training, state=dict(state or {}),
+                          image_tower=self, text_tower=text_tower)
         n_tokens = x.shape[1]
         if "embed" in hooks:
             x = block.embed(x, ctx)
         x = self.pre_norm(x)
-        x = self.run_layers(self._layer, len(self.block_list()), x, rope, block, hooks, ctx)
+        x = self.run_layers(self._layer, len(self.layer_list()), x, rope, block, hooks, ctx)
         check_tokens_removed(x, n_tokens, block)
         x = self.final_norm(x)  # [B*T, 1+N, C]
         embeds = self.project(x)  # [B*T, E]
-        return VisionOutput(frame_tokens=x.view(b, t, n_tokens, -1), frame_embeds=embeds.view(b, t, -1), ctx=ctx)
+        return ImageOutput(frame_tokens=x.view(b, t, n_tokens, -1), frame_embeds=embeds.view(b, t, -1), ctx=ctx)
 
     def _layer(
         self,
@@ -128,13 +144,13 @@ class ImageTower(Tower, ABC):
             x = block.before_layer(i, x, ctx)
         attn_input = (lambda h: block.attn_input(i, h, ctx)) if "attn_input" in hooks else None
         before_mlp = (lambda r: block.before_mlp(i, r, ctx)) if "before_mlp" in hooks else None
-        x = self.run_block(i, x, attn_input, before_mlp, rope)
+        x = self.run_layer(i, x, attn_input, before_mlp, rope)
         if "after_layer" in hooks:
             x = block.after_layer(i, x, ctx)
         return x
 
     @abstractmethod
-    def block_list(self) -> nn.ModuleList:
+    def layer_list(self) -> nn.ModuleList:
         """The transformer layers."""
 
     @abstractmethod
@@ -146,7 +162,7 @@ class ImageTower(Tower, ABC):
         """The norm before the first layer."""
 
     @abstractmethod
-    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None) -> Tensor:
+    def run_layer(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: Tensor | None) -> Tensor:
         """Layer ``i`` on ``x [N, L, C]`` with the block's ``attn_input`` / ``before_mlp`` transforms."""
 
     @abstractmethod
@@ -158,4 +174,4 @@ class ImageTower(Tower, ABC):
         """Normalised tokens ``[N, 1+Np, C]`` -> embeddings ``[N, E]``."""
 
 
-__all__ = ["ImageTower", "Tower", "VisionOutput", "check_tokens_removed", "resolve_hooks"]
+__all__ = ["ImageTower", "Tower", "ImageOutput", "check_tokens_removed", "resolve_hooks"]

@@ -17,13 +17,15 @@ wrapped model unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vidlang.models.audio.encoder import AudioBranch
-from vidlang.models.temporal.base import TextOutput, VideoOutput
+from vidlang.models.contract import TextOutput, VideoOutput
+from vidlang.models.optim import DEFAULT_GROUP, param_groups
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 from vidlang.registry import Registry
 
@@ -102,6 +104,10 @@ class AudioVisualModel(nn.Module):
     Parameter names: ``video_model.*``, ``audio.*``, ``fusion.*``. ``freeze_video=True`` freezes the
     wrapped video-text model (train only the audio branch and the fusion). The audio input is what
     ``LogMelFrontend`` returns: ``audio_mel [B, S, 1, M, F]`` and ``audio_mask [B]``.
+
+    Optimisation recipe (:meth:`param_groups`): the video model's own, plus ``lr_mults`` / ``weight_decays`` for
+    the new parts by prefix (``audio``, ``fusion``, ``audio.qformer`` ...; ``""`` = both), as in
+    :mod:`vidlang.models.optim`; their groups are named ``audio_*`` unless a longer prefix names them.
     """
 
     def __init__(
@@ -111,13 +117,26 @@ class AudioVisualModel(nn.Module):
         fusion: str = "gated_sum",
         fusion_args: dict[str, Any] | None = None,
         freeze_video: bool = False,
+        lr_mults: Mapping[str, float] | None = None,
+        weight_decays: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.video_model = video_model
         self.audio = audio
         self.fusion = build_fusion(fusion, video_model.embed_dim, audio.dim, **(fusion_args or {}))
+        self.lr_mults, self.weight_decays = dict(lr_mults or {}), dict(weight_decays or {})
         if freeze_video:
             self.video_model.requires_grad_(False)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """The video model's groups, then those of the audio branch and the fusion (see the class docstring)."""
+        groups = self.video_model.param_groups(lr, weight_decay)
+        new_parts = nn.ModuleDict({"audio": self.audio, "fusion": self.fusion})
+        for g in param_groups(new_parts, lr, weight_decay, self.lr_mults, self.weight_decays):
+            if g["name"].startswith(f"{DEFAULT_GROUP}_"):
+                g["name"] = "audio" + g["name"][len(DEFAULT_GROUP) :]
+            groups.append(g)
+        return groups
 
     @property
     def embed_dim(self) -> int:

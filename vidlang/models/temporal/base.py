@@ -1,161 +1,23 @@
-"""The temporal-block contract (DESIGN.md section 5).
-
-A temporal block is a registered ``nn.Module`` that plugs into hook points of the
-image tower (and optionally the text tower). The tower calls only the hooks a block
-overrides (see :meth:`TemporalBlock.implemented_hooks`). Notation: B videos, T frames,
-L tokens (1 CLS + N patches [+ tokens a block appends]), C tower width, E embed dim.
-
-Image-tower hooks, in call order for each forward of ``[B*T, 3, H, W]`` frames:
-
-- ``embed(x[B*T, 1+N, C], ctx)``: after patch + position embedding, before ``ln_pre``.
-- ``before_layer(i, x[B*T, L, C], ctx)``: residual stream before layer ``i``
-  (``i == 0`` sees the encoder input *after* ``ln_pre``).
-- ``attn_input(i, h[B*T, L, C], ctx)``: the normed input of layer ``i``'s attention only.
-- ``before_mlp(i, x, ctx)``: residual stream between attention and MLP of layer ``i``.
-- ``after_layer(i, x, ctx)``: output of layer ``i``. After the last layer the block must
-  return exactly the tower's original ``1+N`` tokens (it removes what it appended);
-  the tower then applies ``ln_post`` + projection to the CLS token.
-- ``pool(frame_tokens[B, T, 1+N, C], frame_embeds[B, T, E], ctx) -> VideoOutput``.
-
-Text-tower hooks (``ctx.frames == 1``): ``text_embed``, ``text_before_layer``,
-``text_before_mlp``, ``text_after_layer`` with the same meaning on ``[A, Lt, W]``.
-
-Blocks put auxiliary losses in ``ctx.aux_losses`` (name -> scalar); the task weights
-them. Blocks never parse arguments, call collectives or special-case datasets.
-"""
+"""The registry of temporal blocks (the block contract itself: :mod:`vidlang.models.contract`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-from torch import Tensor, nn
-
+from vidlang.errors import ConfigError
+from vidlang.models.contract import TemporalBlock, TowerSpec
 from vidlang.registry import Registry
-
-
-@dataclass(frozen=True)
-class TowerSpec:
-    """Shapes of the towers a block is built for."""
-
-    width: int  # C, image tower width
-    layers: int  # number of image transformer layers
-    heads: int
-    embed_dim: int  # E, joint embedding size
-    grid: tuple[int, int]  # patch grid (h, w); N = h * w
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    context_length: int = 77
-    vocab_size: int = 49408
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-@dataclass
-class HookContext:
-    """Per-forward state handed to every hook. Blocks may keep scratch tensors in ``state``."""
-
-    batch: int  # B (videos) or A (captions) for the text tower
-    frames: int  # T; 1 for the text tower
-    grid: tuple[int, int] = (0, 0)
-    training: bool = False
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    attention_mask: Tensor | None = None  # text only: [A, Lt] 1 = token, 0 = padding
-
-
-@dataclass
-class VideoOutput:
-    embeds: Tensor  # [B, E] video embedding (not normalised)
-    frame_embeds: Tensor | None = None  # [B, T, E] projected per-frame embeddings
-    tokens: Tensor | None = None  # [B, M, D] tokens for Q-former / chat consumers
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class TextOutput:
-    embeds: Tensor  # [A, E] projected EOT features (not normalised)
-    tokens: Tensor | None = None  # [A, Lt, E] projected token features (Mug)
-    mask: Tensor | None = None  # [A, Lt] bool, True for real tokens
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-
-
-class TemporalBlock(nn.Module):
-    """Base class of every temporal block. Subclasses override the hooks they need.
-
-    Class attributes state the paper's recipe: ``freeze_backbone`` (default freezing
-    policy) and ``lr_mult`` (learning-rate multiplier of the block's own parameters).
-    """
-
-    IMAGE_HOOKS: ClassVar[tuple[str, ...]] = ("embed", "before_layer", "attn_input", "before_mlp", "after_layer")
-    TEXT_HOOKS: ClassVar[tuple[str, ...]] = ("text_embed", "text_before_layer", "text_before_mlp", "text_after_layer")
-    freeze_backbone: ClassVar[bool] = False
-    lr_mult: ClassVar[float] = 1.0
-    zero_init_identity: ClassVar[bool] = False  # True if the paper zero-initialises it to the identity
-
-    @property
-    def wants_caption_ids(self) -> bool:
-        """True if training forwards need ``ctx.state["caption_ids"]`` (one caption per video, ``[B, Lt]``);
-        the model's ``caption_state`` then provides them (Prompt Switch's captioning head)."""
-        return False
-
-    def __init__(self, spec: TowerSpec) -> None:
-        super().__init__()
-        self.spec = spec
-
-    def implemented_hooks(self) -> frozenset[str]:
-        """Names of the hooks this block overrides; the towers call only these."""
-        names = self.IMAGE_HOOKS + self.TEXT_HOOKS
-        return frozenset(n for n in names if getattr(type(self), n) is not getattr(TemporalBlock, n))
-
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:  # noqa: B027
-        """Called once after pretrained weights are loaded (e.g. STAN copies CLIP layers)."""
-
-    # -- image hooks ---------------------------------------------------------------------------
-    def embed(self, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def before_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def attn_input(self, i: int, h: Tensor, ctx: HookContext) -> Tensor:
-        return h
-
-    def before_mlp(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    # -- text hooks ----------------------------------------------------------------------------
-    def text_embed(self, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def text_before_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def text_before_mlp(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    def text_after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        return x
-
-    # -- pooling ---------------------------------------------------------------------------------
-    def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
-        """Default: mean of the frame embeddings over T."""
-        return VideoOutput(embeds=frame_embeds.mean(dim=1), frame_embeds=frame_embeds)
-
-    def extra_param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 BLOCKS: Registry[type[TemporalBlock]] = Registry("temporal block")
 
 
 def build_block(name: str, spec: TowerSpec, **kwargs: Any) -> TemporalBlock:
-    return BLOCKS.build(name, spec, **kwargs)
+    """The block ``name`` built for ``spec``; a :class:`ConfigError` if it cannot run on the spec's image tower."""
+    block = BLOCKS.build(name, spec, **kwargs)
+    try:
+        block.check_tower(spec)
+    except ConfigError as err:
+        raise ConfigError(f"temporal block {name!r} {err}") from None
+    return block
 
 

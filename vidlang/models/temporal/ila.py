@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 FLAT = 0.25  # half-width of the trapezoid's flat top
 SLOPE = 1.5
@@ -150,7 +151,6 @@ class ILA(TemporalBlock):
     """Learnable alignment before attention in every layer; backbone frozen; mean over T."""
 
     freeze_backbone = True
-    lr_mult = 1.0
     zero_init_identity = True
     default_aux_weights = {"ila_align": 1.0}
 
@@ -164,6 +164,10 @@ class ILA(TemporalBlock):
         super().__init__(spec)
         self.layers = nn.ModuleList(ILALayer(spec.width, hidden, delta) for _ in range(spec.layers))
         self.pooled_token_in_attention = pooled_token_in_attention
+
+    @property
+    def appends_image_tokens(self) -> bool:
+        return self.pooled_token_in_attention
 
     @torch.no_grad()
     def align_decay(self) -> None:

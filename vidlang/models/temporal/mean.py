@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 @BLOCKS.register("mean")
@@ -12,7 +13,6 @@ class MeanPool(TemporalBlock):
     """ViFi-CLIP: frames through CLIP, projected CLS ``[B, T, E]`` averaged over T. Both towers fine-tuned."""
 
     freeze_backbone = False
-    lr_mult = 1.0
 
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
         return VideoOutput(embeds=frame_embeds.mean(dim=1), frame_embeds=frame_embeds)  # [B, E]

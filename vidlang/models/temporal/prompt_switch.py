@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 def switch_index(frames: int, num_prompts: int) -> Tensor:
@@ -80,7 +81,7 @@ class PromptSwitch(TemporalBlock):
     """Prompt cube + per-layer prompt switch + prompt aggregation attention; mean over T."""
 
     freeze_backbone = False  # both towers fine-tuned at 1e-6, new modules at 1e-5
-    lr_mult = 10.0
+    lr_mults = {"": 10.0}
     zero_init_identity = False  # appended prompts are attended to by CLS from layer 0 on
     default_aux_weights = {"caption": 0.5}
 
@@ -107,19 +108,21 @@ class PromptSwitch(TemporalBlock):
             if caption
             else None
         )
-        self._text_tower: list[nn.Module] = []  # plain list: a reference, not a submodule
         self._warned = False
 
     @property
     def wants_caption_ids(self) -> bool:
         return self.caption_head is not None
 
+    @property
+    def appends_image_tokens(self) -> bool:
+        return True
+
     # -- wiring ----------------------------------------------------------------------------------------
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
-        """Keep a reference to the text tower (decoder inputs) and copy its token embedding into the head."""
+    def init_from_tower(self, image_tower: ImageTowerView, text_tower: TextTowerView | None) -> None:
+        """Copy the text tower's token embedding into the head (the decoder inputs come from ``ctx.text_tower``)."""
         if self.caption_head is None or text_tower is None:
             return
-        self._text_tower = [text_tower]
         weight = text_tower.token_embedding.weight  # [vocab, W]
         if weight.shape == self.caption_head.head.weight.shape:
             with torch.no_grad():
@@ -178,15 +181,15 @@ class PromptSwitch(TemporalBlock):
         if targets is None:
             return None
         ids, mask = targets
-        if not self._text_tower:
-            raise RuntimeError("prompt_switch: caption loss needs init_from_tower(image_tower, text_tower) first")
+        if ctx.text_tower is None:
+            raise RuntimeError("prompt_switch: the caption loss needs the text tower in ctx.text_tower (the model's "
+                               "encode_video passes it)")
         if ids.shape[0] != frame_embeds.shape[0]:
             raise ValueError(f"prompt_switch: {ids.shape[0]} caption id rows for {frame_embeds.shape[0]} videos")
         if mask is None:  # OpenAI convention: EOT has the largest id; everything after it is padding
             mask = torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(-1, keepdim=True)
-        text = self._text_tower[0]
         with torch.no_grad():
-            tok = text.token_embedding(ids[:, :-1]) + text.positional_embedding[: ids.shape[1] - 1]  # [B, L-1, W]
+            tok = ctx.text_tower.embed_tokens(ids[:, :-1])  # [B, L-1, W]
         logits = self.caption_head(tok.to(frame_embeds.dtype), frame_embeds)  # [B, L-1, vocab]
         target = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)

@@ -28,9 +28,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.convert import resample_temporal_embed
+from vidlang.models.clip.layers import resample_temporal_embed
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.qformer import QFormer
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+
+# name -> (select(frame_tokens [B,T,1+N,C], frame_embeds [B,T,E]) -> [B,T,M,Dc], width(spec) -> Dc)
+from vidlang.models.temporal.base import BLOCKS
 
 # name -> (select(frame_tokens [B,T,1+N,C], frame_embeds [B,T,E]) -> [B,T,M,Dc], width(spec) -> Dc)
 FRAME_SOURCES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[TowerSpec], int]]] = {
@@ -47,7 +50,6 @@ class VideoQFormer(TemporalBlock):
     """Video-LLaMA video Q-former; pooled embedding for retrieval and Q tokens for chat."""
 
     freeze_backbone = True
-    lr_mult = 1.0
     zero_init_identity = False  # True only with pool="residual"; the default "queries" pool is not
 
     def __init__(
@@ -97,6 +99,14 @@ class VideoQFormer(TemporalBlock):
     @property
     def num_queries(self) -> int:
         return self.qformer.num_queries
+
+    @property
+    def token_dim(self) -> int:
+        return self.dim
+
+    @property
+    def embed_head(self) -> nn.Module:
+        return self.embed_proj
 
     def frame_positions(self, t: int) -> Tensor:
         """Frame position embeddings for T frames -> ``[T, Dc]``."""

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.clip.layers import ResidualAttentionBlock, init_transformer_
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec, VideoOutput
+from vidlang.models.clip.layers import LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
+from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec, VideoOutput
+from vidlang.models.temporal.base import BLOCKS
 
 
 @BLOCKS.register("seq_transformer")
-class SeqTransformer(TemporalBlock):
+class SeqTransformer(LegacyLayerKeys, TemporalBlock):
     freeze_backbone = False
-    lr_mult = 1.0
 
     def __init__(
         self,
@@ -42,19 +42,19 @@ class SeqTransformer(TemporalBlock):
         self.init_from_text = init_from_text
         self.frame_position_embedding = nn.Parameter(torch.empty(max_frames, e))  # [T_max, E]
         nn.init.normal_(self.frame_position_embedding, std=0.01)
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(e, heads or max(1, e // 64), 4 * e, act) for _ in range(layers)
+        self.layers = nn.ModuleList(
+            ResidualAttentionLayer(e, heads or max(1, e // 64), 4 * e, act) for _ in range(layers)
         )
-        init_transformer_(self.blocks, e)
+        init_transformer_(self.layers, e)
 
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
+    def init_from_tower(self, image_tower: ImageTowerView, text_tower: TextTowerView | None) -> None:
         """CLIP4Clip's initialisation from the CLIP text transformer, when its shapes match."""
         if not self.init_from_text or text_tower is None:
             return
         tpe = text_tower.positional_embedding  # [ctx, W]
         if tpe.shape[1] != self.spec.embed_dim:
             return
-        pairs = list(zip(text_tower.blocks, self.blocks, strict=False))  # the first min(L_text, L) layers
+        pairs = list(zip(text_tower.layer_list(), self.layers, strict=False))  # the first min(L_text, L) layers
         if any(s.attn.heads != d.attn.heads or s.mlp.fc1.out_features != d.mlp.fc1.out_features for s, d in pairs):
             return
         with torch.no_grad():
@@ -68,7 +68,7 @@ class SeqTransformer(TemporalBlock):
         if t > self.max_frames:
             raise ValueError(f"seq_transformer got {t} frames but max_frames={self.max_frames}; raise max_frames")
         x = frame_embeds + self.frame_position_embedding[:t].to(frame_embeds.dtype)  # [B, T, E]
-        for blk in self.blocks:
+        for blk in self.layers:
             x = blk(x)
         x = x + frame_embeds  # residual to the input frame embeddings
         if self.normalize_frames:

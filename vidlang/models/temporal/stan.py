@@ -30,8 +30,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionBlock, resample_pos_embed
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionLayer
+from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 
 class DropPath(nn.Module):
@@ -69,7 +70,7 @@ class TemporalModule(nn.Module):
         return torch.cat([seq[:, :1], p], dim=1)
 
 
-def spatial_forward(blk: ResidualAttentionBlock, seq: Tensor, t: int, drop: nn.Module) -> Tensor:
+def spatial_forward(blk: ResidualAttentionLayer, seq: Tensor, t: int, drop: nn.Module) -> Tensor:
     """A CLIP layer on the branch sequence ``[B, 1+T*N, C]``: per-frame attention, frame CLS averaged."""
     b, _, c = seq.shape
     cls = seq[:, :1].unsqueeze(1).expand(b, t, 1, c)  # [B, T, 1, C]
@@ -85,8 +86,10 @@ class STAN(TemporalBlock):
     """Side branch (temporal attention + copied CLIP layer) over the last ``depth`` layers; mean over T."""
 
     freeze_backbone = False
-    lr_mult = 10.0
+    lr_mults = {"": 10.0}
     zero_init_identity = False
+    supported_towers = frozenset({"clip"})
+    tower_requirement = "its branch runs copies of CLIP ViT layers (ResidualAttentionLayer) and CLIP's class embedding"
 
     def __init__(
         self,
@@ -106,27 +109,24 @@ class STAN(TemporalBlock):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear 0..drop_path
         self.temporal = nn.ModuleList(TemporalModule(c, spec.heads, r) for r in rates)
         # placeholders with the tower's default layer shape; init_from_tower replaces them by copies
-        self.spatial = nn.ModuleList(ResidualAttentionBlock(c, spec.heads) for _ in range(depth))
+        self.spatial = nn.ModuleList(ResidualAttentionLayer(c, spec.heads) for _ in range(depth))
         self.spatial_drop = nn.ModuleList(DropPath(r) for r in rates)
         self.temporal_embedding = nn.Parameter(torch.randn(max_frames, c) * time_embed_std)  # [max_frames, C]
         self.input_proj = nn.ModuleList(_identity_linear(c) for _ in range(depth - 1)) if input_proj else None
-        self._tower: list[nn.Module] = []  # plain list: a reference to the image tower, not a submodule
 
-    def init_from_tower(self, image_tower: nn.Module, text_tower: nn.Module | None) -> None:
-        """Copy CLIP layers ``L-K .. L-1`` into the spatial modules; keep a reference for the embeddings."""
-        self._tower = [image_tower]
+    def init_from_tower(self, image_tower: ImageTowerView, text_tower: TextTowerView | None) -> None:
+        """Copy CLIP layers ``L-K .. L-1`` into the spatial modules."""
+        layers = image_tower.layer_list()
         for j in range(self.depth):
-            self.spatial[j] = copy.deepcopy(image_tower.blocks[self.start + j])
+            self.spatial[j] = copy.deepcopy(layers[self.start + j])
             self.spatial[j].requires_grad_(True)
 
-    def _clip_embeddings(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        if not self._tower:
-            raise RuntimeError("stan: call init_from_tower(image_tower, text_tower) first (build_model does it)")
-        tower = self._tower[0]
-        pe = tower.positional_embedding  # [1+N, C]
-        if tuple(grid) != tuple(tower.grid):
-            pe = resample_pos_embed(pe, grid, tower.grid)
-        return tower.class_embedding, pe
+    @staticmethod
+    def _clip_embeddings(ctx: HookContext) -> tuple[Tensor, Tensor]:
+        """CLIP's class embedding ``[C]`` and position embedding ``[1+N, C]`` for ``ctx.grid``."""
+        if ctx.image_tower is None:
+            raise RuntimeError("stan: the image tower's forward passes itself in ctx.image_tower; got none")
+        return ctx.image_tower.class_position_embedding(ctx.grid)
 
     def _branch_input(self, j: int, x: Tensor, ctx: HookContext) -> Tensor:
         """CLIP layer output ``x [B*T, 1+N, C]`` -> branch input ``[B, 1+T*N, C]``."""
@@ -137,7 +137,7 @@ class STAN(TemporalBlock):
         if j == 0:
             if t > self.max_frames:
                 raise ValueError(f"stan: {t} frames exceed its temporal embedding ({self.max_frames} frames)")
-            class_emb, pe = self._clip_embeddings(ctx.grid)
+            class_emb, pe = self._clip_embeddings(ctx)
             patches = patches + pe[1:].to(x.dtype) + self.temporal_embedding[:t, None].to(x.dtype)
             cls = (cls + class_emb.to(x.dtype) + pe[0].to(x.dtype)) / 2
             return torch.cat([cls, patches.flatten(1, 2)], dim=1)

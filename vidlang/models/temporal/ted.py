@@ -14,7 +14,7 @@ difference path is bias-free (linear in ``D``), so it is exactly zero on a stati
 before attention (``before_layer``). Text adapters: ``x + up(GELU(down(x)))`` (W -> r -> W, up
 projection zero-init) after the chosen text layers (``text_layers``; all by default, ``[]`` for none).
 
-M2-CLIP trains only the adapters (lr 1e-3 x batch / 256 as the task's base lr, so ``lr_mult = 1``).
+M2-CLIP trains only the adapters (lr 1e-3 x batch / 256 as the task's base lr, so the default ``lr_mults``).
 Its multi-task recognition losses (soft-target video-text KL, cross-modal CE on logits, visual
 linear-head CE, cross-modal MLM at weight 0.1) belong to the recognition task, not to this block.
 """
@@ -26,7 +26,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+
+# variant name -> hook positions that get an adapter
+from vidlang.models.temporal.base import BLOCKS
 
 # variant name -> hook positions that get an adapter
 VARIANTS: dict[str, tuple[str, ...]] = {"12x": ("mlp",), "24x": ("attn", "mlp")}
@@ -94,7 +97,6 @@ class TED(TemporalBlock):
     """M2-CLIP's TED adapters (vision) and text adapters; frozen CLIP; mean over T."""
 
     freeze_backbone = True
-    lr_mult = 1.0
     zero_init_identity = True
 
     def __init__(

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.temporal.base import BLOCKS, HookContext, TemporalBlock, TowerSpec
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
+from vidlang.models.temporal.base import BLOCKS
 
 
 def _prompts(depth: int, n: int, width: int) -> nn.Parameter | None:
@@ -30,7 +31,6 @@ def _prompts(depth: int, n: int, width: int) -> nn.Parameter | None:
 @BLOCKS.register("vpt")
 class DeepPrompts(TemporalBlock):
     freeze_backbone = True
-    lr_mult = 1.0
 
     def __init__(
         self,
@@ -50,6 +50,10 @@ class DeepPrompts(TemporalBlock):
         self.n_vision, self.n_text = n_vision, n_text
         self.vision_prompts = _prompts(depth, n_vision, spec.width)  # [depth, n_vision, C]
         self.text_prompts = _prompts(text_depth, n_text, spec.text_width)  # [text_depth, n_text, W]
+
+    @property
+    def appends_image_tokens(self) -> bool:
+        return self.vision_prompts is not None
 
     # -- vision --------------------------------------------------------------------------------------
     def embed(self, x: Tensor, ctx: HookContext) -> Tensor:

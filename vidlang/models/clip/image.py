@@ -2,7 +2,7 @@
 
 Frames ``[B, T, 3, H, W]`` run as ``[B*T, ...]``; the tower builds a :class:`HookContext`
 (it knows B and T) and calls only the hooks the block implements, at the points documented
-in :mod:`vidlang.models.temporal.base`::
+in :mod:`vidlang.models.contract`::
 
     conv1 -> + class/position embedding -> embed -> ln_pre
     for i: before_layer(i) -> x + attn(attn_input(i, ln_1(x))) -> before_mlp(i) -> x + mlp(ln_2(x)) -> after_layer(i)
@@ -22,18 +22,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.configs import VisionConfig
-from vidlang.models.clip.layers import LayerNorm, ResidualAttentionBlock, init_transformer_, resample_pos_embed
-from vidlang.models.clip.tower_base import ImageTower, Transform, VisionOutput
+from vidlang.models.clip.configs import ImageConfig
+from vidlang.models.clip.layers import (
+    LayerNorm,
+    LegacyLayerKeys,
+    ResidualAttentionLayer,
+    init_transformer_,
+    resample_pos_embed,
+)
+from vidlang.models.clip.tower_base import ImageTower, Transform
 
 
-class VisionTower(ImageTower):
-    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, blocks, ln_post, proj``.
+class ClipImageTower(LegacyLayerKeys, ImageTower):
+    """CLIP ViT: ``conv1, class_embedding, positional_embedding, ln_pre, layers, ln_post, proj``.
 
     Forward and hooks: :class:`~vidlang.models.clip.tower_base.ImageTower`.
     """
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    kind = "clip"
+
+    def __init__(self, cfg: ImageConfig) -> None:
         super().__init__()
         self.cfg = cfg
         c = cfg.width
@@ -43,26 +51,31 @@ class VisionTower(ImageTower):
         self.class_embedding = nn.Parameter(scale * torch.randn(c))  # [C]
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], c))
         self.ln_pre = LayerNorm(c)
-        self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(c, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
+        self.layers = nn.ModuleList(
+            ResidualAttentionLayer(c, cfg.heads, cfg.mlp_hidden, cfg.act) for _ in range(cfg.layers)
         )
         self.ln_post = LayerNorm(c)
         self.proj = nn.Parameter(scale * torch.randn(c, cfg.embed_dim))  # [C, E]
-        init_transformer_(self.blocks, c)
+        init_transformer_(self.layers, c)
 
     def patch_embed(self, frames: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``[N, 3, H, W]`` -> tokens ``[N, 1+N_p, C]`` with class and position embedding, and the grid."""
         x = self.conv1(frames.to(self.conv1.weight.dtype))  # [N, C, gh, gw]
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # [N, gh*gw, C]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        pe = self.positional_embedding
-        if grid != self.grid:
-            pe = resample_pos_embed(pe, grid, self.grid)
+        class_embedding, pe = self.class_position_embedding(grid)
+        cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + pe.to(x.dtype), grid
 
-    def block_list(self) -> nn.ModuleList:
-        return self.blocks
+    def class_position_embedding(self, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """``class_embedding [C]`` and ``positional_embedding [1+N, C]`` (bicubic-resampled to ``grid``)."""
+        pe = self.positional_embedding
+        if tuple(grid) != tuple(self.grid):
+            pe = resample_pos_embed(pe, grid, self.grid)
+        return self.class_embedding, pe
+
+    def layer_list(self) -> nn.ModuleList:
+        return self.layers
 
     def embed_frames(self, frames: Tensor) -> tuple[Tensor, None, tuple[int, int]]:
         x, grid = self.patch_embed(frames)
@@ -71,8 +84,8 @@ class VisionTower(ImageTower):
     def pre_norm(self, x: Tensor) -> Tensor:
         return self.ln_pre(x)
 
-    def run_block(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: None) -> Tensor:
-        return self.blocks[i](x, attn_input=attn_input, before_mlp=before_mlp)
+    def run_layer(self, i: int, x: Tensor, attn_input: Transform, before_mlp: Transform, rope: None) -> Tensor:
+        return self.layers[i](x, attn_input=attn_input, before_mlp=before_mlp)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.ln_post(x)
@@ -81,4 +94,4 @@ class VisionTower(ImageTower):
         return x[:, 0] @ self.proj  # ln_post(CLS) @ proj
 
 
-__all__ = ["VisionOutput", "VisionTower", "resample_pos_embed"]
+__all__ = ["ClipImageTower"]
