@@ -165,7 +165,7 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
     cli = VidlangCLI(
         args=[
             "--config", str(ROOT / "configs/retrieval/audio_gated_sum.yaml"),
-            "--model.init_args.model.image=vit_tiny", "--model.init_args.model.num_frames=4",
+            "--model.init_args.model.image=vit_tiny", "--data.sampling.num_frames=4",
             f"--model.init_args.audio.backbone_args={tiny_audio}", "--model.init_args.audio.dim=32",
             "--model.init_args.audio.qformer_heads=2", "--model.init_args.fusion=cross_attention",
             "--model.init_args.fusion_args={\"heads\": 4}", "--data.decode.audio=true",

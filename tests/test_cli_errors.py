@@ -51,6 +51,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["video"] = sorted(f["videos"].rglob("*.mp4"))[0]
     f["manifest"] = base / "corpus" / "manifest.csv"
     ok = torch.load(f["retrieval"], map_location="cpu", weights_only=True)
+    f["frames_yaml"] = base / "frames.yaml"  # a model section that sets a frame count (linked from the data)
+    f["frames_yaml"].write_text("model:\n  init_args:\n    model:\n      eval_num_frames: 16\n")
     f["cli_retrieval"] = base / "cli_retrieval.ckpt"  # what `vidlang fit` adds to the hyper-parameters
     torch.save({**ok, "hyper_parameters": {**ok["hyper_parameters"], "_class_path": RETRIEVAL_TASK,
                                            "_instantiator": "pytorch_lightning.cli.instantiate_module"}},
@@ -91,7 +93,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f"  default_root_dir: {base / 'runs'}\n"
         "model:\n  init_args:\n"
         f"    tokenizer: {base / 'ret' / 'tokenizer'}\n"
-        "    model: {image: vit_tiny, num_frames: 4, block_args: {layers: 1}}\n"
+        "    model: {image: vit_tiny, block_args: {layers: 1}}\n"
     )
     return f
 
@@ -150,8 +152,10 @@ CASES = [
      ["batch_size", "-1"]),
     ("zero-frames", lambda f: lightning("fit", f, "--data.sampling.num_frames", "0"),
      ["num_frames", "0"]),
-    ("zero-model-frames", lambda f: lightning("validate", f, "--model.init_args.model.num_frames", "0"),
-     ["num_frames", "0"]),
+    ("model-frames-set", lambda f: lightning("validate", f, "--model.init_args.model.num_frames", "0"),
+     ["model.init_args.model.num_frames", "follows data.sampling.num_frames"]),
+    ("model-frames-in-yaml", lambda f: lightning("validate", f, "--config", str(f["frames_yaml"])),
+     ["model.init_args.model.eval_num_frames", "data.sampling.eval_num_frames"]),
     ("typo-in-data-group", lambda f: lightning("fit", f, "--data.loader.batch_sise", "4"), ["batch_sise"]),
     ("typo-in-data-group-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
         f["base"] / "typo.yaml", "data:\n  sampling: {num_frame: 4}\n")), ["num_frame"]),

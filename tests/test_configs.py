@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from vidlang.data.formats import FORMATS
+from vidlang.models.factory import ModelConfig
 from vidlang.training.cli import VidlangCLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,26 @@ def test_task_config_instantiates(task_config: Path):
     assert video_text.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["image"]]
     assert video_text.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
     assert cli.datamodule is not None
+    # the number of frames is one setting: data.sampling drives it and the model follows (a model section that
+    # set its own count would disagree with the data it is trained on -- e.g. 16 against ucf101's 8)
+    for key in ("num_frames", "eval_num_frames"):
+        assert key not in raw["model"], f"{task_config}: model.{key} comes from data.sampling (linked in the CLI)"
+    sampling, cfg = cli.datamodule.sampling, ModelConfig.from_dict(task.hparams.model)
+    assert cfg.num_frames == sampling.num_frames
+    assert cfg.inference_frames == (sampling.eval_num_frames or sampling.num_frames)
+
+
+@pytest.mark.parametrize(("train", "evaluate"), [(6, 12), (8, None)])
+def test_model_frames_follow_the_data(train, evaluate):
+    """The CLI links data.sampling's training / evaluation frame counts into the model config, which is what
+    inference (classify, search, serve) reads from the checkpoint."""
+    extra = [*TINY, "--data.sampling.num_frames", str(train)]
+    if evaluate is not None:
+        extra += ["--data.sampling.eval_num_frames", str(evaluate)]
+    cli = instantiate(ROOT / "configs/recognition/mean.yaml", ROOT / "configs/data/ucf101.yaml", extra=extra)
+    cfg = ModelConfig.from_dict(cli.model.hparams.model)
+    assert (cfg.num_frames, cfg.eval_num_frames, cfg.inference_frames) == (train, evaluate, evaluate or train)
+    assert cli.model.hparams.model["num_frames"] == train  # stored in checkpoints
 
 
 @pytest.mark.parametrize("data_config", DATA_CONFIGS, ids=lambda p: p.stem)

@@ -124,7 +124,7 @@ def test_cli_trainer_gets_the_line_bar_outside_a_tty(tmp_path, monkeypatch):
     monkeypatch.delenv("VIDLANG_PROGRESS", raising=False)
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  class_path: vidlang.tasks.retrieval.RetrievalTask\n  init_args:\n"
-                      "    model: {image: vit_tiny, block: mean, num_frames: 2}\n"
+                      "    model: {image: vit_tiny, block: mean}\n"
                       "trainer:\n  accelerator: cpu\n  logger: false\n")
     cli = VidlangCLI(args=["--config", str(config)], run=False)
     bars = [c for c in cli.trainer.callbacks if isinstance(c, pl.callbacks.ProgressBar)]

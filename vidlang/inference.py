@@ -396,7 +396,7 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
         raise CheckpointError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
                               f"unexpected {unexpected[:6]}")
     tok = tokenizer_from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
-    return InferenceBundle(model, tok, cfg.num_frames, device, file_fingerprint(path), audio_frontend=frontend,
+    return InferenceBundle(model, tok, cfg.inference_frames, device, file_fingerprint(path), audio_frontend=frontend,
                            audio_model=full)
 
 
@@ -424,7 +424,7 @@ def load_chat(ckpt: dict[str, Any], path: str, device: str, llm: str | None = No
     cfg = _config_of(hp, path)
     task = ChatEncoderTask.load_from_checkpoint(path, map_location="cpu", weights_only=True, model=cfg, llm=llm_dir)
     enc = task.encoder
-    return InferenceBundle(enc.visual, None, cfg.num_frames, device, file_fingerprint(path), chat=enc,
+    return InferenceBundle(enc.visual, None, cfg.inference_frames, device, file_fingerprint(path), chat=enc,
                            audio_frontend=task.frontend)
 
 

@@ -53,7 +53,10 @@ class ModelConfig:
     image_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 6}
     text_overrides: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # None = the preset's; position embeddings are resampled
-    num_frames: int = 8  # frames per clip; temporal position embeddings are resampled to it on load
+    # frames per training clip / per evaluation and inference clip (None = num_frames). Under `vidlang fit|validate|
+    # test` both follow data.sampling (linked in the CLI): set them there, not here.
+    num_frames: int = 8
+    eval_num_frames: int | None = None
     block: str = "mean"  # name in BLOCKS
     block_args: dict[str, Any] = field(default_factory=dict)
     freeze: str = "auto"  # "auto" or a name in FREEZE_POLICIES
@@ -69,10 +72,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ConfigError(f"model.num_frames must be >= 1, got {self.num_frames}")
+        if self.eval_num_frames is not None and self.eval_num_frames < 1:
+            raise ConfigError(f"model.eval_num_frames must be >= 1 (or null), got {self.eval_num_frames}")
         for name, table in (("lr_mults", self.lr_mults), ("weight_decays", self.weight_decays)):
             bad = {k: v for k, v in table.items() if not isinstance(k, str) or not isinstance(v, (int, float)) or v < 0}
             if bad:
                 raise ConfigError(f"model.{name} maps parameter-name prefixes to numbers >= 0; got {bad}")
+
+    @property
+    def inference_frames(self) -> int:
+        """Frames per clip at evaluation and inference (search, classify, serve)."""
+        return self.eval_num_frames or self.num_frames
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> ModelConfig:

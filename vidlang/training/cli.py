@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +23,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from vidlang.errors import CheckpointError, ConfigError
 
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+FRAME_LINKS = (  # data -> model: one frame setting (ModelConfig carries it for inference)
+    ("data.sampling.num_frames", "model.init_args.model.num_frames"),
+    ("data.sampling.eval_num_frames", "model.init_args.model.eval_num_frames"),
+)
 
 
 class ConfigInCheckpoint(SaveConfigCallback):
@@ -53,6 +59,31 @@ def _user_error_in(err: BaseException, depth: int = 10) -> BaseException | None:
     return None
 
 
+def check_frames_not_set(args: Any) -> None:
+    """Refuse a model frame count given on the command line or in a ``--config`` file: it follows
+    ``data.sampling`` (:data:`FRAME_LINKS`), and a value set there would be silently replaced."""
+    import yaml
+
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else []
+    for source, target in FRAME_LINKS:
+        given = any(a == f"--{target}" or a.startswith(f"--{target}=") for a in argv)
+        for i, a in enumerate(argv):
+            path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a[len("--config="):]
+            if (a == "--config" or a.startswith("--config=")) and os.path.isfile(path):
+                try:
+                    with open(path, encoding="utf-8") as fh:
+                        doc = yaml.safe_load(fh) or {}
+                except yaml.YAMLError:
+                    continue  # jsonargparse reports the file's syntax error itself
+                node: Any = doc
+                for part in target.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                given = given or node is not None
+        if given:
+            raise ConfigError(f"{target} follows {source} (the number of frames is one setting): set {source} "
+                              "instead")
+
+
 class VidlangCLI(LightningCLI):
     """``vidlang fit|validate|test|predict --config configs/...yaml``."""
 
@@ -70,6 +101,12 @@ class VidlangCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The number of frames is one setting: the model's training / evaluation frame counts follow
+        ``data.sampling`` (the model section of a config does not set them)."""
+        for source, target in FRAME_LINKS:
+            parser.link_arguments(source, target, apply_on="parse")
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("exit_on_error", False)  # parse errors raise; parse_arguments makes them one line
         return super().init_parser(**kwargs)
@@ -81,6 +118,7 @@ class VidlangCLI(LightningCLI):
         from vidlang.data.datamodule import check_parsed_groups
         from vidlang.models.factory import removed_key_hint
 
+        check_frames_not_set(sys.argv[1:] if args is None else args)
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
