@@ -15,9 +15,9 @@ import uuid
 import pytest
 import torch
 
-from vidlang.index import VideoIndex
-from vidlang.inference import InferenceBundle, load_bundle
 from vidlang.serve import ServeApp, ServeConfig, confine_path
+from vidlang.serve.index import VideoIndex
+from vidlang.serve.inference import InferenceBundle, load_bundle
 from vidlang.serve.limits import HttpError
 from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
 

@@ -56,8 +56,8 @@ class ServeCommand:
         """Load the checkpoint, index ``--index``, bind the socket: a ready :class:`ServeApp` (not serving yet)."""
         import os
 
-        from vidlang.inference import attach_llm, load_bundle
         from vidlang.serve import ServeApp, ServeConfig
+        from vidlang.serve.inference import attach_llm, load_bundle
 
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
@@ -92,7 +92,7 @@ class ServeCommand:
     def _index(bundle, args: argparse.Namespace):
         if args.index is None:
             return None
-        from vidlang.index import VideoIndex, default_cache_dir
+        from vidlang.serve.index import VideoIndex, default_cache_dir
 
         cache = args.cache or default_cache_dir(args.index)
         index = VideoIndex.build(bundle, args.index, cache, progress=not args.quiet)
