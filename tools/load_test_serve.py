@@ -113,6 +113,16 @@ class Server:
         m = re.search(r"VmRSS:\s+(\d+) kB", text)
         return round(int(m.group(1)) / 1024, 1) if m else None
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) the started server has used so far."""
+        if self.proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def tracebacks(self) -> int | None:
         """How many tracebacks the server has logged (None for a server this tool did not start)."""
         if self.log is None:
@@ -337,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                                   args.workers, args.timeout_s, args.server_arg)
         load_before = load_average()
         try:
-            rss0 = server.rss_mb()
+            rss0, cpu0, own0 = server.rss_mb(), server.cpu_s(), time.process_time()
             tally, wall = run_load(server, args.threads, args.requests, embeds, searches, args.k, args.atol,
                                    args.client_timeout_s)
-            rss1 = server.rss_mb()
+            rss1, cpu1, own1 = server.rss_mb(), server.cpu_s(), time.process_time()
             tracebacks = server.tracebacks()
         finally:
             rc, exit_s = server.stop()
@@ -350,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         "p50 ms": ms(pct(every, 50)), "p95 ms": ms(pct(every, 95)), "max ms": ms(max(every)),
         "embed p50": ms(pct(tally.latencies["embed"], 50)), "search p50": ms(pct(tally.latencies["search"], 50)),
         "http errors": sum(tally.http_errors.values()), "resets": tally.resets, "refused": tally.refused,
-        "timeouts": tally.timeouts, "wrong": tally.wrong, "rss MB before/after": f"{rss0}/{rss1}",
+        "timeouts": tally.timeouts, "wrong": tally.wrong,
+        "server CPU ms/req": "-" if cpu0 is None else f"{1000 * (cpu1 - cpu0) / len(every):.1f}",
+        "client CPU ms/req": f"{1000 * (own1 - own0) / len(every):.1f}", "rss MB before/after": f"{rss0}/{rss1}",
         "tracebacks": tracebacks,
         "exit": f"{rc} in {exit_s} s", "load avg": f"{load_before} -> {load_average()}",
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["HttpError", "ServeApp", "ServeConfig", "confine_path"]
-_LAZY = {"ServeApp": "vidlang.serve.app", "ServeConfig": "vidlang.serve.app", "HttpError": "vidlang.serve.limits",
+_LAZY = {"ServeApp": "vidlang.serve.app", "ServeConfig": "vidlang.serve.config", "HttpError": "vidlang.serve.limits",
          "confine_path": "vidlang.serve.limits"}
 
 
