@@ -135,6 +135,11 @@ class Engine:
 
     # -- admission -----------------------------------------------------------------------------------
     @property
+    def refusing(self) -> bool:
+        """Whether new jobs are refused (the server is stopping)."""
+        return self._closed
+
+    @property
     def depth(self) -> int:
         """Jobs waiting or running."""
         return len(self._jobs)

@@ -83,8 +83,10 @@ def json_depth(obj: Any, stop: int) -> int:
     """Nesting depth of a parsed JSON value (``{}`` and ``{"a": 1}`` are 1, ``{"a": [1]}`` is 2), counted
     without recursion and only up to ``stop + 1``."""
     depth, level = 0, [obj]
-    while level and depth <= stop:
+    while level:
         depth += 1
+        if depth > stop:
+            return depth
         nxt: list[Any] = []
         for v in level:
             if isinstance(v, dict):
@@ -92,4 +94,4 @@ def json_depth(obj: Any, stop: int) -> int:
             elif isinstance(v, list):
                 nxt.extend(v)
         level = [v for v in nxt if isinstance(v, (dict, list))]
-    return depth if not level else depth + 1
+    return depth

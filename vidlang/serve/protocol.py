@@ -109,10 +109,22 @@ def make_protocol(limits: ConnectionLimits, on_reject: Any = None) -> type[H11Pr
                 self._inner.close()
 
         def data_received(self, data: bytes) -> None:
-            if self._discarding:
+            if self._discarding or self._refused:
+                return
+            if self.conn.their_state is h11.IDLE and self._headers_too_large(data):
+                reject("bad_http")
+                self._cancel_timers()
+                self._abort(431, f"the request headers exceed {limits.max_header_bytes // 1024} kB")
                 return
             super().data_received(data)
             self._arm_timers()
+
+        def _headers_too_large(self, data: bytes) -> bool:
+            """Whether the request head now arriving is over the limit (h11 bounds only a head that is still
+            incomplete, so a large head that arrives at once would pass)."""
+            head = self.conn.trailing_data[0] + data if self.conn.trailing_data[0] else data
+            end = head.find(b"\r\n\r\n", 0, limits.max_header_bytes + 4)
+            return end == -1 and len(head) > limits.max_header_bytes
 
         def eof_received(self) -> bool | None:
             if self._discarding and self._inner is not None:
