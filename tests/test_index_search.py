@@ -44,9 +44,9 @@ class DecodeCounter:
         self.calls: list[str] = []
         original = InferenceBundle.decode_clip
 
-        def counting(bundle, source, name=None):
+        def counting(bundle, source, name=None, *limits):
             self.calls.append(os.path.basename(str(source)))
-            return original(bundle, source, name)
+            return original(bundle, source, name, *limits)
 
         monkeypatch.setattr(InferenceBundle, "decode_clip", counting)
 
