@@ -258,10 +258,11 @@ class Tally:
 
 
 def one_request(server: Server, t: int, j: int, n: int, embeds: dict, searches: dict, k: int, atol: float,
-                timeout: float, tally: Tally) -> None:
-    """Request ``j`` of client ``t`` (out of ``n`` per client): an /embed of a path or a /search, checked."""
+                timeout: float, tally: Tally, mix: str = "mixed") -> None:
+    """Request ``j`` of client ``t`` (out of ``n`` per client), checked: an /embed of a path or a /search
+    (``mix``: alternating, ``embed`` only or ``search`` only)."""
     paths = sorted(embeds)
-    if (t + j) % 2 == 0:
+    if mix == "embed" or (mix == "mixed" and (t + j) % 2 == 0):
         kind, key = "embed", paths[(t * n + j) % len(paths)]
         route, body = "/embed", {"path": key}
     else:
@@ -283,12 +284,12 @@ def one_request(server: Server, t: int, j: int, n: int, embeds: dict, searches: 
 
 
 def run_load(server: Server, threads: int, requests: int, embeds: dict, searches: dict, k: int, atol: float,
-             timeout: float) -> tuple[Tally, float]:
+             timeout: float, mix: str = "mixed") -> tuple[Tally, float]:
     tally = Tally()
 
     def client(t: int) -> None:
         for j in range(requests):
-            one_request(server, t, j, requests, embeds, searches, k, atol, timeout, tally)
+            one_request(server, t, j, requests, embeds, searches, k, atol, timeout, tally, mix)
 
     workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
     t0 = time.perf_counter()
@@ -330,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--client-timeout-s", type=float, default=60.0)
+    p.add_argument("--mix", choices=["mixed", "embed", "search"], default="mixed",
+                   help="the requests: /embed and /search alternating (default), or only one of them")
     return p.parse_args(argv)
 
 
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rss0, cpu0, own0 = server.rss_mb(), server.cpu_s(), time.process_time()
             tally, wall = run_load(server, args.threads, args.requests, embeds, searches, args.k, args.atol,
-                                   args.client_timeout_s)
+                                   args.client_timeout_s, args.mix)
             rss1, cpu1, own1 = server.rss_mb(), server.cpu_s(), time.process_time()
             tracebacks = server.tracebacks()
         finally:
@@ -366,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         "tracebacks": tracebacks,
         "exit": f"{rc} in {exit_s} s", "load avg": f"{load_before} -> {load_average()}",
     }
-    print_table([row], list(row), f"load test: {args.threads} clients x {args.requests} requests "
-                                  f"(/embed of a path and /search alternating), {len(embeds)} videos, "
-                                  f"{os.cpu_count()} CPUs")
+    what = {"mixed": "/embed of a path and /search alternating", "embed": "/embed of a path",
+            "search": "/search"}[args.mix]
+    print_table([row], list(row), f"load test: {args.threads} clients x {args.requests} requests ({what}), "
+                                  f"{len(embeds)} videos, {os.cpu_count()} CPUs")
     if tally.http_errors:
         print(f"HTTP errors by status: {tally.http_errors}")
     for sample in tally.samples:
