@@ -97,7 +97,6 @@ class Server:
     port: int
     proc: subprocess.Popen | None = None
     log: Path | None = None
-    lines: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -357,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             tracebacks = server.tracebacks()
         finally:
             rc, exit_s = server.stop()
+            if rc not in (0, "not started here"):
+                print(f"the server exited with {rc}; the end of its log:\n" + "\n".join(server.read_log()[-30:]))
     every = [x for v in tally.latencies.values() for x in v]
     row = {
         "server": label, "requests": len(every), "req/s": f"{len(every) / wall:.1f}",

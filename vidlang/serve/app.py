@@ -78,6 +78,7 @@ class ServeApp:
         self.bundle, self.config, self.index, self.root = bundle, config, index, root
         self.metrics = Metrics(set(ROUTES))
         engine = Engine(bundle, index, config.engine(), on_event=self.metrics.engine_event)
+        self.metrics.watch_queue(lambda: engine.depth)
         self.state = ServeState(bundle, index, root, config, engine, self.metrics)
         self.api = build_api(self.state)
         self.sock = _listen(config.host, config.port, config.backlog)

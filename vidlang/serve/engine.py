@@ -79,7 +79,8 @@ class Job:
         return False
 
     def done(self, result: Any = None, error: BaseException | None = None) -> None:
-        """The job's end: its result or error goes to the future (unless cancelled), its slot is freed."""
+        """The job's end: its slot is freed, then its result or error goes to the future (unless cancelled)."""
+        self._finish("error" if error is not None else "ok")
         if not self.future.done():
             try:
                 if error is not None:
@@ -88,7 +89,6 @@ class Job:
                     self.future.set_result(result)
             except cf.InvalidStateError:  # cancelled at this very moment
                 pass
-        self._finish("error" if error is not None else "ok")
 
     def _finish(self, outcome: str) -> None:
         with self._lock:
@@ -111,8 +111,8 @@ class EngineConfig:
 
 class Engine:
     """The queue in front of the model; see the module docstring. ``on_event(name, value)`` receives
-    ``("queue", depth)``, ``("batch_text"|"batch_clip", size)``, ``("finished", outcome)`` and
-    ``("rejected", "queue_full"|"shutting_down")`` (for metrics)."""
+    ``("batch_text"|"batch_clip", size)``, ``("finished", outcome)`` and ``("rejected", "queue_full"|
+    "shutting_down")`` (for metrics)."""
 
     def __init__(self, bundle: Any, index: Any | None, config: EngineConfig,
                  on_event: Callable[[str, Any], None] | None = None) -> None:
@@ -151,7 +151,6 @@ class Engine:
             if not (closed or full):
                 job = Job(self, kind, deadline, payload)
                 self._jobs.add(job)
-                depth = len(self._jobs)
         if closed:
             self.on_event("rejected", "shutting_down")
             raise HttpError(503, "the server is shutting down", {"Connection": "close"})
@@ -159,15 +158,12 @@ class Engine:
             self.on_event("rejected", "queue_full")
             raise HttpError(503, f"the server is busy ({self.config.max_queue} requests queued); retry shortly",
                             {"Retry-After": str(self.config.retry_after_s)})
-        self.on_event("queue", depth)
         return job
 
     def _release(self, job: Job, outcome: str) -> None:
+        self.on_event("finished", outcome)
         with self._lock:
             self._jobs.discard(job)
-            depth = len(self._jobs)
-        self.on_event("queue", depth)
-        self.on_event("finished", outcome)
 
     # -- submitting work -----------------------------------------------------------------------------
     def search(self, query: str, k: int, deadline: Deadline) -> Job:
@@ -203,8 +199,9 @@ class Engine:
             job.cancel(reason)
         return len(jobs)
 
-    def close(self) -> None:
-        """Refuse new jobs, cancel those in flight, stop the threads (they are daemons: not joined long)."""
+    def close(self, join_s: float = 2.0) -> None:
+        """Refuse new jobs, cancel those in flight, stop the threads; waits up to ``join_s`` for them (a stage
+        still running after that is left to its daemon thread)."""
         self.refuse_new()
         self.cancel_all()
         for _ in range(max(1, self.config.workers)):
@@ -212,6 +209,9 @@ class Engine:
         self._chat_q.put(None)
         self._text.close()
         self._clips.close()
+        end = time.monotonic() + join_s
+        for th in [*self._threads, self._text.thread, self._clips.thread]:
+            th.join(max(0.0, end - time.monotonic()))
 
     # -- stages --------------------------------------------------------------------------------------
     def _decode_loop(self) -> None:
@@ -280,8 +280,8 @@ class Batcher:
         self.name, self.run, self.window_s, self.max_batch = name, run, window_s, max(1, max_batch)
         self.on_event, self.more = on_event, more
         self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name=f"vidlang-batch-{name}", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._loop, name=f"vidlang-batch-{name}", daemon=True)
+        self.thread.start()
 
     def put(self, job: Job, item: Any = None) -> None:
         self._q.put((job, job.payload if item is None else item))

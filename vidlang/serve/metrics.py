@@ -43,6 +43,10 @@ class Metrics:
         self.batch = Histogram("vidlang_batch_size", "Batch sizes run by the batchers", ["kind"],
                                buckets=BATCH_BUCKETS, registry=r)
 
+    def watch_queue(self, depth: Any) -> None:
+        """``vidlang_queue_depth`` is ``depth()`` at each scrape."""
+        self.queue_depth.set_function(depth)
+
     def route_of(self, path: str) -> str:
         path = path.rstrip("/") or "/"
         return path if path in self.routes else "other"
@@ -52,9 +56,7 @@ class Metrics:
 
     def engine_event(self, name: str, value: Any) -> None:
         """The engine's events (see :class:`vidlang.serve.engine.Engine`)."""
-        if name == "queue":
-            self.queue_depth.set(value)
-        elif name == "finished":
+        if name == "finished":
             self.jobs.labels(value).inc()
         elif name == "rejected":
             self.rejected.labels(value).inc()
@@ -73,12 +75,23 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         m = self.metrics
-        route, status = m.route_of(scope["path"]), [500]
+        route, status, recorded = m.route_of(scope["path"]), [500], [False]
         t0 = time.perf_counter()
+
+        def record() -> None:  # once, just before the last byte of the answer goes out (or on failure)
+            if recorded[0]:
+                return
+            recorded[0] = True
+            m.requests.labels(route, scope["method"], str(status[0])).inc()
+            m.latency.labels(route).observe(time.perf_counter() - t0)
+            if status[0] in (408, 504):
+                m.timed_out.labels(route).inc()
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
             await send(message)
 
         m.in_flight.inc()
@@ -86,7 +99,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             m.in_flight.dec()
-            m.requests.labels(route, scope["method"], str(status[0])).inc()
-            m.latency.labels(route).observe(time.perf_counter() - t0)
-            if status[0] in (408, 504):
-                m.timed_out.labels(route).inc()
+            record()
