@@ -7,6 +7,7 @@ released by the test, and waits have generous upper bounds only to end a broken 
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import logging
@@ -500,3 +501,41 @@ def test_metrics_count_requests_and_latency(server):
     assert metric(server, "vidlang_request_seconds_count", route="/search") >= before + 1
     status, headers, data = call(server, "GET", "/metrics")
     assert headers["Content-Type"].startswith("text/plain") and b"vidlang_queue_depth" in data
+
+
+def test_chat_stream_stops_generating_when_the_client_leaves(request, setup):
+    class SteppedChat:
+        """Streams pieces; every piece after the first waits for :attr:`gate`."""
+
+        audio = None
+
+        def __init__(self) -> None:
+            self.gate, self.produced = threading.Event(), 0
+
+        def answer(self, video, question, max_new_tokens=64, stream=False, **kw):
+            def pieces():
+                for i in range(max_new_tokens):
+                    if i:
+                        self.gate.wait(TIMEOUT)
+                    self.produced += 1
+                    yield f"piece{i} "
+            return pieces()
+
+    chat = SteppedChat()
+    request.addfinalizer(chat.gate.set)
+    bundle = copy.copy(setup["bundle"])
+    bundle.chat = chat
+    app = start(request, bundle, root=setup["root"], timeout_s=60)
+    body = json.dumps({"path": setup["index"].paths[0], "question": "what?", "max_new_tokens": 500}).encode()
+    with socket.create_connection(app.address, timeout=TIMEOUT) as s:
+        s.sendall(post_bytes("/chat", body))
+        reply = b""
+        while b"piece0" not in reply and (chunk := s.recv(65536)):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b"piece0" in reply, reply
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset on close
+    wait_for(lambda: any(job.cancel_reason for job in list(app.engine._jobs)), "the stream's job to be cancelled")
+    chat.gate.set()
+    wait_for(lambda: app.engine.depth == 0, "generation to stop")
+    assert chat.produced == 2  # the piece in progress when the client left; no more was asked for
+    assert metric(app, "vidlang_jobs_total", outcome="cancelled") == 1
