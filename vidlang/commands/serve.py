@@ -89,8 +89,17 @@ class ServeCommand:
         parser.add_argument("--quiet", action="store_true", help="no request log")
 
     def run(self, args: argparse.Namespace) -> int:
-        app = self.build_app(args)
-        app.serve_forever()
+        import os
+
+        import torch
+
+        previous = torch.get_num_threads()  # a process-wide setting: restored when the server stops
+        torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - args.workers))
+        try:
+            app = self.build_app(args)
+            app.serve_forever()
+        finally:
+            torch.set_num_threads(previous)
         print("server stopped")
         return 0
 
@@ -103,13 +112,8 @@ class ServeCommand:
 
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-        threads = getattr(args, "torch_threads", None)
-        if threads is not None:
-            if threads < 0:
-                raise ConfigError(f"--torch-threads must be >= 0 (0 = auto), got {threads}")
-            import torch
-
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - args.workers))
+        if getattr(args, "torch_threads", 0) < 0:
+            raise ConfigError(f"--torch-threads must be >= 0 (0 = auto), got {args.torch_threads}")
         root = args.root or args.index
         if root is not None and not os.path.isdir(root):
             raise ConfigError(f"--{'root' if args.root else 'index'} {root}: not a directory")

@@ -61,7 +61,7 @@ class _Server(uvicorn.Server):
         grace = self.serve_app.config.grace_s
 
         def stop_waiting() -> None:
-            state.stopping.set()
+            state.stop_waiting()
             state.engine.cancel_all()
 
         handle = asyncio.get_running_loop().call_later(max(0.0, grace - STOP_MARGIN_S), stop_waiting)

@@ -50,7 +50,19 @@ class ServeState:
     engine: Engine
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set: answer 503, stop waiting
+    _stopped: asyncio.Future | None = None
+
+    @property
+    def stopped(self) -> asyncio.Future:
+        """Done once the server stops waiting for work (end of the shutdown grace period); on the event loop."""
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        return self._stopped
+
+    def stop_waiting(self) -> None:
+        """Every request still waiting is answered 503 (called on the event loop)."""
+        if not self.stopped.done():
+            self.stopped.set_result(None)
 
 
 class ClientGone(Exception):
@@ -62,15 +74,11 @@ async def bounded(state: ServeState, work: Awaitable[Any], deadline: Deadline, s
     """``await work`` until ``deadline``: then ``status`` (408 / 504) with ``message``; 503 once the server
     stops waiting (end of the shutdown grace period). The work is cancelled in both cases."""
     task = asyncio.ensure_future(work)
-    stop = asyncio.ensure_future(state.stopping.wait())
-    try:
-        done, _ = await asyncio.wait({task, stop}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
+    done, _ = await asyncio.wait({task, state.stopped}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         return task.result()
     task.cancel()
-    if stop in done:
+    if state.stopped.done():
         raise HttpError(503, "the server is shutting down", {"Connection": "close"})
     raise HttpError(status, message, {"Connection": "close"} if status == 408 else None)
 
@@ -82,19 +90,22 @@ async def run_job(state: ServeState, request: Request, job: Job, deadline: Deadl
     result.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when nobody waits
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        done = await bounded(state, asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED), deadline,
-                             504, f"the request did not finish within the {deadline.seconds:g} s limit")
-    except HttpError as err:
-        job.cancel("deadline" if err.status == 504 else "shutdown")
-        raise
+        done, _ = await asyncio.wait({result, gone, state.stopped}, timeout=deadline.left(),
+                                     return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if result not in done[0]:
+    if result in done:
+        if result.cancelled():
+            raise HttpError(503, "the server is shutting down", {"Connection": "close"})
+        return result.result()
+    if gone in done:
         job.cancel("client disconnected")
         raise ClientGone
-    if result.cancelled():
+    if state.stopped.done():
+        job.cancel("shutdown")
         raise HttpError(503, "the server is shutting down", {"Connection": "close"})
-    return result.result()
+    job.cancel("deadline")
+    raise HttpError(504, f"the request did not finish within the {deadline.seconds:g} s limit")
 
 
 async def _disconnected(request: Request) -> None:
