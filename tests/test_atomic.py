@@ -319,7 +319,7 @@ def test_index_cache_from_two_builds_is_rebuilt_not_misread(tmp_path):
     """A crash between the renames of the cache's two files (new embeddings, old manifest) must not give
     videos each other's embeddings."""
 
-    from vidlang.index import MANIFEST, VideoIndex
+    from vidlang.serve.index import MANIFEST, VideoIndex
 
     videos, cache = tmp_path / "videos", tmp_path / "cache"
     videos.mkdir()

@@ -125,7 +125,7 @@ def test_no_audio_videos_take_the_masked_path(corpus):
 
 def test_checkpoint_round_trip_with_audio(corpus, tmp_path):
     """``load_from_checkpoint`` (weights only) and the inference bundle restore the audio branch and fusion."""
-    from vidlang.inference import load_bundle
+    from vidlang.serve.inference import load_bundle
 
     manifest, tok, samples, groups = corpus
     task = make_task(tok, audio=True)

@@ -238,7 +238,7 @@ def test_debug_flag_and_env_show_the_traceback(files, capsys, monkeypatch):
 
 def test_internal_errors_keep_their_traceback(files, monkeypatch):
     # a genuine bug (not a user error) must not be hidden behind a one-liner
-    import vidlang.inference as inference
+    import vidlang.serve.inference as inference
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")

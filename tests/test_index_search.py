@@ -11,8 +11,8 @@ import torch
 
 from vidlang.cli import main
 from vidlang.data.decoding import VideoDecodeError
-from vidlang.index import EMBEDDINGS, MANIFEST, VideoIndex, scan_videos
-from vidlang.inference import InferenceBundle, load_bundle
+from vidlang.serve.index import EMBEDDINGS, MANIFEST, VideoIndex, scan_videos
+from vidlang.serve.inference import InferenceBundle, load_bundle
 from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
 
 
@@ -44,9 +44,9 @@ class DecodeCounter:
         self.calls: list[str] = []
         original = InferenceBundle.decode_clip
 
-        def counting(bundle, source, name=None):
+        def counting(bundle, source, name=None, *limits):
             self.calls.append(os.path.basename(str(source)))
-            return original(bundle, source, name)
+            return original(bundle, source, name, *limits)
 
         monkeypatch.setattr(InferenceBundle, "decode_clip", counting)
 

@@ -16,9 +16,9 @@ from test_retrieval_task import ColorVideos, tokenizer_dir  # noqa: F401  (a fix
 from torch.utils.data import DataLoader
 
 from vidlang.data.collate import collate_samples
-from vidlang.inference import load_bundle
 from vidlang.models.clip.pretrained import load_pretrained, save_vidlang
 from vidlang.models.factory import ModelConfig
+from vidlang.serve.inference import load_bundle
 from vidlang.tasks import RetrievalTask
 
 CFG = ModelConfig(image="vit_tiny", num_frames=4, block="seq_transformer", block_args={"layers": 1},

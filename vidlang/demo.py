@@ -114,7 +114,7 @@ def example_query(ckpt: Path, corpus: Path, query: str, k: int = 5) -> str:
     """Rank the held-out test videos for ``query`` with the trained checkpoint (as ``vidlang search`` does)."""
     import csv
 
-    from vidlang.inference import load_bundle
+    from vidlang.serve.inference import load_bundle
 
     with open(corpus / "manifest.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]

@@ -110,8 +110,8 @@ class ClassifyCommand:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    """The classifier (:func:`vidlang.inference.load_classifier`) and the class names to choose from."""
-    from vidlang.inference import load_classifier
+    """The classifier (:func:`vidlang.serve.inference.load_classifier`) and the class names to choose from."""
+    from vidlang.serve.inference import load_classifier
 
     labels = None
     if args.labels is not None:

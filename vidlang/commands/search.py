@@ -34,8 +34,8 @@ class SearchCommand:
     def run(self, args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from vidlang.index import VideoIndex, default_cache_dir
-        from vidlang.inference import load_bundle
+        from vidlang.serve.index import VideoIndex, default_cache_dir
+        from vidlang.serve.inference import load_bundle
 
         if not Path(args.videos).is_dir():
             raise ConfigError(f"--videos {args.videos}: not a folder")

@@ -1,4 +1,4 @@
-"""``vidlang serve``: the HTTP API (embed, search, chat, health) for a trained checkpoint."""
+"""``vidlang serve``: the HTTP API (embed, search, chat, health, metrics) for a trained checkpoint, on uvicorn."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -25,9 +39,11 @@ def _port(text: str) -> int:
 
 @COMMANDS.register("serve")
 class ServeCommand:
-    help = "serve a checkpoint over HTTP: POST /embed, /search, /chat; GET /health"
+    help = "serve a checkpoint over HTTP: POST /embed, /search, /chat; GET /health, /metrics, /docs"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from vidlang.serve.config import ServeConfig
+
         parser.add_argument("--ckpt", required=True, help="a RetrievalTask or ChatEncoderTask checkpoint")
         parser.add_argument("--llm", default=None,
                             help="local causal-LM directory: enables /chat (a chat-encoder checkpoint defaults "
@@ -39,16 +55,51 @@ class ServeCommand:
                                  "without either, path requests are refused)")
         parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
         parser.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
-        parser.add_argument("--max-upload-mb", type=_positive_float, default=64.0, help="request body limit (MB)")
-        parser.add_argument("--timeout-s", type=_positive_float, default=30.0, help="per-request time limit (s)")
-        parser.add_argument("--workers", type=int, default=2, help="inference threads (default 2)")
+        d = ServeConfig()
+        parser.add_argument("--max-upload-mb", type=_positive_float, default=d.max_upload_mb,
+                            help=f"request body limit (MB, default {d.max_upload_mb:g})")
+        parser.add_argument("--timeout-s", type=_positive_float, default=d.timeout_s,
+                            help=f"per-request deadline covering upload, parsing, decoding and inference "
+                                 f"(default {d.timeout_s:g} s)")
+        parser.add_argument("--workers", type=int, default=d.workers,
+                            help=f"video decoding threads (default {d.workers})")
+        parser.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
+                            help=f"model jobs waiting or running; more get 503 (default {d.max_queue})")
+        parser.add_argument("--batch-window-ms", type=_nonnegative_float, default=d.batch_window_ms,
+                            help=f"wait this long to batch concurrent queries / clips (default {d.batch_window_ms:g})")
+        parser.add_argument("--max-batch", type=_positive_int, default=d.max_batch,
+                            help=f"largest batch (default {d.max_batch}; 1 = no batching)")
+        parser.add_argument("--grace-s", type=_nonnegative_float, default=d.grace_s,
+                            help=f"on SIGTERM, finish requests in flight within this (default {d.grace_s:g} s)")
+        parser.add_argument("--max-connections", type=_positive_int, default=d.max_connections,
+                            help=f"open connections; more are refused with 503 (default {d.max_connections})")
+        parser.add_argument("--header-timeout-s", type=_positive_float, default=d.header_timeout_s,
+                            help=f"request headers must arrive within this (default {d.header_timeout_s:g} s)")
+        parser.add_argument("--keepalive-s", type=_positive_float, default=d.keepalive_s,
+                            help=f"idle keep-alive connections close after this (default {d.keepalive_s:g} s)")
+        parser.add_argument("--max-text-chars", type=_positive_int, default=d.max_text_chars,
+                            help=f"longest search query / chat question (default {d.max_text_chars})")
+        parser.add_argument("--max-video-s", type=_positive_float, default=d.max_video_s,
+                            help=f"longest video accepted (default {d.max_video_s:g} s)")
+        parser.add_argument("--torch-threads", type=int, default=0,
+                            help="torch intra-op threads (default 0 = auto: the CPUs left over by --workers, at "
+                                 "least 1; decode threads and model threads then do not fight over the cores)")
         parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
         parser.add_argument("--backend", default="auto", help="video decoding backend (default auto)")
         parser.add_argument("--quiet", action="store_true", help="no request log")
 
     def run(self, args: argparse.Namespace) -> int:
-        app = self.build_app(args)
-        app.serve_forever()
+        import os
+
+        import torch
+
+        previous = torch.get_num_threads()  # a process-wide setting: restored when the server stops
+        torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - args.workers))
+        try:
+            app = self.build_app(args)
+            app.serve_forever()
+        finally:
+            torch.set_num_threads(previous)
         print("server stopped")
         return 0
 
@@ -56,11 +107,13 @@ class ServeCommand:
         """Load the checkpoint, index ``--index``, bind the socket: a ready :class:`ServeApp` (not serving yet)."""
         import os
 
-        from vidlang.inference import attach_llm, load_bundle
-        from vidlang.serve import ServeApp, ServeConfig
+        from vidlang.serve.app import ServeApp, ServeConfig
+        from vidlang.serve.inference import attach_llm, load_bundle
 
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        if getattr(args, "torch_threads", 0) < 0:
+            raise ConfigError(f"--torch-threads must be >= 0 (0 = auto), got {args.torch_threads}")
         root = args.root or args.index
         if root is not None and not os.path.isdir(root):
             raise ConfigError(f"--{'root' if args.root else 'index'} {root}: not a directory")
@@ -77,6 +130,11 @@ class ServeCommand:
         bundle.warmup()
         config = ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              timeout_s=args.timeout_s, workers=args.workers, log_requests=not args.quiet)
+        for name in ("max_queue", "batch_window_ms", "max_batch", "grace_s", "max_connections", "header_timeout_s",
+                     "keepalive_s", "max_text_chars", "max_video_s"):
+            value = getattr(args, name, None)  # a Namespace built by hand may leave the newer flags out
+            if value is not None:
+                setattr(config, name, value)
         try:
             app = ServeApp(bundle, config, index=index, root=root)
         except OSError as err:
@@ -92,7 +150,7 @@ class ServeCommand:
     def _index(bundle, args: argparse.Namespace):
         if args.index is None:
             return None
-        from vidlang.index import VideoIndex, default_cache_dir
+        from vidlang.serve.index import VideoIndex, default_cache_dir
 
         cache = args.cache or default_cache_dir(args.index)
         index = VideoIndex.build(bundle, args.index, cache, progress=not args.quiet)

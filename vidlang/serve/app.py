@@ -1,116 +1,146 @@
-"""The HTTP server of ``vidlang serve`` on the standard library (``ThreadingHTTPServer``, HTTP/1.1).
+"""``vidlang serve``: the FastAPI application (:mod:`vidlang.serve.routes`) on uvicorn.
 
-Concurrency: every connection gets a thread; decoding and model work run on a bounded thread pool
-(``workers``) with a per-request deadline (504 when exceeded; the server stays up). The model is shared,
-in eval mode, and every forward pass holds the bundle's lock; the index is read-only while serving.
-Shutdown (:meth:`ServeApp.shutdown`, or SIGINT/SIGTERM under :meth:`ServeApp.serve_forever`) stops
-accepting, waits up to ``grace_s`` for requests in flight, then closes the socket and the pool.
+:class:`ServeApp` binds the listening socket (with a real backlog), builds the inference engine
+(:mod:`vidlang.serve.engine`), the metrics and the application, and runs uvicorn with the connection limits
+of :mod:`vidlang.serve.protocol` -- in a background thread (:meth:`ServeApp.start`, for tests and tools) or
+on the calling thread until SIGINT/SIGTERM (:meth:`ServeApp.serve_forever`).
+
+Shutdown (a signal, or :meth:`ServeApp.shutdown`): stop accepting and close idle connections; new model
+work gets 503; requests in flight may finish for ``grace_s`` minus half a second, then whatever is still
+waiting is cancelled and answered 503, so that the process is done within the grace period. Engine threads
+are daemons: a decode step still running cannot hold the exit up.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import json
+import contextlib
 import signal
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from vidlang.serve.handlers import ROUTES, JsonResponse, Request, StreamResponse
-from vidlang.serve.limits import Deadline, HttpError
+import uvicorn
 
+from vidlang.serve.config import ServeConfig
+from vidlang.serve.engine import Engine
+from vidlang.serve.metrics import Metrics, MetricsMiddleware
+from vidlang.serve.protocol import make_protocol
+from vidlang.serve.routes import ROUTES, ServeState, build_api
 
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 = an ephemeral port
-    max_upload_mb: float = 64.0
-    timeout_s: float = 30.0  # per request: reading the body, and decode + inference
-    workers: int = 2  # inference thread pool
-    grace_s: float = 5.0  # shutdown waits this long for requests in flight
-    log_requests: bool = True
+__all__ = ["ServeApp", "ServeConfig"]
+STOP_MARGIN_S = 0.5  # in-flight work is cancelled this long before the grace period ends
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"error": message, "status": status}
+class _Server(uvicorn.Server):
+    """uvicorn's server: signals stop it without being re-raised afterwards, and shutdown cancels the work
+    still in flight just before the grace period ends."""
+
+    def __init__(self, config: uvicorn.Config, app: ServeApp) -> None:
+        super().__init__(config)
+        self.serve_app = app
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        import asyncio
+
+        state = self.serve_app.state
+        state.engine.refuse_new()
+        grace = self.serve_app.config.grace_s
+
+        def stop_waiting() -> None:
+            state.stop_waiting()
+            state.engine.cancel_all()
+
+        handle = asyncio.get_running_loop().call_later(max(0.0, grace - STOP_MARGIN_S), stop_waiting)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            handle.cancel()
 
 
 class ServeApp:
-    """State shared by the request threads: bundle, optional index, allowed root, pool, limits."""
+    """The server: state shared by the routes, the uvicorn server and its socket (bound at construction)."""
 
     def __init__(self, bundle: Any, config: ServeConfig, index: Any | None = None, root: str | None = None) -> None:
         self.bundle, self.config, self.index, self.root = bundle, config, index, root
-        self.executor = cf.ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="vidlang-infer")
-        self.started = time.monotonic()
-        self._inflight = 0
-        self._idle = threading.Condition()
+        self.metrics = Metrics(set(ROUTES))
+        engine = Engine(bundle, index, config.engine(), on_event=self.metrics.engine_event)
+        self.metrics.watch_queue(lambda: engine.depth)
+        self.state = ServeState(bundle, index, root, config, engine, self.metrics)
+        self.api = build_api(self.state)
+        self.sock = _listen(config.host, config.port, config.backlog)
+        protocol = make_protocol(config.connection_limits(),
+                                 on_reject=lambda reason: self.metrics.rejected.labels(reason).inc())
+        self.server = _Server(uvicorn.Config(
+            MetricsMiddleware(self.api, self.metrics), http=protocol, lifespan="off", ws="none",
+            log_level="info" if config.log_requests else "warning", access_log=config.log_requests,
+            timeout_keep_alive=config.keepalive_s, timeout_graceful_shutdown=config.grace_s,
+            backlog=config.backlog, server_header=False,
+        ), self)
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.server = ThreadingHTTPServer((config.host, config.port), make_handler(self))
-        self.server.daemon_threads = True
+
+    @property
+    def engine(self) -> Engine:
+        return self.state.engine
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.server.server_address[:2]
+        host, port = self.sock.getsockname()[:2]
         return str(host), int(port)
 
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
-
-    def uptime(self) -> float:
-        return time.monotonic() - self.started
-
-    # -- in-flight accounting ------------------------------------------------------------------------
-    def enter(self) -> None:
-        with self._idle:
-            self._inflight += 1
-
-    def leave(self) -> None:
-        with self._idle:
-            self._inflight -= 1
-            self._idle.notify_all()
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def start(self) -> ServeApp:
-        """Serve on a background thread (for tests and tools); returns self."""
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+    def start(self, timeout: float = 30.0) -> ServeApp:
+        """Serve on a background thread (for tests and tools); returns self once accepting."""
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="vidlang-serve", daemon=True)
         self._thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the server did not start")
         return self
 
     def serve_forever(self) -> None:
-        """Serve on this thread until SIGINT/SIGTERM, then shut down gracefully."""
-
-        def stop(signum: int, frame: Any) -> None:
-            threading.Thread(target=self.server.shutdown, daemon=True).start()
-
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Serve on this thread until SIGINT/SIGTERM, then shut down within ``grace_s``."""
         try:
-            self.server.serve_forever(poll_interval=0.2)
+            self.server.run(sockets=[self.sock])
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.shutdown()
+            self._closed = True
+            self._close()
 
     def shutdown(self) -> None:
-        """Stop accepting, wait up to ``grace_s`` for requests in flight, close the socket and the pool."""
+        """Stop (see the module docstring) and wait for the server thread; idempotent."""
         if self._closed:
             return
         self._closed = True
+        self.server.should_exit = True
         if self._thread is not None:
-            self.server.shutdown()
-            self._thread.join(timeout=10)
-        with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0, timeout=self.config.grace_s)
-        self.server.server_close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+            self._thread.join(timeout=self.config.grace_s + 10)
+        self._close()
+
+    def _close(self) -> None:
+        self.state.engine.close()
+        self.sock.close()
 
     def __enter__(self) -> ServeApp:
         return self.start()
@@ -119,150 +149,16 @@ class ServeApp:
         self.shutdown()
 
 
-def make_handler(app: ServeApp) -> type[BaseHTTPRequestHandler]:
-    """A request-handler class bound to ``app``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "vidlang-serve"
-        timeout = app.config.timeout_s  # socket timeout: a client that stalls is dropped
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            self._dispatch("GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._dispatch("POST")
-
-        def do_PUT(self) -> None:  # noqa: N802
-            self._dispatch("PUT")
-
-        def do_DELETE(self) -> None:  # noqa: N802
-            self._dispatch("DELETE")
-
-        def do_PATCH(self) -> None:  # noqa: N802
-            self._dispatch("PATCH")
-
-        def _dispatch(self, method: str) -> None:
-            app.enter()
-            try:
-                self._handle(method)
-            finally:
-                app.leave()
-
-        def _handle(self, method: str) -> None:
-            parts = urlsplit(self.path)
-            req = Request(method, parts.path, dict(parse_qsl(parts.query)), self.headers, self.rfile,
-                          int(app.config.max_upload_mb * 2**20))
-            deadline = Deadline(app.config.timeout_s)
-            try:
-                response = self._route(req, deadline)
-            except HttpError as err:
-                response = JsonResponse(error_body(err.status, err.message), err.status)
-                self._extra_headers = err.headers
-            except Exception as err:  # noqa: BLE001 - every failure becomes a JSON answer
-                response = _map_exception(err)
-            unread = not _body_done(req)
-            if unread:
-                self.close_connection = True  # an unread body would corrupt the next request
-            self._send(response)
-            if unread:
-                self._linger()
-
-        def _linger(self, seconds: float = 1.0) -> None:
-            """After answering without reading the body: stop writing, then discard what the client is still
-            sending for a moment, so that it sees the answer instead of a reset connection."""
-            try:
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(0.2)
-                end = time.monotonic() + seconds
-                while time.monotonic() < end and self.connection.recv(1 << 16):
-                    pass
-            except OSError:
-                pass
-
-        def handle_expect_100(self) -> bool:
-            """``Expect: 100-continue``: refuse an oversized body (413) before the client sends it."""
-            req = Request("POST", self.path, {}, self.headers, self.rfile, int(app.config.max_upload_mb * 2**20))
-            try:
-                n = req.declared_length()
-                if n is not None and n > req.max_bytes:
-                    req.body()  # raises the 413
-            except HttpError as err:
-                self.close_connection = True
-                self._send(JsonResponse(error_body(err.status, err.message), err.status))
-                return False
-            return super().handle_expect_100()
-
-        def _route(self, req: Request, deadline: Deadline) -> Any:
-            methods = ROUTES.get(req.path.rstrip("/") or "/")
-            if methods is None:
-                raise HttpError(404, f"unknown route {req.path!r}; routes: {', '.join(sorted(ROUTES))}")
-            if req.method not in methods:
-                allowed = ", ".join(sorted(methods))
-                raise HttpError(405, f"{req.method} is not allowed on {req.path} (allowed: {allowed})",
-                                {"Allow": allowed})
-            return methods[req.method](app, req, deadline)
-
-        def _send(self, response: Any) -> None:
-            extra = getattr(self, "_extra_headers", {})
-            self._extra_headers = {}
-            if isinstance(response, StreamResponse):
-                self._send_stream(response)
-                return
-            data = (json.dumps(response.body) + "\n").encode("utf-8")
-            self.send_response(response.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in extra.items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _send_stream(self, response: StreamResponse) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", response.content_type)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for k, v in response.headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            try:
-                for chunk in response.chunks:
-                    self._chunk(chunk)
-            except Exception as err:  # noqa: BLE001 - the status is sent: report in-band and end the stream
-                self._chunk(f"\n[error: {err}]\n".encode())
-                self.close_connection = True
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-
-        def _chunk(self, data: bytes) -> None:
-            if data:
-                self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base-class signature)
-            if app.config.log_requests:
-                sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    return Handler
-
-
-def _body_done(req: Request) -> bool:
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket (IPv6 when ``host`` is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return req.body_consumed
-    except HttpError:
-        return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
-
-def _map_exception(err: Exception) -> JsonResponse:
-    """Other errors -> JSON answers: 422 undecodable video, 408 body read timed out, else 500."""
-    from vidlang.data.decoding import VideoDecodeError
-
-    if isinstance(err, VideoDecodeError):
-        return JsonResponse(error_body(422, f"cannot decode the video: {err.reason}"), 422)
-    if isinstance(err, TimeoutError):  # the socket timeout while reading the request body
-        return JsonResponse(error_body(408, "the request body was not received in time"), 408)
-    return JsonResponse(error_body(500, f"internal error: {type(err).__name__}: {err}"), 500)

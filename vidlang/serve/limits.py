@@ -1,15 +1,12 @@
-"""Safety limits of the HTTP API: typed errors, paths confined to an allowed root, deadlines for work."""
+"""Safety limits of the HTTP API: typed errors, paths confined to an allowed root, deadlines, bounded JSON."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 class HttpError(Exception):
@@ -63,18 +60,38 @@ class Deadline:
         return time.monotonic() >= self.end
 
 
-def run_with_deadline(executor: cf.Executor, deadline: Deadline, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` on ``executor``; 504 when it has not finished by ``deadline``.
+def parse_json_object(data: bytes, max_depth: int) -> dict[str, Any]:
+    """A request body -> a JSON object; 400 for anything else: malformed or non-UTF-8 text, numbers past
+    Python's digit limit, nesting deeper than ``max_depth`` (checked after parsing; nesting too deep for the
+    parser itself is caught as ``RecursionError``), or a top level that is not an object."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise HttpError(400, f"malformed JSON body: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise HttpError(400, f"malformed JSON body: nested deeper than {max_depth} levels") from None
+    except ValueError as err:  # JSONDecodeError, or an integer with more digits than int() accepts
+        raise HttpError(400, f"malformed JSON body: {err}") from None
+    if not isinstance(obj, dict):
+        raise HttpError(400, f"the JSON body must be an object, got {type(obj).__name__}")
+    if json_depth(obj, max_depth) > max_depth:
+        raise HttpError(400, f"malformed JSON body: nested deeper than {max_depth} levels")
+    return obj
 
-    A job that overruns keeps running in its worker thread (Python cannot kill threads) but its result is
-    dropped; a job still queued is cancelled. The server itself is unaffected.
-    """
-    try:
-        future = executor.submit(fn, *args)
-    except RuntimeError as err:  # executor shut down
-        raise HttpError(503, "the server is shutting down") from err
-    try:
-        return future.result(timeout=deadline.left())
-    except cf.TimeoutError:
-        future.cancel()
-        raise HttpError(504, f"the request did not finish within the {deadline.seconds:g} s limit") from None
+
+def json_depth(obj: Any, stop: int) -> int:
+    """Nesting depth of a parsed JSON value (``{}`` and ``{"a": 1}`` are 1, ``{"a": [1]}`` is 2), counted
+    without recursion and only up to ``stop + 1``."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        if depth > stop:
+            return depth
+        nxt: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = [v for v in nxt if isinstance(v, (dict, list))]
+    return depth

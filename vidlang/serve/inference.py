@@ -45,11 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, VideoDecodeError
 from vidlang.errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from vidlang.registry import Registry
 
 CHECKPOINT_KINDS: Registry[Callable[..., InferenceBundle]] = Registry("checkpoint kind")
 VideoInput = str | os.PathLike | bytes
+
+
+class VideoTooLongError(VideoDecodeError):
+    """A video longer than the duration limit it was decoded under (refused before decoding frames)."""
 
 
 @dataclass
@@ -243,18 +248,25 @@ class InferenceBundle:
         return int(self.model.embed_dim)
 
     # -- video -------------------------------------------------------------------------------------
-    def decode_clip(self, source: VideoInput, name: str | None = None) -> Tensor:
+    def decode_clip(self, source: VideoInput, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    max_seconds: float | None = None) -> Tensor:
         """One video -> eval clip ``uint8 [T, 3, S, S]``; :class:`VideoDecodeError` when it cannot be decoded.
 
         Frames are resized to short side ``S`` while decoding (memory stays bounded whatever the file's size),
-        then center-cropped."""
+        then center-cropped. A stream larger than ``max_pixels`` (width x height) is refused before decoding,
+        one longer than ``max_seconds`` with :class:`VideoTooLongError`."""
         from vidlang.data.decoding import VideoDecodeError, open_video
         from vidlang.data.sampling import sample_clip
 
         label = name or (str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>")
         src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
         try:
-            with open_video(src, backend=self.backend, resize_short_side=self.image_size) as reader:
+            with open_video(src, backend=self.backend, resize_short_side=self.image_size,
+                            max_pixels=max_pixels) as reader:
+                duration = float(reader.metadata.duration)
+                if max_seconds is not None and duration > max_seconds:
+                    raise VideoTooLongError(label, reader.backend,
+                                            f"{duration:.1f} s long, over the {max_seconds:g} s limit")
                 clip = sample_clip(reader, self.sampler, training=False)[0]  # [T, C, H', W'], short side S
         except VideoDecodeError:
             raise
@@ -262,19 +274,23 @@ class InferenceBundle:
             raise VideoDecodeError(label, self.backend, str(err)) from err
         return self.transform(clip)
 
-    def decode_audio(self, source: VideoInput) -> Tensor | None:
+    def decode_audio(self, source: VideoInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor | None:
         """The whole audio track (mono, at the frontend's sample rate, else 16 kHz) ``[S]``, ``None`` without audio."""
         from vidlang.data.decoding import open_video
 
         rate = int(getattr(self.audio_frontend, "sample_rate", 16000))
         src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
-        with open_video(src, backend="pyav") as reader:
+        with open_video(src, backend="pyav", max_pixels=max_pixels) as reader:
             return reader.get_audio(rate) if reader.metadata.has_audio else None
 
-    def _decode(self, source: VideoInput, name: str | None = None) -> tuple[Tensor, Tensor | None]:
-        """Clip ``uint8 [T, 3, S, S]`` and, for an audio-visual model, the audio track (else None)."""
-        clip = self.decode_clip(source, name)
-        return clip, (self.decode_audio(source) if self.audio_model is not None else None)
+    def decode_video(self, source: VideoInput, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                     max_seconds: float | None = None) -> tuple[Tensor, Tensor | None]:
+        """Clip ``uint8 [T, 3, S, S]`` and, for an audio-visual model, the audio track (else None); the limits
+        as in :meth:`decode_clip`."""
+        clip = self.decode_clip(source, name, max_pixels, max_seconds)
+        return clip, (self.decode_audio(source, max_pixels) if self.audio_model is not None else None)
+
+    _decode = decode_video
 
     def normalize(self, clips: Tensor) -> Tensor:
         from vidlang.data.transforms import normalize
@@ -349,14 +365,16 @@ class InferenceBundle:
         return F.normalize(out.embeds.float(), dim=-1).cpu()
 
     # -- chat --------------------------------------------------------------------------------------
-    def answer(self, source: VideoInput, question: str, max_new_tokens: int = 64, stream: bool = False) -> Any:
-        """Video + question -> answer text (or an iterator of text pieces). Needs a loaded chat encoder."""
+    def answer(self, source: VideoInput, question: str, max_new_tokens: int = 64, stream: bool = False,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, max_seconds: float | None = None) -> Any:
+        """Video + question -> answer text (or an iterator of text pieces). Needs a loaded chat encoder.
+        The video limits as in :meth:`decode_clip`."""
         if self.chat is None:
             raise RuntimeError("no chat model loaded (start with --llm)")
-        clip = self.normalize(self.decode_clip(source)[None])  # [1, T, 3, S, S]
+        clip = self.normalize(self.decode_clip(source, None, max_pixels, max_seconds)[None])  # [1, T, 3, S, S]
         mel = mask = None
         if getattr(self.chat, "audio", None) is not None and self.audio_frontend is not None:
-            mel, mask = self.audio_frontend([self.decode_audio(source)])
+            mel, mask = self.audio_frontend([self.decode_audio(source, max_pixels)])
         # The visual model is shared with embed_video: hold its lock. With stream=True only the media tokens
         # are computed inside answer() (generation runs while the caller iterates, outside this lock).
         with self.lock:
