@@ -135,7 +135,7 @@ def spatial_forward(blk: ResidualAttentionLayer, seq: Tensor, t: int, drop: nn.M
 
 @BLOCKS.register("stan")
 class STAN(TemporalBlock):
-    """Side branch (temporal attention + copied CLIP layer) over the last ``depth`` layers; mean over T."""
+    """Side branch (temporal module + copied CLIP layer) over the last ``depth`` layers; mean over T."""
 
     freeze_backbone = False
     lr_mults = {"": 10.0}
