@@ -2,7 +2,9 @@
 parameter-name prefix (the longest matching prefix wins), with the usual no-decay exclusions.
 
 A prefix matches a parameter name when it is ``""`` (every parameter), the name itself, or the name up to a
-dot: ``"block"`` matches ``block.prompts`` but not ``blocks.0.weight``. The recipe of a video-text model is
+dot: ``"block"`` matches ``block.prompts`` but not ``blocks.0.weight``. A ``*`` segment matches any one name
+segment: ``"block.layers.*.skip_fc"`` covers ``block.layers.3.skip_fc.weight`` (a module repeated per layer).
+The recipe of a video-text model is
 :meth:`vidlang.models.video_clip.VideoTextModel.param_groups`; this module knows nothing of models.
 """
 
@@ -19,7 +21,12 @@ DEFAULT_GROUP = "backbone"  # the name of the groups of parameters no prefix but
 
 def matches(prefix: str, name: str) -> bool:
     """True if ``prefix`` covers parameter ``name`` (see the module docstring)."""
-    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+    if prefix == "":
+        return True
+    if "*" not in prefix:
+        return name == prefix or name.startswith(prefix + ".")
+    want, have = prefix.split("."), name.split(".")
+    return len(have) >= len(want) and all(w in ("*", h) for w, h in zip(want, have, strict=False))
 
 
 def longest_prefix(name: str, table: Mapping[str, float]) -> str | None:

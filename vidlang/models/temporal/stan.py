@@ -8,24 +8,41 @@ Branch layer ``j`` runs in ``after_layer(L-K+j)`` on the output of CLIP layer ``
   + a learnable temporal embedding (``nn.Embedding(64, C)`` with PyTorch's default N(0, 1) init in
   the released code: ``max_frames=64``, ``time_embed_std=1.0``);
 - input of branch layer ``j > 0``: previous branch output + the CLIP layer output rearranged the same
-  way (frame CLS averaged); ``input_proj=True`` adds the paper's C x C projection on the CLIP side
-  (initialised to the identity, so it starts as the released code);
-- each branch layer = temporal module (LN -> new attention over T for each patch position ->
-  zero-initialised Linear C->C -> residual; CLS untouched) then spatial module (a copy of CLIP layer
-  ``L-K+j`` made in :meth:`init_from_tower`, attention run per frame with the video CLS copied into
-  each frame, the frame CLS outputs averaged back; then its MLP on the whole sequence);
+  way (frame CLS averaged; with ``cls_residue=True`` the average is over the even frames 0, 2, 4, ...
+  while training and over all frames in evaluation, as the released option does); ``input_proj=True`` adds
+  the paper's C x C projection on the CLIP side (initialised to the identity, so it starts as the released code);
+- each branch layer = temporal module (``time_module``, registry :data:`TIME_MODULES`; CLS untouched):
+  ``attn`` = LN -> new attention over T for each patch position -> drop path -> zero-initialised Linear C->C
+  -> residual; ``conv`` = dense 3x3x3 ``Conv3d(C, C)`` over (T, h, w) of the patch maps -> drop path ->
+  zero-initialised Linear C->C -> residual (no norm, no activation); then the spatial module (a copy of CLIP
+  layer ``L-K+j`` made in :meth:`init_from_tower`, attention run per frame with the video CLS copied into
+  each frame, drop path, the frame CLS outputs averaged back; then its MLP on the whole sequence);
 - after the last layer the branch CLS is added to every frame CLS; the tower applies ``ln_post`` +
-  projection; ``pool`` averages over T.
+  projection; ``pool`` averages over T (for Mug-STAN the task scores ``frame_embeds`` with the Mug
+  similarity, :func:`vidlang.models.similarity.mug_similarity`).
 
-Not the identity at init: the temporal projections are zero but the branch CLS is not, so
-``zero_init_identity = False``. Drop path on the branch's attention outputs: linspace(0, ``drop_path``, K);
-the released code uses ``drop_path=0.1``; the default here is 0 so that two training forwards of the
-same batch agree (set 0.1 in a config to follow the code).
+Both temporal modules are the identity at init (zero projection), but the branch CLS is not zero, so the block
+is not frame-mean CLIP at init: ``zero_init_identity = False``. Drop path on the branch's attention (or conv)
+outputs: ``linspace(0, drop_path, K)`` for branch layer ``j`` of both the temporal and the spatial module.
+Learning rate: the released configs train the branch at 10x the base lr (``lr_mults``).
+
+Deviations from the released code (``farewellthree/STAN``, ``clip_stan_hf.py``):
+
+- ``drop_path`` defaults to 0 (two training forwards of a batch agree); the code hard-codes
+  ``linspace(0, 0.1, depth)``: set ``drop_path: 0.1`` to follow it.
+- ``time_module="conv"`` is broken at the repository's HEAD (its class is not defined there); it is rebuilt from
+  the class of the older code (commit d5c0277, ``models/heads/stan_head.py``, mode ``origin``). The released
+  name of ``attn`` is ``selfattn``. The conv module accepts non-square patch grids (the code assumes square).
+- Tokens are time-major inside the branch (the code is patch-major): the same computation, reshaped differently.
+- Weight decay: the released optimiser decays every branch parameter (its ``STAN`` custom key overrides the
+  norm/bias rule); vidlang never decays 1-D parameters and embeddings (:mod:`vidlang.models.optim`).
+- ``input_proj`` is the paper's projection, absent from the released code (off by default).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +50,7 @@ from torch import Tensor, nn
 from vidlang.models.clip.layers import Attention, LayerNorm, ResidualAttentionLayer
 from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec
 from vidlang.models.temporal.base import BLOCKS
+from vidlang.registry import Registry
 
 
 class DropPath(nn.Module):
@@ -49,25 +67,59 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+def _zero_linear(width: int) -> nn.Linear:
+    lin = nn.Linear(width, width)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+TimeModuleFactory = Callable[[int, int, float], nn.Module]  # (width C, heads, drop-path rate) -> module
+TIME_MODULES: Registry[TimeModuleFactory] = Registry("stan time module")
+
+
+@TIME_MODULES.register("attn")
 class TemporalModule(nn.Module):
-    """LN -> attention over T per patch position -> zero-init Linear -> residual (CLS untouched)."""
+    """LN -> attention over T per patch position -> drop path -> zero-init Linear -> residual (CLS untouched)."""
 
     def __init__(self, width: int, heads: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.ln = LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.fc = nn.Linear(width, width)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = _zero_linear(width)
         self.drop = DropPath(drop_path)
 
-    def forward(self, seq: Tensor, t: int) -> Tensor:
+    def forward(self, seq: Tensor, t: int, grid: tuple[int, int] | None = None) -> Tensor:
+        """``seq [B, 1+T*N, C]`` (time-major patches) -> same shape."""
         b, _, c = seq.shape
         p = seq[:, 1:].view(b, t, -1, c).transpose(1, 2)  # [B, N, T, C]
         n = p.shape[1]
         h = self.fc(self.drop(self.attn(self.ln(p.reshape(b * n, t, c))))).view(b, n, t, c)
         p = (p + h).transpose(1, 2).reshape(b, t * n, c)
         return torch.cat([seq[:, :1], p], dim=1)
+
+
+@TIME_MODULES.register("conv")
+class ConvTemporalModule(nn.Module):
+    """Dense 3x3x3 Conv3d over (T, h, w) of the patch maps -> drop path -> zero-init Linear -> residual
+    (CLS untouched; no norm, no activation). ``heads`` is unused (same factory signature as ``attn``)."""
+
+    def __init__(self, width: int, heads: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(width, width, kernel_size=3, stride=1, padding=1)
+        self.fc = _zero_linear(width)
+        self.drop = DropPath(drop_path)
+
+    def forward(self, seq: Tensor, t: int, grid: tuple[int, int] | None = None) -> Tensor:
+        """``seq [B, 1+T*N, C]`` (time-major patches, ``grid`` = (h, w), N = h*w) -> same shape."""
+        if grid is None:
+            raise ValueError("stan conv time module needs the patch grid (h, w)")
+        b, _, c = seq.shape
+        h, w = grid
+        p = seq[:, 1:]  # [B, T*N, C]
+        maps = p.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # [B, C, T, h, w]
+        out = self.conv(maps).permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)  # [B, T*N, C]
+        return torch.cat([seq[:, :1], p + self.fc(self.drop(out))], dim=1)
 
 
 def spatial_forward(blk: ResidualAttentionLayer, seq: Tensor, t: int, drop: nn.Module) -> Tensor:
@@ -83,7 +135,7 @@ def spatial_forward(blk: ResidualAttentionLayer, seq: Tensor, t: int, drop: nn.M
 
 @BLOCKS.register("stan")
 class STAN(TemporalBlock):
-    """Side branch (temporal attention + copied CLIP layer) over the last ``depth`` layers; mean over T."""
+    """Side branch (temporal module + copied CLIP layer) over the last ``depth`` layers; mean over T."""
 
     freeze_backbone = False
     lr_mults = {"": 10.0}
@@ -99,18 +151,24 @@ class STAN(TemporalBlock):
         time_embed_std: float = 1.0,
         drop_path: float = 0.0,
         input_proj: bool = False,
+        time_module: str = "attn",
+        cls_residue: bool = False,
     ) -> None:
         super().__init__(spec)
         if depth < 1:
             raise ValueError(f"stan depth must be >= 1, got {depth}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"stan drop_path must be in [0, 1), got {drop_path}")
         depth = min(depth, spec.layers)  # shallow (test) towers: the branch covers every layer
         c = spec.width
         self.depth, self.start, self.max_frames = depth, spec.layers - depth, max_frames
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear 0..drop_path
-        self.temporal = nn.ModuleList(TemporalModule(c, spec.heads, r) for r in rates)
+        self.cls_residue = cls_residue
+        self.drop_path_rates = drop_path_rates(drop_path, depth)
+        factory = TIME_MODULES.get(time_module)
+        self.temporal = nn.ModuleList(factory(c, spec.heads, r) for r in self.drop_path_rates)
         # placeholders with the tower's default layer shape; init_from_tower replaces them by copies
         self.spatial = nn.ModuleList(ResidualAttentionLayer(c, spec.heads) for _ in range(depth))
-        self.spatial_drop = nn.ModuleList(DropPath(r) for r in rates)
+        self.spatial_drop = nn.ModuleList(DropPath(r) for r in self.drop_path_rates)
         self.temporal_embedding = nn.Parameter(torch.randn(max_frames, c) * time_embed_std)  # [max_frames, C]
         self.input_proj = nn.ModuleList(_identity_linear(c) for _ in range(depth - 1)) if input_proj else None
 
@@ -141,6 +199,8 @@ class STAN(TemporalBlock):
             patches = patches + pe[1:].to(x.dtype) + self.temporal_embedding[:t, None].to(x.dtype)
             cls = (cls + class_emb.to(x.dtype) + pe[0].to(x.dtype)) / 2
             return torch.cat([cls, patches.flatten(1, 2)], dim=1)
+        if self.cls_residue and ctx.training:  # the released option: even frames' CLS while training
+            cls = x[:, 0::2, :1].mean(1)
         seq = torch.cat([cls, patches.flatten(1, 2)], dim=1)
         if self.input_proj is not None:
             seq = self.input_proj[j - 1](seq)
@@ -151,7 +211,7 @@ class STAN(TemporalBlock):
         if j < 0:
             return x
         seq = self._branch_input(j, x, ctx)
-        seq = self.temporal[j](seq, ctx.frames)
+        seq = self.temporal[j](seq, ctx.frames, ctx.grid)
         seq = spatial_forward(self.spatial[j], seq, ctx.frames, self.spatial_drop[j])
         # keyed by branch layer so a gradient-checkpoint recomputation reads the right input
         ctx.state.setdefault("stan", {})[j] = seq
@@ -159,6 +219,11 @@ class STAN(TemporalBlock):
             return x
         cls = x[:, :1] + seq[:, :1].repeat_interleave(ctx.frames, dim=0)  # [B*T, 1, C]
         return torch.cat([cls, x[:, 1:]], dim=1)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """``linspace(0, rate, depth)``: the drop-path rate of each branch layer (``[0.0]`` for depth 1)."""
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0]
 
 
 def _identity_linear(width: int) -> nn.Linear:
