@@ -35,6 +35,7 @@ Deviations from the official MLM (documented assumptions):
   list has the same words plus ``"name"`` (the CSV header), so indices after it differ by one. A word outside
   the vocabulary gets label -100 (official: 0, i.e. the word "a"); it cannot happen with a vocabulary built
   from the prompts.
+- A prompt longer than the context is cut (its EOT kept, labels of cut words dropped); official raises.
 - The 13th block and ``ln_final`` are frozen copies taken when :class:`M2CLIPMLM` is built (official: the block
   is a frozen copy, ``ln_final`` is the text tower's own, frozen in M2-CLIP's recipe).
 
