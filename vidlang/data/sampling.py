@@ -35,6 +35,9 @@ Two options of every sampler, applied by :meth:`FrameSampler.sample_indices` aft
 * ``frame_order``: ``ordinary`` (default), ``reverse`` or ``random`` (a new permutation per clip, from the
   sample's generator), applied to the real frames of each row (CLIP4Clip's ``--train_frame_order`` /
   ``--eval_frame_order`` 0 / 1 / 2); rows are then no longer non-decreasing.
+
+Deviation from CLIP4Clip: its padded slots are zero images; here they repeat the last real frame (blocks that
+honour the mask never see them; the others refuse a padded mask).
 """
 
 from __future__ import annotations

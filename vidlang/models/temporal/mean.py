@@ -1,5 +1,9 @@
 """``mean`` (ViFi-CLIP; CLIP4Clip's meanP): no new parameters; the video embedding is the mean of the frame
-embeddings (over the real frames only when the clip carries a video mask, :mod:`.video_mask`)."""
+embeddings (over the real frames only when the clip carries a video mask, :mod:`.video_mask`).
+
+Deviation from CLIP4Clip's meanP: it L2-normalises each frame before the mean; this block averages the raw
+frame embeddings (ViFi-CLIP's form).
+"""
 
 from __future__ import annotations
 
