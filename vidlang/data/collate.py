@@ -14,6 +14,9 @@ Batch (``B`` videos, ``A`` captions in all)::
     audio:         float32 [B, S]          only if any sample carries audio; zero-padded
     audio_lengths: int64 [B]
     audio_mask:    bool [B]                False = no audio track (row is all zeros)
+    video_mask:    bool [B, T]             only if a sample carries a frame mask (sampling ``short_video: mask``):
+                                           False = padding slot of a short clip; [B, V, T] with V > 1 views;
+                                           rows of samples without a mask are all True
     skipped:       list[str]               keys of the samples left out (:class:`SkippedSample`, evaluation)
 
 Evaluation datasets return a :class:`~vidlang.data.badsamples.SkippedSample` for a sample that failed to
@@ -79,7 +82,18 @@ def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchR
         batch[SLOT_KEY] = slot
     if any(s.audio is not None for s in samples):
         batch.update(_collate_audio(samples, video.device))
+    if any(s.frame_mask is not None for s in samples):
+        batch["video_mask"] = _video_mask(samples, tuple(video.shape[1:-3]))  # (T,) or (V, T)
     return batch
+
+
+def _video_mask(samples: Sequence[VideoSample], shape: tuple[int, ...]) -> torch.Tensor:
+    """bool ``[B, T]`` (or ``[B, V, T]``) of the samples' frame masks; all True for a sample without one."""
+    out = torch.ones(len(samples), *shape, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        if s.frame_mask is not None:
+            out[b] = s.frame_mask.reshape(shape)
+    return out
 
 
 def empty_batch(skipped: Sequence[str]) -> dict[str, Any]:

@@ -46,6 +46,10 @@ class SamplingConfig:
             fewer frames than they test on.
         sampler, sampler_args: training frame sampler (:data:`vidlang.data.sampling.SAMPLERS`) and its arguments.
         eval_sampler, eval_sampler_args: evaluation sampler (None: the training one), e.g. ``multiview``.
+        short_video: ``repeat`` (repeat frames of a clip shorter than T) or ``mask`` (each frame once, the rest
+            padding marked in the batch's ``video_mask``; CLIP4Clip), both splits (:mod:`vidlang.data.sampling`).
+        frame_order, eval_frame_order: ``ordinary``, ``reverse`` or ``random`` order of a clip's frames in
+            training / evaluation, independently (CLIP4Clip's ``--train_frame_order`` / ``--eval_frame_order``).
     """
 
     num_frames: int = 8
@@ -54,9 +58,19 @@ class SamplingConfig:
     sampler_args: dict[str, Any] = field(default_factory=dict)
     eval_sampler: str | None = None
     eval_sampler_args: dict[str, Any] = field(default_factory=dict)
+    short_video: str = "repeat"
+    frame_order: str = "ordinary"
+    eval_frame_order: str = "ordinary"
 
     def __post_init__(self) -> None:
+        from vidlang.data.sampling import FRAME_ORDERS, SHORT_VIDEO_MODES
+
         check_min("sampling", 1, num_frames=self.num_frames, eval_num_frames=self.eval_num_frames)
+        choices = {"short_video": SHORT_VIDEO_MODES, "frame_order": FRAME_ORDERS, "eval_frame_order": FRAME_ORDERS}
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"data.sampling.{key} must be one of {', '.join(allowed)}, got {value!r}")
 
     def frames(self, training: bool) -> int:
         """Frames per clip in training or evaluation."""
@@ -70,7 +84,8 @@ class SamplingConfig:
         if not training and self.eval_sampler is not None:
             name, args = self.eval_sampler, dict(self.eval_sampler_args)
         args.setdefault("max_frames" if name == "fps" else "num_frames", self.frames(training))
-        return build_sampler(name, **args)
+        order = self.frame_order if training else self.eval_frame_order
+        return build_sampler(name, short_video=self.short_video, frame_order=order, **args)
 
 
 @dataclass(frozen=True)

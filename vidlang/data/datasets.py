@@ -84,15 +84,16 @@ def load_clip(
     audio_sample_rate: int | None = None,
     max_audio_seconds: float = 30.0,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """Decode ``uint8 [V, T, C, H, W]`` (+ mono audio of the clip's span, has_audio) from one entry."""
+) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None]:
+    """Decode ``uint8 [V, T, C, H, W]`` (+ mono audio of the clip's span, has_audio, and the bool frame mask
+    ``[V, T]`` of ``short_video: mask`` samplers, else None) from one entry."""
     from vidlang.data.decoding import VideoDecodeError, open_video
-    from vidlang.data.sampling import sample_clip
+    from vidlang.data.sampling import sample_clip_masked
 
     opts = dict(device=device, resize_short_side=resize_short_side, max_pixels=max_pixels)
     with open_video(source, backend, **opts) as reader:
         try:
-            video = sample_clip(reader, sampler, training, generator, entry.window)
+            video, frame_mask = sample_clip_masked(reader, sampler, training, generator, entry.window)
         except ValueError as e:  # e.g. a caption window outside the video
             raise VideoDecodeError(entry.path, "sampler", str(e)) from None
         has_audio = bool(reader.metadata.has_audio)
@@ -103,7 +104,7 @@ def load_clip(
                 start = entry.window[0] if entry.window else 0.0
                 a = max(0, int(start * audio_sample_rate))
                 audio = audio[a : a + int(max_audio_seconds * audio_sample_rate)].float().cpu()
-    return video, audio, has_audio
+    return video, audio, has_audio, frame_mask
 
 
 class VideoTextDataset(Dataset):
@@ -156,7 +157,7 @@ class VideoTextDataset(Dataset):
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.epoch.get(), index, attempt))
         source = entry.open_source()
         with time_limit(self.policy.decode_timeout_s, entry.path):
-            video, audio, has_audio = load_clip(
+            video, audio, has_audio, frame_mask = load_clip(
                 entry, source, self.sampler, training=self.training, generator=g, backend=self.backend,
                 device=self.device, resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
                 max_pixels=self.max_pixels,
@@ -164,7 +165,8 @@ class VideoTextDataset(Dataset):
         captions = self._captions(entry, g)
         if self.transform is not None:
             video, captions = self.transform(video, captions, g)
-        return VideoSample(video, entry.key, captions, entry.window, entry.label, audio, entry.path, has_audio)
+        return VideoSample(video, entry.key, captions, entry.window, entry.label, audio, entry.path, has_audio,
+                           frame_mask)
 
     def replacement(self, index: int, attempt: int) -> int:
         """A deterministic index different from ``index`` for retry ``attempt`` (>= 1)."""

@@ -19,6 +19,7 @@ Decoded samples (what a dataset returns, one per item)::
         label:    int | None
         audio:    float32 [S] | None       mono at the dataset's sample rate (None = no audio track)
         path:     str                      where the video came from (for reports)
+        frame_mask: bool [V, T] | None     False = padding slot of a short clip (sampling ``short_video: mask``)
 
 Batches (see :mod:`vidlang.data.collate`)::
 
@@ -30,6 +31,7 @@ Batches (see :mod:`vidlang.data.collate`)::
     audio:         float32 [B, S]            (only when decoded) zero-padded to the longest
     audio_lengths: int64 [B]                 valid samples per row
     audio_mask:    bool [B]                  False = the video has no audio track
+    video_mask:    bool [B, T]               (only with ``short_video: mask``) False = padding slot
 """
 
 from __future__ import annotations
@@ -114,7 +116,17 @@ class VideoSample:
     audio: torch.Tensor | None = None  # float32 [S]
     path: str = ""
     has_audio: bool = False
+    frame_mask: torch.Tensor | None = None  # bool [V, T]
 
     def __post_init__(self) -> None:
         if self.video.ndim != 5:
             raise ValueError(f"{self.key}: video must be [V, T, C, H, W], got shape {tuple(self.video.shape)}")
+        if self.frame_mask is not None:
+            views, t = self.video.shape[:2]
+            m = self.frame_mask
+            if m.ndim != 2 or m.shape[1] != t or views % m.shape[0]:
+                raise ValueError(
+                    f"{self.key}: frame_mask {tuple(m.shape)} does not fit video {tuple(self.video.shape)}"
+                )
+            # the sampled views' mask spreads over their spatial crops (ThreeCrop: V -> 3V, a view's crops adjacent)
+            self.frame_mask = m.bool().repeat_interleave(views // m.shape[0], dim=0)

@@ -23,6 +23,21 @@ Rules shared by all samplers:
   the same frame, so the nearest frames repeat at consecutive positions (order kept)
   and ``T`` stays exactly ``num_frames``. E.g. 3 frames, ``segment`` with T=6 (eval)
   -> ``[0, 0, 1, 1, 2, 2]``.
+
+Two options of every sampler, applied by :meth:`FrameSampler.sample_indices` after the sampling itself
+(set by :func:`build_sampler` / ``data.sampling``):
+
+* ``short_video``: ``repeat`` (default, the rule above) or ``mask`` (CLIP4Clip): a row keeps each of its
+  distinct frames once, in order, and the slots after them are padding, marked False in a bool frame mask
+  ``[V, T]`` (they repeat the last real frame, so that the clip still stacks; mask-aware blocks leave them
+  out). A row is padded exactly when its ``T`` indices hold fewer than ``T`` distinct frames: a short span, or
+  a training clip whose random times fall twice on one frame.
+* ``frame_order``: ``ordinary`` (default), ``reverse`` or ``random`` (a new permutation per clip, from the
+  sample's generator), applied to the real frames of each row (CLIP4Clip's ``--train_frame_order`` /
+  ``--eval_frame_order`` 0 / 1 / 2); rows are then no longer non-decreasing.
+
+Deviation from CLIP4Clip: its padded slots are zero images; here they repeat the last real frame (blocks that
+honour the mask never see them; the others refuse a padded mask).
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ from torch import Tensor
 from vidlang.registry import Registry
 
 Window = tuple[float, float]
+SHORT_VIDEO_MODES = ("repeat", "mask")
+FRAME_ORDERS = ("ordinary", "reverse", "random")
 
 
 def video_span(timestamps: Tensor, duration: float) -> tuple[float, float]:
@@ -81,10 +98,44 @@ def _uniform(shape: tuple[int, ...], training: bool, generator: torch.Generator 
     return torch.full(shape, float(position), dtype=torch.float64)
 
 
+def mask_repeats(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """``short_video: mask``: ``indices [V, T]`` (rows non-decreasing) -> each row's distinct frames first, the
+    rest of the row repeating the last one, and the bool mask ``[V, T]`` of the distinct ones."""
+    t = indices.shape[1]
+    rows, masks = [], []
+    for row in indices:
+        distinct = torch.unique_consecutive(row)
+        rows.append(torch.cat([distinct, distinct[-1:].expand(t - distinct.numel())]))
+        masks.append(torch.arange(t) < distinct.numel())
+    return torch.stack(rows), torch.stack(masks)
+
+
+def order_frames(
+    indices: Tensor, mask: Tensor | None, order: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """``indices [V, T]`` with the real frames of each row (all of it without a ``mask``) in ``order``."""
+    if order == "ordinary":
+        return indices
+    if order not in FRAME_ORDERS:
+        raise ValueError(f"frame order must be one of {FRAME_ORDERS}, got {order!r}")
+    out = indices.clone()
+    for v in range(indices.shape[0]):
+        n = indices.shape[1] if mask is None else int(mask[v].sum())
+        perm = torch.arange(n - 1, -1, -1) if order == "reverse" else torch.randperm(n, generator=generator)
+        out[v, :n] = indices[v, :n][perm]
+    return out
+
+
 class FrameSampler(ABC):
-    """Chooses ``num_frames`` frame indices per view from a video's timestamps (see module docs)."""
+    """Chooses ``num_frames`` frame indices per view from a video's timestamps (see module docs).
+
+    ``short_video`` / ``frame_order``: the options of the module docstring (class defaults ``repeat`` /
+    ``ordinary``; :func:`configure_sampler` sets them on an instance).
+    """
 
     num_frames: int
+    short_video: str = "repeat"
+    frame_order: str = "ordinary"
 
     def __init__(self, num_frames: int) -> None:
         if int(num_frames) < 1:
@@ -130,6 +181,23 @@ class FrameSampler(ABC):
         times = times.clamp(start, math.nextafter(end, -math.inf))
         return times_to_indices(timestamps, times)
 
+    def sample_indices(
+        self,
+        timestamps: Tensor,
+        duration: float,
+        *,
+        training: bool,
+        generator: torch.Generator | None = None,
+        window: Window | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Frame indices ``[V, T]`` after the ``short_video`` and ``frame_order`` options, and the bool frame mask
+        ``[V, T]`` (None with ``short_video: repeat``)."""
+        idx = self(timestamps, duration, training=training, generator=generator, window=window)
+        mask = None
+        if self.short_video == "mask":
+            idx, mask = mask_repeats(idx)
+        return order_frames(idx, mask, self.frame_order, generator), mask
+
     def view_times(
         self, start: float, end: float, *, training: bool, generator: torch.Generator | None, frame_interval: float
     ) -> Tensor:
@@ -145,9 +213,24 @@ class FrameSampler(ABC):
 SAMPLERS: Registry[type[FrameSampler]] = Registry("frame sampler")
 
 
-def build_sampler(name: str, **kwargs: Any) -> FrameSampler:
-    """Build a registered sampler by name, e.g. ``build_sampler("segment", num_frames=8)``."""
-    return SAMPLERS.build(name, **kwargs)
+def configure_sampler(
+    sampler: FrameSampler, short_video: str = "repeat", frame_order: str = "ordinary"
+) -> FrameSampler:
+    """Set the ``short_video`` / ``frame_order`` options of ``sampler`` (module docstring); returns it."""
+    if short_video not in SHORT_VIDEO_MODES:
+        raise ValueError(f"short_video must be one of {SHORT_VIDEO_MODES}, got {short_video!r}")
+    if frame_order not in FRAME_ORDERS:
+        raise ValueError(f"frame_order must be one of {FRAME_ORDERS}, got {frame_order!r}")
+    sampler.short_video, sampler.frame_order = short_video, frame_order
+    return sampler
+
+
+def build_sampler(
+    name: str, *, short_video: str = "repeat", frame_order: str = "ordinary", **kwargs: Any
+) -> FrameSampler:
+    """Build a registered sampler by name, e.g. ``build_sampler("segment", num_frames=8)``, with the
+    ``short_video`` / ``frame_order`` options (module docstring)."""
+    return configure_sampler(SAMPLERS.build(name, **kwargs), short_video, frame_order)
 
 
 @SAMPLERS.register("segment")
@@ -268,6 +351,25 @@ class MultiViewSampler(FrameSampler):
         return torch.stack(views)  # [K, T]
 
 
+def sample_clip_masked(
+    reader: Any,
+    sampler: FrameSampler,
+    training: bool,
+    generator: torch.Generator | None = None,
+    window: Window | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Sample and decode a clip from an open :class:`~vidlang.data.decoding.VideoReader`.
+
+    Returns ``uint8 [V, T, C, H, W]`` and the bool frame mask ``[V, T]`` (None unless ``short_video: mask``).
+    All views are decoded in one ``get_frames`` call.
+    """
+    idx, mask = sampler.sample_indices(
+        reader.frame_timestamps(), reader.metadata.duration, training=training, generator=generator, window=window
+    )  # [V, T]
+    frames = reader.get_frames(idx.flatten().tolist())  # [V*T, C, H, W]
+    return frames.reshape(idx.shape[0], idx.shape[1], *frames.shape[1:]), mask
+
+
 def sample_clip(
     reader: Any,
     sampler: FrameSampler,
@@ -275,12 +377,5 @@ def sample_clip(
     generator: torch.Generator | None = None,
     window: Window | None = None,
 ) -> Tensor:
-    """Sample and decode a clip from an open :class:`~vidlang.data.decoding.VideoReader`.
-
-    Returns ``uint8 [V, T, C, H, W]``. All views are decoded in one ``get_frames`` call.
-    """
-    idx = sampler(
-        reader.frame_timestamps(), reader.metadata.duration, training=training, generator=generator, window=window
-    )  # [V, T]
-    frames = reader.get_frames(idx.flatten().tolist())  # [V*T, C, H, W]
-    return frames.reshape(idx.shape[0], idx.shape[1], *frames.shape[1:])
+    """:func:`sample_clip_masked` without the mask: ``uint8 [V, T, C, H, W]``."""
+    return sample_clip_masked(reader, sampler, training, generator, window)[0]

@@ -311,7 +311,7 @@ class StreamingVideoDataset(IterableDataset):
         entry = VideoEntry(path, key, s["captions"], s["window"], s["label"], s["eval_captions"], s["meta"])
         g = torch.Generator().manual_seed(seed)
         with time_limit(self.policy.decode_timeout_s, path):
-            video, audio, has_audio = load_clip(
+            video, audio, has_audio, frame_mask = load_clip(
                 entry, raw[video_ext], self.sampler, training=self.training, generator=g, backend=self.backend,
                 resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
                 max_pixels=self.max_pixels,
@@ -320,7 +320,7 @@ class StreamingVideoDataset(IterableDataset):
         captions = pick_captions(entry.captions, mode, g)
         if self.transform is not None:
             video, captions = self.transform(video, captions, g)
-        return VideoSample(video, key, captions, entry.window, entry.label, audio, path, has_audio)
+        return VideoSample(video, key, captions, entry.window, entry.label, audio, path, has_audio, frame_mask)
 
     def _batches(self, samples: Iterator[VideoSample | SkippedSample]) -> Iterator[dict[str, Any]]:
         """Batches of ``batch_size`` served samples; skipped markers ride along (``batch["skipped"]``) without

@@ -26,6 +26,11 @@ Image-tower hooks, in call order for each forward of ``[B*T, 3, H, W]`` frames:
 Text-tower hooks (``ctx.frames == 1``): ``text_embed``, ``text_before_layer``,
 ``text_before_mlp``, ``text_after_layer`` with the same meaning on ``[A, Lt, W]``.
 
+Short clips (``data.sampling.short_video: mask``): the task puts the collated ``video_mask [B, T]`` (bool, True =
+real frame, a valid prefix in every row) in ``ctx.state[VIDEO_MASK_KEY]`` (``encode_video(video, state=...)``); the
+blocks that declare ``uses_video_mask`` leave the padded slots out of what they pool, the others refuse a mask with
+padding (:func:`vidlang.models.temporal.video_mask.video_mask_state`).
+
 Blocks put auxiliary losses in ``ctx.aux_losses`` (name -> scalar); tasks weigh them with
 :func:`vidlang.losses.aux.weigh_aux_losses` (the block's ``default_aux_weights``, then the task's overrides).
 The towers of the forward are in ``ctx.image_tower`` / ``ctx.text_tower`` (read them there: a block keeps no
@@ -43,6 +48,7 @@ from torch import Tensor, nn
 from vidlang.errors import ConfigError
 
 IMAGE_TOWER_KINDS = ("clip", "timm")  # ImageTowerView.kind: vidlang's CLIP ViT, or a timm ViT trunk
+VIDEO_MASK_KEY = "video_mask"  # HookContext.state key of the bool [B, T] frame mask (module docstring)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class TextOutput:
     embeds: Tensor  # [A, E] projected EOT features (not normalised)
     tokens: Tensor | None = None  # [A, Lt, E] projected token features (Mug)
     mask: Tensor | None = None  # [A, Lt] bool, True for real tokens
+    hidden: Tensor | None = None  # [A, Lt, W] output of the last text layer, before ln_final (M2-CLIP's MLM)
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -153,6 +160,8 @@ class TemporalBlock(nn.Module):
     - ``token_dim``: the width D of ``VideoOutput.tokens`` (None: the block outputs no tokens).
     - ``embed_head``: the module that turns the tokens into the pooled embedding (None if there is none), which a
       consumer of the tokens alone (the chat encoder) leaves untrained.
+    - ``uses_video_mask``: True if ``pool`` honours ``ctx.state[VIDEO_MASK_KEY]`` (padded frames of short clips
+      left out); blocks without it refuse a mask with padding.
     - ``supported_towers``: the image-tower kinds the block works on; :meth:`check_tower` refuses the others (and
       rotary towers for blocks that append image tokens, ``appends_image_tokens``) with a ConfigError.
     """
@@ -164,6 +173,7 @@ class TemporalBlock(nn.Module):
     default_aux_weights: ClassVar[Mapping[str, float]] = {}
     lr_mults: ClassVar[Mapping[str, float]] = {"": 1.0}
     weight_decays: ClassVar[Mapping[str, float]] = {}
+    uses_video_mask: ClassVar[bool] = False
     supported_towers: ClassVar[frozenset[str]] = frozenset(IMAGE_TOWER_KINDS)
     tower_requirement: ClassVar[str] = ""  # why a kind is not supported (part of check_tower's message)
 

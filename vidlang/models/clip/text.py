@@ -76,7 +76,7 @@ class TextTower(LegacyLayerKeys, Tower):
         tokens = self.ln_final(x) @ self.text_projection  # [A, Lt, E]
         last = mask.sum(-1) - 1  # [A] index of EOT
         embeds = tokens[torch.arange(a, device=tokens.device), last]  # [A, E]
-        return TextOutput(embeds=embeds, tokens=tokens, mask=mask, aux_losses=ctx.aux_losses)
+        return TextOutput(embeds=embeds, tokens=tokens, mask=mask, hidden=x, aux_losses=ctx.aux_losses)
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """``[A, Lt]`` ids -> token + position embeddings ``[A, Lt, W]``."""

@@ -4,10 +4,17 @@ frame embeds ``[B, T, E]`` + learnable frame position embedding -> ``layers`` pr
 (heads ``E // 64``) -> residual add to the input frame embeds -> (per-frame L2 normalisation, as
 CLIP4Clip does before its mean) -> mean over T.
 
+Short clips with a video mask (``ctx.state["video_mask"]``, :mod:`.video_mask`): the padded slots are masked
+out as attention keys and left out of the mean, so a padded short clip embeds exactly as the short clip alone
+(its real frames keep positions ``0..n-1``), as CLIP4Clip's masked attention and masked mean do.
+
 Like CLIP4Clip, :meth:`init_from_tower` copies the text tower's positional embedding (first
 ``max_frames`` rows) and its first ``layers`` layers (as many as it has) into the block when the shapes match
 (CLIP text width == E for OpenAI CLIP). Nothing is zero-initialised, so the block is *not* the
 identity at init (``zero_init_identity = False``), faithful to CLIP4Clip.
+
+Deviations from CLIP4Clip: LayerNorm eps 1e-5 (CLIP's) where its cross-module layers use 1e-12; a key mask
+instead of its additive -1e6 (the same attention weights, exactly zero on padding).
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from torch import Tensor, nn
 from vidlang.models.clip.layers import LegacyLayerKeys, ResidualAttentionLayer, init_transformer_
 from vidlang.models.contract import HookContext, ImageTowerView, TemporalBlock, TextTowerView, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
+from vidlang.models.temporal.video_mask import masked_mean, video_mask_of
 
 
 @BLOCKS.register("seq_transformer")
 class SeqTransformer(LegacyLayerKeys, TemporalBlock):
     freeze_backbone = False
+    uses_video_mask = True
 
     def __init__(
         self,
@@ -67,10 +76,12 @@ class SeqTransformer(LegacyLayerKeys, TemporalBlock):
         t = frame_embeds.shape[1]
         if t > self.max_frames:
             raise ValueError(f"seq_transformer got {t} frames but max_frames={self.max_frames}; raise max_frames")
+        mask = video_mask_of(ctx, frame_embeds.shape[0], t)  # [B, T] or None
+        keys = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T]: padded frames are no keys
         x = frame_embeds + self.frame_position_embedding[:t].to(frame_embeds.dtype)  # [B, T, E]
         for blk in self.layers:
-            x = blk(x)
+            x = blk(x, attn_mask=keys)
         x = x + frame_embeds  # residual to the input frame embeddings
         if self.normalize_frames:
             x = F.normalize(x, dim=-1)
-        return VideoOutput(embeds=x.mean(dim=1), frame_embeds=x)
+        return VideoOutput(embeds=masked_mean(x, mask), frame_embeds=x)

@@ -1,4 +1,5 @@
-"""``ted`` (M2-CLIP): TED adapters on the residual stream, text adapters; backbone frozen.
+"""``ted`` (M2-CLIP): TED adapters on the residual stream, a temporal conv on the frame embeddings, text
+adapters; backbone frozen.
 
 TED adapter on ``x [B*T, 1+N, C]`` (bottleneck ``r = min(bottleneck, C)``, default 384):
 
@@ -8,31 +9,53 @@ TED adapter on ``x [B*T, 1+N, C]`` (bottleneck ``r = min(bottleneck, C)``, defau
   depthwise Conv3d kernel (1, 3, 3) over the patch grid (zero-init) -> Linear r->C; 0 for CLS;
 - output ``x + enh(x) + diff(x)``.
 
-The enhancement's up-projection bias is zero too, so every adapter starts as the identity; the
-difference path is bias-free (linear in ``D``), so it is exactly zero on a static video. Placement by
-``variant``: ``"12x"`` one adapter before the MLP of each layer (``before_mlp``), ``"24x"`` one more
-before attention (``before_layer``). Text adapters: ``x + up(GELU(down(x)))`` (W -> r -> W, up
-projection zero-init) after the chosen text layers (``text_layers``; all by default, ``[]`` for none).
+The convolutions and the biases of the linear layers start at zero, so every adapter starts as the identity.
+Placement by ``variant``: ``"12x"`` one adapter before the MLP of each layer (``before_mlp``), ``"24x"`` one
+more before attention (``before_layer``). ``diff_bias``: the difference path's Linear / Conv3d layers carry
+(zero-initialised) biases as in the official code; without them (the default) the path is linear in ``D``,
+hence exactly 0 on static content also after training.
 
-M2-CLIP trains only the adapters (lr 1e-3 x batch / 256 as the task's base lr, so the default ``lr_mults``).
-Its multi-task recognition losses (soft-target video-text KL, cross-modal CE on logits, visual
-linear-head CE, cross-modal MLM at weight 0.1) belong to the recognition task, not to this block.
+Frame adapter (``frame_adapter``, on by default): before the mean over T, the projected frame embeddings
+``[B, T, E]`` go through ``x + Linear(E/2->E)(depthwise Conv1d_T(k=3)(Linear(E->E/2)(x)))`` (no activation;
+the conv zero-initialised, so it starts as the identity); ``VideoOutput.frame_embeds`` are its output (what
+M2-CLIP's MLM attends to).
+
+Text adapters ``x + up(GELU(down(x)))`` (W -> r -> W) in the text layers ``text_layers`` (all by default,
+``[]`` for none; negative indices count from the last layer), at ``text_position``: ``"after"`` the layer
+(default) or ``"mlp"``, before the layer's MLP (official). ``text_up_init``: ``"zero"`` (default: the block
+starts as frame-mean CLIP) or ``"random"`` (PyTorch's default Linear init, official: the text features change
+at init). The official B/16 "12x" layout is ``text_layers=[11], text_position="mlp", text_up_init="random",
+diff_bias=True``; its 13th text block (the MLM's cross-attention, with its own text adapter) is
+:class:`vidlang.losses.m2clip.M2CLIPMLM`, owned by the recognition task.
+
+M2-CLIP trains only the adapters (lr 1e-3 x batch / 256 as the task's base lr), the text adapters at half that
+(``lr_mults``). Its multi-task recognition losses (soft-target video-text KL, cross-modal CE, visual linear-head
+CE, cross-modal MLM) belong to the recognition task (:mod:`vidlang.losses.m2clip`), not to this block.
+
+Deviations from the official code:
+
+- Defaults: text adapters after every text layer with a zero up-projection, and a bias-free difference path
+  (vidlang's identity-at-init variant); the official layout is one argument set away (above).
+- Checkpoints written before the frame adapter existed load with it at its identity init (same outputs).
+- The video mask of short clips is not honoured (the adapters mix frames inside the image tower):
+  ``uses_video_mask`` is False.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec
-
-# variant name -> hook positions that get an adapter
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
 
 # variant name -> hook positions that get an adapter
 VARIANTS: dict[str, tuple[str, ...]] = {"12x": ("mlp",), "24x": ("attn", "mlp")}
+TEXT_POSITIONS = ("after", "mlp")  # text adapter after the layer, or before its MLP (official)
+TEXT_UP_INITS = ("zero", "random")  # text adapter up-projection: zero (identity at init) or PyTorch default
 
 
 def temporal_difference(x: Tensor, frames: int) -> Tensor:
@@ -43,20 +66,21 @@ def temporal_difference(x: Tensor, frames: int) -> Tensor:
 class TEDAdapter(nn.Module):
     """Temporal enhancement + temporal difference adapter (identity at init)."""
 
-    def __init__(self, width: int, bottleneck: int, kernel_t: int = 3) -> None:
+    def __init__(self, width: int, bottleneck: int, kernel_t: int = 3, diff_bias: bool = False) -> None:
         super().__init__()
         r = bottleneck
         self.enh_down = nn.Linear(width, r)
         self.enh_conv = nn.Conv1d(r, r, kernel_t, padding=kernel_t // 2, groups=r)
         self.enh_up = nn.Linear(r, width)
-        # the difference path has no biases: it is linear in D, so exactly 0 on static content
-        self.diff_down = nn.Linear(width, r, bias=False)
-        self.diff_conv = nn.Conv3d(r, r, (1, 3, 3), padding=(0, 1, 1), groups=r, bias=False)
-        self.diff_up = nn.Linear(r, width, bias=False)
+        # without biases the difference path is linear in D, so exactly 0 on static content
+        self.diff_down = nn.Linear(width, r, bias=diff_bias)
+        self.diff_conv = nn.Conv3d(r, r, (1, 3, 3), padding=(0, 1, 1), groups=r, bias=diff_bias)
+        self.diff_up = nn.Linear(r, width, bias=diff_bias)
         nn.init.zeros_(self.enh_conv.weight)
-        nn.init.zeros_(self.enh_conv.bias)
         nn.init.zeros_(self.diff_conv.weight)
-        nn.init.zeros_(self.enh_up.bias)
+        for layer in (self.enh_down, self.enh_conv, self.enh_up, self.diff_down, self.diff_conv, self.diff_up):
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def enhancement(self, x: Tensor, b: int, t: int) -> Tensor:
         """``x [B*T, L, C]`` -> ``[B*T, L, C]``: depthwise temporal conv of every token's bottleneck."""
@@ -77,16 +101,42 @@ class TEDAdapter(nn.Module):
         return x + self.enhancement(x, b, t) + self.difference(x, b, t, grid)
 
 
-class TextAdapter(nn.Module):
-    """Residual bottleneck MLP ``x + up(GELU(down(x)))`` with a zero-initialised up projection."""
+class FrameAdapter(nn.Module):
+    """M2-CLIP's temporal conv on the projected frame embeddings: ``x + up(conv_T(down(x)))`` on ``[B, T, E]``.
 
-    def __init__(self, width: int, bottleneck: int) -> None:
+    ``down`` E -> E/2 and ``up`` E/2 -> E (PyTorch default weights, zero biases), a depthwise Conv1d over T
+    (kernel 3, weight and bias zero: the identity at init); no activation.
+    """
+
+    def __init__(self, embed_dim: int, kernel_t: int = 3) -> None:
         super().__init__()
+        r = max(1, embed_dim // 2)
+        self.down = nn.Linear(embed_dim, r)
+        self.conv = nn.Conv1d(r, r, kernel_t, padding=kernel_t // 2, groups=r)
+        self.up = nn.Linear(r, embed_dim)
+        for p in (self.down.bias, self.conv.weight, self.conv.bias, self.up.bias):
+            nn.init.zeros_(p)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, T, E] -> [B, T, E]
+        h = self.conv(self.down(x).transpose(1, 2)).transpose(1, 2)  # [B, T, E/2]
+        return x + self.up(h)
+
+
+class TextAdapter(nn.Module):
+    """Residual bottleneck MLP ``x + up(GELU(down(x)))`` (biases zero; ``up_init``: ``"zero"`` weight, the
+    identity at init, or ``"random"``, PyTorch's default as M2-CLIP)."""
+
+    def __init__(self, width: int, bottleneck: int, up_init: str = "zero") -> None:
+        super().__init__()
+        if up_init not in TEXT_UP_INITS:
+            raise ValueError(f"text adapter up_init {up_init!r} unknown; choose one of {TEXT_UP_INITS}")
         self.down = nn.Linear(width, bottleneck)
         self.act = nn.GELU()
         self.up = nn.Linear(bottleneck, width)
-        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
+        if up_init == "zero":
+            nn.init.zeros_(self.up.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.up(self.act(self.down(x)))
@@ -94,10 +144,11 @@ class TextAdapter(nn.Module):
 
 @BLOCKS.register("ted")
 class TED(TemporalBlock):
-    """M2-CLIP's TED adapters (vision) and text adapters; frozen CLIP; mean over T."""
+    """M2-CLIP's TED adapters (vision), frame adapter and text adapters; frozen CLIP; mean over T."""
 
     freeze_backbone = True
-    zero_init_identity = True
+    zero_init_identity = True  # with the default text_up_init="zero"
+    lr_mults = {"": 1.0, "text_adapters": 0.5}  # M2-CLIP: text adapters at half the adapters' lr
 
     def __init__(
         self,
@@ -107,24 +158,35 @@ class TED(TemporalBlock):
         kernel_t: int = 3,
         text_layers: Sequence[int] | None = None,
         text_bottleneck: int = 384,
+        frame_adapter: bool = True,
+        text_position: str = "after",
+        text_up_init: str = "zero",
+        diff_bias: bool = False,
     ) -> None:
         super().__init__(spec)
         if variant not in VARIANTS:
             raise ValueError(f"ted variant {variant!r} unknown; choose one of {sorted(VARIANTS)}")
+        if text_position not in TEXT_POSITIONS:
+            raise ValueError(f"ted text_position {text_position!r} unknown; choose one of {TEXT_POSITIONS}")
         self.variant = variant
+        self.text_position = text_position
         r = min(bottleneck, spec.width)
         self.adapters = nn.ModuleDict(
             {
-                pos: nn.ModuleList(TEDAdapter(spec.width, r, kernel_t) for _ in range(spec.layers))
+                pos: nn.ModuleList(TEDAdapter(spec.width, r, kernel_t, diff_bias) for _ in range(spec.layers))
                 for pos in VARIANTS[variant]
             }
         )
-        layers = range(spec.text_layers) if text_layers is None else list(text_layers)
-        bad = [i for i in layers if not 0 <= i < spec.text_layers]
+        self.frame_adapter = FrameAdapter(spec.embed_dim) if frame_adapter else None
+        n = spec.text_layers
+        layers = range(n) if text_layers is None else list(text_layers)
+        bad = [i for i in layers if not -n <= i < n]
         if bad:
-            raise ValueError(f"ted text_layers {bad} outside the text tower's {spec.text_layers} layers")
+            raise ValueError(f"ted text_layers {bad} outside the text tower's {n} layers")
         rt = min(text_bottleneck, spec.text_width)
-        self.text_adapters = nn.ModuleDict({str(i): TextAdapter(spec.text_width, rt) for i in layers})
+        self.text_adapters = nn.ModuleDict(
+            {str(i % n): TextAdapter(spec.text_width, rt, text_up_init) for i in sorted({i % n for i in layers})}
+        )
 
     def _adapt(self, pos: str, i: int, x: Tensor, ctx: HookContext) -> Tensor:
         if pos not in self.adapters:
@@ -137,6 +199,27 @@ class TED(TemporalBlock):
     def before_mlp(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
         return self._adapt("mlp", i, x, ctx)
 
-    def text_after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
+    def _text_adapt(self, position: str, i: int, x: Tensor) -> Tensor:
         key = str(i)
-        return self.text_adapters[key](x) if key in self.text_adapters else x
+        if position != self.text_position or key not in self.text_adapters:
+            return x
+        return self.text_adapters[key](x)
+
+    def text_before_mlp(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
+        return self._text_adapt("mlp", i, x)
+
+    def text_after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
+        return self._text_adapt("after", i, x)
+
+    def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
+        if self.frame_adapter is not None:
+            frame_embeds = self.frame_adapter(frame_embeds)  # [B, T, E]
+        return VideoOutput(embeds=frame_embeds.mean(dim=1), frame_embeds=frame_embeds)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints from before the frame adapter: it loads at its identity init (conv zero: same outputs)
+        key = prefix + "frame_adapter."
+        if self.frame_adapter is not None and not any(k.startswith(key) for k in state_dict):
+            for name, value in self.frame_adapter.state_dict().items():
+                state_dict[key + name] = torch.zeros_like(value) if name.startswith("conv.") else value.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
