@@ -273,9 +273,9 @@ def test_kill_9_during_checkpoint_saves_many_times(tmp_path):
 def test_fit_and_demo_trainers_save_atomically(tmp_path):
     from unittest import mock
 
+    from vidlang.cli.lightning import VidlangCLI
     from vidlang.demo import DemoConfig, build
     from vidlang.io import AtomicCheckpointIO
-    from vidlang.training.cli import VidlangCLI
 
     root = Path(__file__).resolve().parents[1]
     args = ["--config", str(root / "configs/retrieval/mean.yaml"),

@@ -158,8 +158,8 @@ def test_checkpoint_round_trip_with_audio(corpus, tmp_path):
 
 def test_audio_config_parses_with_lightning_cli(tmp_path):
     """configs/retrieval/audio_gated_sum.yaml through LightningCLI (shrunk by overrides) builds an audio task."""
+    from vidlang.cli.lightning import VidlangCLI
     from vidlang.models.fusion import AudioVisualModel
-    from vidlang.training.cli import VidlangCLI
 
     tiny_audio = '{"width": 32, "layers": 1, "heads": 2, "num_mel_bins": 128, "frames": 204}'
     cli = VidlangCLI(

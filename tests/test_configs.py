@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from vidlang.cli.lightning import VidlangCLI
 from vidlang.data.formats import FORMATS
 from vidlang.models.factory import ModelConfig
-from vidlang.training.cli import VidlangCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

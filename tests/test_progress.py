@@ -78,7 +78,7 @@ class _Tiny(pl.LightningModule):
 
 
 def test_lightning_line_progress_bar_one_line_per_epoch(tmp_path, capfd):
-    from vidlang.training.progress import LineProgressBar
+    from vidlang.cli.progress_bar import LineProgressBar
 
     data = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)  # 4 batches per epoch
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -118,8 +118,8 @@ def test_demo_log_file_has_no_carriage_returns(tmp_path):
 
 
 def test_cli_trainer_gets_the_line_bar_outside_a_tty(tmp_path, monkeypatch):
-    from vidlang.training.cli import VidlangCLI
-    from vidlang.training.progress import LineProgressBar
+    from vidlang.cli.lightning import VidlangCLI
+    from vidlang.cli.progress_bar import LineProgressBar
 
     monkeypatch.delenv("VIDLANG_PROGRESS", raising=False)
     config = tmp_path / "c.yaml"

@@ -67,12 +67,12 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
+    from vidlang.cli.progress_bar import default_progress_bar
     from vidlang.data.config import LoaderConfig, SamplingConfig, TransformConfig
     from vidlang.data.datamodule import VideoDataModule
     from vidlang.io import with_atomic_checkpoint_io
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
-    from vidlang.training.progress import default_progress_bar
 
     manifest = str(corpus / "manifest.csv")
     data = VideoDataModule(

@@ -3,7 +3,7 @@
 A live bar redraws itself with carriage returns; written to a file it becomes thousands of updates on one
 "line". Outside a terminal (stderr not a TTY) vidlang prints plain lines instead: :func:`progress` (the tqdm
 bars of long commands) prints one line per ``every`` percent, and
-:class:`vidlang.training.progress.LineProgressBar` (Lightning ``fit``/``validate``/``test``, the demo) one
+:class:`vidlang.cli.progress_bar.LineProgressBar` (Lightning ``fit``/``validate``/``test``, the demo) one
 line per epoch, per validation / test run and, in long epochs, per ``every`` percent at most every
 ``min_interval_s`` seconds. Lines go to stderr (stdout is flushed first, so a log that merges both keeps the
 order). ``VIDLANG_PROGRESS=lines`` or ``bars`` overrides the detection.

@@ -17,7 +17,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def run_lightning(argv: Sequence[str]) -> int:
     import sys
 
-    from vidlang.training.cli import VidlangCLI
+    from vidlang.cli.lightning import VidlangCLI
 
     saved = sys.argv
     sys.argv = ["vidlang", *argv]  # LightningCLI reads sys.argv (passing args too only warns); prog "vidlang fit"

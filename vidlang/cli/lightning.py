@@ -177,7 +177,7 @@ class VidlangCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> pl.Trainer:
         from pytorch_lightning.callbacks import ProgressBar
 
-        from vidlang.training.progress import default_progress_bar
+        from vidlang.cli.progress_bar import default_progress_bar
 
         given = list(callbacks) + list(config.get("callbacks") or [])
         bar = default_progress_bar()

@@ -1,5 +1,8 @@
 """The ``vidlang`` entry point: dispatches to the commands registered in :mod:`vidlang.commands`.
 
+This package also holds the Lightning side of ``vidlang fit|validate|test``: :mod:`vidlang.cli.lightning`
+(the LightningCLI) and :mod:`vidlang.cli.progress_bar` (progress as lines outside a terminal).
+
 Errors. A user error -- a :class:`~vidlang.errors.VidlangUserError` (bad config value, missing, unsafe or
 wrong-kind checkpoint, ...), a :class:`~vidlang.data.formats.base.FormatError` (malformed annotation file) or a
 command-line parse error -- prints one line on stderr and exits with status 2. Every other exception is a bug
@@ -110,6 +113,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error_message(err)}", file=sys.stderr, flush=True)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

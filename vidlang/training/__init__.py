@@ -1,1 +1,0 @@
-"""Training glue shared by the tasks: the LightningCLI and callbacks."""
