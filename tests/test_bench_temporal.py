@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vidlang.bench._temporal_data import augment, eval_indices
-from vidlang.bench._temporal_train import TrainRecipe, model_config, motion_metrics
+from vidlang.bench.motion.data import augment, eval_indices
+from vidlang.bench.motion.train import TrainRecipe, model_config, motion_metrics
 from vidlang.data.synthetic import MOTIONS, REVERSE_PAIRS, encode_video, make_specs, render_video
 from vidlang.data.transforms import normalize
 from vidlang.models.factory import build_model
@@ -69,7 +69,7 @@ def test_eval_indices_refuse_asymmetric_layout():
 def test_augment_swaps_labels_with_the_transform():
     import itertools
 
-    from vidlang.bench._temporal_data import AUGMENTATIONS
+    from vidlang.bench.motion.data import AUGMENTATIONS
 
     names = {m: MOTIONS.index(m) for m in MOTIONS}
     assert [MOTIONS[i] for i in AUGMENTATIONS["reverse_time"][1]] == [REVERSE_PAIRS.get(m, m) for m in MOTIONS]
@@ -147,8 +147,8 @@ def test_tiny_benchmark_run(tmp_path, capsys):
 
 
 def test_calibrate_embed_norm_sets_the_scale_and_keeps_directions():
-    from vidlang.bench._temporal_data import ClipBank
-    from vidlang.bench._temporal_train import calibrate_embed_norm
+    from vidlang.bench.motion.data import ClipBank
+    from vidlang.bench.motion.train import calibrate_embed_norm
 
     torch.manual_seed(0)
     n = 6
@@ -166,3 +166,21 @@ def test_calibrate_embed_norm_sets_the_scale_and_keeps_directions():
     assert factor > 0 and not math.isclose(factor, 1.0, rel_tol=1e-3)
     assert torch.allclose(after, factor * before, rtol=1e-4, atol=1e-6)  # same directions, new scale
     assert after.norm(dim=-1).mean().item() == pytest.approx(0.5, rel=0.3)
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(300, 0.1), (1000, 0.1), (7, 0.0), (5, 0.5)])
+def test_bench_schedule_is_the_tasks_warmup_cosine(steps, warmup):
+    """The benchmark's lr schedule is the tasks' (``vidlang.tasks.schedule``), with the factors of the closed form
+    it used to write out itself: ``(s+1)/w`` while warming up (w >= 1 step), then a cosine from 1 to 0."""
+    from vidlang.bench.motion.train import schedule
+
+    w = max(1, round(steps * warmup))
+    expected = [(s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
+                for s in range(steps)]  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched, got = schedule(opt, steps, warmup), []
+    for _ in range(steps):
+        got.append(opt.param_groups[0]["lr"] / 2.0)
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, abs=1e-12)

@@ -3,7 +3,7 @@
 1. Corpus: ``vidlang.data.synthetic`` (9 motion classes, 8 of them time-reversed pairs such as moving
    left / moving right), 64 px, 24 frames at 8 fps, reused if ``--corpus`` already holds one.
 2. Shared start: the ``vit_tiny`` image tower is pre-trained on single frames (order-free) with the
-   temporal benchmark's pre-training (:func:`vidlang.bench._temporal_train.pretrain`), saved as a
+   temporal benchmark's pre-training (:func:`vidlang.bench.motion.train.pretrain`), saved as a
    safetensors file and loaded by every block through ``ModelConfig(pretrained=FILE)`` / ``build_model``
    with the block's default freezing (``freeze="auto"``). The text tower stays random (the classifier
    is the linear head, reset to the same seeded init for every block).
@@ -89,10 +89,10 @@ def crops_agree(logits: Tensor, clips: int, crops: int, atol: float = 1e-4) -> b
 
 class LabelAwareAugment:
     """Lightning callback: per training clip, with p = 0.5 each, time reversal and horizontal / vertical
-    flips with the matching label swaps (``vidlang.bench._temporal_data.AUGMENTATIONS``), in place on the batch."""
+    flips with the matching label swaps (``vidlang.bench.motion.data.AUGMENTATIONS``), in place on the batch."""
 
     def __init__(self, class_names: list[str], seed: int) -> None:
-        from vidlang.bench._temporal_data import AUGMENTATIONS
+        from vidlang.bench.motion.data import AUGMENTATIONS
         from vidlang.data.synthetic.spec import LABEL_NAMES, MOTIONS
 
         order = [class_names.index(LABEL_NAMES[m]) for m in MOTIONS]  # motion index -> class label
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str], Path]:
     """Corpus, held-out manifest (val + test rows), class names and tokenizer directory."""
-    from vidlang.bench._temporal_data import ensure_corpus
+    from vidlang.bench.motion.data import ensure_corpus
     from vidlang.models.clip.tokenizer import train_tokenizer
     from vidlang.tasks.recognition import VIFI_TEMPLATES, prompts_for
 
@@ -162,8 +162,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str], Path]:
 
 def pretrained_tower(args: argparse.Namespace, corpus: Path) -> tuple[Path, dict]:
     """The temporal benchmark's shared single-frame pre-training, saved once to ``OUT/pretrained.safetensors``."""
-    from vidlang.bench._temporal_data import load_bank, read_manifest
-    from vidlang.bench._temporal_train import TrainRecipe, pretrain
+    from vidlang.bench.motion.data import load_bank, read_manifest
+    from vidlang.bench.motion.train import TrainRecipe, pretrain
 
     recipe = TrainRecipe(frames=args.frames, pretrain_steps=args.pretrain_steps, seed=args.seed)
     weights, meta = args.out / "pretrained.safetensors", args.out / "pretrained.json"
@@ -200,7 +200,7 @@ def datamodule(args: argparse.Namespace, corpus: Path, held: Path, multiview: bo
 def build_task(args: argparse.Namespace, block: str, weights: Path, tok: Path, classes: list[str]):
     import pytorch_lightning as pl
 
-    from vidlang.bench._temporal_train import BLOCK_ARGS, TrainRecipe, recipe_lr_mults
+    from vidlang.bench.motion.train import BLOCK_ARGS, TrainRecipe, recipe_lr_mults
     from vidlang.models.factory import ModelConfig
     from vidlang.models.temporal import BLOCKS
     from vidlang.tasks.recognition import RecognitionTask

@@ -75,8 +75,8 @@ def time_blocks(models: dict[str, tuple], bank, indices, recipe, rounds: int) ->
     """Median fwd+bwd ms per block on one fixed batch, blocks run round-robin (same machine load)."""
     import torch
 
-    from vidlang.bench._temporal_data import clips_at
-    from vidlang.bench._temporal_train import _loss
+    from vidlang.bench.motion.data import clips_at
+    from vidlang.bench.motion.train import _loss
     from vidlang.data.transforms import normalize
 
     videos = torch.arange(min(recipe.batch, len(bank)))
@@ -98,8 +98,8 @@ def time_blocks(models: dict[str, tuple], bank, indices, recipe, rounds: int) ->
 
 def run_benchmark(args: argparse.Namespace, recipe, blocks: list[str], progress: bool = True) -> dict[str, Any]:
     """The whole benchmark (see module docs) -> results dict (``rows`` = one dict per block)."""
-    from vidlang.bench._temporal_data import ensure_corpus, eval_indices, load_bank, read_manifest
-    from vidlang.bench._temporal_train import (
+    from vidlang.bench.motion.data import ensure_corpus, eval_indices, load_bank, read_manifest
+    from vidlang.bench.motion.train import (
         ORDER_TOLERANCE,
         build_block_model,
         motion_metrics,
@@ -181,7 +181,7 @@ class TemporalBench:
     help = "train every temporal block from one start on the synthetic corpus: can it tell a motion from its reverse?"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from vidlang.bench._temporal_train import TrainRecipe
+        from vidlang.bench.motion.train import TrainRecipe
 
         d = TrainRecipe()
         parser.add_argument("--corpus", type=Path, default=None,
@@ -209,7 +209,7 @@ class TemporalBench:
     def run(self, args: argparse.Namespace) -> int:
         import torch
 
-        from vidlang.bench._temporal_train import TrainRecipe
+        from vidlang.bench.motion.train import TrainRecipe
         from vidlang.models.temporal import BLOCKS
 
         torch.set_num_threads(args.threads)

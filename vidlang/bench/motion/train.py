@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.bench._temporal_data import ClipBank, augment, clips_at, frame_moments, pair_members, train_indices
+from vidlang.bench.motion.data import ClipBank, augment, clips_at, frame_moments, pair_members, train_indices
 from vidlang.data.synthetic.spec import COLORS, MOTIONS, SHAPES
 from vidlang.data.transforms import normalize
 from vidlang.losses.aux import weigh_aux_losses
@@ -32,6 +31,7 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.optim import join
 from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel
+from vidlang.tasks.schedule import warmup_cosine
 
 IMAGE = "vit_tiny"
 
@@ -56,7 +56,7 @@ class TrainRecipe:
     warmup: float = 0.1  # fraction of steps
     seed: int = 0
     eval_batch: int = 64
-    augment: bool = True  # time reversal + flips with the matching label swaps (see _temporal_data.augment)
+    augment: bool = True  # time reversal + flips with the matching label swaps (see motion.data.augment)
 
 
 # recognition has no captions: blocks whose auxiliary head needs them run without it (as in configs/recognition/)
@@ -83,15 +83,10 @@ def rms_embed(embeds: Tensor) -> Tensor:
     return F.normalize(embeds.float(), dim=-1) * math.sqrt(embeds.shape[-1])
 
 
-def lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
-    w = max(1, round(steps * warmup))
-
-    def f(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
-
-    return f
+def schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The tasks' linear warm-up + cosine decay to 0 (:func:`vidlang.tasks.schedule.warmup_cosine`) over ``steps``,
+    warming up for ``warmup`` of them (at least one step)."""
+    return warmup_cosine(opt, max(1, round(steps * warmup)), steps)
 
 
 def batch_order(n: int, steps: int, batch: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -157,7 +152,7 @@ def pretrain(
                            "geometry": nn.Linear(e, 5)})  # fmt: skip
     params = [p for n, p in model.named_parameters() if n.startswith("image_tower.")] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.pretrain_lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.pretrain_steps, recipe.warmup))
+    sched = schedule(opt, recipe.pretrain_steps, recipe.warmup)
     g = torch.Generator().manual_seed(recipe.seed + 1)
     t0, last = time.perf_counter(), {}
     for _ in tqdm(range(recipe.pretrain_steps), desc="pre-train (single frames)", disable=not progress):
@@ -234,7 +229,7 @@ def train_block(
 
     model.train()
     opt = _optimizer(model, head, recipe)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.steps, recipe.warmup))
+    sched = schedule(opt, recipe.steps, recipe.warmup)
     ids, gens = batch_order(len(bank), recipe.steps, recipe.batch, recipe.seed + 2)
     wall, cpu, updated = [], [], set()
     for step in tqdm(range(recipe.steps), desc=desc, disable=not progress):
