@@ -76,7 +76,7 @@ def time_blocks(models: dict[str, tuple], bank, indices, recipe, rounds: int) ->
     import torch
 
     from vidlang.bench.motion.data import clips_at
-    from vidlang.bench.motion.train import _loss
+    from vidlang.bench.motion.train import motion_loss
     from vidlang.data.transforms import normalize
 
     videos = torch.arange(min(recipe.batch, len(bank)))
@@ -87,7 +87,7 @@ def time_blocks(models: dict[str, tuple], bank, indices, recipe, rounds: int) ->
             model.train()
             x = normalize(clips, model.image_mean, model.image_std)
             t0 = time.perf_counter()
-            _loss(model, head, x, bank.labels[videos]).backward()
+            motion_loss(model, head, x, bank.labels[videos]).backward()
             elapsed = time.perf_counter() - t0
             model.zero_grad(set_to_none=True)
             head.zero_grad(set_to_none=True)

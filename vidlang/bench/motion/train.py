@@ -214,7 +214,8 @@ def _optimizer(model: VideoTextModel, head: nn.Linear, recipe: TrainRecipe) -> t
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.98))
 
 
-def _loss(model: VideoTextModel, head: nn.Linear, clips: Tensor, labels: Tensor) -> Tensor:
+def motion_loss(model: VideoTextModel, head: nn.Linear, clips: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of the head on the RMS-normalised video embedding + the block's weighted aux losses."""
     out = model.encode_video(clips)
     loss = F.cross_entropy(head(rms_embed(out.embeds)), labels)
     aux, _ = weigh_aux_losses(out.aux_losses, model.block.default_aux_weights)
@@ -236,7 +237,7 @@ def train_block(
         clips, labels = train_batch(bank, ids[step], gens[step], recipe)
         clips = normalize(clips, model.image_mean, model.image_std)
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = _loss(model, head, clips, labels)
+        loss = motion_loss(model, head, clips, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0:
