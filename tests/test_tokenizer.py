@@ -108,3 +108,18 @@ def test_from_vocab_and_merges_via_transformers(tmp_path):
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         ClipTokenizer.from_dir(tmp_path)
+
+
+def test_state_round_trip_is_plain_data_and_identical(trained, tmp_path):
+    """What a checkpoint embeds (``ClipTokenizer.state``) is plain strings and ints, loads with
+    ``weights_only=True`` and gives back a tokenizer that encodes exactly as the original."""
+    from vidlang.models.clip.tokenizer import TOKENIZER_KEY
+
+    tok, _ = trained
+    torch.save({TOKENIZER_KEY: tok.state()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)[TOKENIZER_KEY]
+    assert all(isinstance(v, (str, int, type(None))) for v in state.values())
+    back = ClipTokenizer.from_state(state)
+    assert (back.bos_id, back.eot_id, back.pad_id, back.context_length) == (tok.bos_id, tok.eot_id, tok.pad_id, 12)
+    for a, b in zip(back(CAPTIONS[:5]), tok(CAPTIONS[:5]), strict=True):
+        assert torch.equal(a, b)

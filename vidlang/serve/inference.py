@@ -401,8 +401,8 @@ def _config_of(hparams: dict[str, Any], path: str) -> Any:
 
 @CHECKPOINT_KINDS.register("retrieval")
 def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> InferenceBundle:
+    from vidlang.models.clip.tokenizer import TOKENIZER_KEY, ClipTokenizer
     from vidlang.models.factory import build_model
-    from vidlang.tasks.common import TOKENIZER_KEY, tokenizer_from_state
 
     hp = ckpt.get("hyper_parameters", {})
     cfg = _config_of(hp, path)
@@ -413,7 +413,7 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
                               f"unexpected {unexpected[:6]}")
-    tok = tokenizer_from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
+    tok = ClipTokenizer.from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
     return InferenceBundle(model, tok, cfg.inference_frames, device, file_fingerprint(path), audio_frontend=frontend,
                            audio_model=full)
 

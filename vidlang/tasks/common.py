@@ -8,29 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vidlang.models.clip.tokenizer import TOKENIZER_KEY, ClipTokenizer
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine
-
-TOKENIZER_KEY = "vidlang_tokenizer"
-
-
-def tokenizer_state(tok: Any) -> dict[str, Any]:
-    """A ``ClipTokenizer`` as plain strings/ints (safe for ``torch.load(weights_only=True)``)."""
-    return {
-        "tokenizer_json": tok.tokenizer.to_str(),
-        "bos_token": tok.bos_token,
-        "eot_token": tok.eot_token,
-        "pad_token": tok.pad_token,
-        "context_length": tok.context_length,
-    }
-
-
-def tokenizer_from_state(state: dict[str, Any]) -> Any:
-    from tokenizers import Tokenizer
-
-    from vidlang.models.clip.tokenizer import ClipTokenizer
-
-    tok = Tokenizer.from_str(state["tokenizer_json"])
-    return ClipTokenizer(tok, state["bos_token"], state["eot_token"], state["pad_token"], state["context_length"])
 
 
 def normalize_uint8_video(batch: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
@@ -122,8 +101,6 @@ class TokenizerMixin:
 
     def _find_tokenizer(self) -> Any:
         if self.hparams.tokenizer:
-            from vidlang.models.clip.tokenizer import ClipTokenizer
-
             return ClipTokenizer.from_dir(self.hparams.tokenizer, context_length=self.context_length)
         trainer = self._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -147,8 +124,8 @@ class TokenizerMixin:
                 tok = self.tokenizer
             except RuntimeError:
                 return
-        checkpoint[TOKENIZER_KEY] = tokenizer_state(tok)
+        checkpoint[TOKENIZER_KEY] = tok.state()
 
     def load_tokenizer(self, checkpoint: dict[str, Any]) -> None:
         if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
-            self._tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+            self._tokenizer = ClipTokenizer.from_state(checkpoint[TOKENIZER_KEY])

@@ -7,6 +7,9 @@ Loaded from a checkpoint directory (``tokenizer.json`` via ``tokenizers``, or ``
 ``merges.txt`` via transformers' ``CLIPTokenizerFast`` with ``local_files_only=True``), or trained
 from scratch on captions with :func:`train_tokenizer` (byte-level BPE, lowercased) and saved as
 ``tokenizer.json`` + ``tokenizer_config.json`` so that :meth:`ClipTokenizer.from_dir` reloads it.
+
+Checkpoints embed the tokenizer as plain strings and ints (:meth:`ClipTokenizer.state`, under
+:data:`TOKENIZER_KEY`; safe for ``torch.load(weights_only=True)``), read back by :meth:`ClipTokenizer.from_state`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 BOS_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+TOKENIZER_KEY = "vidlang_tokenizer"  # where a checkpoint embeds the tokenizer's state
 
 
 def _token_name(value: Any) -> str | None:
@@ -116,6 +120,22 @@ class ClipTokenizer:
             cfg["pad_token"] = self.pad_token
         atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
         return out
+
+    def state(self) -> dict[str, Any]:
+        """This tokenizer as plain strings and ints (safe for ``torch.load(weights_only=True)``)."""
+        return {
+            "tokenizer_json": self.tokenizer.to_str(),
+            "bos_token": self.bos_token,
+            "eot_token": self.eot_token,
+            "pad_token": self.pad_token,
+            "context_length": self.context_length,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ClipTokenizer:
+        """The tokenizer :meth:`state` describes."""
+        tok = Tokenizer.from_str(state["tokenizer_json"])
+        return cls(tok, state["bos_token"], state["eot_token"], state["pad_token"], state["context_length"])
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
