@@ -1,6 +1,6 @@
 """vidlang's LightningCLI: tasks chosen by ``class_path``, the resolved config kept with checkpoints.
 
-Checkpoints given with ``--ckpt_path`` are read safely first (:func:`vidlang.serve.inference.read_checkpoint`: a
+Checkpoints given with ``--ckpt_path`` are read safely first (:func:`vidlang.checkpoints.read_checkpoint`: a
 missing, unsafe or foreign file is a one-line error) and their task is detected, so the checkpoints of every
 vidlang producer -- ``vidlang fit``, ``vidlang demo``, a plain ``pl.Trainer`` -- rebuild their model from their
 own hyper-parameters (which take precedence over the config, as in Lightning). A checkpoint of another task
@@ -139,8 +139,8 @@ class VidlangCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's hyper-parameters (see the module docstring)."""
+        from vidlang.checkpoints import TASK_CLASSES, checkpoint_task, read_checkpoint
         from vidlang.models.factory import ModelConfig
-        from vidlang.serve.inference import TASK_CLASSES, checkpoint_task, read_checkpoint
 
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
