@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vidlang.data.config import check_min
+from vidlang.config import check_min
 from vidlang.errors import ConfigError
 from vidlang.io import append_line, append_lines
 
@@ -87,8 +87,8 @@ class BadSamplePolicy:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_skip_rate <= 1.0:
             raise ConfigError(f"data.bad_samples.max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
-        check_min("bad_samples", 0, max_retries=self.max_retries, preflight_entries=self.preflight_entries)
-        check_min("bad_samples", 1, min_attempts=self.min_attempts)
+        check_min("data.bad_samples", 0, max_retries=self.max_retries, preflight_entries=self.preflight_entries)
+        check_min("data.bad_samples", 1, min_attempts=self.min_attempts)
 
 
 @contextlib.contextmanager

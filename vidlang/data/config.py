@@ -18,22 +18,15 @@ option (``data.<group>.<key>``) and the value.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vidlang.config import MovedKeys, as_group, check_min
 from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.errors import ConfigError
 
 C = TypeVar("C")
-
-
-def check_min(group: str, low: int, **values: int | None) -> None:
-    """``ConfigError`` for the first value below ``low`` (None = not set, allowed)."""
-    for key, value in values.items():
-        if value is not None and value < low:
-            raise ConfigError(f"data.{group}.{key} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +58,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         from vidlang.data.sampling import FRAME_ORDERS, SHORT_VIDEO_MODES
 
-        check_min("sampling", 1, num_frames=self.num_frames, eval_num_frames=self.eval_num_frames)
+        check_min("data.sampling", 1, num_frames=self.num_frames, eval_num_frames=self.eval_num_frames)
         choices = {"short_video": SHORT_VIDEO_MODES, "frame_order": FRAME_ORDERS, "eval_frame_order": FRAME_ORDERS}
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -106,7 +99,7 @@ class TransformConfig:
     three_crop: bool = False
 
     def __post_init__(self) -> None:
-        check_min("transform", 1, image_size=self.image_size)
+        check_min("data.transform", 1, image_size=self.image_size)
         # YAML lists become tuples (a frozen dataclass: set through object.__setattr__)
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
         object.__setattr__(self, "crop_ratio", tuple(self.crop_ratio))
@@ -138,9 +131,9 @@ class LoaderConfig:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        check_min("loader", 1, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+        check_min("data.loader", 1, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                    prefetch_factor=self.prefetch_factor)  # fmt: skip
-        check_min("loader", 0, num_workers=self.num_workers, timeout_s=self.timeout_s)
+        check_min("data.loader", 0, num_workers=self.num_workers, timeout_s=self.timeout_s)
 
     def batch(self, training: bool) -> int:
         """Batch size in training or evaluation."""
@@ -168,7 +161,7 @@ class DecodeConfig:
     audio_sample_rate: int = 16000
 
     def __post_init__(self) -> None:
-        check_min("decode", 1, resize_short_side=self.resize_short_side, max_pixels=self.max_pixels,
+        check_min("data.decode", 1, resize_short_side=self.resize_short_side, max_pixels=self.max_pixels,
                    audio_sample_rate=self.audio_sample_rate)  # fmt: skip
 
 
@@ -189,8 +182,8 @@ class StreamingConfig:
     samples_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        check_min("streaming", 1, samples_per_epoch=self.samples_per_epoch)
-        check_min("streaming", 0, shuffle_buffer=self.shuffle_buffer)
+        check_min("data.streaming", 1, samples_per_epoch=self.samples_per_epoch)
+        check_min("data.streaming", 0, shuffle_buffer=self.shuffle_buffer)
 
 
 # The flat VideoDataModule arguments before the groups -> where they live now (for a one-line hint).
@@ -210,26 +203,11 @@ MOVED_KEYS: dict[str, str] = {
 }
 
 
-def moved_keys_hint(message: str) -> str:
-    """For an error message that names pre-group keys (``data.num_frames``): where they are now, else ``""``."""
-    old = [k for k in MOVED_KEYS if re.search(rf"\bdata\.{k}(?![\w.])", message)]
-    if not old:
-        return ""
-    return " (data settings are grouped: " + ", ".join(f"data.{k} is now data.{MOVED_KEYS[k]}" for k in old) + ")"
+DATA_MOVED = MovedKeys("data", "data settings", MOVED_KEYS)
+moved_keys_hint = DATA_MOVED.hint  # message naming data.<flat key> -> where it is now, else ""
 
 
 def as_config(cls: type[C], value: C | Mapping[str, Any] | None, group: str) -> C:
-    """``value`` as a ``cls`` group: an instance as is, a mapping of its fields (e.g. loaded from YAML), or None
-    for the defaults; an unknown key raises :class:`ConfigError` naming ``data.<group>`` and the valid keys."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"data.{group} must be a {cls.__name__} or a mapping of its fields, got {value!r}"
-                          + moved_keys_hint(f"data.{group}"))
-    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(value) - set(names))
-    if unknown:
-        raise ConfigError(f"data.{group}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(names)}")
-    return cls(**value)
+    """``value`` as the ``data.<group>`` group (:func:`vidlang.config.as_group`): an instance, a mapping of its
+    fields (e.g. loaded from YAML) or None for the defaults."""
+    return as_group(cls, value, f"data.{group}", moved=DATA_MOVED)

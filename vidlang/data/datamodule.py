@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
 from vidlang.data.config import (
+    DATA_MOVED,
     DecodeConfig,
     LoaderConfig,
     SamplingConfig,
@@ -75,14 +76,11 @@ GROUP_TYPES: dict[str, type] = {"sampling": SamplingConfig, "transform": Transfo
 
 
 def check_parsed_groups(data: Any) -> None:
-    """Raise :class:`ConfigError` for a group given as a plain value in a parsed config (e.g. the old
-    ``streaming: true``): jsonargparse lets it through, and instantiation would fail with a bare TypeError."""
-    from jsonargparse import Namespace
+    """Raise :class:`ConfigError` for a group given as a plain value in a parsed ``data`` section (e.g. the old
+    ``streaming: true``), see :func:`vidlang.config.check_parsed_groups`."""
+    from vidlang.config import check_parsed_groups as check
 
-    for group, cls in GROUP_TYPES.items():
-        value = data.get(group) if data is not None else None
-        if not isinstance(value, Namespace):
-            as_config(cls, value, group)  # None and mappings pass; anything else is the one-line error
+    check(data, GROUP_TYPES, "data", DATA_MOVED)
 
 
 class EpochSampler(DistributedSampler):
