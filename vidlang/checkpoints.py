@@ -152,3 +152,11 @@ def wrong_kind(path: str | os.PathLike, kind: str, command: str, wanted: Sequenc
     hint = f"; classify videos with it: vidlang classify --ckpt {path}" if kind == "recognition" else ""
     return CheckpointError(f"{path}: a {task_name(kind)} checkpoint ({TASK_ROLES[kind]}), but {command} needs a "
                            f"{need} checkpoint{hint}")
+
+
+def check_weights(path: str | os.PathLike, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """:class:`CheckpointError` naming ``path`` when a checkpoint's weights do not fit the model built from its own
+    config (``missing`` / ``unexpected`` state-dict keys, as ``load_state_dict(strict=False)`` returns them)."""
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model config: missing {list(missing)[:6]}, "
+                              f"unexpected {list(unexpected)[:6]}")

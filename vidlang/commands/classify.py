@@ -2,10 +2,12 @@
 
 With ``--labels`` the checkpoint's text tower classifies the videos among those names (zero-shot); without,
 the checkpoint's training class names are used (and its linear head, if it has one). A retrieval checkpoint
-works zero-shot and needs ``--labels``. Each video is decoded,
-``--frames`` frames are taken with the segment sampler (segment middles), resized + centre-cropped to the
-model's image size and normalised; the top-k classes are printed with their probabilities. A video that
-cannot be read gets a one-line error and the others continue; the exit status is then 1.
+works zero-shot and needs ``--labels``. Each video goes through the one inference path
+(:class:`vidlang.serve.inference.InferenceBundle`, as ``search`` and ``serve``): decoded at the model's image
+size, the model's evaluation frame count (``ModelConfig.inference_frames``, or ``--frames``) taken with the
+segment sampler (segment middles), centre-cropped and normalised; the top-k classes are printed with their
+probabilities. A video that cannot be read gets a one-line error and the others continue; the exit status is
+then 1.
 """
 
 from __future__ import annotations
@@ -30,41 +32,26 @@ def parse_labels(text: str) -> list[str]:
     return names
 
 
-def load_clip_tensor(path: str, frames: int, size: int, mean: Any, std: Any, backend: str = "auto") -> Any:
-    """Decode ``path`` -> normalised float ``[1, T, 3, size, size]`` (segment sampler, eval transform)."""
-    from vidlang.data.decoding import open_video
-    from vidlang.data.sampling import build_sampler, sample_clip
-    from vidlang.data.transforms import ClipTransform, normalize
-
-    with open_video(path, backend) as reader:
-        clip = sample_clip(reader, build_sampler("segment", num_frames=frames), training=False)  # [1, T, C, H, W]
-    clip, _ = ClipTransform(size, "eval")(clip, [])
-    return normalize(clip, mean, std)
-
-
-def classify_files(task: Any, paths: list[str], names: list[str], frames: int, topk: int,
-                   backend: str = "auto") -> list[dict]:
+def classify_files(bundle: Any, paths: list[str], names: list[str], topk: int) -> list[dict]:
     """One dict per path: ``{"file", "ok": True, "top": [(name, prob), ...]}`` or ``{"file", "ok": False,
-    "error"}``."""
+    "error"}`` (``bundle``: :func:`vidlang.serve.inference.load_classifier`)."""
     import torch
 
     from vidlang.data.decoding import VideoDecodeError
 
-    size = task.model.image_tower.cfg.image_size
-    mean, std = task.model.image_mean, task.model.image_std
-    text = task.class_embeddings(names)  # [K, E], computed once
+    with torch.inference_mode():
+        text = bundle.classifier.class_embeddings(names)  # [K, E], computed once
     results = []
     for path in paths:
         try:
-            clip = load_clip_tensor(path, frames, size, mean, std, backend).to(task.device)
+            clip = bundle.decode_clip(path)  # uint8 [T, 3, S, S]
         except (VideoDecodeError, ValueError, OSError) as e:
             results.append({"file": path, "ok": False, "error": getattr(e, "reason", None) or str(e)})
             continue
-        with torch.no_grad():
-            probs = task.view_logits(clip[None], names, text).float().softmax(-1).mean(dim=1)[0]  # [K]
+        probs = bundle.classify_clips(clip[None], names, text)[0]  # [K]
         p, idx = probs.topk(min(topk, len(names)))
-        results.append({"file": path, "ok": True, "top": [(names[i], float(v)) for v, i in zip(p, idx.tolist(),
-                                                                                                strict=True)]})
+        top = [(names[i], float(v)) for v, i in zip(p, idx.tolist(), strict=True)]
+        results.append({"file": path, "ok": True, "top": top})
     return results
 
 
@@ -87,7 +74,8 @@ class ClassifyCommand:
         parser.add_argument("--labels", help='comma-separated class names, e.g. "dancing,running" (zero-shot); '
                             "default: the checkpoint's training classes")
         parser.add_argument("--topk", type=int, default=5, help="classes to print per video (default 5)")
-        parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
+        parser.add_argument("--frames", type=int, default=None,
+                            help="frames per clip (default: the model's evaluation count)")
         parser.add_argument("--templates", action="append", default=None,
                             help="prompt template with {} (repeatable; default: the checkpoint's)")
         parser.add_argument("--backend", default="auto", choices=["auto", "torchcodec", "decord", "pyav"])
@@ -97,9 +85,8 @@ class ClassifyCommand:
     def run(self, args: argparse.Namespace) -> int:
         if args.topk < 1 or (args.frames is not None and args.frames < 1):
             raise ConfigError(f"--topk and --frames must be >= 1, got --topk {args.topk} --frames {args.frames}")
-        task, names = _load(args)
-        frames = args.frames or int(task.hparams.model["num_frames"])
-        results = classify_files(task, args.videos, names, frames, args.topk, args.backend)
+        bundle, names = _load(args)
+        results = classify_files(bundle, args.videos, names, args.topk)
         for r in results:
             out = sys.stdout if r["ok"] or args.json else sys.stderr
             print(json.dumps(r) if args.json else format_result(r), file=out, flush=True)
@@ -110,7 +97,8 @@ class ClassifyCommand:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    """The classifier (:func:`vidlang.serve.inference.load_classifier`) and the class names to choose from."""
+    """The bundle with its classifier (:func:`vidlang.serve.inference.load_classifier`) and the class names to
+    choose from."""
     from vidlang.serve.inference import load_classifier
 
     labels = None
@@ -119,15 +107,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[str]]:
             labels = parse_labels(args.labels)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    task = load_classifier(args.ckpt, device=args.device, labels=labels is not None)
+    bundle = load_classifier(args.ckpt, device=args.device, labels=labels is not None, backend=args.backend,
+                             num_frames=args.frames)
+    task = bundle.classifier
     if args.templates:
         bad = [t for t in args.templates if t.count("{}") != 1]
         if bad:
             raise ConfigError(f"each --templates needs exactly one {{}}: {bad}")
         task.templates = list(args.templates)
     if labels is not None:
-        return task, labels
+        return bundle, labels
     names = task.class_names_by_split.get("train") or task.hparams.get("class_names")
     if not names:
         raise CheckpointError(f"{args.ckpt}: the checkpoint has no class names; pass --labels")
-    return task, list(names)
+    return bundle, list(names)

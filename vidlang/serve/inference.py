@@ -1,31 +1,29 @@
 """Load a trained checkpoint into an :class:`InferenceBundle`: model + tokenizer + preprocessing.
 
-Two checkpoint kinds are recognised from their state-dict keys (:data:`CHECKPOINT_KINDS`):
+The checkpoint kinds (:data:`CHECKPOINT_KINDS`; which task wrote a checkpoint: :func:`vidlang.checkpoints.
+checkpoint_task`):
 
 * ``retrieval`` -- a :class:`~vidlang.tasks.retrieval.RetrievalTask` checkpoint (``model.*`` keys, the
   tokenizer embedded under ``vidlang_tokenizer``): video and text embeddings. A task trained with audio
   (hyper-parameter ``audio``) loads as an audio-visual model: each video's audio track is decoded and fused
   (clips without audio take the masked, video-only path).
+* ``recognition`` -- a :class:`~vidlang.tasks.recognition.RecognitionTask` checkpoint: embeddings as a retrieval
+  one, and :meth:`InferenceBundle.classify_clips` with the trained classifier (class names, templates, head).
+  :func:`load_classifier` (``vidlang classify``) also makes a zero-shot classifier of a retrieval checkpoint.
 * ``chat`` -- a :class:`~vidlang.tasks.chat_encoder.ChatEncoderTask` checkpoint (``encoder.*`` keys): video
   embeddings / query tokens and, with its causal LM directory, chat answers. It has no CLIP tokenizer,
   so :meth:`InferenceBundle.embed_texts` is unavailable.
 
-Which task wrote a checkpoint (:func:`checkpoint_task`): the ``_class_path`` LightningCLI stores, else the
-state-dict keys (``encoder.*``: chat; ``model.*``: recognition when the checkpoint carries class names /
-prompt templates, else retrieval). A :class:`~vidlang.tasks.recognition.RecognitionTask` checkpoint is
-not a bundle kind (``vidlang classify`` reads it, see :func:`load_classifier`).
+Checkpoints are read by the safe reader (:func:`vidlang.checkpoints.read_checkpoint`: ``torch.load(weights_only=
+True)``, one-line errors for missing, unsafe, truncated or foreign files), once; the tasks are rebuilt from that
+dict (:meth:`vidlang.tasks.base.VideoTask.from_checkpoint`), never by Lightning's ``load_from_checkpoint``. The
+model config's ``pretrained`` source is ignored: every weight comes from the checkpoint.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`read_checkpoint`): a file that needs
-arbitrary code to load is refused with :class:`~vidlang.errors.UnsafeCheckpointError` naming the globals it
-would call (found by scanning its pickle, never by running it); missing, empty, truncated or foreign files
-raise :class:`~vidlang.errors.CheckpointError` naming the file. The model config's ``pretrained`` source is
-ignored: every weight comes from the checkpoint.
-
-Preprocessing of one video (the evaluation path of the data pipeline): decode (``open_video``), one clip
-of ``num_frames`` frames from the ``segment`` sampler (centre of each segment), short-side resize + centre
-crop to the tower's image size, normalise with the tower's mean/std. Embeddings are L2-normalised.
-A video that cannot be decoded raises :class:`~vidlang.data.decoding.VideoDecodeError` naming it; nothing is
-zero-filled.
+Preprocessing of one video (the evaluation path of the data pipeline, the same for every command): decode
+(``open_video``, resized to the tower's image size on the short side), one clip of the model's evaluation frame
+count (``ModelConfig.inference_frames``) from the ``segment`` sampler (centre of each segment), centre crop,
+normalise with the tower's mean/std. Embeddings are L2-normalised. A video that cannot be decoded raises
+:class:`~vidlang.data.decoding.VideoDecodeError` naming it; nothing is zero-filled.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidlang.checkpoints import checkpoint_task, read_checkpoint, wrong_kind
+from vidlang.checkpoints import check_weights, checkpoint_task, read_checkpoint, wrong_kind
 from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, VideoDecodeError
 from vidlang.errors import CheckpointError, ConfigError
 from vidlang.registry import Registry
@@ -85,9 +83,11 @@ class InferenceBundle:
         chat: Any | None = None,
         audio_frontend: Any | None = None,
         audio_model: Any | None = None,
+        classifier: Any | None = None,
     ) -> None:
         """``model``: a ``VideoTextModel``. ``audio_model``: an ``AudioVisualModel`` wrapping ``model`` (with
-        ``audio_frontend``, a ``LogMelFrontend``): video embeddings then fuse each video's audio."""
+        ``audio_frontend``, a ``LogMelFrontend``): video embeddings then fuse each video's audio. ``classifier``: a
+        ``RecognitionTask`` around ``model`` (:meth:`classify_clips`)."""
         from vidlang.data.sampling import build_sampler
         from vidlang.data.transforms import ResizeCenterCrop
 
@@ -100,6 +100,7 @@ class InferenceBundle:
         self.sampler = build_sampler("segment", num_frames=self.num_frames)
         self.transform = ResizeCenterCrop(self.image_size)
         self.chat = chat.to(self.device).eval() if chat is not None else None  # ChatEncoder
+        self.classifier = classifier.to(self.device).eval() if classifier is not None else None  # RecognitionTask
         self.audio_frontend = audio_frontend
         self.audio_model = audio_model.to(self.device).eval() if audio_model is not None else None
         if self.audio_model is not None:
@@ -220,6 +221,19 @@ class InferenceBundle:
         if self.tokenizer is not None:
             self.embed_texts(["warm up"])
 
+    @torch.inference_mode()
+    def classify_clips(self, clips: Tensor, class_names: Sequence[str], class_embeds: Tensor | None = None) -> Tensor:
+        """``uint8 [B, T, 3, S, S]`` (:meth:`decode_clip`) -> class probabilities ``[B, K]`` over ``class_names``
+        (softmax) by the classifier (its head on its own label set, else the text tower; ``class_embeds [K, E]``:
+        the text classifier computed once by ``classifier.class_embeddings``)."""
+        if self.classifier is None:
+            raise RuntimeError("no classifier loaded (load a recognition or retrieval checkpoint with load_classifier)")
+        names = list(class_names)
+        with self.lock:
+            text = self.classifier.class_embeddings(names) if class_embeds is None else class_embeds  # [K, E]
+            logits = self.classifier.view_logits(self.normalize(clips), names, text)  # [B, 1, K]
+        return logits.float().softmax(dim=-1).mean(dim=1).cpu()
+
     # -- text --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:
@@ -278,10 +292,7 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
     model = build_model(cfg)
     full, frontend = _audio_visual(model, hp)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = (full or model).load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model config: missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
+    check_weights(path, *(full or model).load_state_dict(state, strict=False))
     tok = ClipTokenizer.from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
     return InferenceBundle(model, tok, cfg.inference_frames, device, file_fingerprint(path), audio_frontend=frontend,
                            audio_model=full)
@@ -309,7 +320,7 @@ def load_chat(ckpt: dict[str, Any], path: str, device: str, llm: str | None = No
     if not llm_dir:
         raise ConfigError(f"{path}: a chat-encoder checkpoint needs its causal LM directory (--llm)")
     cfg = _config_of(hp, path)
-    task = ChatEncoderTask.load_from_checkpoint(path, map_location="cpu", weights_only=True, model=cfg, llm=llm_dir)
+    task = ChatEncoderTask.from_checkpoint(ckpt, source=path, model=cfg, llm=llm_dir)
     enc = task.encoder
     return InferenceBundle(enc.visual, None, cfg.inference_frames, device, file_fingerprint(path), chat=enc,
                            audio_frontend=task.frontend)
@@ -346,39 +357,53 @@ def load_bundle(ckpt_path: str | os.PathLike, device: str = "cpu", llm: str | No
     return bundle
 
 
-def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu", labels: bool = False) -> Any:
-    """A checkpoint -> a :class:`~vidlang.tasks.recognition.RecognitionTask` in eval mode, for ``vidlang classify``.
+def _classifier(ckpt: dict[str, Any], path: str, kind: str) -> tuple[Any, Any]:
+    """A :class:`~vidlang.tasks.recognition.RecognitionTask` from a recognition checkpoint (as trained: class names,
+    templates, head) or, zero-shot, from a retrieval one (its towers; no head, default templates), and its model
+    config."""
+    from vidlang.tasks.recognition import RecognitionTask
+
+    cfg = _config_of(ckpt.get("hyper_parameters") or {}, path)
+    if kind == "retrieval":  # only the towers: the retrieval task's other settings mean nothing here
+        ckpt = {**ckpt, "hyper_parameters": {},
+                "state_dict": {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}}
+    return RecognitionTask.from_checkpoint(ckpt, source=path, model=cfg), cfg
+
+
+@CHECKPOINT_KINDS.register("recognition")
+def load_recognition(ckpt: dict[str, Any], path: str, device: str, num_frames: int | None = None,
+                     _kind: str = "recognition", **_: Any) -> InferenceBundle:
+    """A recognition checkpoint (or, with ``_kind="retrieval"``, a video-only retrieval one) -> a bundle with its
+    classifier; ``num_frames`` overrides the model's evaluation frame count."""
+    from vidlang.models.clip.tokenizer import TOKENIZER_KEY
+
+    task, cfg = _classifier(ckpt, path, _kind)
+    frames = num_frames or cfg.inference_frames
+    tok = task.tokenizer if TOKENIZER_KEY in ckpt else None
+    return InferenceBundle(task.model, tok, frames, device, file_fingerprint(path), classifier=task)
+
+
+def load_classifier(ckpt_path: str | os.PathLike, device: str = "cpu", labels: bool = False, backend: str = "auto",
+                    num_frames: int | None = None) -> InferenceBundle:
+    """A checkpoint -> an :class:`InferenceBundle` with a classifier (``bundle.classifier``, a
+    :class:`~vidlang.tasks.recognition.RecognitionTask` in eval mode), for ``vidlang classify``.
 
     A recognition checkpoint loads as trained (class names, head, templates). A retrieval checkpoint gives a
     zero-shot classifier over its towers (no head, default templates) and needs ``labels`` (the class names
-    come from the caller); an audio-visual one is refused (classification here is video only).
+    come from the caller); an audio-visual one is refused (classification here is video only). ``num_frames``:
+    frames per clip (default: the model's evaluation count, ``ModelConfig.inference_frames``).
     """
-    from vidlang.tasks.recognition import RecognitionTask
-
     ckpt = read_checkpoint(ckpt_path)
     kind = checkpoint_task(ckpt, ckpt_path)
     if kind not in ("recognition", "retrieval"):
         raise wrong_kind(ckpt_path, kind, "vidlang classify", ["recognition", "retrieval"])
-    hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    cfg = _config_of(hp, str(ckpt_path))
-    if kind == "retrieval":
-        if not labels:
-            raise CheckpointError(f"{ckpt_path}: a RetrievalTask checkpoint has no class names: pass the labels to "
-                                  'choose from, e.g. --labels "dancing,running" (zero-shot)')
-        if hp.get("audio"):
-            raise CheckpointError(f"{ckpt_path}: an audio-visual RetrievalTask checkpoint; classify uses video only "
-                                  "(train a recognition model, or use vidlang search)")
-        task = RecognitionTask(cfg, head=False, write_plots=False)
-        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    else:
-        import inspect
-
-        params = set(inspect.signature(RecognitionTask.__init__).parameters) - {"self", "model"}
-        task = RecognitionTask(cfg, **{k: v for k, v in hp.items() if k in params})
-        state = ckpt["state_dict"]
-    task.on_load_checkpoint(ckpt)  # tokenizer, class names
-    missing, unexpected = task.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt_path}: weights do not match the model config: missing {missing[:6]}, "
-                              f"unexpected {unexpected[:6]}")
-    return task.to(device).eval()
+    hp = ckpt.get("hyper_parameters") or {}
+    if kind == "retrieval" and not labels:
+        raise CheckpointError(f"{ckpt_path}: a RetrievalTask checkpoint has no class names: pass the labels to "
+                              'choose from, e.g. --labels "dancing,running" (zero-shot)')
+    if kind == "retrieval" and hp.get("audio"):
+        raise CheckpointError(f"{ckpt_path}: an audio-visual RetrievalTask checkpoint; classify uses video only "
+                              "(train a recognition model, or use vidlang search)")
+    bundle = load_recognition(ckpt, str(ckpt_path), str(device), num_frames=num_frames, _kind=kind)
+    bundle.backend, bundle.kind = backend, kind
+    return bundle
