@@ -177,6 +177,7 @@ def test_audio_config_parses_with_lightning_cli(tmp_path):
     assert isinstance(task, RetrievalTask) and isinstance(task.model, AudioVisualModel)
     assert task.hparams.audio["dim"] == 32 and task.frontend.num_segments == 8
     assert type(task.model.fusion).__name__ == "CrossAttentionFusion" and cli.datamodule.decode.audio
-    groups = task.model.param_groups(task.hparams.lr, task.hparams.weight_decay)
+    groups = task.param_groups()  # what configure_optimizers uses: the model's groups
+    assert task.hparams.optim["lr"] == 1e-5
     assert {"audio_decay", "audio_no_decay"} <= {g["name"] for g in groups}
     assert {g["lr"] for g in groups if g["name"].startswith("audio")} == {1e-5 * 100}

@@ -176,7 +176,7 @@ def test_task_fits_saves_without_llm_and_reloads(llm_dir, tmp_path):
     import pytorch_lightning as pl
 
     torch.manual_seed(0)
-    task = ChatEncoderTask(model=VISUAL, llm=llm_dir, lr=1e-3, warmup_steps=0, warmup_ratio=None)
+    task = ChatEncoderTask(model=VISUAL, llm=llm_dir, optim={"lr": 1e-3, "warmup_steps": 0, "warmup_ratio": None})
     batch = {"video": videos(2), "captions": ["a red ball", "the blue square", "a circle"],
              "caption_index": torch.tensor([0, 1, 1])}  # fmt: skip
     loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None)

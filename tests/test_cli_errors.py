@@ -21,6 +21,7 @@ from vidlang.serve.testing import synthetic_videos, tiny_recognition_checkpoint,
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo" / "tiny_retrieval.yaml"
+RECOGNITION_CONFIG = REPO / "configs" / "recognition" / "synthetic.yaml"
 MARKER_NAME = "PAYLOAD_RAN"
 RETRIEVAL_TASK = "vidlang.tasks.retrieval.RetrievalTask"
 
@@ -167,6 +168,16 @@ CASES = [
     ("data-group-as-a-value", lambda f: lightning("fit", f, "--config", yaml_file(
         f["base"] / "streaming.yaml", "data:\n  streaming: true\n")),
      ["data.streaming", "StreamingConfig", "data.streaming.enabled"]),
+    ("flat-task-key", lambda f: lightning("fit", f, "--model.init_args.lr", "1e-3"),
+     ["model.init_args.lr", "model.init_args.optim.lr"]),
+    ("flat-task-key-yaml", lambda f: lightning("fit", f, "--config", yaml_file(
+        f["base"] / "flat_task.yaml", "model:\n  init_args:\n    write_plots: false\n")),
+     ["model.init_args.write_plots", "model.init_args.evaluation.write_plots"]),
+    ("task-group-as-a-value", lambda f: ["fit", "--config", str(RECOGNITION_CONFIG), "--config", str(f["data_yaml"]),
+                                         "--config", yaml_file(f["base"] / "m2clip.yaml",
+                                                               "model:\n  init_args:\n    m2clip: true\n")],
+     ["model.init_args.m2clip", "M2ClipConfig", "model.init_args.m2clip.enabled"]),
+    ("typo-in-task-group", lambda f: lightning("fit", f, "--model.init_args.optim.lrr", "1"), ["lrr"]),
     ("non-int-batch-size", lambda f: lightning("fit", f, "--data.loader.batch_size", "abc"),
      ["data.loader.batch_size", "abc"]),
     ("missing-config", lambda f: ["fit", "--config", str(f["base"] / "nope.yaml")], ["nope.yaml"]),

@@ -14,6 +14,7 @@ import yaml
 from vidlang.cli.lightning import VidlangCLI
 from vidlang.data.formats import FORMATS
 from vidlang.models.factory import ModelConfig
+from vidlang.tasks.config import TASK_MOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -55,6 +56,15 @@ def test_task_config_instantiates(task_config: Path):
     sampling, cfg = cli.datamodule.sampling, ModelConfig.from_dict(task.hparams.model)
     assert cfg.num_frames == sampling.num_frames
     assert cfg.inference_frames == (sampling.eval_num_frames or sampling.num_frames)
+    # the task's settings are typed groups (vidlang.tasks.config): no flat key of before them, and every value of a
+    # group reaches the task (stored in its hyper-parameters, as checkpoints keep them)
+    groups = type(task).config_groups()
+    assert not [k for k in raw if k in TASK_MOVED.moved and k not in groups], f"{task_config}: flat task keys"
+    for name, values in raw.items():
+        if name in groups:
+            assert isinstance(values, dict), f"{task_config}: {name} is a group (a mapping of its fields)"
+            assert {k: task.hparams[name][k] for k in values} == {
+                k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, name
 
 
 @pytest.mark.parametrize(("train", "evaluate"), [(6, 12), (8, None)])

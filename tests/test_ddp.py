@@ -107,7 +107,8 @@ def reference_step(task: RetrievalTask, params: dict, batch: dict, local_loss: b
 
 def test_ddp_gathered_loss_and_grads_match_single_process(tmp_path, tokenizer_dir):
     pl.seed_everything(0)
-    task = GradProbe(ModelConfig(image="vit_tiny", num_frames=4), tokenizer=str(tokenizer_dir), warmup_ratio=None)
+    task = GradProbe(ModelConfig(image="vit_tiny", num_frames=4), tokenizer=str(tokenizer_dir),
+                     optim={"warmup_ratio": None})
     task.probe_dir = str(tmp_path)
     # global batch 0 = videos 0-3: 3 captions on rank 0, 4 on rank 1 (exercises the padded gather);
     # global batch 1 = videos 4-7 with equal shares, as the local loss requires.
@@ -196,7 +197,7 @@ def test_ddp_eval_counts_padding_once_and_skips_bad_videos(tmp_path, corpus_entr
     tok = tmp_path / "tok"
     train_tokenizer([c for e in entries for c in e.captions], tok, vocab_size=300, min_frequency=1, context_length=32)
     pl.seed_everything(0)
-    task = EvalProbe(ModelConfig(image="vit_tiny", num_frames=4), tokenizer=str(tok), write_plots=False)
+    task = EvalProbe(ModelConfig(image="vit_tiny", num_frames=4), tokenizer=str(tok), evaluation={"write_plots": False})
     task.entries = entries
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, default_root_dir=tmp_path,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

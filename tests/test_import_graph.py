@@ -109,7 +109,7 @@ def test_contract_imports_nothing_of_vidlang_models():
         ("vidlang.models.contract", "vidlang.models.clip.layers"),  # the contract is the bottom
         ("vidlang.models.clip.image", "vidlang.models.video_clip"),  # a tower importing the model
         ("vidlang.models.factory", "vidlang.data.transforms"),  # models importing data
-        ("vidlang.models.video_clip", "vidlang.tasks.common"),
+        ("vidlang.models.video_clip", "vidlang.tasks.base"),
     ],
 )
 def test_checker_flags_upward_arrows(edge):

@@ -55,7 +55,7 @@ def trainer(tmp_path, **kw) -> pl.Trainer:
 
 
 def task(root, **kw) -> RecognitionTask:
-    args = dict(tokenizer=str(root / "tok"), lr=1e-3, warmup_steps=1, warmup_ratio=None)
+    args = dict(tokenizer=str(root / "tok"), optim={"lr": 1e-3, "warmup_steps": 1, "warmup_ratio": None})
     args.update(kw)
     return RecognitionTask(ModelConfig(**{**TINY, **args.pop("model", {})}), **args)
 
@@ -103,7 +103,7 @@ def test_supervised_fit_multiview_report_and_reload(corpus, tmp_path):
     pl.seed_everything(0)
     dm = datamodule(root, sampling={"eval_sampler": "multiview", "eval_sampler_args": {"num_views": 2}},
                     transform={"three_crop": True})
-    model = task(root, templates=["a photo of a {}.", "a video of {}"], view_layout=(2, 3))
+    model = task(root, templates=["a photo of a {}.", "a video of {}"], evaluation={"view_layout": (2, 3)})
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     tr = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[ckpt],
                  logger=pl.loggers.CSVLogger(tmp_path / "logs"), log_every_n_steps=1)
@@ -136,7 +136,7 @@ def test_zero_shot_transfer_and_base_to_novel(corpus, tmp_path):
     train = {"format": "class_subset", "classes": "base", "source": {**src, "split": "train"}}
     val = {"format": "class_subset", "classes": "novel", "source": {**src, "split": "train"}}
     dm = datamodule(root, train=train, val=val)
-    model = task(root, head=True)  # the head serves its own label set; novel classes fall back to the text
+    model = task(root, head={"enabled": True})  # the head serves its own label set; novel classes fall back to the text
     tr = trainer(tmp_path, max_steps=3, limit_val_batches=2)
     tr.fit(model, dm)
     assert model.head.out_features == len(base)
@@ -145,7 +145,7 @@ def test_zero_shot_transfer_and_base_to_novel(corpus, tmp_path):
     assert report["class_names"] == [info.classes[i] for i in novel] and report["classifier"] == "text"
     # base-to-novel on the full label set: base / novel scored within their own classes, HM reported
     full = datamodule(root, val={**src, "split": "train"})
-    b2n = task(root, base_to_novel=True)
+    b2n = task(root, evaluation={"base_to_novel": True})
     tr.validate(b2n, full, verbose=False)
     m = json.loads((tmp_path / "val_metrics.json").read_text())["metrics"]
     assert m["hm_top1"] == pytest.approx(2 * m["base_top1"] * m["novel_top1"] / (m["base_top1"] + m["novel_top1"]))
@@ -155,7 +155,8 @@ def test_zero_shot_transfer_and_base_to_novel(corpus, tmp_path):
 def test_m2clip_ted_losses_train(corpus, tmp_path):
     root, _ = corpus
     pl.seed_everything(2)
-    model = task(root, model={"block": "ted", "block_args": {"bottleneck": 16, "text_bottleneck": 16}}, m2clip=True)
+    model = task(root, model={"block": "ted", "block_args": {"bottleneck": 16, "text_bottleneck": 16}},
+                 m2clip={"enabled": True})
     tr = trainer(tmp_path, max_steps=2, limit_val_batches=0)
     batch = next(iter(datamodule(root).train_dataloader()))
     tr.fit(model, datamodule(root))
@@ -175,7 +176,7 @@ def test_classify_command(corpus, tmp_path, capsys):
     from vidlang.cli import main
 
     root, info = corpus
-    model = task(root, head=True)
+    model = task(root, head={"enabled": True})
     tr = trainer(tmp_path, max_steps=1, limit_val_batches=0)
     tr.fit(model, datamodule(root))
     ckpt = tmp_path / "model.ckpt"
@@ -197,6 +198,40 @@ def test_classify_command(corpus, tmp_path, capsys):
     assert sum(p for _, p in row["top"]) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_classify_goes_through_the_inference_path_at_the_eval_frame_count(corpus, tmp_path, capsys):
+    """``vidlang classify`` decodes like search and serve (InferenceBundle: decode-time resize, segment sampler,
+    centre crop, normalise) at ``ModelConfig.inference_frames`` -- the evaluation count, here 6 frames for a
+    model trained on 4 -- and classifies with the checkpoint's own classifier (its head, on its classes)."""
+    from vidlang.cli import main
+    from vidlang.serve.inference import load_classifier
+
+    root, info = corpus
+    model = task(root, head={"enabled": True}, model={"eval_num_frames": 6})
+    tr = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    tr.fit(model, datamodule(root))
+    ckpt = tmp_path / "model.ckpt"
+    tr.save_checkpoint(ckpt)
+    video = str(root / "corpus" / info.rows[0]["path"])
+
+    bundle = load_classifier(ckpt)
+    assert bundle.num_frames == 6 and bundle.classifier is not None and bundle.kind == "recognition"
+    clip = bundle.decode_clip(video)  # what search / serve embed for this video
+    assert clip.shape == (6, 3, 32, 32) and clip.dtype == torch.uint8
+    model.eval()
+    with torch.no_grad():  # the trained task itself on that clip
+        from vidlang.data.transforms import normalize
+
+        expected = model.classify(normalize(clip[None], model.model.image_mean, model.model.image_std))[0]  # [K]
+    assert torch.allclose(bundle.classify_clips(clip[None], info.classes)[0], expected, atol=1e-6)
+
+    assert main(["classify", "--ckpt", str(ckpt), video, "--json", "--topk", str(len(info.classes))]) == 0
+    row = json.loads(capsys.readouterr().out)
+    got = dict(row["top"])
+    assert got == pytest.approx({n: float(expected[i]) for i, n in enumerate(info.classes)}, abs=1e-5)
+    assert main(["classify", "--ckpt", str(ckpt), video, "--json", "--frames", "4"]) == 0  # --frames overrides
+    assert load_classifier(ckpt, num_frames=4).decode_clip(video).shape[0] == 4
+
+
 def synthetic_config(root, out) -> dict:
     """The recommended recognition YAML layout, as a dict (``vidlang fit --config ...``)."""
     src = {"format": "manifest", "path": str(root / "corpus" / "manifest.csv")}
@@ -211,9 +246,9 @@ def synthetic_config(root, out) -> dict:
                 "model": {"image": "vit_tiny", "num_frames": 4, "block": "mean", "freeze": "auto"},
                 "tokenizer": str(root / "tok"),
                 "templates": ["a photo of a {}."],
-                "lr": 1e-3, "weight_decay": 1e-3, "warmup_ratio": 0.1,
-                "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
-                "view_layout": [1, 3],
+                "optim": {"lr": 1e-3, "weight_decay": 1e-3, "warmup_ratio": 0.1},
+                "mix": {"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
+                "evaluation": {"view_layout": [1, 3]},
             },
         },
         "data": {
@@ -239,7 +274,8 @@ def test_config_dict_builds_and_trains(corpus, tmp_path):
     parser.add_class_arguments(RecognitionTask, "model")
     parsed = parser.parse_object({"model": cfg["model"]["init_args"]})
     model = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(parsed).model
-    assert isinstance(model, RecognitionTask) and model.hparams.view_layout == (1, 3)
+    assert isinstance(model, RecognitionTask) and model.evaluation.view_layout == (1, 3)
+    assert model.hparams.evaluation["view_layout"] == (1, 3) and model.optim.lr == 1e-3
     dm = VideoDataModule(**cfg["data"]["init_args"])
     pl.Trainer(**cfg["trainer"]).fit(model, dm)
     report = json.loads((tmp_path / "run" / "val_metrics.json").read_text())

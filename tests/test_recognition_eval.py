@@ -33,8 +33,8 @@ def tok(tmp_path_factory):
 
 
 def make_task(tok, **kw) -> RecognitionTask:
-    args = dict(tokenizer=str(tok), class_names=CLASSES, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
-                warmup_steps=1, warmup_ratio=None, write_plots=False)
+    args = dict(tokenizer=str(tok), class_names=CLASSES, mix={"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+                optim={"warmup_steps": 1, "warmup_ratio": None}, evaluation={"write_plots": False})
     args.update(kw)
     return RecognitionTask(ModelConfig(image="vit_tiny", num_frames=4), **args)
 
@@ -89,7 +89,7 @@ def test_multi_label_training_loss(tok, loss):
 def test_multi_label_refuses_m2clip_and_unknown_loss(tok):
     with pytest.raises(ValueError, match="multi_label_loss"):
         make_task(tok, multi_label_loss="focal")
-    task = make_task(tok, m2clip=True)
+    task = make_task(tok, m2clip={"enabled": True})
     with pytest.raises(ValueError, match="M2-CLIP.*single-label"):
         task.forward_loss(batch_of(task, MULTI))
 
@@ -161,7 +161,8 @@ def test_multi_label_list_file_end_to_end(tok, tmp_path):
                          val={**split, "list_file": str(tmp_path / "val.txt")}, sampling=SamplingConfig(num_frames=4),
                          transform=TransformConfig(image_size=32), loader=LoaderConfig(
                              batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False))
-    task = make_task(tok, class_names=None, mixup=0.8, cutmix=1.0, label_smoothing=0.1, lr=1e-3)
+    task = make_task(tok, class_names=None, mix={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1},
+                     optim={"lr": 1e-3, "warmup_steps": 1, "warmup_ratio": None})
     fit = trainer(tmp_path, max_steps=2, num_sanity_val_steps=0)
     fit.fit(task, dm)
     m = task.last_metrics["val"]

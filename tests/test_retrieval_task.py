@@ -109,7 +109,7 @@ def test_fit_validate_test_and_reload(tmp_path, tokenizer_dir):
     pl.seed_everything(0)
     tok_dir = tmp_path / "tok"
     shutil.copytree(tokenizer_dir, tok_dir)
-    task = RetrievalTask(TINY, tokenizer=str(tok_dir), lr=2e-3, weight_decay=0.01, warmup_steps=2)
+    task = RetrievalTask(TINY, tokenizer=str(tok_dir), optim={"lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 2})
     train, val = loaders()
     trainer = make_trainer(tmp_path, max_steps=12, val_check_interval=None, check_val_every_n_epoch=3)
     trainer.fit(task, train, val)
@@ -147,7 +147,8 @@ def test_fit_validate_test_and_reload(tmp_path, tokenizer_dir):
 
 def test_training_lowers_the_loss(tokenizer_dir, tmp_path):
     pl.seed_everything(1)
-    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), lr=3e-3, weight_decay=0.0, warmup_ratio=None)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir),
+                         optim={"lr": 3e-3, "weight_decay": 0.0, "warmup_ratio": None})
     batch = collate_samples([ColorVideos()[i] for i in range(8)])
     batch = task.on_after_batch_transfer(batch, 0)
     opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
@@ -194,7 +195,7 @@ def test_repeated_videos_are_counted_once_and_none_is_lost(tokenizer_dir, tmp_pa
     """Repeats (sampler padding) anywhere in the evaluation order: every distinct video is kept once, with its
     captions, and the metrics equal an evaluation of the distinct videos alone."""
     pl.seed_everything(0)
-    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), evaluation={"write_plots": False})
     items = DUPLICATES[case]
     val = DataLoader(ColorVideos(items=items), batch_size=3, collate_fn=collate_samples)
     out = make_trainer(tmp_path).validate(task, val, verbose=False)[0]
@@ -212,7 +213,7 @@ def test_bad_eval_samples_are_skipped_counted_and_never_replaced(tokenizer_dir, 
     """Colours 3, 4, 5 fail to load: the whole second batch is skipped (the eval step must cope with an empty
     batch), colour 4 is also repeated by padding (counted once); the gallery is exactly the 5 good videos."""
     pl.seed_everything(0)
-    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), evaluation={"write_plots": False})
     data = ColorVideos(items=[0, 1, 2, 3, 4, 5, 6, 7, 4], bad=frozenset({3, 4, 5}))
     val = DataLoader(data, batch_size=3, collate_fn=collate_samples)
     out = make_trainer(tmp_path).test(task, val, verbose=False)[0]
@@ -225,14 +226,14 @@ def test_bad_eval_samples_are_skipped_counted_and_never_replaced(tokenizer_dir, 
 
 
 def test_evaluation_with_every_sample_bad_says_so(tokenizer_dir, tmp_path):
-    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), write_plots=False)
+    task = RetrievalTask(TINY, tokenizer=str(tokenizer_dir), evaluation={"write_plots": False})
     val = DataLoader(ColorVideos(n=3, bad=frozenset({0, 1, 2})), batch_size=2, collate_fn=collate_samples)
     with pytest.raises(RuntimeError, match=r"no video to evaluate.*3 .*skipped"):
         make_trainer(tmp_path).validate(task, val, verbose=False)
 
 
 def test_optimizer_groups_and_missing_tokenizer(tmp_path):
-    task = RetrievalTask(dataclasses.replace(TINY, lr_mults={"block": 10.0}), lr=1e-3, weight_decay=0.2)
+    task = RetrievalTask(dataclasses.replace(TINY, lr_mults={"block": 10.0}), optim={"lr": 1e-3, "weight_decay": 0.2})
     trainer = make_trainer(tmp_path, max_steps=10)
     task.trainer = trainer  # estimated_stepping_batches reads max_steps
     conf = task.configure_optimizers()

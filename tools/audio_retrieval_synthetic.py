@@ -158,7 +158,8 @@ def make_task(tokenizer: str, frames: int, lr: float, audio: bool, seed: int, **
     # context 32 (the corpus tokenizer's): at 24 tokens the trailing sound clause of long captions is cut off
     cfg = ModelConfig(image="vit_tiny", num_frames=frames, block="mean", freeze="full", context_length=32)
     extra = dict(audio=AudioConfig(**TINY_AUDIO), fusion="gated_sum", audio_frontend=TINY_FRONTEND) if audio else {}
-    args = dict(lr=lr, weight_decay=0.05, warmup_ratio=0.1, dsl=False, write_plots=False)
+    args = dict(optim={"lr": lr, "weight_decay": 0.05, "warmup_ratio": 0.1},
+                evaluation={"dsl": False, "write_plots": False})
     return RetrievalTask(cfg, tokenizer=tokenizer, **{**args, **extra, **task_args})
 
 

@@ -210,9 +210,10 @@ def build_task(args: argparse.Namespace, block: str, weights: Path, tok: Path, c
                       block_args=BLOCK_ARGS.get(block, {}), pretrained=str(weights),
                       lr_mults=recipe_lr_mults(TrainRecipe(lr=args.lr, backbone_lr_mult=args.backbone_lr_mult),
                                                BLOCKS.get(block)))  # fmt: skip
-    task = RecognitionTask(cfg, tokenizer=str(tok), class_names=classes, head=True, head_init="random", lr=args.lr,
-                           weight_decay=args.weight_decay, warmup_ratio=0.1, mixup=0.0, cutmix=0.0,
-                           label_smoothing=0.0, view_layout=(args.clips, 3), write_plots=False)  # fmt: skip
+    task = RecognitionTask(cfg, tokenizer=str(tok), class_names=classes, head={"enabled": True, "init": "random"},
+                           optim={"lr": args.lr, "weight_decay": args.weight_decay, "warmup_ratio": 0.1},
+                           mix={"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0},
+                           evaluation={"view_layout": (args.clips, 3), "write_plots": False})
     torch.manual_seed(args.seed + 7)  # the same head for every block
     task.head.reset_parameters()
     return task

@@ -86,7 +86,8 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
         seed=cfg.seed,
     )  # fmt: skip
     model = ModelConfig(image="vit_tiny", block=cfg.block, num_frames=cfg.num_frames)
-    task = RetrievalTask(model, tokenizer=str(corpus / "tokenizer"), lr=cfg.lr, weight_decay=0.05, warmup_ratio=0.05)
+    task = RetrievalTask(model, tokenizer=str(corpus / "tokenizer"),
+                         optim={"lr": cfg.lr, "weight_decay": 0.05, "warmup_ratio": 0.05})
     ckpt = ModelCheckpoint(dirpath=Path(cfg.out) / "checkpoints", filename="best", save_top_k=1, save_last=True,
                            monitor="val/t2v_R@1", mode="max", enable_version_counter=False)  # fmt: skip
     trainer = pl.Trainer(

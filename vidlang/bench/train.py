@@ -64,7 +64,7 @@ def measure(setting: str, corpus: Path, steps: int, warmup: int, batch: int, fra
                                                pin_memory=False))  # fmt: skip
     vocab = {"text_tiny": {}, "text_b": {"vocab_size": 512, "context_length": 32}}[text]
     task = RetrievalTask(ModelConfig(image=image, text=text, block="mean", num_frames=frames, **vocab),
-                         tokenizer=str(corpus / "tokenizer"), lr=1e-4)  # fmt: skip
+                         tokenizer=str(corpus / "tokenizer"), optim={"lr": 1e-4})  # fmt: skip
     timer = _timer_callback()
     trainer = pl.Trainer(accelerator="cpu", max_steps=warmup + steps, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -10,7 +10,6 @@ than the config's ``model.class_path`` is refused. Parse errors raise :class:`~v
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import os
@@ -84,6 +83,19 @@ def check_frames_not_set(args: Any) -> None:
                               "instead")
 
 
+def check_task_groups(model: Any) -> None:
+    """Raise :class:`ConfigError` for a task group given as a plain value (e.g. the old ``m2clip: true``), which
+    jsonargparse lets through (:func:`vidlang.config.check_parsed_groups`)."""
+    from vidlang.config import check_parsed_groups
+    from vidlang.tasks.base import VideoTask
+    from vidlang.tasks.config import TASK_MOVED
+
+    task_class = _import(str(model.get("class_path"))) if model is not None and hasattr(model, "get") else None
+    if isinstance(task_class, type) and issubclass(task_class, VideoTask):
+        groups = {name: type(default) for name, default in task_class.config_groups().items()}
+        check_parsed_groups(model.get("init_args"), groups, "model.init_args", TASK_MOVED)
+
+
 class VidlangCLI(LightningCLI):
     """``vidlang fit|validate|test|predict --config configs/...yaml``."""
 
@@ -114,19 +126,22 @@ class VidlangCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         from jsonargparse import ArgumentError
 
-        from vidlang.data.config import moved_keys_hint
+        from vidlang.data.config import DATA_MOVED
         from vidlang.data.datamodule import check_parsed_groups
         from vidlang.models.factory import removed_key_hint
+        from vidlang.tasks.config import TASK_MOVED
 
         check_frames_not_set(sys.argv[1:] if args is None else args)
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             hint = removed_key_hint(str(err))  # a key of older configs: name what replaced it
-            raise ConfigError(f"{hint}. {err}{moved_keys_hint(str(err))}" if hint
-                              else f"{err}{moved_keys_hint(str(err))}") from err
+            moved = DATA_MOVED.hint(str(err)) + TASK_MOVED.hint(str(err))  # a flat key of before the groups
+            raise ConfigError(f"{hint}. {err}{moved}" if hint else f"{err}{moved}") from err
         sub = self.config.get("subcommand")
-        check_parsed_groups((self.config[sub] if sub else self.config).get("data"))
+        section = self.config[sub] if sub else self.config
+        check_parsed_groups(section.get("data"))
+        check_task_groups(section.get("model"))
 
     def instantiate_classes(self) -> None:
         try:
@@ -140,7 +155,7 @@ class VidlangCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Rebuild the model from the checkpoint's hyper-parameters (see the module docstring)."""
         from vidlang.checkpoints import TASK_CLASSES, checkpoint_task, read_checkpoint
-        from vidlang.models.factory import ModelConfig
+        from vidlang.tasks.base import VideoTask
 
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
@@ -160,11 +175,12 @@ class VidlangCLI(LightningCLI):
                                   f"a {short} config (the checkpoint's hyper-parameters fill in its model)")
         if not hparams:
             return
-        if class_path in TASK_CLASSES.values() and isinstance(hparams.get("model"), dict):
-            # a vidlang task's ModelConfig: keys written by older versions are mapped (ModelConfig.from_dict)
-            hparams["model"] = dataclasses.asdict(ModelConfig.from_dict(hparams["model"], strict=False))
         task_class = _import(class_path)
-        if task_class is not None:  # as Lightning's load_from_checkpoint: keys the task no longer takes are dropped
+        if isinstance(task_class, type) and issubclass(task_class, VideoTask):
+            # keys of older versions mapped (flat task keys into their groups, the ModelConfig's renames), keys the
+            # task no longer takes dropped: the one place, VideoTask.hparams_from_checkpoint
+            hparams = task_class.hparams_from_checkpoint(hparams)
+        elif task_class is not None:  # as Lightning's load_from_checkpoint: keys the task no longer takes are dropped
             params = inspect.signature(task_class.__init__).parameters
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 hparams = {k: v for k, v in hparams.items() if k in params}

@@ -16,7 +16,6 @@ with at least one positive whose highest-scoring class is a positive (ties with 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vidlang.io import append_line, atomic_path, atomic_write_text
+from vidlang.eval.report import write_metrics
+from vidlang.io import atomic_path
 
 FUSIONS = ("softmax", "sigmoid")
 
@@ -277,10 +277,7 @@ def write_report(
     }
     if result.confusion is not None:
         report["confusion"] = result.confusion.tolist()
-    path = out / f"{stage}_metrics.json"
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    append_line(out / f"{stage}_metrics_history.jsonl", json.dumps({key: v for key, v in report.items()
-                                                                     if key != "confusion"}))
+    path = write_metrics(out, stage, report, history={key: v for key, v in report.items() if key != "confusion"})
     if plot and result.confusion is not None:
         title = f"{stage}: top-1 {result.metrics['top1']:.1f}%"
         plot_confusion_matrix(result.confusion, class_names, out / f"{stage}_confusion.png", title=title)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from vidlang.models.audio.encoder import AudioBranch
+from vidlang.models.optim import param_groups
 from vidlang.models.video_clip import VideoTextModel
 
 PLACEHOLDER = "<ImageHere>"
@@ -142,6 +143,11 @@ class ChatEncoder(nn.Module):
         super().train(mode)
         self.llm.eval()  # the frozen LLM never runs dropout
         return self
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups of the trainable parts (Q-former(s), projections) at ``lr`` / ``weight_decay`` with the
+        usual no-decay exclusions (:func:`vidlang.models.optim.param_groups`; no per-module multipliers)."""
+        return param_groups(self, lr, weight_decay)
 
     # -- media tokens --------------------------------------------------------------------------------
     def embed(self, video: Tensor) -> Tensor:

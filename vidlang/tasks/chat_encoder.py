@@ -12,22 +12,21 @@ reloaded from ``llm`` and its weights are put back into the loaded state dict be
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import pytorch_lightning as pl
 from torch import Tensor
 
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.chat import CAPTION_TEMPLATE, DEFAULT_TEMPLATE, ChatEncoder
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.tasks.common import adamw_warmup_cosine
+from vidlang.tasks.base import VideoTask, adamw_warmup_cosine
+from vidlang.tasks.config import CHAT_OPTIM, OptimConfig
 
 LLM_PREFIX = "encoder.llm."
 
 
-class ChatEncoderTask(pl.LightningModule):
+class ChatEncoderTask(VideoTask):
     """Train the video (+audio) Q-former and projections on captions with the LLM frozen."""
 
     def __init__(
@@ -38,25 +37,20 @@ class ChatEncoderTask(pl.LightningModule):
         template: str = DEFAULT_TEMPLATE,
         caption_template: str = CAPTION_TEMPLATE,
         max_caption_tokens: int = 64,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int | None = None,
-        warmup_ratio: float | None = 0.05,
-        min_lr_ratio: float = 0.0,
+        optim: OptimConfig = CHAT_OPTIM,
         encoder: ChatEncoder | None = None,
     ) -> None:
         """``model``: the visual model config (its block must be ``qformer``). ``llm``: a local directory
         with a causal LM and its tokenizer. ``audio``: the audio branch config (None = video only).
+        ``optim``: AdamW + warm-up cosine (:class:`~vidlang.tasks.config.OptimConfig`, or a mapping of its fields).
         ``encoder``: a ready :class:`ChatEncoder` instead of ``model``/``llm``/``audio`` (programmatic use)."""
         super().__init__()
-        if isinstance(model, dict):
-            model = ModelConfig.from_dict(model)
+        model = self.model_config(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
-        self.save_hyperparameters(ignore=["encoder"])
-        self.hparams["model"] = dataclasses.asdict(model) if model is not None else None
-        self.hparams["audio"] = dataclasses.asdict(audio) if audio is not None else None
+        groups = self.init_groups(optim=optim)
+        self.save_config(ignore=["encoder"], model=model, audio=audio, **groups)
+        self.optim = groups["optim"]
         self.encoder = encoder if encoder is not None else self._build(model, llm, audio)
         self.frontend = LogMelFrontend() if self.encoder.audio is not None else None
 
@@ -98,9 +92,7 @@ class ChatEncoderTask(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.caption_loss(batch)
-        bs = batch["video"].shape[0]
-        self.log("train/loss_caption", loss.detach(), batch_size=bs)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=bs)
+        self.log_train({"train/loss_caption": loss}, loss, batch["video"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -120,9 +112,11 @@ class ChatEncoderTask(pl.LightningModule):
         if state is not None and not any(k.startswith(LLM_PREFIX) for k in state):
             state.update({LLM_PREFIX + k: v for k, v in self.encoder.llm.state_dict().items()})
 
-    # -- optimisation ----------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
-        from vidlang.models.optim import param_groups
+    # -- optimisation ---------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The chat encoder's groups (its trainable parts: Q-former(s), projections)."""
+        return self.encoder.param_groups(self.optim.lr, self.optim.weight_decay)
 
-        groups = param_groups(self.encoder, self.hparams.lr, self.hparams.weight_decay)
-        return adamw_warmup_cosine(self, groups, no_params="the chat encoder has no trainable parameters")
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_warmup_cosine(self, self.param_groups(), self.optim,
+                                   no_params="the chat encoder has no trainable parameters")

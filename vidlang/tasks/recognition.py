@@ -30,7 +30,7 @@ Evaluation. ``video [B, T, C, H, W]`` or multi-view ``[B, V, T, C, H, W]`` (view
 ``multiview`` sampler x ``three_crop``): every view is classified, softmax (sigmoid with multi-label
 ``bce``) per view, averaged.
 Reported: top-1/top-5/mean-class accuracy (multi-label: mAP, top-1) fused and per view, base/novel/harmonic
-mean with ``base_to_novel``, and ``num_videos``, the videos evaluated (kept in ``last_metrics[stage]``; the
+mean with ``evaluation.base_to_novel``, and ``num_videos``, the videos evaluated (kept in ``last_metrics[stage]``; the
 per-view logits and labels of the last evaluation in ``last_outputs[stage]``). Under DDP the ranks' outputs
 are gathered and a video evaluated twice (a distributed sampler pads ranks with repeats) counts once: items
 are the same video when key, path and window agree; the first occurrence is kept. Rank 0 writes
@@ -43,25 +43,32 @@ the ``tokenizer`` directory, ``trainer.datamodule.tokenizer``), embedded in ever
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
-from vidlang.losses.aux import weigh_aux_losses
-from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
+from vidlang.losses.classification import multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
-from vidlang.losses.m2clip import DEFAULT_WEIGHTS, CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
+from vidlang.losses.m2clip import CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
 from vidlang.models.contract import TemporalBlock
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
+from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
+from vidlang.tasks.config import (
+    RECOGNITION_OPTIM,
+    HeadConfig,
+    M2ClipConfig,
+    MixConfig,
+    OptimConfig,
+    RecognitionEvalConfig,
+)
 
+log = logging.getLogger(__name__)
 VIFI_TEMPLATES = ["a photo of a {}."]
 CLASSES_KEY = "vidlang_classes"
 CLASSIFIERS = ("auto", "text", "head")
@@ -74,7 +81,7 @@ def prompts_for(class_names: list[str], templates: list[str]) -> list[str]:
     return [t.format(name.replace("_", " ")) for name in class_names for t in templates]
 
 
-class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
+class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
     """Video classification by text prompts and/or a linear head (see the module docstring)."""
 
     def __init__(
@@ -84,74 +91,55 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         class_names: list[str] | None = None,
         eval_class_names: list[str] | None = None,
         templates: list[str] | None = None,
-        head: bool = False,
-        head_init: str = "text",
         classifier: str = "auto",
-        lr: float = 2e-5,
-        lr_mult_head: float = 1.0,
-        weight_decay: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-8,
-        warmup_steps: int | None = None,
-        warmup_ratio: float | None = 0.1,
-        min_lr_ratio: float = 0.0,
-        mixup: float = 0.8,
-        cutmix: float = 1.0,
-        mix_prob: float = 1.0,
-        switch_prob: float = 0.5,
-        label_smoothing: float = 0.1,
         multi_label_loss: str = "soft_ce",
         aux_loss_weights: dict[str, float] | None = None,
-        m2clip: bool = False,
-        m2clip_weights: dict[str, float] | None = None,
-        mlm_prob: float = 0.15,
-        view_layout: tuple[int, int] | None = None,
-        base_to_novel: bool = False,
-        base_ratio: float = 0.5,
-        split_seed: int | None = None,
-        text_chunk: int = 256,
-        write_plots: bool = True,
+        head: HeadConfig = HeadConfig(),  # noqa: B008  (frozen: a shared default is safe)
+        optim: OptimConfig = RECOGNITION_OPTIM,
+        mix: MixConfig = MixConfig(),  # noqa: B008
+        m2clip: M2ClipConfig = M2ClipConfig(),  # noqa: B008
+        evaluation: RecognitionEvalConfig = RecognitionEvalConfig(),  # noqa: B008
     ) -> None:
-        """``model``: the model config (freezing via ``model.freeze``, ``"auto"`` = the block's recipe).
-        ``templates``: prompt templates with one ``{}`` (default ViFi-CLIP's). ``head``: add a linear head
-        on ``exp(logit_scale) x`` the normalised video embedding (``head_init``: ``"text"`` = the class text
-        embeddings, i.e. it starts as the zero-shot classifier, or ``"random"``). ``classifier``: what evaluation uses,
-        ``"text"``, ``"head"`` (falls back to text on another label set) or ``"auto"`` (head if there is
-        one and M2-CLIP is off). ``mixup``/``cutmix``: Beta alphas (0 disables), ``mix_prob`` the chance
-        to mix a batch, ``switch_prob`` cutmix vs mixup. ``m2clip``: add M2-CLIP's losses (implies a head;
-        ``m2clip_weights`` override ``contrastive``/``cross_modal``/``head``/``mlm``; 0 disables a term).
-        ``multi_label_loss``: ``"soft_ce"`` or ``"bce"`` for multi-label data (module docstring).
-        ``view_layout``: (clips, crops) of multi-view evaluation, for naming per-view results.
-        ``base_to_novel``: also report base / novel / harmonic mean over the evaluation classes split by
-        :func:`vidlang.data.formats.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
+        """Build from config (the groups are :mod:`vidlang.tasks.config`; each may be given as a mapping of its fields).
+
+        Args:
+            model: the model config (freezing via ``model.freeze``, ``"auto"`` = the block's recipe).
+            tokenizer: tokenizer directory (see :class:`~vidlang.tasks.base.TokenizerMixin`).
+            class_names, eval_class_names: training / evaluation label sets (module docstring).
+            templates: prompt templates with one ``{}`` (default ViFi-CLIP's).
+            classifier: what evaluation uses: ``"text"``, ``"head"`` (falls back to text on another label set) or
+                ``"auto"`` (head if there is one and M2-CLIP is off).
+            multi_label_loss: ``"soft_ce"`` or ``"bce"`` for multi-label data (module docstring).
+            aux_loss_weights: weight per auxiliary loss name, over the block's ``default_aux_weights``.
+            head: the linear head (:class:`HeadConfig`: on, its init, its lr multiplier).
+            optim: AdamW + warm-up cosine (:class:`OptimConfig`).
+            mix: mixup / cutmix / label smoothing (:class:`MixConfig`).
+            m2clip: M2-CLIP's losses (:class:`M2ClipConfig`; implies a head).
+            evaluation: multi-view layout, base-to-novel split, text chunk, plots (:class:`RecognitionEvalConfig`).
+        """
         super().__init__()
-        if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig.from_dict(model)
+        model = self.model_config(model)
+        groups = self.init_groups(head=head, optim=optim, mix=mix, m2clip=m2clip, evaluation=evaluation)
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
         if multi_label_loss not in MULTI_LABEL_LOSSES:
             raise ValueError(f"multi_label_loss must be one of {MULTI_LABEL_LOSSES}, got {multi_label_loss!r}")
-        if head_init not in ("text", "random"):
-            raise ValueError(f"head_init must be 'text' or 'random', got {head_init!r}")
         templates = list(templates or VIFI_TEMPLATES)
         bad = [t for t in templates if t.count("{}") != 1]
         if bad:
             raise ValueError(f"each prompt template needs exactly one '{{}}' for the class name: {bad}")
-        self.save_hyperparameters()
-        self.hparams["model"] = dataclasses.asdict(model)  # plain dict: checkpoints load with weights_only
-        self.hparams["templates"] = templates
+        self.save_config(model=model, templates=templates, **groups)
+        self.head_config, self.optim, self.evaluation = groups["head"], groups["optim"], groups["evaluation"]
         self.templates = templates
         self.model = build_model(model)
-        self.use_head = bool(head or m2clip)
+        self.use_head = bool(self.head_config.enabled or groups["m2clip"].enabled)
         self.head: nn.Linear | None = None
         if self.use_head and class_names:
             self.head = nn.Linear(self.model.embed_dim, len(class_names))
-        self.mixer = MixupCutmix(mixup, cutmix, mix_prob, switch_prob, label_smoothing)
+        self.mixer = groups["mix"].build()
         self.aux_loss_weights = dict(aux_loss_weights or {})  # over the block's default_aux_weights
-        self.m2_weights = {**DEFAULT_WEIGHTS, **(m2clip_weights or {})} if m2clip else {}
-        unknown = set(self.m2_weights) - set(DEFAULT_WEIGHTS)
-        if unknown:
-            raise ValueError(f"unknown m2clip_weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+        self.m2_weights = groups["m2clip"].resolved_weights()
+        self.mlm_prob = groups["m2clip"].mlm_prob
         self.mlm = None
         if self.m2_weights.get("mlm", 0) > 0:
             self.mlm = CrossModalMLM(self.model.embed_dim, self.model.text_tower.cfg.vocab_size)
@@ -205,9 +193,37 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             self.head = nn.Linear(self.model.embed_dim, len(names)).to(self.device)
         if self.head is not None and self.head.out_features != len(names):
             raise ValueError(f"the head has {self.head.out_features} classes but the training data {len(names)}")
-        if self.head is not None and not self._head_ready and self.hparams.head_init == "text":
+        if self.head is not None and not self._head_ready and self.head_config.init == "text":
             self._init_head_from_text(names)  # a checkpoint restored after setup overwrites it
         self._head_ready = True
+        if self.head is not None and not self.m2_weights and self.trainer.world_size > 1:
+            self._freeze_unreached()
+
+    def _freeze_unreached(self) -> list[str]:
+        """Under DDP, with the linear head as the training classifier (no text in the loss): freeze the trainable
+        parameters the loss cannot reach (the text tower, a block's text adapters); returns their names.
+
+        They never get a gradient, and DDP, which all-reduces the gradient of every trainable parameter in
+        buckets, would otherwise leave the ranks' gradients unsynchronised (then fail at the next step). Found by
+        one forward + backward of a blank clip through the training path (video -> head, + aux losses), with the
+        random state kept. Single-process training is left as it is (AdamW skips a parameter without gradient)."""
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        cfg = self.model.image_tower.cfg
+        video = torch.zeros(1, self.hparams.model["num_frames"], 3, cfg.image_size, cfg.image_size, device=self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.enable_grad():
+            out = self.model.encode_video(video)
+            loss = self.head_logits(F.normalize(out.embeds.float(), dim=-1)).sum()
+            aux = self.weigh_aux(out.aux_losses)
+            grads = torch.autograd.grad(loss if aux is None else loss + aux, [p for _, p in trainable],
+                                        allow_unused=True)  # fmt: skip
+        frozen = [n for (n, _), g in zip(trainable, grads, strict=True) if g is None]
+        for name, param in trainable:
+            if name in frozen:
+                param.requires_grad_(False)
+        if frozen:
+            log.info("RecognitionTask: %d parameters the head-only loss cannot reach are frozen for DDP (%s ...)",
+                     len(frozen), ", ".join(frozen[:3]))
+        return frozen
 
     @torch.no_grad()
     def _init_head_from_text(self, names: list[str]) -> None:
@@ -226,7 +242,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     def class_embeddings(self, class_names: list[str], grad: bool = False) -> Tensor:
         """Normalised class embeddings ``[K, E]`` = mean over templates of normalised prompt embeddings."""
         prompts = prompts_for(class_names, self.templates)
-        chunk = self.hparams.text_chunk
+        chunk = self.evaluation.text_chunk
         with torch.set_grad_enabled(grad):
             parts = []
             for s in range(0, len(prompts), chunk):
@@ -334,7 +350,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             else:
                 parts["ce"] = soft_target_cross_entropy(logits, mix.targets)
         total = sum(self.m2_weights.get(k, 1.0) * v for k, v in parts.items())
-        aux, _ = weigh_aux_losses(out.aux_losses, self.model.block.default_aux_weights, self.aux_loss_weights)
+        aux = self.weigh_aux(out.aux_losses)
         parts.update({f"aux_{name}": value for name, value in out.aux_losses.items()})
         return (total if aux is None else total + aux), parts
 
@@ -350,7 +366,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if self.mlm is not None:
             prompts = [self.templates[0].format(names[c].replace("_", " ")) for c in labels.tolist()]
             ids, mask = self.tokenize(prompts)
-            masked, mlm_labels = mask_tokens(ids, mask, self.tokenizer.pad_id, self.hparams.mlm_prob)
+            masked, mlm_labels = mask_tokens(ids, mask, self.tokenizer.pad_id, self.mlm_prob)
             tokens = self.model.encode_text(masked, mask).tokens  # [B, Lt, E]
             frames = out.frame_embeds if out.frame_embeds is not None else out.embeds[:, None]  # [B, T, E]
             parts["mlm"] = self.mlm.loss(tokens.float(), frames.float(), mlm_labels)
@@ -358,13 +374,8 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, parts = self.forward_loss(batch)
-        bs = batch["video"].shape[0]
-        logs = {"train/loss": total.detach(), **{f"train/loss_{k}": v.detach() for k, v in parts.items()}}
-        logs["train/scale"] = self.scale.detach()
-        self.log_dict(logs, batch_size=bs)
-        self.log("loss", total.detach(), prog_bar=True, logger=False, batch_size=bs)
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        logs = {"train/loss": total, **{f"train/loss_{k}": v for k, v in parts.items()}, "train/scale": self.scale}
+        self.log_train(logs, total, batch["video"].shape[0])
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -373,14 +384,16 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if self.text_trains():
             self._cached.clear()
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        groups = self.model.param_groups(h.lr, h.weight_decay)
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The model's groups, then the task's own modules (the linear head, M2-CLIP's MLM head) at
+        ``lr x head.lr_mult`` with the task's weight decay."""
+        o, mult = self.optim, self.head_config.lr_mult
+        groups = self.model.param_groups(o.lr, o.weight_decay)
         for name, module in (("head", self.head), ("mlm", self.mlm)):
             if module is not None:
-                groups.append({"name": name, "params": list(module.parameters()), "lr": h.lr * h.lr_mult_head,
-                               "lr_mult": h.lr_mult_head, "weight_decay": h.weight_decay})
-        return adamw_warmup_cosine(self, groups, eps=h.eps)
+                groups.append({"name": name, "params": list(module.parameters()), "lr": o.lr * mult, "lr_mult": mult,
+                               "weight_decay": o.weight_decay})  # fmt: skip
+        return groups
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -439,13 +452,13 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         if labels.shape[0] == 0:
             raise RuntimeError(f"{stage}: no video left to evaluate ({skipped} samples skipped as bad; see the "
                                "bad-sample report)")
-        h = self.hparams
+        ev = self.evaluation
         split = None
-        if h.base_to_novel:
+        if ev.base_to_novel:
             from vidlang.data.formats.protocols import base_novel_split
 
-            split = base_novel_split(len(names), h.base_ratio, h.split_seed)
-        result = evaluate_views(logits, labels, h.view_layout, split, fuse=self._fuse(labels.ndim == 2))
+            split = base_novel_split(len(names), ev.base_ratio, ev.split_seed)
+        result = evaluate_views(logits, labels, ev.view_layout, split, fuse=self._fuse(labels.ndim == 2))
         result.metrics["num_videos"] = int(labels.shape[0])
         result.metrics["num_skipped"] = skipped
         logs = {f"{stage}/{k}": float(v) for k, v in result.metrics.items() if k not in ("num_samples", "map_classes")}
@@ -455,18 +468,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         self.log_dict(logs, sync_dist=False)
         self.last_metrics[stage] = result.metrics
         self.last_outputs[stage] = {"logits": logits, "labels": labels}
-        out_dir = self.report_dir()  # on every rank: trainer.log_dir is a collective (broadcast) under DDP
-        if self.trainer.is_global_zero:
-            self._write_report(out_dir, stage, result, names, split, dropped)
-
-    def report_dir(self) -> Path:
-        """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``.
-
-        Call it on every rank: ``trainer.log_dir`` broadcasts rank 0's value."""
-        ckpt = getattr(self.trainer, "checkpoint_callback", None)
-        if ckpt is not None and getattr(ckpt, "dirpath", None):
-            return Path(ckpt.dirpath)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        self.publish_report(lambda out_dir: self._write_report(out_dir, stage, result, names, split, dropped))
 
     def _write_report(self, out_dir: Path, stage: str, result: ClassificationResult, names: list[str], split: Any,
                       dropped: int = 0) -> None:
@@ -482,7 +484,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             info["multi_label_loss"] = self.hparams.multi_label_loss
         if split is not None:
             info["base_classes"], info["novel_classes"] = [names[i] for i in split[0]], [names[i] for i in split[1]]
-        write_report(out_dir, stage, result, names, info, plot=self.hparams.write_plots)
+        write_report(out_dir, stage, result, names, info, plot=self.evaluation.write_plots)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ tokenizer files.
 Evaluation embeds every video and caption once, gathers them across ranks, keeps the first occurrence of
 each video (a distributed sampler pads with repeats; key + captions identify a video), computes
 :func:`vidlang.eval.retrieval.evaluate_embeddings` and logs ``{stage}/t2v_R@1`` ... (``{stage}/dsl_...``
-separately when ``dsl``) with the gallery's size: ``{stage}/num_videos``, ``{stage}/num_captions`` and
+separately when ``evaluation.dsl``) with the gallery's size: ``{stage}/num_videos``, ``{stage}/num_captions`` and
 ``{stage}/num_skipped`` (distinct samples that failed to load and were left out, ``batch["skipped"]``; they
 are never replaced in evaluation). Rank 0 writes ``{stage}_metrics.json`` (+ a line in
 ``{stage}_metrics_history.jsonl``, both with those counts) and ``{stage}_recall_at_k.png`` to the checkpoint
@@ -29,19 +29,16 @@ on the device (``audio_mel [B, S_seg, 1, M, F]``, ``audio_mel_mask [B]``). Clips
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.eval.report import write_metrics
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
-from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
@@ -50,65 +47,59 @@ from vidlang.models.contract import VideoOutput
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
 from vidlang.models.video_clip import VideoTextModel
-from vidlang.tasks.common import EvalLoopMixin, TokenizerMixin, adamw_warmup_cosine, normalize_uint8_video
+from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
+from vidlang.tasks.config import RETRIEVAL_OPTIM, ContrastiveConfig, OptimConfig, RetrievalEvalConfig
 
 
-class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
+class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
     """Contrastive video-text training and retrieval evaluation (see the module docstring)."""
 
     def __init__(
         self,
         model: ModelConfig,
         tokenizer: str | None = None,
-        lr: float = 1e-5,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int | None = None,
-        warmup_ratio: float | None = 0.1,
-        min_lr_ratio: float = 0.0,
-        gather: bool = True,
-        local_loss: bool = False,
         aux_loss_weights: dict[str, float] | None = None,
-        dsl: bool = True,
-        dsl_temperature: float = 0.01,
-        text_chunk: int = 1024,
-        ties: Literal["pessimistic", "optimistic"] = "pessimistic",
-        write_plots: bool = True,
+        optim: OptimConfig = RETRIEVAL_OPTIM,
+        contrastive: ContrastiveConfig = ContrastiveConfig(),  # noqa: B008  (frozen: a shared default is safe)
+        evaluation: RetrievalEvalConfig = RetrievalEvalConfig(),  # noqa: B008
         audio: AudioConfig | None = None,
         fusion: str = "gated_sum",
         fusion_args: dict[str, Any] | None = None,
         audio_frontend: dict[str, Any] | None = None,
         lr_mult_audio: float = 1.0,
     ) -> None:
-        """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring). Learning rates:
-        ``lr`` x the model's recipe (``ModelConfig.lr_mults``, :meth:`VideoTextModel.param_groups`). Warm-up:
-        ``warmup_steps`` when given, else ``warmup_ratio`` of the total steps; then cosine decay to ``min_lr_ratio *
-        lr`` (AdamW with ``betas``/``eps``; weight-decay exclusions from the model's ``param_groups``). ``gather`` /
-        ``local_loss``: see :class:`ContrastiveLoss`. ``aux_loss_weights``: weight per auxiliary loss name, over the
-        block's ``default_aux_weights`` (unlisted in both: 1.0; 0 disables). ``dsl``: also report dual-softmax
-        metrics under ``dsl_`` keys. ``text_chunk``: rows per similarity block in evaluation. ``ties``: rank tie rule
-        (see :mod:`vidlang.eval.retrieval`). ``audio``: the audio branch config (None = video only); ``fusion`` /
-        ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments; ``audio_frontend``:
-        :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``, ``num_mel_bins``,
-        ``target_frames``; they must match the audio backbone's input size); ``lr_mult_audio``: lr multiplier of the
-        audio branch and the fusion."""
+        """Build from config (the groups are :mod:`vidlang.tasks.config`; each may be given as a mapping of its fields).
+
+        Args:
+            model: the model config.
+            tokenizer: tokenizer directory (see the module docstring).
+            aux_loss_weights: weight per auxiliary loss name, over the block's ``default_aux_weights`` (unlisted in
+                both: 1.0; 0 disables).
+            optim: AdamW + warm-up cosine (:class:`OptimConfig`); each parameter's lr is ``optim.lr x`` the model's
+                recipe (``ModelConfig.lr_mults``, :meth:`VideoTextModel.param_groups`), weight-decay exclusions
+                from the model's ``param_groups``.
+            contrastive: ``gather`` / ``local_loss`` of :class:`ContrastiveLoss`.
+            evaluation: dual-softmax metrics, similarity chunk, tie rule, plots (:class:`RetrievalEvalConfig`).
+            audio: the audio branch config (None = video only).
+            fusion, fusion_args: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments.
+            audio_frontend: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
+                ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size).
+            lr_mult_audio: lr multiplier of the audio branch and the fusion (the audio-visual model's recipe).
+        """
         super().__init__()
-        if isinstance(model, dict):  # from a checkpoint's hyper-parameters
-            model = ModelConfig.from_dict(model)
+        model = self.model_config(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
-        self.save_hyperparameters()
-        self.hparams["model"] = dataclasses.asdict(model)  # plain dict: checkpoints load with weights_only
-        self.hparams["audio"] = dataclasses.asdict(audio) if audio is not None else None
-        self.model_config = model
+        groups = self.init_groups(optim=optim, contrastive=contrastive, evaluation=evaluation)
+        self.save_config(model=model, audio=audio, **groups)
+        self.optim, self.evaluation = groups["optim"], groups["evaluation"]
         self.model: VideoTextModel | AudioVisualModel = build_model(model)
         self.frontend: LogMelFrontend | None = None
         if audio is not None:
             self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args,
                                           lr_mults={"": lr_mult_audio})
             self.frontend = LogMelFrontend(**(audio_frontend or {}))
-        self.loss = ContrastiveLoss(gather=gather, local_loss=local_loss)
+        self.loss = ContrastiveLoss(gather=groups["contrastive"].gather, local_loss=groups["contrastive"].local_loss)
         self.aux_loss_weights = dict(aux_loss_weights or {})
         self._tokenizer: Any = None
         self._eval: dict[str, list] = {}
@@ -118,6 +109,10 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
     def video_text(self) -> VideoTextModel:
         """The image/text towers + temporal block (inside the audio-visual wrapper when there is audio)."""
         return self.model.video_model if isinstance(self.model, AudioVisualModel) else self.model
+
+    @property
+    def block(self) -> Any:
+        return self.video_text.block
 
     @property
     def context_length(self) -> int:
@@ -196,34 +191,21 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         t = self.model.encode_text(ids, mask)
         out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
         aux = {**v.aux_losses, **t.aux_losses}
-        weighted, _ = weigh_aux_losses(aux, self.video_text.block.default_aux_weights, self.aux_loss_weights)
+        weighted = self.weigh_aux(aux)
         total = out.loss if weighted is None else out.loss + weighted
         return total, out, aux
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, out, aux = self.forward_loss(batch)
-        bs = batch["video"].shape[0]
-        logs = {
-            "train/loss": total,
-            "train/loss_contrastive": out.loss,
-            "train/loss_t2v": out.loss_t2v,
-            "train/loss_v2t": out.loss_v2t,
-            "train/scale": out.scale,
-        }
-        logs.update({f"train/aux_{k}": v.detach() for k, v in aux.items()})
-        self.log_dict(logs, prog_bar=False, batch_size=bs)
-        self.log("loss", total.detach(), prog_bar=True, logger=False, batch_size=bs)
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        logs = {"train/loss": total, "train/loss_contrastive": out.loss, "train/loss_t2v": out.loss_t2v,
+                "train/loss_v2t": out.loss_v2t, "train/scale": out.scale}
+        logs.update({f"train/aux_{k}": v for k, v in aux.items()})
+        self.log_train(logs, total, batch["video"].shape[0])
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # keep the parameter itself inside [0, log 100] (as CLIP does)
             self.model.logit_scale.clamp_(0.0, math.log(self.loss.max_scale))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.model.param_groups(self.hparams.lr, self.hparams.weight_decay)
-        return adamw_warmup_cosine(self, groups, eps=self.hparams.eps)
 
     # -- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -281,41 +263,21 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
                 f"{stage}: no video to evaluate ({video.shape[0]} videos, {text.shape[0]} captions; {skipped} "
                 "samples skipped as bad, see the bad-sample report)"
             )
-        h = self.hparams
+        ev = self.evaluation
         with torch.autocast(self.device.type, enabled=False):  # fp32 similarities even under bf16 training
-            result = evaluate_embeddings(
-                text,
-                video,
-                index,
-                dsl=h.dsl,
-                dsl_temperature=h.dsl_temperature,
-                chunk=h.text_chunk,
-                ties=h.ties,
-                normalize=False,
-            )
+            result = evaluate_embeddings(text, video, index, dsl=ev.dsl, dsl_temperature=ev.dsl_temperature,
+                                         chunk=ev.text_chunk, ties=ev.ties, normalize=False)
         counts = {"num_videos": video.shape[0], "num_captions": text.shape[0], "num_skipped": skipped}
         logs = {f"{stage}/{k}": float(v) for k, v in {**result.metrics, **counts}.items()}
         self.log_dict(logs, sync_dist=False)
         self.last_metrics = {stage: result.metrics}
-        out_dir = self.report_dir()  # on every rank: trainer.log_dir is a collective (broadcast)
-        if self.trainer.is_global_zero:
-            self._write_report(out_dir, stage, result, chance_levels(index, video.shape[0]), counts)
-
-    def report_dir(self) -> Path:
-        """Where metrics JSON and plots go: checkpoint dir > logger dir > ``default_root_dir``.
-
-        Call it on every rank: ``trainer.log_dir`` broadcasts rank 0's value."""
-        trainer = self.trainer
-        ckpt = getattr(trainer, "checkpoint_callback", None)
-        if ckpt is not None and getattr(ckpt, "dirpath", None):
-            return Path(ckpt.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        chance = chance_levels(index, video.shape[0])
+        self.publish_report(lambda out_dir: self._write_report(out_dir, stage, result, chance, counts))
 
     def _write_report(
         self, out_dir: Path, stage: str, result: Any, chance: dict[str, float], counts: dict[str, int]
     ) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        h = self.hparams
+        ev = self.evaluation
         report = {
             "stage": stage,
             "epoch": self.current_epoch,
@@ -323,13 +285,10 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             **counts,
             "metrics": result.metrics,
             "chance": chance,
-            "options": {"ties": h.ties, "dsl": h.dsl, "dsl_temperature": h.dsl_temperature},
+            "options": {"ties": ev.ties, "dsl": ev.dsl, "dsl_temperature": ev.dsl_temperature},
         }
-        from vidlang.io import append_line, atomic_write_text
-
-        atomic_write_text(out_dir / f"{stage}_metrics.json", json.dumps(report, indent=2) + "\n")
-        append_line(out_dir / f"{stage}_metrics_history.jsonl", json.dumps(report))
-        if h.write_plots:
+        write_metrics(out_dir, stage, report)
+        if ev.write_plots:
             from vidlang.eval.plots import plot_recall_at_k
 
             title = f"{stage} recall@K (epoch {self.current_epoch}, step {self.global_step})"

@@ -1,0 +1,208 @@
+"""The typed settings groups of the tasks (:mod:`vidlang.tasks`), as :mod:`vidlang.data.config` has for the data.
+
+Each group is a frozen dataclass, one YAML mapping under ``model.init_args`` and one group of LightningCLI options
+(``--model.init_args.optim.lr 1e-4``); a group may also be given as a mapping of its fields, which fills in over the
+task's own defaults (the default of its argument), and an unknown key inside a group is an error::
+
+    model:
+      class_path: vidlang.tasks.recognition.RecognitionTask
+      init_args:
+        model: {image: vit_b16, block: stan}
+        optim: {lr: 8.0e-6, weight_decay: 1.0e-3}
+        mix: {mixup: 0.8, cutmix: 1.0}
+        evaluation: {view_layout: [4, 3]}
+
+The flat keys of before the groups (``lr``, ``mixup``, ``view_layout``, ...) are refused with a one-line error naming
+their new place (:data:`TASK_MOVED`); checkpoints that carry them load (:meth:`vidlang.tasks.base.VideoTask.
+hparams_from_checkpoint` maps them, with the model config's older keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vidlang.config import MovedKeys, check_min
+from vidlang.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a per-step linear warm-up then cosine decay (:mod:`vidlang.tasks.schedule`).
+
+    Args:
+        lr: the base learning rate; each parameter's is ``lr x`` its multiplier in the model's recipe
+            (``ModelConfig.lr_mults``, :meth:`vidlang.models.video_clip.VideoTextModel.param_groups`).
+        weight_decay: AdamW's (norms, biases, embeddings, prompts and ``logit_scale`` get none: the model's groups).
+        betas, eps: AdamW's.
+        warmup_steps: warm-up length in optimizer steps (wins over ``warmup_ratio``); warmup_ratio: the same as a
+            fraction of the total steps (None and no ``warmup_steps``: no warm-up).
+        min_lr_ratio: the cosine ends at ``min_lr_ratio x lr``.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = 0.1
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))  # a YAML list
+        check_min("optim", 0, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                  min_lr_ratio=self.min_lr_ratio)  # fmt: skip
+
+
+# Each task's defaults (the default of its ``optim`` argument; a partial mapping fills in over them).
+RETRIEVAL_OPTIM = OptimConfig(lr=1e-5, weight_decay=0.2, eps=1e-6, warmup_ratio=0.1)
+RECOGNITION_OPTIM = OptimConfig(lr=2e-5, weight_decay=1e-3, eps=1e-8, warmup_ratio=0.1)
+CHAT_OPTIM = OptimConfig(lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), warmup_ratio=0.05)
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """The retrieval loss (:class:`vidlang.losses.contrastive.ContrastiveLoss`): ``gather`` the batch over ranks,
+    ``local_loss`` (each rank's rows against the gathered columns)."""
+
+    gather: bool = True
+    local_loss: bool = False
+
+
+@dataclass(frozen=True)
+class RetrievalEvalConfig:
+    """Retrieval evaluation.
+
+    Args:
+        dsl, dsl_temperature: also report dual-softmax metrics (under ``dsl_`` keys) at this temperature.
+        text_chunk: rows per similarity block.
+        ties: rank tie rule (:mod:`vidlang.eval.retrieval`).
+        write_plots: write ``{stage}_recall_at_k.png`` beside the metrics.
+    """
+
+    dsl: bool = True
+    dsl_temperature: float = 0.01
+    text_chunk: int = 1024
+    ties: Literal["pessimistic", "optimistic"] = "pessimistic"
+    write_plots: bool = True
+
+    def __post_init__(self) -> None:
+        check_min("evaluation", 1, text_chunk=self.text_chunk)
+        if self.ties not in ("pessimistic", "optimistic"):
+            raise ConfigError(f"evaluation.ties must be 'pessimistic' or 'optimistic', got {self.ties!r}")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The recognition task's linear head.
+
+    Args:
+        enabled: add a linear head on ``exp(logit_scale) x`` the normalised video embedding (M2-CLIP adds it too).
+        init: ``text`` (the class text embeddings: it starts as the zero-shot classifier) or ``random``.
+        lr_mult: lr multiplier of the head (and of M2-CLIP's MLM head), the task's own modules.
+    """
+
+    enabled: bool = False
+    init: Literal["text", "random"] = "text"
+    lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("text", "random"):
+            raise ConfigError(f"head.init must be 'text' or 'random', got {self.init!r}")
+        check_min("head", 0, lr_mult=self.lr_mult)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Mixup / cutmix / label smoothing of the recognition targets (:class:`vidlang.losses.classification.
+    MixupCutmix`, the same lambda for every frame): Beta alphas ``mixup`` / ``cutmix`` (0 disables), ``mix_prob``
+    the chance to mix a batch, ``switch_prob`` cutmix rather than mixup."""
+
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+    def build(self) -> Any:
+        from vidlang.losses.classification import MixupCutmix
+
+        return MixupCutmix(self.mixup, self.cutmix, self.mix_prob, self.switch_prob, self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class M2ClipConfig:
+    """M2-CLIP's multi-task losses (:mod:`vidlang.losses.m2clip`).
+
+    Args:
+        enabled: add them (implies the linear head).
+        weights: over ``contrastive`` / ``cross_modal`` / ``head`` / ``mlm`` (``DEFAULT_WEIGHTS``; 0 disables a term).
+        mlm_prob: the masking rate of the MLM term.
+    """
+
+    enabled: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
+    mlm_prob: float = 0.15
+
+    def __post_init__(self) -> None:
+        from vidlang.losses.m2clip import DEFAULT_WEIGHTS
+
+        object.__setattr__(self, "weights", dict(self.weights or {}))  # None in checkpoints of before the groups
+        unknown = set(self.weights) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ConfigError(f"unknown m2clip.weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+
+    def resolved_weights(self) -> dict[str, float]:
+        """The weight of each term when enabled, else ``{}``."""
+        from vidlang.losses.m2clip import DEFAULT_WEIGHTS
+
+        return {**DEFAULT_WEIGHTS, **self.weights} if self.enabled else {}
+
+
+@dataclass(frozen=True)
+class RecognitionEvalConfig:
+    """Recognition evaluation.
+
+    Args:
+        view_layout: (clips, crops) of multi-view evaluation, for naming per-view results.
+        base_to_novel, base_ratio, split_seed: also report base / novel / harmonic mean over the evaluation classes
+            split by :func:`vidlang.data.formats.protocols.base_novel_split`.
+        text_chunk: prompts per text-tower forward (the class embeddings, also in training).
+        write_plots: write ``{stage}_confusion.png`` beside the metrics.
+    """
+
+    view_layout: tuple[int, int] | None = None
+    base_to_novel: bool = False
+    base_ratio: float = 0.5
+    split_seed: int | None = None
+    text_chunk: int = 256
+    write_plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.view_layout is not None:
+            object.__setattr__(self, "view_layout", tuple(self.view_layout))  # a YAML list
+        check_min("evaluation", 1, text_chunk=self.text_chunk)
+
+
+# The flat task arguments of before the groups -> where they live now (one table for every task: a key means the
+# same in each). Refused with this hint when parsed; moved into their groups in older checkpoints.
+TASK_MOVED = MovedKeys(
+    "model.init_args",
+    "task settings",
+    {
+        **{k: f"optim.{k}" for k in ("lr", "weight_decay", "betas", "eps", "warmup_steps", "warmup_ratio",
+                                      "min_lr_ratio")},
+        **{k: f"mix.{k}" for k in ("mixup", "cutmix", "mix_prob", "switch_prob", "label_smoothing")},
+        "head": "head.enabled",
+        "head_init": "head.init",
+        "lr_mult_head": "head.lr_mult",
+        "m2clip": "m2clip.enabled",
+        "m2clip_weights": "m2clip.weights",
+        "mlm_prob": "m2clip.mlm_prob",
+        **{k: f"contrastive.{k}" for k in ("gather", "local_loss")},
+        **{k: f"evaluation.{k}" for k in ("dsl", "dsl_temperature", "ties", "view_layout", "base_to_novel",
+                                           "base_ratio", "split_seed", "text_chunk", "write_plots")},
+    },
+    also=(r"[Oo]ption 'KEY' is not accepted", r"does not accept option 'KEY'"),
+    context=r"vidlang\.tasks\.",
+)
