@@ -118,16 +118,18 @@ def test_caption_training_lowers_loss_and_keeps_llm_frozen(llm_dir):
     enc = make_encoder(llm_dir).train()
     llm_before = {k: v.clone() for k, v in enc.llm.state_dict().items()}
     tower_before = {k: v.clone() for k, v in enc.visual.image_tower.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    # lr 3e-3 x 200 steps: at 1e-2 x 60 the run sat at the edge (loss 0.7-0.9, greedy decoding flipped with the
+    # thread count); here the loss is ~0.24 of 4.07 and decoding is exact at 1 and 2 threads
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=3e-3)
     video, captions = videos(2), ["red ball moves left", "blue square grows"]
     losses = []
-    for _ in range(60):
+    for _ in range(200):
         loss = enc.caption_loss(enc.media_tokens(video), captions)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
     assert all(torch.equal(v, enc.llm.state_dict()[k]) for k, v in llm_before.items())
     assert all(torch.equal(v, enc.visual.image_tower.state_dict()[k]) for k, v in tower_before.items())
     # the soft prompt learned the captions: greedy decoding from BOS + media reproduces them

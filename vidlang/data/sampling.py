@@ -370,6 +370,44 @@ def sample_clip_masked(
     return frames.reshape(idx.shape[0], idx.shape[1], *frames.shape[1:]), mask
 
 
+@SAMPLERS.register("interleaved_segments")
+class InterleavedSegmentSampler(FrameSampler):
+    """Prompt Switch's test frame order: ``K = num_frames / segments`` interleaved passes over the whole video.
+
+    The span is cut into ``segments`` equal segments (Prompt Switch: ``num_prompts`` = 6); pass ``i`` takes one
+    time in every segment, at fraction ``(i + 1) / (K + 1)`` of it (eval) or at random (training, each pass
+    independently). Output order is pass-major: ``[pass 0: segments 0..S-1, pass 1: segments 0..S-1, ...]``, so
+    each consecutive group of ``segments`` frames is a complete, ordered view of the video (what Prompt Switch's
+    frame groups process independently). With ``K = 1`` it is the ``segment`` sampler.
+
+    The one exception to the module's output rule: rows are non-decreasing within each pass only. ``position``
+    is not used. The official code picks frame indices (``(len - 1) // (K + 1) * (i + 1)`` into a segment of
+    ``len`` frames); times here may land one frame later.
+    """
+
+    def __init__(self, num_frames: int, segments: int = 6) -> None:
+        super().__init__(num_frames)
+        if int(segments) < 1 or self.num_frames % int(segments):
+            raise ValueError(
+                f"interleaved_segments: num_frames ({self.num_frames}) must be a positive multiple of segments "
+                f"({segments})"
+            )
+        self.segments = int(segments)
+
+    @property
+    def passes(self) -> int:
+        return self.num_frames // self.segments
+
+    def sample_times(self, start, end, *, training, generator, position=0.5, frame_interval=0.0):
+        k, s = self.passes, self.segments
+        if training:
+            frac = torch.rand((k, s), generator=generator, dtype=torch.float64)
+        else:
+            frac = ((torch.arange(k, dtype=torch.float64) + 1) / (k + 1)).unsqueeze(1).expand(k, s)
+        seg = (end - start) / s
+        return (start + (torch.arange(s, dtype=torch.float64) + frac) * seg).flatten()  # [K*S], pass-major
+
+
 def sample_clip(
     reader: Any,
     sampler: FrameSampler,
