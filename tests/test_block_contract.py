@@ -1,4 +1,4 @@
-"""The temporal-block contract (DESIGN.md section 5), checked for EVERY registered block and tiny tower.
+"""The temporal-block contract (docs/architecture.md), checked for EVERY registered block and tiny tower.
 
 Blocks added later are picked up automatically from ``BLOCKS.names()``; they must work with their
 default arguments on the tiny towers: vidlang's CLIP ViT and a timm ViT (``ModelConfig.image = "timm:..."``),

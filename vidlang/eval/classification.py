@@ -1,7 +1,7 @@
 """Recognition metrics: top-1/top-5, mean-class accuracy, multi-view fusion, base-to-novel, confusion plot;
 mAP for multi-label data.
 
-Multi-view testing (DESIGN.md §7b): every view (temporal clip x spatial crop) is classified on its own;
+Multi-view testing: every view (temporal clip x spatial crop) is classified on its own;
 the fused prediction is the mean over views of the per-view **softmax** probabilities (``sigmoid`` for
 a model trained with binary cross-entropy). Per-view results are reported next to the fused ones.
 Accuracies are percentages.

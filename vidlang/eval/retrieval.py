@@ -1,12 +1,12 @@
-"""Text-video retrieval metrics (DESIGN.md section 7b), computed in bounded memory.
+"""Text-video retrieval metrics, computed in bounded memory.
 
 Similarity ``S [A texts, B videos]``; ``caption_index [A]`` gives each text's true video.
 
 - text -> video: the rank of text i's true video. Ties are resolved with ``ties``:
   ``"pessimistic"`` (default): ``r = 1 + #{j != gt : S[i, j] >= S[i, gt]}``, so a tie with
   the ground truth never helps (a collapsed model with constant similarities gets the worst
-  rank, not R@1 = 100); ``"optimistic"``: ``r = 1 + #{j : S[i, j] > S[i, gt]}`` (the formula
-  written in DESIGN.md 7b and the convention of CLIP4Clip-style evaluation code, under which
+  rank, not R@1 = 100); ``"optimistic"``: ``r = 1 + #{j : S[i, j] > S[i, gt]}`` (the textbook
+  formula and the convention of CLIP4Clip-style evaluation code, under which
   ties *do* help). With real-valued embeddings exact ties are rare and both agree.
   NaN similarities raise ``ValueError``.
 - video -> text: each video is a query, its captions are the positives; the video's rank

@@ -1,4 +1,4 @@
-"""Annotation formats users already have (DESIGN.md §7), one registry :data:`FORMATS`.
+"""Annotation formats users already have (docs/architecture.md; datasets/README.md), one registry :data:`FORMATS`.
 
 Every reader is ``FORMATS.get(name)(**format_args) -> FormatIndex`` (entries + class names),
 and validates its input: a malformed row raises :class:`FormatError` naming the file and line.

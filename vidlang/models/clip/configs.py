@@ -1,7 +1,7 @@
 """Tower shapes: :class:`ImageConfig` / :class:`TextConfig` and named presets.
 
 Presets are registered factories (``IMAGE_CONFIGS.get("vit_b32")()`` returns a fresh config).
-Architecture only: weights come from a separate pretrained source (DESIGN.md section 8.1).
+Architecture only: weights come from a separate pretrained source (docs/architecture.md).
 :data:`KNOWN_IMAGE` / :data:`KNOWN_TEXT` hold the shape signatures of released ViT CLIP
 architectures, to tell a bare weights file's attention heads (weights cannot show them).
 """
