@@ -11,7 +11,13 @@ with ``scale = exp(logit_scale)`` clamped at ``max_scale`` (100, as in CLIP). Th
   of the denominator), averaged over the video's positives, then over videos. With one
   caption per video this is exactly CLIP's loss; with several, no positive is pushed down
   and the optimum is still zero. Videos with no caption in the batch only act as negatives.
-- total = (t2v + v2t) / 2.
+- total = (t2v + v2t) / 2 (``directions="mean"``), or their sum (``"sum"``, Mug-STAN).
+
+The similarity is cosine of the pooled embeddings by default; a task may pass another one as a function of
+*features* (a tensor or a tuple of tensors whose first dimension is the row: e.g. Mug-STAN's word tokens + mask
+and frame embeddings), ``similarity(text_features, video_features) -> [A, B]``; the features are gathered
+over ranks the same way. The logits are ``scale x similarity`` with ``scale = exp(logit_scale)`` (learnable), or
+``1 / temperature`` for a fixed temperature.
 
 Distributed (``gather=True`` and a process group is active): embeddings of all ranks are
 gathered with gradients. ``local_loss=False``: every rank computes the full global loss;
@@ -24,6 +30,7 @@ cases the DDP-averaged gradient equals the single-process gradient of the global
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +39,8 @@ from torch import Tensor, nn
 
 from vidlang.losses.distributed import all_gather_with_grad, gather_caption_index, is_distributed
 
+Features = Tensor | tuple[Tensor, ...]  # rows first: [N, ...] each
+PairSimilarity = Callable[[Features, Features], Tensor]  # (text [A, ...], video [B, ...]) -> [A, B]
 _NEG_FILL = -1.0e4  # stands for -inf in the masked log-sum-exp (finite: keeps gradients NaN-free)
 
 
@@ -79,42 +88,83 @@ def _check_inputs(video: Tensor, text: Tensor, caption_index: Tensor) -> None:
         raise ValueError(f"caption_index values must lie in [0, {video.shape[0]}), got {caption_index.tolist()}")
 
 
-class ContrastiveLoss(nn.Module):
-    """Symmetric multi-caption InfoNCE; owns the gather-with-grad collectives."""
+def _gather_features(x: Features) -> Features:
+    return tuple(all_gather_with_grad(t) for t in x) if isinstance(x, tuple) else all_gather_with_grad(x)
 
-    def __init__(self, gather: bool = True, local_loss: bool = False, max_scale: float = 100.0) -> None:
+
+def _rows(x: Features) -> int:
+    return (x[0] if isinstance(x, tuple) else x).shape[0]
+
+
+def _cosine(text: Tensor, video: Tensor) -> Tensor:
+    return text @ video.t()  # both already normalised
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric multi-caption InfoNCE; owns the gather-with-grad collectives.
+
+    ``temperature``: fixed (logits = similarity / temperature) instead of the learnable scale; ``directions``:
+    ``mean`` or ``sum`` of the two directions (module docstring)."""
+
+    def __init__(self, gather: bool = True, local_loss: bool = False, max_scale: float = 100.0,
+                 temperature: float | None = None, directions: str = "mean") -> None:
         super().__init__()
+        if directions not in ("mean", "sum"):
+            raise ValueError(f"directions must be 'mean' or 'sum', got {directions!r}")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.gather = gather
         self.local_loss = local_loss
         self.max_scale = max_scale
+        self.temperature = temperature
+        self.directions = directions
 
-    def forward(self, video: Tensor, text: Tensor, caption_index: Tensor, logit_scale: Tensor) -> ContrastiveOutput:
-        """``video [B, E]``, ``text [A, E]`` (unnormalised), ``caption_index [A]`` in [0, B),
-        ``logit_scale`` scalar log-scale parameter."""
-        _check_inputs(video, text, caption_index)
-        with torch.autocast(video.device.type, enabled=False):  # similarities in fp32, also under bf16 autocast
-            return self._forward(video.float(), text.float(), caption_index.long(), logit_scale.float())
+    def forward(self, video: Features, text: Features, caption_index: Tensor, logit_scale: Tensor,
+                similarity: PairSimilarity | None = None) -> ContrastiveOutput:
+        """``video [B, E]``, ``text [A, E]`` (unnormalised), ``caption_index [A]`` in [0, B), ``logit_scale``
+        scalar log-scale parameter. With ``similarity``, ``video`` / ``text`` are its features (module
+        docstring) and it computes the similarities."""
+        if similarity is None:
+            _check_inputs(video, text, caption_index)
+            with torch.autocast(video.device.type, enabled=False):  # similarities in fp32, also under bf16 autocast
+                video = F.normalize(video.float(), dim=-1)
+                text = F.normalize(text.float(), dim=-1)
+                return self._forward(video, text, caption_index.long(), logit_scale.float(), _cosine)
+        if caption_index.shape != (_rows(text),):
+            raise ValueError(f"caption_index must be [A={_rows(text)}], got {tuple(caption_index.shape)}")
+        return self._forward(video, text, caption_index.long(), logit_scale.float(), similarity)
 
-    def _forward(self, video: Tensor, text: Tensor, caption_index: Tensor, logit_scale: Tensor) -> ContrastiveOutput:
-        video = F.normalize(video, dim=-1)
-        text = F.normalize(text, dim=-1)
-        scale = clamped_scale(logit_scale, self.max_scale)
-        num_local_videos = video.shape[0]
+    def scale(self, logit_scale: Tensor) -> Tensor:
+        """The factor of the similarities: ``1 / temperature`` or the clamped ``exp(logit_scale)``."""
+        if self.temperature is not None:
+            return logit_scale.new_tensor(1.0 / self.temperature)
+        return clamped_scale(logit_scale, self.max_scale)
+
+    def _forward(self, video: Features, text: Features, caption_index: Tensor, logit_scale: Tensor,
+                 similarity: PairSimilarity) -> ContrastiveOutput:
+        scale = self.scale(logit_scale)
+        num_local_videos = _rows(video)
+        device = caption_index.device
         if self.gather and is_distributed():
-            all_video = all_gather_with_grad(video)  # [B_all, E]
-            all_text = all_gather_with_grad(text)  # [A_all, E]
+            all_video = _gather_features(video)  # [B_all, ...]
+            all_text = _gather_features(text)  # [A_all, ...]
             all_index, offset = gather_caption_index(caption_index, num_local_videos)  # [A_all]
         else:
             all_video, all_text, all_index, offset = video, text, caption_index, 0
         if self.local_loss:
             text_rows, text_targets = text, caption_index + offset
             video_rows = video
-            video_ids = torch.arange(num_local_videos, device=video.device) + offset  # [B]
+            video_ids = torch.arange(num_local_videos, device=device) + offset  # [B]
+            t2v = similarity(text_rows, all_video)  # [A, B_all]
+            v2t = similarity(all_text, video_rows).t()  # [B, A_all]
         else:
-            text_rows, text_targets = all_text, all_index
-            video_rows = all_video
-            video_ids = torch.arange(all_video.shape[0], device=video.device)
-        loss_t2v = text_to_video_loss(scale * text_rows @ all_video.t(), text_targets)
+            text_targets = all_index
+            video_ids = torch.arange(_rows(all_video), device=device)
+            t2v = similarity(all_text, all_video)  # [A_all, B_all]
+            v2t = t2v.t()
+        loss_t2v = text_to_video_loss(scale * t2v, text_targets)
         positives = video_ids[:, None] == all_index[None, :]  # [B_rows, A_all]
-        loss_v2t = video_to_text_loss(scale * video_rows @ all_text.t(), positives)
-        return ContrastiveOutput((loss_t2v + loss_v2t) / 2, loss_t2v, loss_v2t, scale.detach())
+        loss_v2t = video_to_text_loss(scale * v2t, positives)
+        total = loss_t2v + loss_v2t
+        return ContrastiveOutput(total / 2 if self.directions == "mean" else total, loss_t2v, loss_v2t,
+                                 scale.detach())

@@ -38,6 +38,9 @@ class OptimConfig:
         warmup_steps: warm-up length in optimizer steps (wins over ``warmup_ratio``); warmup_ratio: the same as a
             fraction of the total steps (None and no ``warmup_steps``: no warm-up).
         min_lr_ratio: the cosine ends at ``min_lr_ratio x lr``.
+        base_batch_size: the linear scaling rule: the lr actually used is ``lr x global batch / base_batch_size``
+            (global batch = per-device batch x devices x nodes x gradient accumulation; printed at start-up).
+            None: ``lr`` as given.
     """
 
     lr: float = 1e-5
@@ -47,11 +50,18 @@ class OptimConfig:
     warmup_steps: int | None = None
     warmup_ratio: float | None = 0.1
     min_lr_ratio: float = 0.0
+    base_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))  # a YAML list
         check_min("optim", 0, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                   min_lr_ratio=self.min_lr_ratio)  # fmt: skip
+        check_min("optim", 1, base_batch_size=self.base_batch_size)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The base lr of a run: ``lr x global_batch / base_batch_size`` with the linear scaling rule (M2-CLIP's
+        ``blr x batch / 256``), else ``lr``."""
+        return self.lr if self.base_batch_size is None else self.lr * global_batch / self.base_batch_size
 
 
 # Each task's defaults (the default of its ``optim`` argument; a partial mapping fills in over them).
@@ -60,13 +70,44 @@ RECOGNITION_OPTIM = OptimConfig(lr=2e-5, weight_decay=1e-3, eps=1e-8, warmup_rat
 CHAT_OPTIM = OptimConfig(lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), warmup_ratio=0.05)
 
 
+SIMILARITY_KINDS = ("cosine", "mug", "tight")
+
+
 @dataclass(frozen=True)
 class ContrastiveConfig:
-    """The retrieval loss (:class:`vidlang.losses.contrastive.ContrastiveLoss`): ``gather`` the batch over ranks,
-    ``local_loss`` (each rank's rows against the gathered columns)."""
+    """The retrieval loss (:class:`vidlang.losses.contrastive.ContrastiveLoss`) and the similarity it trains and
+    evaluates with.
+
+    Args:
+        gather: gather the batch over ranks; local_loss: each rank's rows against the gathered columns.
+        similarity: ``cosine`` (pooled embeddings), ``mug`` (Mug-STAN's parameter-free word x frame similarity,
+            :func:`vidlang.models.similarity.mug_similarity`) or ``tight`` (CLIP4Clip's tightTransf cross-encoder,
+            :class:`vidlang.models.cross_similarity.TightTransformerSimilarity`, a head of the task trained on the
+            local batch with raw logits: no gather, no temperature). Training and evaluation use the same one.
+        temperature: a fixed temperature (logits = similarity / temperature; Mug-STAN: 0.01); None = CLIP's
+            learnable ``logit_scale``.
+        directions: the loss is the ``mean`` (CLIP, CLIP4Clip) or the ``sum`` (Mug-STAN) of text->video and
+            video->text.
+        tight_layers: layers of the tightTransf head (CLIP4Clip: 4, initialised from the text tower's first ones).
+    """
 
     gather: bool = True
     local_loss: bool = False
+    similarity: Literal["cosine", "mug", "tight"] = "cosine"
+    temperature: float | None = None
+    directions: Literal["mean", "sum"] = "mean"
+    tight_layers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITY_KINDS:
+            raise ConfigError(f"contrastive.similarity must be one of {SIMILARITY_KINDS}, got {self.similarity!r}")
+        if self.directions not in ("mean", "sum"):
+            raise ConfigError(f"contrastive.directions must be 'mean' or 'sum', got {self.directions!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"contrastive.temperature must be > 0 (or null), got {self.temperature}")
+        if self.similarity == "tight" and self.temperature is not None:
+            raise ConfigError("contrastive.temperature does not apply to similarity 'tight' (raw logits)")
+        check_min("contrastive", 1, tight_layers=self.tight_layers)
 
 
 @dataclass(frozen=True)
@@ -136,13 +177,21 @@ class M2ClipConfig:
 
     Args:
         enabled: add them (implies the linear head).
-        weights: over ``contrastive`` / ``cross_modal`` / ``head`` / ``mlm`` (``DEFAULT_WEIGHTS``; 0 disables a term).
-        mlm_prob: the masking rate of the MLM term.
+        weights: over ``contrastive`` / ``cross_modal`` / ``head`` / ``mlm`` (0 disables a term), over the defaults:
+            ``OFFICIAL_WEIGHTS`` (0.5 / 0.5 / 1 / 0.1) with ``official``, else ``DEFAULT_WEIGHTS`` (1 / 1 / 1 / 0.1).
+        mlm_prob: the masking rate of the MLM term (None: 0.2 with ``official``, the share of masked words; else
+            0.15, the share of masked tokens).
+        official: the released code's losses: its weights, cross-entropy applied to the cross-modal
+            *probabilities* (a bug of the release, kept for faithful runs), the soft targets ``softmax(10 x
+            same label)`` and the word-level MLM (:func:`vidlang.losses.m2clip.build_mlm_batch` +
+            :class:`~vidlang.losses.m2clip.M2CLIPMLM`). False: the corrected cross-entropy on logits, the
+            same-label targets of the (mixed) targets and vidlang's token-level MLM.
     """
 
     enabled: bool = False
     weights: dict[str, float] = field(default_factory=dict)
-    mlm_prob: float = 0.15
+    mlm_prob: float | None = None
+    official: bool = False
 
     def __post_init__(self) -> None:
         from vidlang.losses.m2clip import DEFAULT_WEIGHTS
@@ -154,9 +203,16 @@ class M2ClipConfig:
 
     def resolved_weights(self) -> dict[str, float]:
         """The weight of each term when enabled, else ``{}``."""
-        from vidlang.losses.m2clip import DEFAULT_WEIGHTS
+        from vidlang.losses.m2clip import DEFAULT_WEIGHTS, OFFICIAL_WEIGHTS
 
-        return {**DEFAULT_WEIGHTS, **self.weights} if self.enabled else {}
+        base = OFFICIAL_WEIGHTS if self.official else DEFAULT_WEIGHTS
+        return {**base, **self.weights} if self.enabled else {}
+
+    @property
+    def mlm_rate(self) -> float:
+        from vidlang.losses.m2clip import MLM_RATE
+
+        return self.mlm_prob if self.mlm_prob is not None else (MLM_RATE if self.official else 0.15)
 
 
 @dataclass(frozen=True)

@@ -37,18 +37,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.errors import ConfigError
 from vidlang.eval.report import write_metrics
-from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
+from vidlang.eval.retrieval import chance_levels, evaluate_embeddings, evaluate_similarity
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
-from vidlang.models.contract import VideoOutput
+from vidlang.models.contract import TextOutput, VideoOutput
+from vidlang.models.cross_similarity import TightTransformerSimilarity
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
+from vidlang.models.similarity import mug_similarity, mug_similarity_rows
+from vidlang.models.temporal.video_mask import video_mask_state
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
 from vidlang.tasks.config import RETRIEVAL_OPTIM, ContrastiveConfig, OptimConfig, RetrievalEvalConfig
+
+TEXT_FEATURES = frozenset({"text", "tokens", "token_mask", "text_raw"})  # evaluation features: a row per caption
+
+
+def _mug_pairs(text: tuple[Tensor, Tensor], video: tuple[Tensor]) -> Tensor:
+    """Mug similarity ``[A, B]`` of ``(tokens [A, Lt, E], mask [A, Lt])`` and ``(frames [B, T, E],)``."""
+    return mug_similarity(text[0], text[1], video[0])
 
 
 class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
@@ -99,7 +110,19 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args,
                                           lr_mults={"": lr_mult_audio})
             self.frontend = LogMelFrontend(**(audio_frontend or {}))
-        self.loss = ContrastiveLoss(gather=groups["contrastive"].gather, local_loss=groups["contrastive"].local_loss)
+        con = self.contrastive = groups["contrastive"]
+        self.loss = ContrastiveLoss(gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,
+                                    temperature=con.temperature, directions=con.directions)
+        self.tight: TightTransformerSimilarity | None = None
+        if con.similarity == "tight":
+            vt, tcfg = self.video_text, self.video_text.text_tower.cfg
+            self.tight = TightTransformerSimilarity(vt.embed_dim, con.tight_layers, heads=tcfg.heads,
+                                                    max_positions=tcfg.context_length)
+            try:
+                self.tight.init_from_text_tower(vt.text_tower)  # CLIP4Clip: from the text tower's first layers
+            except ValueError as e:
+                raise ConfigError(f"contrastive.similarity 'tight' is initialised from the text tower, which needs "
+                                  f"text width == embed dim (as in every CLIP): {e}") from None
         self.aux_loss_weights = dict(aux_loss_weights or {})
         self._tokenizer: Any = None
         self._eval: dict[str, list] = {}
@@ -109,10 +132,6 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
     def video_text(self) -> VideoTextModel:
         """The image/text towers + temporal block (inside the audio-visual wrapper when there is audio)."""
         return self.model.video_model if isinstance(self.model, AudioVisualModel) else self.model
-
-    @property
-    def block(self) -> Any:
-        return self.video_text.block
 
     @property
     def context_length(self) -> int:
@@ -179,6 +198,26 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             return F.normalize(emb.view(b, v, -1).mean(dim=1), dim=-1)
         return F.normalize(self.video_output(video, audio_mel, audio_mask).embeds, dim=-1)
 
+    # -- similarity ------------------------------------------------------------------------------
+    def similarity_inputs(self, v: VideoOutput, t: TextOutput, video_mask: Tensor | None) -> tuple[Any, Any, Any]:
+        """``(video features, text features, similarity function)`` of ``contrastive.similarity`` for
+        :class:`ContrastiveLoss` (function None: cosine of the pooled embeddings)."""
+        kind = self.contrastive.similarity
+        if kind == "cosine":
+            return v.embeds, t.embeds, None
+        if v.frame_embeds is None:
+            raise ValueError(f"similarity {kind!r} needs per-frame embeddings (VideoOutput.frame_embeds)")
+        if kind == "mug":
+            if t.tokens is None or t.mask is None:
+                raise ValueError("similarity 'mug' needs the text tower's token features (TextOutput.tokens/mask)")
+            return (v.frame_embeds,), (t.tokens, t.mask), _mug_pairs
+        mask = video_mask if video_mask is not None else v.frame_embeds.new_ones(v.frame_embeds.shape[:2]).bool()
+        return (v.frame_embeds, mask), t.embeds, self._tight_pairs
+
+    def _tight_pairs(self, text: Tensor, video: tuple[Tensor, Tensor]) -> Tensor:
+        frames, mask = video
+        return self.tight(text, frames, mask)  # [A, B] raw logits
+
     # -- training --------------------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, Any]) -> tuple[Tensor, ContrastiveOutput, dict[str, Tensor]]:
         """Total loss, the contrastive parts and the (unweighted) auxiliary losses of one batch."""
@@ -187,9 +226,11 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             raise ValueError(f"retrieval training expects video [B, T, C, H, W], got {tuple(video.shape)}")
         ids, mask = self._text_inputs(batch)
         state = self.video_text.caption_state(ids, mask, batch["caption_index"], video.shape[0])
+        state = video_mask_state(self.block, batch.get("video_mask"), state)
         v = self.video_output(video, *self._batch_audio(batch), state=state)
         t = self.model.encode_text(ids, mask)
-        out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale)
+        vf, tf, sim = self.similarity_inputs(v, t, batch.get("video_mask"))
+        out = self.loss(vf, tf, batch["caption_index"], self.model.logit_scale, similarity=sim)
         aux = {**v.aux_losses, **t.aux_losses}
         weighted = self.weigh_aux(aux)
         total = out.loss if weighted is None else out.loss + weighted
@@ -203,6 +244,14 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.log_train(logs, total, batch["video"].shape[0])
         return total
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The model's groups (its lr / weight-decay recipe), then the tightTransf head at ``run_lr``."""
+        groups = super().param_groups()
+        if self.tight is not None:
+            groups.append({"name": "tight", "params": list(self.tight.parameters()), "lr": self.run_lr,
+                           "lr_mult": 1.0, "weight_decay": self.optim.weight_decay})  # fmt: skip
+        return groups
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # keep the parameter itself inside [0, log 100] (as CLIP does)
             self.model.logit_scale.clamp_(0.0, math.log(self.loss.max_scale))
@@ -213,50 +262,84 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         if batch.get("video") is None or batch["video"].shape[0] == 0:  # every sample of the batch was skipped
             return
         ids, mask = self._text_inputs(batch)
-        video = self.encode_video(batch["video"], *self._batch_audio(batch))  # [B, E]
-        text = F.normalize(self.model.encode_text(ids, mask).embeds, dim=-1)  # [A, E]
-        store = self._eval.setdefault("video", []), self._eval.setdefault("text", [])
-        index = self._eval.setdefault("index", [])
-        offset = sum(x.shape[0] for x in store[0])
-        store[0].append(video.float())
-        store[1].append(text.float())
-        index.append(batch["caption_index"].long() + offset)
+        feats = self._eval_features(batch, ids, mask)  # name -> rows (per video or per caption)
+        offset = sum(x.shape[0] for x in self._eval.get("video", []))
+        for name, rows in feats.items():
+            self._eval.setdefault(name, []).append(rows)
+        self._eval.setdefault("index", []).append(batch["caption_index"].long() + offset)
         captions, owner = list(batch.get("captions", [])), batch["caption_index"].tolist()
         keys = self._eval.setdefault("keys", [])
-        default_keys = [f"#{world_info()[0]}:{offset + i}" for i in range(video.shape[0])]
+        default_keys = [f"#{world_info()[0]}:{offset + i}" for i in range(feats["video"].shape[0])]
         for b, key in enumerate(batch.get("key", default_keys)):
             caps = [c for c, o in zip(captions, owner, strict=False) if o == b]
             keys.append(f"{key}\x00" + "\x1f".join(caps))  # identifies a sampler-padding duplicate
 
-    def _gathered(self) -> tuple[Tensor, Tensor, Tensor, int]:
-        """All ranks' video ``[B, E]``, text ``[A, E]``, global ``caption_index [A]`` and the number of distinct
-        skipped samples.
+    def _eval_features(self, batch: dict[str, Any], ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """What evaluation keeps of a batch: normalised ``video [B, E]`` and ``text [A, E]``, plus the features of
+        the similarity (``frames [B, T, E]``; for ``mug`` ``tokens [A, Lt, E]`` + ``token_mask [A, Lt]``; for
+        ``tight`` ``frame_mask [B, T]`` + ``text_raw [A, E]``)."""
+        kind = self.contrastive.similarity
+        t = self.model.encode_text(ids, mask)
+        feats: dict[str, Tensor] = {}
+        if kind == "cosine":
+            feats["video"] = self.encode_video(batch["video"], *self._batch_audio(batch))  # [B, E]
+        else:
+            if batch["video"].ndim != 5:
+                raise ValueError(f"similarity {kind!r} evaluates one view per video, got {tuple(batch['video'].shape)}")
+            state = video_mask_state(self.block, batch.get("video_mask"))
+            v = self.video_output(batch["video"], *self._batch_audio(batch), state=state)
+            feats["video"] = F.normalize(v.embeds, dim=-1)
+            vf, tf, _ = self.similarity_inputs(v, t, batch.get("video_mask"))
+            feats["frames"] = vf[0].float()
+            if kind == "tight":
+                feats["frame_mask"], feats["text_raw"] = vf[1], tf.float()
+            else:
+                feats["tokens"], feats["token_mask"] = tf[0].float(), tf[1]
+        feats["video"] = feats["video"].float()
+        feats["text"] = F.normalize(t.embeds, dim=-1).float()
+        return feats
+
+    def _gathered(self) -> tuple[dict[str, Tensor], Tensor, int]:
+        """All ranks' evaluation features (``video [B, E]``, ``text [A, E]`` and the similarity's, see
+        :meth:`_eval_features`), the global ``caption_index [A]`` and the number of distinct skipped samples.
 
         Videos whose key and captions repeat an earlier one (a distributed sampler's padding) are
         dropped with their captions; the first occurrence is kept and order is preserved.
         """
         e, dim, dev = self._eval, self.model.embed_dim, self.device
-        video = torch.cat(e["video"]) if e.get("video") else torch.empty(0, dim, device=dev)
-        text = torch.cat(e["text"]) if e.get("text") else torch.empty(0, dim, device=dev)
+        names = [n for n in e if n not in ("index", "keys", "skipped")] or ["video", "text"]
+        feats = {n: torch.cat(e[n]) if e.get(n) else torch.empty(0, dim, device=dev) for n in names}
         index = torch.cat(e["index"]) if e.get("index") else torch.empty(0, dtype=torch.long, device=dev)
         rank, _ = world_info()
         per_rank = all_gather_objects((e.get("keys", []), e.get("skipped", [])))
         keys_per_rank = [k for k, _ in per_rank]
         offset = sum(len(k) for k in keys_per_rank[:rank])
         index = all_gather_no_grad(index + offset).cpu()
-        video, text = all_gather_no_grad(video), all_gather_no_grad(text)
+        feats = {n: all_gather_no_grad(x) for n, x in feats.items()}
         keys = [k for ks in keys_per_rank for k in ks]
         keep_video, new_id = first_occurrences(keys)  # [B_all], [B_all]
         keep_text = keep_video[index]  # [A_all]
         served = {k.split("\x00", 1)[0] for k in keys}
         skipped = {k for _, sk in per_rank for k in sk} - served  # a padding repeat of a bad sample counts once
-        return video[keep_video.to(dev)], text[keep_text.to(dev)], new_id[index[keep_text]], len(skipped)
+        kept = {n: x[(keep_text if n in TEXT_FEATURES else keep_video).to(x.device)] for n, x in feats.items()}
+        return kept, new_id[index[keep_text]], len(skipped)
+
+    @torch.no_grad()
+    def eval_similarity(self, feats: dict[str, Tensor]) -> Tensor:
+        """The dense ``[A, B]`` similarity of ``mug`` / ``tight`` over the gathered gallery (``text_chunk``
+        captions at a time)."""
+        chunk = self.evaluation.text_chunk
+        if self.contrastive.similarity == "mug":
+            rows = mug_similarity_rows(feats["tokens"], feats["token_mask"], feats["frames"], chunk=chunk)
+            return torch.cat([r for _, r in rows], dim=0)
+        return self.tight(feats["text_raw"], feats["frames"], feats["frame_mask"], chunk=chunk).float()
 
     def _finish_eval(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             self._eval = {}
             return
-        video, text, index, skipped = self._gathered()
+        feats, index, skipped = self._gathered()
+        video, text = feats["video"], feats["text"]
         self._eval = {}
         if video.shape[0] == 0 or text.shape[0] == 0:
             raise RuntimeError(
@@ -264,9 +347,12 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
                 "samples skipped as bad, see the bad-sample report)"
             )
         ev = self.evaluation
+        opts = dict(dsl=ev.dsl, dsl_temperature=ev.dsl_temperature, chunk=ev.text_chunk, ties=ev.ties)
         with torch.autocast(self.device.type, enabled=False):  # fp32 similarities even under bf16 training
-            result = evaluate_embeddings(text, video, index, dsl=ev.dsl, dsl_temperature=ev.dsl_temperature,
-                                         chunk=ev.text_chunk, ties=ev.ties, normalize=False)
+            if self.contrastive.similarity == "cosine":
+                result = evaluate_embeddings(text, video, index, normalize=False, **opts)
+            else:
+                result = evaluate_similarity(self.eval_similarity(feats), index, **opts)
         counts = {"num_videos": video.shape[0], "num_captions": text.shape[0], "num_skipped": skipped}
         logs = {f"{stage}/{k}": float(v) for k, v in {**result.metrics, **counts}.items()}
         self.log_dict(logs, sync_dist=False)
