@@ -223,6 +223,12 @@ class TemporalBlock(nn.Module):
         """Called once after pretrained weights are loaded (e.g. STAN copies CLIP layers); read the towers here,
         never keep them (the forward hands them over in ``ctx``)."""
 
+    def bind_tokenizer(self, tokenizer: Any, text_tower: TextTowerView, fresh: bool) -> None:  # noqa: B027
+        """Called by the tasks when training starts, with the tokenizer the captions / prompts are encoded with
+        (a ``ClipTokenizer``). ``fresh``: the block's weights are newly built, not restored from a checkpoint
+        (initialisations that depend on words, e.g. ViFi-CLIP's text context from "a photo of a", happen only
+        then). Default: nothing."""
+
     # -- image hooks ---------------------------------------------------------------------------
     def embed(self, x: Tensor, ctx: HookContext) -> Tensor:
         return x

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from vidlang.config import as_group
+from vidlang.errors import ConfigError
 from vidlang.losses.aux import weigh_aux_losses
 from vidlang.models.clip.tokenizer import TOKENIZER_KEY, ClipTokenizer
 from vidlang.models.factory import ModelConfig
@@ -158,17 +159,49 @@ class VideoTask(pl.LightningModule):
         return task.to(map_location) if isinstance(map_location, (str, torch.device)) else task
 
     # -- training --------------------------------------------------------------------------------
+    @property
+    def run_lr(self) -> float:
+        """The base lr of this run: ``optim.lr``, scaled by the linear rule when ``optim.base_batch_size`` is set
+        (:meth:`global_batch_size` / ``base_batch_size``)."""
+        if self.optim.base_batch_size is None:
+            return self.optim.lr
+        return self.optim.scaled_lr(self.global_batch_size())
+
+    def global_batch_size(self) -> int:
+        """Per-device training batch (the datamodule's ``loader.batch_size``) x devices x nodes x gradient
+        accumulation."""
+        trainer = self.trainer
+        loader = getattr(getattr(trainer, "datamodule", None), "loader", None)
+        if loader is None:
+            raise ConfigError("optim.base_batch_size (the lr scaling rule) needs the training batch size: train with "
+                              "a VideoDataModule (data.loader.batch_size), or leave base_batch_size unset")
+        return int(loader.batch_size) * trainer.world_size * int(trainer.accumulate_grad_batches)
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer groups: the model's (its lr / weight-decay recipe, ``ModelConfig.lr_mults``)."""
-        return self.model.param_groups(self.optim.lr, self.optim.weight_decay)
+        """The optimizer groups: the model's (its lr / weight-decay recipe, ``ModelConfig.lr_mults``) at
+        :attr:`run_lr`."""
+        return self.model.param_groups(self.run_lr, self.optim.weight_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self, self.param_groups(), self.optim)
 
+    def on_fit_start(self) -> None:
+        """Print the lr actually used when the scaling rule applies (rank 0)."""
+        o = self.optim
+        if o.base_batch_size is not None and self.trainer.is_global_zero:
+            batch = self.global_batch_size()
+            print(f"lr scaling rule: lr {o.lr:g} x global batch {batch} / base {o.base_batch_size} = {self.run_lr:g}",
+                  flush=True)
+
+    @property
+    def video_text(self) -> Any:
+        """The ``VideoTextModel`` (towers + temporal block) of the task."""
+        return self.model
+
     @property
     def block(self) -> Any:
         """The temporal block (its ``default_aux_weights`` weigh the auxiliary losses)."""
-        return self.model.block
+        return self.video_text.block
 
     def weigh_aux(self, aux: Mapping[str, Tensor]) -> Tensor | None:
         """The weighted sum of auxiliary losses: ``aux_loss_weights`` over the block's ``default_aux_weights``
@@ -239,6 +272,21 @@ class TokenizerMixin:
     needs no tokenizer files. The task defines ``context_length``."""
 
     _tokenizer: Any = None
+    _restored: bool = False  # weights came from a checkpoint (on_load_checkpoint ran)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # type: ignore[misc]
+        self.bind_block_tokenizer()
+
+    def bind_block_tokenizer(self) -> None:
+        """Hand the tokenizer to the temporal block (``TemporalBlock.bind_tokenizer``: Prompt Switch's caption-loss
+        token weights, ViFi-CLIP's text context on fresh weights). Called when training starts; without a
+        tokenizer (batches carrying ``input_ids``) there is nothing to bind."""
+        try:
+            tokenizer = self.tokenizer
+        except RuntimeError:
+            return
+        self.block.bind_tokenizer(tokenizer, self.video_text.text_tower, fresh=not self._restored)
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
@@ -282,5 +330,7 @@ class TokenizerMixin:
         checkpoint[TOKENIZER_KEY] = tok.state()
 
     def load_tokenizer(self, checkpoint: dict[str, Any]) -> None:
+        """Take the tokenizer embedded in ``checkpoint`` (unless one was set); marks the weights as restored."""
+        self._restored = True
         if TOKENIZER_KEY in checkpoint and self._tokenizer is None:
             self._tokenizer = ClipTokenizer.from_state(checkpoint[TOKENIZER_KEY])

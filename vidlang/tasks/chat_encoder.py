@@ -115,7 +115,7 @@ class ChatEncoderTask(VideoTask):
     # -- optimisation ---------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """The chat encoder's groups (its trainable parts: Q-former(s), projections)."""
-        return self.encoder.param_groups(self.optim.lr, self.optim.weight_decay)
+        return self.encoder.param_groups(self.run_lr, self.optim.weight_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_warmup_cosine(self, self.param_groups(), self.optim,

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +200,10 @@ class PromptSwitch(TemporalBlock):
         if weight.shape == self.caption_head.head.weight.shape:
             with torch.no_grad():
                 self.caption_head.head.weight.copy_(weight)
+
+    def bind_tokenizer(self, tokenizer: Any, text_tower: TextTowerView, fresh: bool) -> None:
+        """The contract's hook: the caption loss's token weights from the task's tokenizer (:meth:`set_tokenizer`)."""
+        self.set_tokenizer(tokenizer)
 
     def set_tokenizer(self, tokenizer: CaptionTokenizer) -> None:
         """Derive the caption loss's token weights from ``tokenizer`` (the one the captions are encoded with):

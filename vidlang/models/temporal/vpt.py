@@ -120,6 +120,12 @@ class DeepPrompts(TemporalBlock):
         return tuple(0 if p is None else p.shape[0] for p in (self.vision_prompts, self.text_prompts))
 
     # -- initialisation and official checkpoints ------------------------------------------------------------
+    def bind_tokenizer(self, tokenizer: Any, text_tower: TextTowerView, fresh: bool) -> None:
+        """The contract's hook: on a freshly built block, the official text-context initialisation
+        (:meth:`init_text_context`); trained or restored prompts are left alone."""
+        if fresh:
+            self.init_text_context(tokenizer, text_tower)
+
     def init_text_context(self, tokenizer: PromptTokenizer, text_tower: TextTowerView) -> bool:
         """Official rule: with ``ctx_init`` and ``n_text <= 4`` the first-layer text vectors become the token
         embeddings of the first ``n_text`` tokens of ``ctx_init`` (positions ``1..n`` of its tokenisation);
