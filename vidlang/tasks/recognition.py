@@ -52,12 +52,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vidlang.errors import ConfigError
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
 from vidlang.losses.classification import multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
-from vidlang.losses.m2clip import CrossModalMLM, cross_modal_ce, mask_tokens, soft_contrastive_kl
+from vidlang.losses.m2clip import (
+    M2CLIPMLM,
+    CrossModalMLM,
+    MLMVocabulary,
+    build_mlm_batch,
+    cross_modal_ce,
+    cross_modal_ce_on_probabilities,
+    mask_tokens,
+    official_same_label_targets,
+    soft_contrastive_kl,
+)
 from vidlang.models.contract import TemporalBlock
 from vidlang.models.factory import ModelConfig, build_model
+from vidlang.models.temporal.video_mask import video_mask_state
 from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
 from vidlang.tasks.config import (
     RECOGNITION_OPTIM,
@@ -139,10 +151,18 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.mixer = groups["mix"].build()
         self.aux_loss_weights = dict(aux_loss_weights or {})  # over the block's default_aux_weights
         self.m2_weights = groups["m2clip"].resolved_weights()
-        self.mlm_prob = groups["m2clip"].mlm_prob
-        self.mlm = None
+        self.m2 = groups["m2clip"]
+        self.mlm: nn.Module | None = None
+        self.mlm_vocab: MLMVocabulary | None = None
         if self.m2_weights.get("mlm", 0) > 0:
-            self.mlm = CrossModalMLM(self.model.embed_dim, self.model.text_tower.cfg.vocab_size)
+            if self.m2.official:
+                if not class_names:
+                    raise ConfigError("m2clip.official's MLM needs the class names (its word vocabulary): pass "
+                                      "class_names, or set m2clip.weights.mlm: 0")
+                self.mlm_vocab = MLMVocabulary.from_prompts(templates[:1], [n.replace("_", " ") for n in class_names])
+                self.mlm = M2CLIPMLM.from_text_tower(self.model.text_tower, len(self.mlm_vocab))
+            else:
+                self.mlm = CrossModalMLM(self.model.embed_dim, self.model.text_tower.cfg.vocab_size)
         self.class_names_by_split: dict[str, list[str]] = {}
         if class_names:
             self.class_names_by_split["train"] = list(class_names)
@@ -283,15 +303,19 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         logits = self.view_logits(video, names, self.class_embeddings(names))
         return logits.float().softmax(dim=-1).mean(dim=1)
 
-    def view_logits(self, video: Tensor, names: list[str], text_cls: Tensor) -> Tensor:
-        """``video [B, (V,) T, C, H, W]`` -> logits ``[B, V, K]`` (one forward per view)."""
+    def view_logits(self, video: Tensor, names: list[str], text_cls: Tensor,
+                    video_mask: Tensor | None = None) -> Tensor:
+        """``video [B, (V,) T, C, H, W]`` (``video_mask [B, (V,) T]`` of short clips) -> logits ``[B, V, K]`` (one
+        forward per view)."""
         views = video[:, None] if video.ndim == 5 else video
         if views.ndim != 6:
             raise ValueError(f"video must be [B, T, C, H, W] or [B, V, T, C, H, W], got {tuple(video.shape)}")
+        masks = None if video_mask is None else (video_mask[:, None] if video_mask.ndim == 2 else video_mask)
         use_head = self._eval_uses_head(names)
         out = []
         for v in range(views.shape[1]):
-            emb = F.normalize(self.model.encode_video(views[:, v]).embeds.float(), dim=-1)  # [B, E]
+            state = video_mask_state(self.block, None if masks is None else masks[:, v])
+            emb = F.normalize(self.model.encode_video(views[:, v], state=state).embeds.float(), dim=-1)  # [B, E]
             out.append(self.head_logits(emb) if use_head else self.scale * emb @ text_cls.t())
         return torch.stack(out, dim=1)  # [B, V, K]
 
@@ -334,7 +358,11 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         if multi and not bce:  # soft-target CE: a video with m labels puts 1/m on each
             labels = labels / labels.sum(dim=1, keepdim=True).clamp_min(1.0)
         mix = self.mixer(video, labels, len(names))
-        out = self.model.encode_video(mix.video)
+        vmask = batch.get("video_mask")
+        if vmask is not None and mix.video is not video and not bool(vmask.all()):
+            raise ConfigError("mixup / cutmix blend clips of different lengths: with data.sampling.short_video: "
+                              "mask, set mix.mixup and mix.cutmix to 0 (or use short_video: repeat)")
+        out = self.model.encode_video(mix.video, state=video_mask_state(self.block, vmask))
         emb = F.normalize(out.embeds.float(), dim=-1)  # [B, E]
         parts: dict[str, Tensor] = {}
         if self.head is not None and not self.m2_weights:  # plain linear classification: no text needed
@@ -356,17 +384,27 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
 
     def _m2clip_parts(self, emb: Tensor, out: Any, text_cls: Tensor, text_logits: Tensor, targets: Tensor,
                       labels: Tensor, names: list[str]) -> dict[str, Tensor]:
-        w, parts = self.m2_weights, {}
+        w, parts, official = self.m2_weights, {}, self.m2.official
         if w["cross_modal"]:
-            parts["cross_modal"] = cross_modal_ce(text_logits, targets)
+            ce = cross_modal_ce_on_probabilities if official else cross_modal_ce
+            parts["cross_modal"] = ce(text_logits, targets)
         if w["contrastive"]:
-            parts["contrastive"] = soft_contrastive_kl(self.scale * emb @ text_cls[labels].t(), targets)
+            soft = official_same_label_targets(labels) if official else None
+            parts["contrastive"] = soft_contrastive_kl(self.scale * emb @ text_cls[labels].t(), targets, soft)
         if w["head"]:
             parts["head"] = soft_target_cross_entropy(self.head_logits(emb), targets)
-        if self.mlm is not None:
+        if self.mlm is not None and official:
+            prompts = [self.templates[0].format(names[c].replace("_", " ")) for c in labels.tolist()]
+            mlm = build_mlm_batch(prompts, self.tokenizer, self.mlm_vocab, rate=self.m2.mlm_rate,
+                                  context_length=self.context_length)
+            ids, mask = mlm.input_ids.to(self.device), mlm.attention_mask.to(self.device)
+            hidden = self.model.encode_text(ids, mask).hidden  # [B, Lt, W]
+            frames = out.frame_embeds if out.frame_embeds is not None else out.embeds[:, None]  # [B, T, E]
+            parts["mlm"] = self.mlm.loss(hidden.float(), frames.float(), mlm.labels.to(self.device))
+        elif self.mlm is not None:
             prompts = [self.templates[0].format(names[c].replace("_", " ")) for c in labels.tolist()]
             ids, mask = self.tokenize(prompts)
-            masked, mlm_labels = mask_tokens(ids, mask, self.tokenizer.pad_id, self.mlm_prob)
+            masked, mlm_labels = mask_tokens(ids, mask, self.tokenizer.pad_id, self.m2.mlm_rate)
             tokens = self.model.encode_text(masked, mask).tokens  # [B, Lt, E]
             frames = out.frame_embeds if out.frame_embeds is not None else out.embeds[:, None]  # [B, T, E]
             parts["mlm"] = self.mlm.loss(tokens.float(), frames.float(), mlm_labels)
@@ -387,12 +425,12 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
     def param_groups(self) -> list[dict[str, Any]]:
         """The model's groups, then the task's own modules (the linear head, M2-CLIP's MLM head) at
         ``lr x head.lr_mult`` with the task's weight decay."""
-        o, mult = self.optim, self.head_config.lr_mult
-        groups = self.model.param_groups(o.lr, o.weight_decay)
+        lr, wd, mult = self.run_lr, self.optim.weight_decay, self.head_config.lr_mult
+        groups = self.model.param_groups(lr, wd)
         for name, module in (("head", self.head), ("mlm", self.mlm)):
             if module is not None:
-                groups.append({"name": name, "params": list(module.parameters()), "lr": o.lr * mult, "lr_mult": mult,
-                               "weight_decay": o.weight_decay})  # fmt: skip
+                groups.append({"name": name, "params": [p for p in module.parameters() if p.requires_grad],
+                               "lr": lr * mult, "lr_mult": mult, "weight_decay": wd})  # fmt: skip
         return groups
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -408,7 +446,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         labels = self._labels(batch, len(e["names"]))  # [B] or multi-hot [B, K]
         if e.setdefault("multi", labels.ndim == 2) != (labels.ndim == 2):
             raise ValueError(f"{stage} data mixes single-label and multi-label (label_set) batches")
-        e["logits"].append(self.view_logits(batch["video"], e["names"], e["text"]).float())
+        e["logits"].append(self.view_logits(batch["video"], e["names"], e["text"], batch.get("video_mask")).float())
         e["labels"].append(labels)
         e["ids"].extend(self._identities(batch, labels.shape[0], sum(x.shape[0] for x in e["logits"][:-1])))
 
