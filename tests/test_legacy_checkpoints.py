@@ -43,7 +43,8 @@ def flat_task_arguments(hp: dict) -> dict:
     out = {k: v for k, v in hp.items() if k not in FLAT_ARGUMENTS}
     for group, fields in FLAT_ARGUMENTS.items():
         for field, value in (hp.get(group) or {}).items():
-            out[fields[field]] = value
+            if field in fields:  # fields added after the groups (e.g. optim.base_batch_size) did not exist then
+                out[fields[field]] = value
     if out.get("m2clip_weights") == {}:
         out["m2clip_weights"] = None  # the old default
     return out

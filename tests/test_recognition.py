@@ -172,6 +172,37 @@ def test_m2clip_ted_losses_train(corpus, tmp_path):
     assert adapters and all(p.grad is not None for p in adapters)
 
 
+def test_m2clip_official_losses(corpus, tmp_path):
+    """m2clip.official: the released weights 0.5/0.5/1/0.1, CE on the cross-modal probabilities (so the term lies
+    in the narrow band [log(K-1+e) - 1, log(K-1+e)] whatever the logits), the word-level MLM over the prompt words."""
+    import math
+
+    from vidlang.losses.m2clip import OFFICIAL_WEIGHTS, M2CLIPMLM
+
+    root, info = corpus
+    pl.seed_everything(3)
+    model = task(root, model={"block": "ted", "block_args": {"bottleneck": 16, "text_bottleneck": 16},
+                              "text_overrides": {"width": 32}},
+                 m2clip={"enabled": True, "official": True}, class_names=list(info.classes),
+                 mix={"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0})  # fmt: skip
+    assert model.m2_weights == OFFICIAL_WEIGHTS and model.m2.mlm_rate == 0.2
+    prompts = [model.templates[0].format(n.replace("_", " ")) for n in info.classes]
+    assert isinstance(model.mlm, M2CLIPMLM)
+    assert model.mlm_vocab.words == sorted({w for p in prompts for w in p.lower().split()})
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule(root))
+    batch = model.on_after_batch_transfer(next(iter(datamodule(root).train_dataloader())), 0)
+    total, parts = model.forward_loss(batch)
+    k = len(info.classes)
+    assert math.log(k - 1 + math.e) - 1 - 1e-5 <= float(parts["cross_modal"]) <= math.log(k - 1 + math.e) + 1e-5
+    expected = sum(OFFICIAL_WEIGHTS[n] * parts[n] for n in ("cross_modal", "contrastive", "head", "mlm"))
+    assert torch.allclose(total, expected, atol=1e-5)
+    assert float(parts["mlm"]) > 0
+    total.backward()
+    assert model.mlm.adapter.down.weight.grad is not None
+    plain = task(root, m2clip={"enabled": True, "official": False}, class_names=list(info.classes))
+    assert plain.m2_weights["contrastive"] == 1.0 and plain.m2.mlm_rate == 0.15
+
+
 def test_classify_command(corpus, tmp_path, capsys):
     from vidlang.cli import main
 
