@@ -183,13 +183,14 @@ def test_m2clip_official_losses(corpus, tmp_path):
     pl.seed_everything(3)
     model = task(root, model={"block": "ted", "block_args": {"bottleneck": 16, "text_bottleneck": 16},
                               "text_overrides": {"width": 32}},
-                 m2clip={"enabled": True, "official": True}, class_names=list(info.classes),
+                 m2clip={"enabled": True, "official": True},
                  mix={"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0})  # fmt: skip
     assert model.m2_weights == OFFICIAL_WEIGHTS and model.m2.mlm_rate == 0.2
+    assert model.mlm is None  # the classes (its vocabulary) come with the data
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule(root))
     prompts = [model.templates[0].format(n.replace("_", " ")) for n in info.classes]
     assert isinstance(model.mlm, M2CLIPMLM)
     assert model.mlm_vocab.words == sorted({w for p in prompts for w in p.lower().split()})
-    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule(root))
     batch = model.on_after_batch_transfer(next(iter(datamodule(root).train_dataloader())), 0)
     total, parts = model.forward_loss(batch)
     k = len(info.classes)

@@ -155,14 +155,10 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.mlm: nn.Module | None = None
         self.mlm_vocab: MLMVocabulary | None = None
         if self.m2_weights.get("mlm", 0) > 0:
-            if self.m2.official:
-                if not class_names:
-                    raise ConfigError("m2clip.official's MLM needs the class names (its word vocabulary): pass "
-                                      "class_names, or set m2clip.weights.mlm: 0")
-                self.mlm_vocab = MLMVocabulary.from_prompts(templates[:1], [n.replace("_", " ") for n in class_names])
-                self.mlm = M2CLIPMLM.from_text_tower(self.model.text_tower, len(self.mlm_vocab))
-            else:
+            if not self.m2.official:
                 self.mlm = CrossModalMLM(self.model.embed_dim, self.model.text_tower.cfg.vocab_size)
+            elif class_names:  # else built in setup, once the training classes are known (as the head)
+                self._build_official_mlm(list(class_names))
         self.class_names_by_split: dict[str, list[str]] = {}
         if class_names:
             self.class_names_by_split["train"] = list(class_names)
@@ -204,11 +200,18 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.class_names_by_split[split] = list(names)
         return list(names)
 
+    def _build_official_mlm(self, names: list[str]) -> None:
+        """M2-CLIP's word-level MLM: the vocabulary of the first template's prompts, the 13th-block head."""
+        self.mlm_vocab = MLMVocabulary.from_prompts(self.templates[:1], [n.replace("_", " ") for n in names])
+        self.mlm = M2CLIPMLM.from_text_tower(self.model.text_tower, len(self.mlm_vocab)).to(self.device)
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
         names = self.train_label_set()
         self.hparams["class_names"] = names
+        if self.m2.official and self.m2_weights.get("mlm", 0) > 0 and self.mlm is None:
+            self._build_official_mlm(names)
         if self.use_head and self.head is None:
             self.head = nn.Linear(self.model.embed_dim, len(names)).to(self.device)
         if self.head is not None and self.head.out_features != len(names):
