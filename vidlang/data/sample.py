@@ -92,13 +92,26 @@ class VideoEntry:
         return self.source
 
 
+@dataclass(frozen=True)
+class Official:
+    """The size of a split as published (what a paper's number was measured on), for ``vidlang data check`` and
+    the run record: ``videos`` distinct videos and ``captions`` texts (None: not a caption split, or unknown)."""
+
+    name: str
+    videos: int
+    captions: int | None = None
+    source: str = ""
+
+
 @dataclass
 class FormatIndex:
-    """What a format reader returns: entries plus the class names (recognition data)."""
+    """What a format reader returns: entries plus the class names (recognition data), and the official size of
+    the split when the reader knows which published split it read (``official``)."""
 
     entries: list[VideoEntry]
     classes: list[str] | None = None
     description: str = ""
+    official: Official | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
