@@ -20,6 +20,7 @@ Decoded samples (what a dataset returns, one per item)::
         audio:    float32 [S] | None       mono at the dataset's sample rate (None = no audio track)
         path:     str                      where the video came from (for reports)
         frame_mask: bool [V, T] | None     False = padding slot of a short clip (sampling ``short_video: mask``)
+        frame_indices: int64 [V', T] | None  the frame indices decoded (V' temporal views; the run record hashes them)
 
 Batches (see :mod:`vidlang.data.collate`)::
 
@@ -32,6 +33,7 @@ Batches (see :mod:`vidlang.data.collate`)::
     audio_lengths: int64 [B]                 valid samples per row
     audio_mask:    bool [B]                  False = the video has no audio track
     video_mask:    bool [B, T]               (only with ``short_video: mask``) False = padding slot
+    frame_indices: int64 [B, V', T]          (when every sample knows them) the decoded frame indices
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class VideoSample:
     path: str = ""
     has_audio: bool = False
     frame_mask: torch.Tensor | None = None  # bool [V, T]
+    frame_indices: torch.Tensor | None = None  # int64 [V', T] frame indices decoded (before spatial crops)
 
     def __post_init__(self) -> None:
         if self.video.ndim != 5:
