@@ -228,7 +228,7 @@ class EvalProtocol:
         ``{protocol, protocol_hash, num_videos, num_texts, comparable, comparable_reason, metrics}``."""
         from vidlang.eval.retrieval import evaluate_embeddings
 
-        self._need("retrieval")
+        self.require("retrieval")
         res = evaluate_embeddings(text_emb, video_emb, caption_index, dsl=dsl, dsl_temperature=dsl_temperature,
                                   chunk=chunk, ties=self.ties, normalize=normalize,
                                   v2t=self.captions.video_to_text)  # fmt: skip
@@ -238,7 +238,7 @@ class EvalProtocol:
         """:meth:`evaluate` from a dense similarity ``sim [A, B]``."""
         from vidlang.eval.retrieval import evaluate_similarity
 
-        self._need("retrieval")
+        self.require("retrieval")
         res = evaluate_similarity(sim, caption_index, dsl=dsl, ties=self.ties, v2t=self.captions.video_to_text)
         return self._wrap(res.metrics, sim.shape[1], sim.shape[0])
 
@@ -247,23 +247,32 @@ class EvalProtocol:
         a multi-label protocol), views fused with the protocol's ``fuse``."""
         from vidlang.eval.classification import evaluate_views
 
-        self._need("recognition")
+        self.require("recognition")
         if (self.metric == "mAP") != (labels.ndim == 2):
             raise ValueError(f"{self.name}: {'multi-hot targets [N, K]' if self.metric == 'mAP' else 'labels [N]'} "
                              f"expected, got shape {tuple(labels.shape)}")
         res = evaluate_views(logits, labels, fuse=self.fuse)
         return self._wrap(res.metrics, logits.shape[0], None)
 
-    def _need(self, task: str) -> None:
+    def require(self, task: str) -> EvalProtocol:
+        """``self`` if this is a ``task`` protocol, else a :class:`~vidlang.errors.ConfigError`."""
         if self.task != task:
-            raise ValueError(f"protocol {self.name!r} is a {self.task} protocol, not {task}")
+            from vidlang.errors import ConfigError
+
+            raise ConfigError(f"protocol {self.name!r} is a {self.task} protocol, not {task}")
+        return self
+
+    def report_fields(self, num_videos: int, num_texts: int | None = None) -> dict[str, Any]:
+        """What a metrics JSON embeds: ``{protocol, protocol_hash, comparable, comparable_reason}``."""
+        ok, why = self.check_counts(num_videos, num_texts)
+        return {**self.header(), "comparable": ok, "comparable_reason": why}
 
     def _wrap(self, metrics: dict[str, float], num_videos: int, num_texts: int | None) -> dict[str, Any]:
-        ok, why = self.check_counts(num_videos, num_texts)
         out: dict[str, Any] = {**self.header(), "num_videos": int(num_videos)}
         if num_texts is not None:
             out["num_texts"] = int(num_texts)
-        out.update({"comparable": ok, "comparable_reason": why, "metrics": dict(metrics)})
+        out.update(self.report_fields(num_videos, num_texts))
+        out["metrics"] = dict(metrics)
         return out
 
 
@@ -277,6 +286,12 @@ def register(p: EvalProtocol) -> EvalProtocol:
 
 def get_protocol(name: str) -> EvalProtocol:
     return PROTOCOLS.get(name)
+
+
+def protocol_of(hparams: Any) -> EvalProtocol | None:
+    """The protocol a task's hyper-parameters name (``hparams["protocol"]``), or None."""
+    name = (hparams or {}).get("protocol")
+    return None if name is None else get_protocol(name)
 
 
 def _pairs(**kw: Any) -> tuple[tuple[str, Any], ...]:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
+from vidlang.eval.protocols import protocol_of
 from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.classification import MixupCutmix, multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
@@ -111,6 +112,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         split_seed: int | None = None,
         text_chunk: int = 256,
         write_plots: bool = True,
+        protocol: str | None = None,
     ) -> None:
         """``model``: the model config (freezing via ``model.freeze``, ``"auto"`` = the block's recipe).
         ``templates``: prompt templates with one ``{}`` (default ViFi-CLIP's). ``head``: add a linear head
@@ -123,8 +125,14 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         ``multi_label_loss``: ``"soft_ce"`` or ``"bce"`` for multi-label data (module docstring).
         ``view_layout``: (clips, crops) of multi-view evaluation, for naming per-view results.
         ``base_to_novel``: also report base / novel / harmonic mean over the evaluation classes split by
-        :func:`vidlang.data.formats.protocols.base_novel_split` (``base_ratio``, ``split_seed``)."""
+        :func:`vidlang.data.formats.protocols.base_novel_split` (``base_ratio``, ``split_seed``).
+        ``protocol``: a named evaluation protocol (:mod:`vidlang.eval.protocols`): its view fusion replaces the
+        loss's, and the metrics JSON embeds its name, hash and whether the evaluation has the official size."""
         super().__init__()
+        if protocol is not None:
+            from vidlang.eval.protocols import get_protocol
+
+            get_protocol(protocol).require("recognition")  # an unknown name or a retrieval protocol: fail now
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
             model = ModelConfig.from_dict(model)
         if classifier not in CLASSIFIERS:
@@ -301,6 +309,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         return labels
 
     def _fuse(self, multi_label: bool) -> str:
+        protocol = protocol_of(self.hparams)
+        if protocol is not None:
+            return protocol.fuse
         return "sigmoid" if multi_label and self.hparams.multi_label_loss == "bce" else "softmax"
 
     # -- training --------------------------------------------------------------------------------
@@ -480,6 +491,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         }
         if result.multi_label:
             info["multi_label_loss"] = self.hparams.multi_label_loss
+        protocol = protocol_of(self.hparams)
+        if protocol is not None:
+            info.update(protocol.report_fields(int(result.metrics["num_videos"])))
         if split is not None:
             info["base_classes"], info["novel_classes"] = [names[i] for i in split[0]], [names[i] for i in split[1]]
         write_report(out_dir, stage, result, names, info, plot=self.hparams.write_plots)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vidlang.eval.protocols import protocol_of
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings
 from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
@@ -80,6 +81,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         fusion_args: dict[str, Any] | None = None,
         audio_frontend: dict[str, Any] | None = None,
         lr_mult_audio: float = 1.0,
+        protocol: str | None = None,
     ) -> None:
         """``model``: the model config. ``tokenizer``: tokenizer directory (see module docstring). Learning rates:
         ``lr`` x the model's recipe (``ModelConfig.lr_mults``, :meth:`VideoTextModel.param_groups`). Warm-up:
@@ -92,8 +94,14 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
         ``fusion_args``: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments; ``audio_frontend``:
         :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``, ``num_mel_bins``,
         ``target_frames``; they must match the audio backbone's input size); ``lr_mult_audio``: lr multiplier of the
-        audio branch and the fusion."""
+        audio branch and the fusion. ``protocol``: a named evaluation protocol (:mod:`vidlang.eval.protocols`):
+        its tie rule and video -> text convention replace ``ties``, and the metrics JSON embeds its name, hash and
+        whether the gallery has the official size."""
         super().__init__()
+        if protocol is not None:
+            from vidlang.eval.protocols import get_protocol
+
+            get_protocol(protocol).require("retrieval")  # an unknown name or a recognition protocol: fail now
         if isinstance(model, dict):  # from a checkpoint's hyper-parameters
             model = ModelConfig.from_dict(model)
         if isinstance(audio, dict):
@@ -282,6 +290,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
                 "samples skipped as bad, see the bad-sample report)"
             )
         h = self.hparams
+        protocol = protocol_of(h)
         with torch.autocast(self.device.type, enabled=False):  # fp32 similarities even under bf16 training
             result = evaluate_embeddings(
                 text,
@@ -290,8 +299,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
                 dsl=h.dsl,
                 dsl_temperature=h.dsl_temperature,
                 chunk=h.text_chunk,
-                ties=h.ties,
+                ties=protocol.ties if protocol else h.ties,
                 normalize=False,
+                v2t=protocol.captions.video_to_text if protocol else "best_caption",
             )
         counts = {"num_videos": video.shape[0], "num_captions": text.shape[0], "num_skipped": skipped}
         logs = {f"{stage}/{k}": float(v) for k, v in {**result.metrics, **counts}.items()}
@@ -325,6 +335,10 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, pl.LightningModule):
             "chance": chance,
             "options": {"ties": h.ties, "dsl": h.dsl, "dsl_temperature": h.dsl_temperature},
         }
+        protocol = protocol_of(h)
+        if protocol is not None:
+            report.update(protocol.report_fields(counts["num_videos"], counts["num_captions"]))
+            report["options"]["ties"] = protocol.ties
         from vidlang.io import append_line, atomic_write_text
 
         atomic_write_text(out_dir / f"{stage}_metrics.json", json.dumps(report, indent=2) + "\n")
