@@ -467,6 +467,7 @@ RULES: tuple[tuple[str, bool, str], ...] = (
     ("model.hparams.tokenizer", True, "another tokenizer (or the same files in another folder)"),
     ("model.hparams_hash", False, "summary of model.hparams (the keys that differ are listed on their own)"),
     ("model.", True, "other model or hyper-parameters"),
+    ("protocol.sampling_differences", True, "the evaluation sampling departs from the protocol's otherwise"),
     ("protocol", True, "another evaluation protocol"),
     ("data.seed", True, "data randomness (training)"),
     ("data.settings.loader.num_workers", False, "loader workers (samples are seeded per index)"),
