@@ -243,3 +243,26 @@ def test_ema_evaluates_with_the_averaged_weights(tmp_path, tokenizer_dir):  # no
     assert torch.allclose(seen["val"], decay * w1 + (1 - decay) * w2, atol=1e-7)  # EMA: w1, then 0.5 w1 + 0.5 w2
     with pytest.raises(ConfigError):
         EMA(decay=1.0)
+
+
+def test_video_to_text_convention_by_name(tmp_path, tokenizer_dir):  # noqa: F811
+    from vidlang.eval.retrieval import evaluate_embeddings
+
+    torch.manual_seed(0)
+    task = RetrievalTask(model=TINY, tokenizer=str(tokenizer_dir), evaluation={"v2t": "clip4clip", "dsl": False})
+    trainer(tmp_path).validate(task, val_loader(), verbose=False)
+    data = ColorVideos(n=6)
+    batch = collate_samples([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        video = task.encode_video(normalize(batch["video"], task.model.image_mean, task.model.image_std))
+        ids, mask = task.tokenize(list(batch["captions"]))
+        text = F.normalize(task.model.encode_text(ids, mask).embeds, dim=-1)
+    ref = evaluate_embeddings(text, video, batch["caption_index"], v2t="clip4clip").metrics
+    other = evaluate_embeddings(text, video, batch["caption_index"], v2t="best_caption").metrics
+    got = task.last_metrics["val"]
+    assert got["v2t_MnR"] == pytest.approx(ref["v2t_MnR"]) and got["v2t_R@1"] == pytest.approx(ref["v2t_R@1"])
+    assert ref["v2t_MnR"] != other["v2t_MnR"]  # the two conventions differ on this gallery
+    report = (tmp_path / "val_metrics.json").read_text()
+    assert '"v2t": "clip4clip"' in report
+    with pytest.raises(ConfigError, match="v2t"):
+        RetrievalTask(model=TINY, tokenizer=str(tokenizer_dir), evaluation={"v2t": "max"})

@@ -177,7 +177,7 @@ def test_m2clip_official_losses(corpus, tmp_path):
     in the narrow band [log(K-1+e) - 1, log(K-1+e)] whatever the logits), the word-level MLM over the prompt words."""
     import math
 
-    from vidlang.losses.m2clip import OFFICIAL_WEIGHTS, M2CLIPMLM
+    from vidlang.losses.m2clip import M2CLIPMLM, OFFICIAL_WEIGHTS
 
     root, info = corpus
     pl.seed_everything(3)

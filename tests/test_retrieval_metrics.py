@@ -188,3 +188,79 @@ def test_recall_curve_and_png(tmp_path):
     out = plot_recall_at_k(res.ranks, tmp_path / "plots" / "recall.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 5000
+
+
+# ---------------------------------------------------------------- video -> text, CLIP4Clip convention
+
+
+def brute_clip4clip_v2t(sim: torch.Tensor, index: torch.Tensor, pessimistic: bool) -> list[int]:
+    """Loop reference: captions collapsed by max per owner video, query video ranked among caption sets."""
+    s = sim.tolist()
+    owners = sorted({int(i) for i in index})
+    collapsed = {i: [max(s[a][j] for a in range(len(s)) if int(index[a]) == i) for j in range(sim.shape[1])]
+                 for i in owners}  # owner video -> [score against each query video]
+    ranks = []
+    for j in range(sim.shape[1]):
+        if j not in collapsed:
+            continue
+        own = collapsed[j][j]
+        ranks.append(1 + sum((collapsed[i][j] >= own) if pessimistic else (collapsed[i][j] > own)
+                             for i in owners if i != j))
+    return ranks
+
+
+def test_clip4clip_video_to_text_by_hand():
+    # 5 texts x 3 videos: video 0 owns texts 0-2, video 1 text 3, video 2 text 4.
+    sim = torch.tensor([
+        [0.50, 0.10, 0.20],
+        [0.30, 0.90, 0.40],  # a caption of video 0 that scores high on video 1
+        [0.45, 0.20, 0.70],
+        [0.60, 0.80, 0.10],
+        [0.10, 0.30, 0.70],
+    ])
+    index = torch.tensor([0, 0, 0, 1, 2])
+    # collapsed M[i, j] (owner i, query j): M[0] = [0.50, 0.90, 0.70], M[1] = [0.60, 0.80, 0.10],
+    # M[2] = [0.10, 0.30, 0.70]
+    # query 0: own 0.50, others 0.60 (v1), 0.10 -> rank 2
+    # query 1: own 0.80, others 0.90 (v0), 0.30 -> rank 2
+    # query 2: own 0.70, others 0.70 (v0, tie), 0.10 -> pessimistic 2, optimistic 1
+    res = evaluate_similarity(sim, index, v2t="clip4clip")
+    assert res.ranks["v2t"].tolist() == [2, 2, 2]
+    assert evaluate_similarity(sim, index, v2t="clip4clip", ties="optimistic").ranks["v2t"].tolist() == [2, 2, 1]
+    # the best-caption rule ranks among all 5 captions instead: query 0 best 0.50 < 0.60 -> 2;
+    # query 1 best 0.80 < 0.90 -> 2; query 2 best 0.70, tied by text 2 (another video's) -> 2
+    assert evaluate_similarity(sim, index).ranks["v2t"].tolist() == [2, 2, 2]
+    assert res.ranks["t2v"].tolist() == evaluate_similarity(sim, index).ranks["t2v"].tolist()  # t2v unchanged
+
+
+def test_clip4clip_differs_from_best_caption_when_a_video_has_many_captions():
+    # video 1 has 3 captions that all beat video 0's caption on video 0's column; collapsed, they count once
+    sim = torch.tensor([[0.5, 0.0], [0.6, 0.9], [0.7, 0.9], [0.8, 0.9]])
+    index = torch.tensor([0, 1, 1, 1])
+    assert evaluate_similarity(sim, index).ranks["v2t"].tolist() == [4, 1]
+    assert evaluate_similarity(sim, index, v2t="clip4clip").ranks["v2t"].tolist() == [2, 1]
+
+
+def test_clip4clip_videos_without_captions_are_neither_queries_nor_candidates():
+    sim = torch.tensor([[0.9, 0.95, 0.1], [0.1, 0.99, 0.8]])
+    index = torch.tensor([0, 2])  # video 1 has no caption
+    res = evaluate_similarity(sim, index, v2t="clip4clip")
+    assert res.ranks["v2t"].tolist() == [1, 1]  # video 1's column is no query; it has no caption set to rank
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_clip4clip_random_quantised_matrix_matches_brute_force(ties):
+    g = torch.Generator().manual_seed(1)
+    sim = torch.randint(0, 5, (29, 13), generator=g).float() / 4
+    index = torch.randint(0, 13, (29,), generator=g)
+    want = brute_clip4clip_v2t(sim, index, ties == "pessimistic")
+    for chunk in (1, 5, 100):
+        assert evaluate_similarity(sim, index, chunk=chunk, ties=ties, v2t="clip4clip").ranks["v2t"].tolist() == want
+    emb_t, emb_v = torch.randn(29, 8, generator=g), torch.randn(13, 8, generator=g)
+    dense = evaluate_similarity(F.normalize(emb_t, dim=-1) @ F.normalize(emb_v, dim=-1).t(), index, v2t="clip4clip",
+                                dsl=True)
+    chunked = evaluate_embeddings(emb_t, emb_v, index, chunk=3, v2t="clip4clip", dsl=True)
+    for key in ("v2t", "dsl_v2t"):
+        assert torch.equal(dense.ranks[key], chunked.ranks[key])
+    with pytest.raises(ValueError, match="v2t must be one of"):
+        evaluate_similarity(sim, index, v2t="mean")

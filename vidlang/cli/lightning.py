@@ -22,6 +22,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from vidlang.errors import CheckpointError, ConfigError
 
 LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+EVAL_CHOICES = ("protocol",)  # task hyper-parameters the config sets over a --ckpt_path checkpoint's
 FRAME_LINKS = (  # data -> model: one frame setting (ModelConfig carries it for inference)
     ("data.sampling.num_frames", "model.init_args.model.num_frames"),
     ("data.sampling.eval_num_frames", "model.init_args.model.eval_num_frames"),
@@ -164,6 +165,8 @@ class VidlangCLI(LightningCLI):
         ckpt = read_checkpoint(ckpt_path)  # one-line errors: missing, unsafe, not a checkpoint
         hparams = dict(ckpt.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
+        for key in EVAL_CHOICES:  # how to evaluate is this run's choice, not the checkpoint's
+            hparams.pop(key, None)
         class_path = hparams.pop("_class_path", None)  # written by LightningCLI; else a vidlang task's weights
         if class_path is None:
             class_path = TASK_CLASSES[checkpoint_task(ckpt, ckpt_path)]
@@ -200,6 +203,10 @@ class VidlangCLI(LightningCLI):
         if bar is not None and config.get("enable_progress_bar", True) is not False and \
                 not any(isinstance(c, ProgressBar) for c in given):  # fmt: skip
             callbacks = [*callbacks, bar]
+        from vidlang.eval.run_record import RunRecordCallback
+
+        if not any(isinstance(c, RunRecordCallback) for c in given):  # run_record.json beside the metrics
+            callbacks = [*callbacks, RunRecordCallback()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:

@@ -84,16 +84,18 @@ def load_clip(
     audio_sample_rate: int | None = None,
     max_audio_seconds: float = 30.0,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    record: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool, torch.Tensor | None]:
     """Decode ``uint8 [V, T, C, H, W]`` (+ mono audio of the clip's span, has_audio, and the bool frame mask
-    ``[V, T]`` of ``short_video: mask`` samplers, else None) from one entry."""
+    ``[V, T]`` of ``short_video: mask`` samplers, else None) from one entry; ``record`` receives the sampled
+    frame indices (:func:`~vidlang.data.sampling.sample_clip_masked`)."""
     from vidlang.data.decoding import VideoDecodeError, open_video
     from vidlang.data.sampling import sample_clip_masked
 
     opts = dict(device=device, resize_short_side=resize_short_side, max_pixels=max_pixels)
     with open_video(source, backend, **opts) as reader:
         try:
-            video, frame_mask = sample_clip_masked(reader, sampler, training, generator, entry.window)
+            video, frame_mask = sample_clip_masked(reader, sampler, training, generator, entry.window, record)
         except ValueError as e:  # e.g. a caption window outside the video
             raise VideoDecodeError(entry.path, "sampler", str(e)) from None
         has_audio = bool(reader.metadata.has_audio)
@@ -156,17 +158,18 @@ class VideoTextDataset(Dataset):
         entry = self.entries[index]
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.epoch.get(), index, attempt))
         source = entry.open_source()
+        record: dict[str, Any] = {}
         with time_limit(self.policy.decode_timeout_s, entry.path):
             video, audio, has_audio, frame_mask = load_clip(
                 entry, source, self.sampler, training=self.training, generator=g, backend=self.backend,
                 device=self.device, resize_short_side=self.resize_short_side, audio_sample_rate=self.audio_sample_rate,
-                max_pixels=self.max_pixels,
+                max_pixels=self.max_pixels, record=record,
             )
         captions = self._captions(entry, g)
         if self.transform is not None:
             video, captions = self.transform(video, captions, g)
         return VideoSample(video, entry.key, captions, entry.window, entry.label, audio, entry.path, has_audio,
-                           frame_mask)
+                           frame_mask, record.get("frame_indices"))
 
     def replacement(self, index: int, attempt: int) -> int:
         """A deterministic index different from ``index`` for retry ``attempt`` (>= 1)."""

@@ -20,6 +20,7 @@ Decoded samples (what a dataset returns, one per item)::
         audio:    float32 [S] | None       mono at the dataset's sample rate (None = no audio track)
         path:     str                      where the video came from (for reports)
         frame_mask: bool [V, T] | None     False = padding slot of a short clip (sampling ``short_video: mask``)
+        frame_indices: int64 [V', T] | None  the frame indices decoded (V' temporal views; the run record hashes them)
 
 Batches (see :mod:`vidlang.data.collate`)::
 
@@ -32,6 +33,7 @@ Batches (see :mod:`vidlang.data.collate`)::
     audio_lengths: int64 [B]                 valid samples per row
     audio_mask:    bool [B]                  False = the video has no audio track
     video_mask:    bool [B, T]               (only with ``short_video: mask``) False = padding slot
+    frame_indices: int64 [B, V', T]          (when every sample knows them) the decoded frame indices
 """
 
 from __future__ import annotations
@@ -92,13 +94,26 @@ class VideoEntry:
         return self.source
 
 
+@dataclass(frozen=True)
+class Official:
+    """The size of a split as published (what a paper's number was measured on), for ``vidlang data check`` and
+    the run record: ``videos`` distinct videos and ``captions`` texts (None: not a caption split, or unknown)."""
+
+    name: str
+    videos: int
+    captions: int | None = None
+    source: str = ""
+
+
 @dataclass
 class FormatIndex:
-    """What a format reader returns: entries plus the class names (recognition data)."""
+    """What a format reader returns: entries plus the class names (recognition data), and the official size of
+    the split when the reader knows which published split it read (``official``)."""
 
     entries: list[VideoEntry]
     classes: list[str] | None = None
     description: str = ""
+    official: Official | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -117,6 +132,7 @@ class VideoSample:
     path: str = ""
     has_audio: bool = False
     frame_mask: torch.Tensor | None = None  # bool [V, T]
+    frame_indices: torch.Tensor | None = None  # int64 [V', T] frame indices decoded (before spatial crops)
 
     def __post_init__(self) -> None:
         if self.video.ndim != 5:

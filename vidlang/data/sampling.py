@@ -357,15 +357,19 @@ def sample_clip_masked(
     training: bool,
     generator: torch.Generator | None = None,
     window: Window | None = None,
+    record: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample and decode a clip from an open :class:`~vidlang.data.decoding.VideoReader`.
 
     Returns ``uint8 [V, T, C, H, W]`` and the bool frame mask ``[V, T]`` (None unless ``short_video: mask``).
-    All views are decoded in one ``get_frames`` call.
+    All views are decoded in one ``get_frames`` call. ``record`` (a dict) receives the frame indices
+    (``record["frame_indices"]``, int64 ``[V, T]``; what the run record hashes).
     """
     idx, mask = sampler.sample_indices(
         reader.frame_timestamps(), reader.metadata.duration, training=training, generator=generator, window=window
     )  # [V, T]
+    if record is not None:
+        record["frame_indices"] = idx.clone()
     frames = reader.get_frames(idx.flatten().tolist())  # [V*T, C, H, W]
     return frames.reshape(idx.shape[0], idx.shape[1], *frames.shape[1:]), mask
 

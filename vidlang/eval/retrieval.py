@@ -13,6 +13,13 @@ Similarity ``S [A texts, B videos]``; ``caption_index [A]`` gives each text's tr
   is that of its best-ranked caption: with ``m = max_{a in captions(j)} S[a, j]``, it counts
   the *other* videos' captions scoring ``>= m`` (pessimistic) or ``> m`` (optimistic).
   Videos without a caption are not queries (they stay in the gallery for text -> video).
+- video -> text, ``v2t="clip4clip"`` (the convention of CLIP4Clip's multi-sentence evaluation, which MSVD /
+  VATEX / MSR-VTT-full numbers in papers use): each video's captions are first collapsed into one score per
+  (caption owner, query video), ``M[i, j] = max_{a in captions(i)} S[a, j]``, and the query video ``j`` is
+  ranked among the *videos* that have captions (a gallery of ``B'`` caption sets, not of ``A`` captions):
+  ``r = 1 + #{i != j : M[i, j] >= M[j, j]}`` (pessimistic) or ``> M[j, j]`` (optimistic). The default
+  ``"best_caption"`` is the rule above (ranked among all captions); the two agree when every video has one
+  caption.
 - R@K (K = 1, 5, 10) = percentage of queries with ``r <= K``; MdR = median rank (mean of the
   two middle ranks for an even count, like numpy); MnR = mean rank.
 - DSL (dual softmax, optional): ``S' = S * softmax(S / tau, dim=0)`` for text -> video
@@ -41,6 +48,7 @@ from torch import Tensor
 R = TypeVar("R")
 RECALL_KS = (1, 5, 10)
 TIE_MODES = ("pessimistic", "optimistic")
+V2T_MODES = ("best_caption", "clip4clip")
 
 
 def chunked_similarity(text_emb: Tensor, video_emb: Tensor, chunk: int = 1024) -> Iterator[tuple[int, Tensor]]:
@@ -114,6 +122,24 @@ def _v2t_block_ranks(block: Tensor, caption_index: Tensor, start: int, pessimist
     return 1 + (block >= best[None, :]).sum(dim=0) - tied_pos, has
 
 
+def _v2t_clip4clip_block_ranks(
+    block: Tensor, caption_index: Tensor, start: int, num_videos: int, pessimistic: bool
+) -> tuple[Tensor, Tensor]:
+    """``block [A, c]`` -> (1-based ranks [c] of each query video among the caption sets of all videos, has_caption
+    [c] bool): captions collapsed by max per owning video (module docstring, ``v2t="clip4clip"``)."""
+    a, c = block.shape
+    owners = torch.full((num_videos, c), float("-inf"), dtype=block.dtype, device=block.device)
+    owners = owners.scatter_reduce(0, caption_index[:, None].expand(a, c), block, reduce="amax", include_self=True)
+    has_all = torch.zeros(num_videos, dtype=torch.bool, device=block.device)
+    has_all[caption_index] = True  # [B] videos that own a caption set (the gallery)
+    cols = torch.arange(c, device=block.device)
+    own = owners[start + cols, cols]  # [c] the query's own caption set
+    beats = (owners >= own[None, :]) if pessimistic else (owners > own[None, :])  # [B, c]
+    beats &= has_all[:, None]
+    beats[start + cols, cols] = False  # the query's own set never counts against it
+    return 1 + beats.sum(dim=0), has_all[start : start + c]
+
+
 def _dsl_priors(src: _Similarity, tau: float) -> tuple[Tensor, Tensor]:
     """Log-normalisers of ``S / tau``: over texts per video ``[B]`` and over videos per text ``[A]``."""
     col_lse = torch.full((src.num_videos,), float("-inf"), device=src.device)
@@ -149,9 +175,15 @@ def _all_ranks(src: _Similarity, caption_index: Tensor, opts: _Options) -> dict[
         None if col_lse is None else col_lse[None, :],
         tau,
     )
+    if opts.v2t == "clip4clip":
+        def v2t_rank(start: int, block: Tensor) -> tuple[Tensor, Tensor]:
+            return _v2t_clip4clip_block_ranks(block, idx, start, src.num_videos, pess)
+    else:
+        def v2t_rank(start: int, block: Tensor) -> tuple[Tensor, Tensor]:
+            return _v2t_block_ranks(block, idx, start, pess)
     v2t, dsl_v2t = _direction_ranks(  # prior: softmax over videos; each rank is (ranks, has_caption)
         src.cols(),
-        lambda start, block: _v2t_block_ranks(block, idx, start, pess),
+        v2t_rank,
         None if row_lse is None else row_lse[:, None],
         tau,
     )
@@ -198,10 +230,13 @@ class _Options:
     dsl: bool
     dsl_temperature: float
     ties: str
+    v2t: str = "best_caption"
 
     def __post_init__(self) -> None:
         if self.ties not in TIE_MODES:
             raise ValueError(f"ties must be one of {TIE_MODES}, got {self.ties!r}")
+        if self.v2t not in V2T_MODES:
+            raise ValueError(f"v2t must be one of {V2T_MODES}, got {self.v2t!r}")
         if self.dsl and self.dsl_temperature <= 0:
             raise ValueError(f"dsl_temperature must be > 0, got {self.dsl_temperature}")
 
@@ -222,11 +257,13 @@ def evaluate_similarity(
     dsl_temperature: float = 0.01,
     chunk: int = 1024,
     ties: str = "pessimistic",
+    v2t: str = "best_caption",
 ) -> RetrievalResult:
-    """Metrics and ranks from a dense similarity matrix ``sim [A, B]``."""
+    """Metrics and ranks from a dense similarity matrix ``sim [A, B]`` (``v2t``: the video -> text convention)."""
     if sim.ndim != 2:
         raise ValueError(f"similarity must be [texts, videos], got shape {tuple(sim.shape)}")
-    return _evaluate(_Similarity(None, None, sim, chunk), caption_index, _Options(dsl, dsl_temperature, ties))
+    opts = _Options(dsl, dsl_temperature, ties, v2t)
+    return _evaluate(_Similarity(None, None, sim, chunk), caption_index, opts)
 
 
 def evaluate_embeddings(
@@ -238,6 +275,7 @@ def evaluate_embeddings(
     chunk: int = 1024,
     ties: str = "pessimistic",
     normalize: bool = True,
+    v2t: str = "best_caption",
 ) -> RetrievalResult:
     """Metrics and ranks from ``text_emb [A, E]`` and ``video_emb [B, E]`` (cosine similarity
     when ``normalize``), never holding more than ``chunk x max(A, B)`` similarities."""
@@ -248,7 +286,7 @@ def evaluate_embeddings(
     if normalize:
         text_emb, video_emb = F.normalize(text_emb, dim=-1), F.normalize(video_emb, dim=-1)
     src = _Similarity(text_emb, video_emb, None, chunk)
-    return _evaluate(src, caption_index, _Options(dsl, dsl_temperature, ties))
+    return _evaluate(src, caption_index, _Options(dsl, dsl_temperature, ties, v2t))
 
 
 def retrieval_metrics(
@@ -258,9 +296,10 @@ def retrieval_metrics(
     dsl_temperature: float = 0.01,
     chunk: int = 1024,
     ties: str = "pessimistic",
+    v2t: str = "best_caption",
 ) -> dict[str, float]:
     """``{t2v,v2t}_{R@1,R@5,R@10,MdR,MnR}`` (+ ``dsl_...`` when ``dsl``) from ``sim [A, B]``."""
-    return evaluate_similarity(sim, caption_index, dsl, dsl_temperature, chunk, ties).metrics
+    return evaluate_similarity(sim, caption_index, dsl, dsl_temperature, chunk, ties, v2t).metrics
 
 
 def chance_levels(caption_index: Tensor, num_videos: int) -> dict[str, float]:

@@ -118,6 +118,9 @@ class RetrievalEvalConfig:
         dsl, dsl_temperature: also report dual-softmax metrics (under ``dsl_`` keys) at this temperature.
         text_chunk: rows per similarity block.
         ties: rank tie rule (:mod:`vidlang.eval.retrieval`).
+        v2t: the video -> text convention with several captions per video: ``best_caption`` (the video's best
+            caption ranked among all captions) or ``clip4clip`` (captions collapsed by max per video, ranked among
+            videos, as CLIP4Clip's multi-sentence evaluation); a ``protocol`` of the task overrides it.
         write_plots: write ``{stage}_recall_at_k.png`` beside the metrics.
     """
 
@@ -125,12 +128,15 @@ class RetrievalEvalConfig:
     dsl_temperature: float = 0.01
     text_chunk: int = 1024
     ties: Literal["pessimistic", "optimistic"] = "pessimistic"
+    v2t: Literal["best_caption", "clip4clip"] = "best_caption"
     write_plots: bool = True
 
     def __post_init__(self) -> None:
         check_min("evaluation", 1, text_chunk=self.text_chunk)
         if self.ties not in ("pessimistic", "optimistic"):
             raise ConfigError(f"evaluation.ties must be 'pessimistic' or 'optimistic', got {self.ties!r}")
+        if self.v2t not in ("best_caption", "clip4clip"):
+            raise ConfigError(f"evaluation.v2t must be 'best_caption' or 'clip4clip', got {self.v2t!r}")
 
 
 @dataclass(frozen=True)

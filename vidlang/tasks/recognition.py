@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from vidlang.errors import ConfigError
 from vidlang.eval.classification import ClassificationResult, evaluate_views, write_report
+from vidlang.eval.protocols import protocol_of
 from vidlang.losses.classification import multi_hot, soft_target_cross_entropy
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects
 from vidlang.losses.m2clip import (
@@ -111,6 +112,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         mix: MixConfig = MixConfig(),  # noqa: B008
         m2clip: M2ClipConfig = M2ClipConfig(),  # noqa: B008
         evaluation: RecognitionEvalConfig = RecognitionEvalConfig(),  # noqa: B008
+        protocol: str | None = None,
     ) -> None:
         """Build from config (the groups are :mod:`vidlang.tasks.config`; each may be given as a mapping of its fields).
 
@@ -128,8 +130,14 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             mix: mixup / cutmix / label smoothing (:class:`MixConfig`).
             m2clip: M2-CLIP's losses (:class:`M2ClipConfig`; implies a head).
             evaluation: multi-view layout, base-to-novel split, text chunk, plots (:class:`RecognitionEvalConfig`).
+            protocol: a named evaluation protocol (:mod:`vidlang.eval.protocols`): its view fusion replaces the
+                loss's, and the metrics JSON embeds its name, hash and whether the evaluation has the official size.
         """
         super().__init__()
+        if protocol is not None:
+            from vidlang.eval.protocols import get_protocol
+
+            get_protocol(protocol).require("recognition")  # an unknown name or a retrieval protocol: fail now
         model = self.model_config(model)
         groups = self.init_groups(head=head, optim=optim, mix=mix, m2clip=m2clip, evaluation=evaluation)
         if classifier not in CLASSIFIERS:
@@ -344,6 +352,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         return labels
 
     def _fuse(self, multi_label: bool) -> str:
+        protocol = protocol_of(self.hparams)
+        if protocol is not None:
+            return protocol.fuse
         return "sigmoid" if multi_label and self.hparams.multi_label_loss == "bce" else "softmax"
 
     # -- training --------------------------------------------------------------------------------
@@ -523,6 +534,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         }
         if result.multi_label:
             info["multi_label_loss"] = self.hparams.multi_label_loss
+        protocol = protocol_of(self.hparams)
+        if protocol is not None:
+            info.update(protocol.report_fields(int(result.metrics["num_videos"])))
         if split is not None:
             info["base_classes"], info["novel_classes"] = [names[i] for i in split[0]], [names[i] for i in split[1]]
         write_report(out_dir, stage, result, names, info, plot=self.evaluation.write_plots)

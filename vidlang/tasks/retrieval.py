@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.errors import ConfigError
+from vidlang.eval.protocols import protocol_of
 from vidlang.eval.report import write_metrics
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings, evaluate_similarity
 from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
@@ -78,6 +79,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         fusion_args: dict[str, Any] | None = None,
         audio_frontend: dict[str, Any] | None = None,
         lr_mult_audio: float = 1.0,
+        protocol: str | None = None,
     ) -> None:
         """Build from config (the groups are :mod:`vidlang.tasks.config`; each may be given as a mapping of its fields).
 
@@ -96,8 +98,15 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             audio_frontend: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
                 ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size).
             lr_mult_audio: lr multiplier of the audio branch and the fusion (the audio-visual model's recipe).
+            protocol: a named evaluation protocol (:mod:`vidlang.eval.protocols`): its tie rule and video -> text
+                convention replace ``evaluation.ties`` / ``evaluation.v2t``, and the metrics JSON embeds its name,
+                hash and whether the gallery has the official size.
         """
         super().__init__()
+        if protocol is not None:
+            from vidlang.eval.protocols import get_protocol
+
+            get_protocol(protocol).require("retrieval")  # an unknown name or a recognition protocol: fail now
         model = self.model_config(model)
         if isinstance(audio, dict):
             audio = AudioConfig(**audio)
@@ -346,8 +355,10 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
                 f"{stage}: no video to evaluate ({video.shape[0]} videos, {text.shape[0]} captions; {skipped} "
                 "samples skipped as bad, see the bad-sample report)"
             )
-        ev = self.evaluation
-        opts = dict(dsl=ev.dsl, dsl_temperature=ev.dsl_temperature, chunk=ev.text_chunk, ties=ev.ties)
+        ev, protocol = self.evaluation, protocol_of(self.hparams)
+        opts = dict(dsl=ev.dsl, dsl_temperature=ev.dsl_temperature, chunk=ev.text_chunk,
+                    ties=protocol.ties if protocol else ev.ties,
+                    v2t=protocol.captions.video_to_text if protocol else ev.v2t)
         with torch.autocast(self.device.type, enabled=False):  # fp32 similarities even under bf16 training
             if self.contrastive.similarity == "cosine":
                 result = evaluate_embeddings(text, video, index, normalize=False, **opts)
@@ -371,8 +382,13 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             **counts,
             "metrics": result.metrics,
             "chance": chance,
-            "options": {"ties": ev.ties, "dsl": ev.dsl, "dsl_temperature": ev.dsl_temperature},
+            "options": {"ties": ev.ties, "v2t": ev.v2t, "dsl": ev.dsl, "dsl_temperature": ev.dsl_temperature,
+                        "similarity": self.contrastive.similarity},
         }
+        protocol = protocol_of(self.hparams)
+        if protocol is not None:
+            report.update(protocol.report_fields(counts["num_videos"], counts["num_captions"]))
+            report["options"].update(ties=protocol.ties, v2t=protocol.captions.video_to_text)
         write_metrics(out_dir, stage, report)
         if ev.write_plots:
             from vidlang.eval.plots import plot_recall_at_k

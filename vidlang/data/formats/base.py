@@ -193,11 +193,14 @@ def parse_path_labels(
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line: ``name``, or ``index name`` (0- or 1-based, as in UCF101's classInd.txt)."""
+    """Class names, one per line: ``name``, or ``index name`` (0- or 1-based, as in UCF101's classInd.txt), or a
+    label CSV with the header ``id,name`` (X-CLIP / ViFi-CLIP ``labels/*.csv``; names may be quoted)."""
     p = existing_file(path, "class-name file")
     rows = list(read_lines(p, "class-name file"))
     if not rows:
         raise FormatError(p, "class-name file is empty")
+    if rows[0][1].replace(" ", "").lower() == "id,name":
+        return _label_csv(p)
     indexed = [r[1].split(maxsplit=1) for r in rows]
     if all(len(parts) == 2 and parts[0].isdigit() for parts in indexed):
         first = int(indexed[0][0])
@@ -216,3 +219,96 @@ def resolve(root: str | os.PathLike | None, rel: str, default_root: Path) -> str
     if p.is_absolute():
         return str(p)
     return str(Path(root) / p if root is not None else default_root / p)
+
+
+def _label_csv(p: Path) -> list[str]:
+    names: list[str] = []
+    first: int | None = None
+    for n, row in read_csv(p, ("id", "name"), "label CSV"):
+        idx = parse_int(row["id"], p, n, "id")
+        first = idx if first is None else first
+        if idx != first + len(names) or first not in (0, 1):
+            raise FormatError(p, f"class ids must be consecutive from 0 (or 1); expected {first + len(names)}, got "
+                              f"{idx}", line=n)
+        if not row["name"]:
+            raise FormatError(p, "empty class name", line=n)
+        names.append(row["name"])
+    if not names:
+        raise FormatError(p, "label CSV has no class")
+    return names
+
+
+def read_id_list(path: str | os.PathLike, what: str) -> list[tuple[int, str]]:
+    """``(line, id)`` of a list file with one video id per line (``train_list.txt``); a repeated id is an error."""
+    p = existing_file(path, what)
+    seen: dict[str, int] = {}
+    out = []
+    for n, line in read_lines(p, what):
+        if line in seen:
+            raise FormatError(p, f"id {line!r} repeats line {seen[line]}", line=n)
+        seen[line] = n
+        out.append((n, line))
+    if not out:
+        raise FormatError(p, f"{what} is empty")
+    return out
+
+
+def join_paragraph(sentences: list[str], sep: str = " ") -> str:
+    """Paragraph retrieval: a video's sentences joined in the given order, each stripped, blanks dropped (CLIP4Clip
+    joins the raw sentences with one space; the tokenizer makes the stripped form identical)."""
+    return sep.join(s.strip() for s in sentences if s.strip())
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def read_json_items(path: str | os.PathLike, what: str) -> tuple[str, list[tuple[int, Any, Any]]]:
+    """The top-level items of a JSON array or object with the line each starts on: ``("list", [(line, i, item)])``
+    or ``("dict", [(line, key, value)])``, so that a reader can name ``file:line`` of a bad item. Invalid JSON
+    raises :class:`FormatError` at its line; a repeated key of an object is refused (``json.load`` would keep
+    the last silently)."""
+    p = existing_file(path, what)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _undecodable(p) from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FormatError(p, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    dec = json.JSONDecoder()
+    pos, line = 0, 1
+
+    def skip(i: int) -> int:
+        return _JSON_WS.match(text, i).end()
+
+    def line_at(i: int) -> int:
+        nonlocal pos, line
+        line += text.count("\n", pos, i)
+        pos = i
+        return line
+
+    i = skip(0)
+    kind = {"[": "list", "{": "dict"}.get(text[i])
+    if kind is None:
+        raise FormatError(p, f"expected a JSON array or object at the top level of the {what}", line=line_at(i))
+    close = "]" if kind == "list" else "}"
+    items: list[tuple[int, Any, Any]] = []
+    seen: dict[str, int] = {}
+    i = skip(i + 1)
+    while text[i] != close:
+        n = line_at(i)
+        if kind == "list":
+            value, i = dec.raw_decode(text, i)
+            items.append((n, len(items), value))
+        else:
+            key, i = dec.raw_decode(text, i)
+            if key in seen:
+                raise FormatError(p, f"key {key!r} repeats line {seen[key]}", line=n)
+            seen[key] = n
+            value, i = dec.raw_decode(text, skip(skip(i) + 1))  # past the ':'
+            items.append((n, key, value))
+        i = skip(i)
+        if text[i] == ",":
+            i = skip(i + 1)
+    return kind, items

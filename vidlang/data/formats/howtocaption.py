@@ -35,9 +35,9 @@ class _BuiltinsOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only builtin containers/str/numbers allowed")
 
 
-def safe_load_pickle(path: str | Path) -> Any:
+def safe_load_pickle(path: str | Path, what: str = "HowToCaption pickle") -> Any:
     """Unpickle a file that may only contain builtin containers, strings and numbers."""
-    p = existing_file(path, "HowToCaption pickle")
+    p = existing_file(path, what)
     try:
         with open(p, "rb") as f:
             return _BuiltinsOnly(io.BufferedReader(f)).load()

@@ -13,7 +13,8 @@ Pure functions work on label lists / :class:`FormatIndex`; the same operations a
 - ``few_shot``: exactly ``shots`` videos of every class (error naming the class if it has fewer),
   chosen with ``seed``; the choice depends only on (seed, the entries' keys), not on their order.
 - ``class_subset``: keep the classes ``classes`` = ``"base"`` / ``"novel"`` (of
-  :func:`base_novel_split`) or a list of names or indices; labels are renumbered 0..k-1 in that
+  :func:`base_novel_split`) or a list of names or indices, or those named in ``classes_file`` (names match
+  loosely: case, ``_`` and ``-`` aside); labels are renumbered 0..k-1 in that
   order and the class names become the subset (the label-set switch for zero-shot transfer).
   Multi-label entries (label tuples) keep the labels of the subset, renumbered; an entry left
   with none of them is dropped.
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from vidlang.data.formats.base import FORMATS, FormatError, build_index
+from vidlang.data.formats.base import FORMATS, FormatError, build_index, read_class_names
 from vidlang.data.sample import FormatIndex, VideoEntry
 
 
@@ -101,6 +103,9 @@ def resolve_classes(spec: str | Sequence[str | int], names: Sequence[str], base_
         base, novel = base_novel_split(len(names), base_ratio, split_seed)
         return base if spec == "base" else novel
     lookup = {n: i for i, n in enumerate(names)}
+    loose: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(names):
+        loose[loose_name(n)].append(i)
     out: list[int] = []
     for c in spec:
         if isinstance(c, int):
@@ -109,11 +114,18 @@ def resolve_classes(spec: str | Sequence[str | int], names: Sequence[str], base_
             out.append(c)
         elif c in lookup:
             out.append(lookup[c])
+        elif len(loose.get(loose_name(c), [])) == 1:  # "ride bike" (a label file) vs "ride_bike" (HMDB folders)
+            out.append(loose[loose_name(c)][0])
         else:
             raise ValueError(f"class {c!r} is not one of the data's classes ({len(names)}: {list(names)[:8]} ...)")
     if len(set(out)) != len(out):
         raise ValueError(f"class list repeats a class: {list(spec)}")
     return out
+
+
+def loose_name(name: str) -> str:
+    """A class name compared loosely: case, ``_`` / ``-`` and runs of spaces do not matter."""
+    return " ".join(re.sub(r"[_\-]+", " ", name).lower().split())
 
 
 def subset_classes(index: FormatIndex, keep: Sequence[int]) -> FormatIndex:
@@ -165,10 +177,24 @@ def read_few_shot(source: dict[str, Any], shots: int, seed: int = 0) -> FormatIn
 
 @FORMATS.register("class_subset")
 def read_class_subset(
-    source: dict[str, Any], classes: str | list[str | int], base_ratio: float = 0.5, split_seed: int | None = None
+    source: dict[str, Any], classes: str | list[str | int] | None = None, base_ratio: float = 0.5,
+    split_seed: int | None = None, classes_file: str | None = None,
 ) -> FormatIndex:
-    """Format wrapper: only the classes ``classes`` of ``source`` (see module docstring)."""
+    """Format wrapper: only the classes ``classes`` of ``source`` (see module docstring), or the classes named in
+    ``classes_file`` (a class-name file or an ``id,name`` label CSV, e.g. ViFi-CLIP's base / novel labels), in
+    that file's order."""
+    if (classes is None) == (classes_file is None):
+        raise FormatError("class_subset", "give exactly one of 'classes' or 'classes_file'")
     index = _source(source, "class_subset")
     if index.classes is None:
         raise FormatError(index.description, "class_subset needs class names (e.g. a classes file)")
-    return subset_classes(index, resolve_classes(classes, index.classes, base_ratio, split_seed))
+    if classes_file is not None:
+        try:
+            keep = resolve_classes(read_class_names(classes_file), index.classes)
+        except ValueError as e:
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(classes_file, str(e)) from None
+    else:
+        keep = resolve_classes(classes, index.classes, base_ratio, split_seed)
+    return subset_classes(index, keep)
