@@ -262,7 +262,7 @@ def test_checkpoint_activation_mismatch_is_refused(monkeypatch):
         build_model(tiny(pretrained="/ckpt"))
     # what the file does not tell is absent from info and listed as unknown: the model config's is used, loudly
     info.update(vision={}, text={}, unknown=["vision.act", "text.act"])
-    with pytest.warns(UserWarning, match=r"/ckpt does not record vision.act, text.act"):
+    with pytest.warns(UserWarning, match=r"/ckpt does not record image.act, text.act"):
         build_model(tiny(pretrained="/ckpt"))
 
 

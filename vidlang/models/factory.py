@@ -315,9 +315,11 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
     unknown = info.get("unknown") or []
     if unknown:
         cfgs = {key: cfg for key, _, cfg in towers}
-        used = ", ".join(f"{u}={getattr(cfgs[u.split('.')[0]], u.split('.')[1])!r}" for u in unknown)
+        shown = {key: name for key, name, _ in towers}  # the file's "vision" is the config's "image" tower
+        named = [f"{shown[u.split('.')[0]]}.{u.split('.')[1]}" for u in unknown]
+        used = ", ".join(f"{n}={getattr(cfgs[u.split('.')[0]], u.split('.')[1])!r}" for n, u in zip(named, unknown, strict=True))
         warnings.warn(
-            f"{source} does not record {', '.join(unknown)}; using the model config's {used}. If the weights were "
+            f"{source} does not record {', '.join(named)}; using the model config's {used}. If the weights were "
             "trained otherwise, set ModelConfig.image_overrides / text_overrides (e.g. {'act': 'gelu'})",
             stacklevel=3,
         )
