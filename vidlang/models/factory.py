@@ -317,7 +317,8 @@ def check_architecture(model: VideoTextModel, info: dict[str, Any], source: str)
         cfgs = {key: cfg for key, _, cfg in towers}
         shown = {key: name for key, name, _ in towers}  # the file's "vision" is the config's "image" tower
         named = [f"{shown[u.split('.')[0]]}.{u.split('.')[1]}" for u in unknown]
-        used = ", ".join(f"{n}={getattr(cfgs[u.split('.')[0]], u.split('.')[1])!r}" for n, u in zip(named, unknown, strict=True))
+        values = [getattr(cfgs[u.split(".")[0]], u.split(".")[1]) for u in unknown]
+        used = ", ".join(f"{n}={v!r}" for n, v in zip(named, values, strict=True))
         warnings.warn(
             f"{source} does not record {', '.join(named)}; using the model config's {used}. If the weights were "
             "trained otherwise, set ModelConfig.image_overrides / text_overrides (e.g. {'act': 'gelu'})",
