@@ -98,3 +98,40 @@ def test_residual_layer_in_place_adds_are_exact(grad):
         (gx,) = torch.autograd.grad(out.square().sum(), x)
         (rx,) = torch.autograd.grad(ref.square().sum(), x)
         torch.testing.assert_close(gx, rx, atol=1e-6, rtol=1e-6)
+
+
+def test_model_config_compile_compiles_layers_in_place():
+    """``compile: true`` wraps the towers' layers and the block's modules (nn.Module.compile); names unchanged.
+    Nothing is run here (compilation takes minutes on a CPU); ``vidlang bench model --compile`` measures it."""
+    from vidlang.models.factory import ModelConfig, build_model
+
+    plain = build_model(ModelConfig(image="vit_tiny", block="ila"))
+    compiled = build_model(ModelConfig(image="vit_tiny", block="ila", compile=True))
+    assert list(plain.state_dict()) == list(compiled.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in compiled.image_tower.layers)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.text_tower.layers)
+    assert all(m._compiled_call_impl is not None for m in compiled.block.layers)
+    assert all(layer._compiled_call_impl is None for layer in plain.image_tower.layers)
+
+
+@pytest.mark.gpu
+def test_tower_bf16_autocast_and_fused_attention_on_gpu():
+    """On a CUDA device: the B/16 tower under bf16 autocast stays within bf16 tolerance of fp32, and attention runs
+    through a fused SDPA kernel (flash or memory-efficient) with the same result as the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vidlang.models.clip.configs import image_config
+    from vidlang.models.clip.image import ClipImageTower
+
+    torch.manual_seed(0)
+    tower = ClipImageTower(image_config("vit_b16")).cuda().eval()
+    video = torch.randn(2, 4, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        ref = F.normalize(tower(video).frame_embeds, dim=-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                fused = F.normalize(tower(video).frame_embeds.float(), dim=-1)
+            with sdpa_kernel([SDPBackend.MATH]):
+                math = F.normalize(tower(video).frame_embeds.float(), dim=-1)
+    assert (fused - ref).abs().max().item() < 5e-2
+    assert (fused - math).abs().max().item() < 2e-2
