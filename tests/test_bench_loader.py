@@ -18,3 +18,23 @@ def test_tiny_loader_benchmark_run(capsys):
     assert "same loader without transforms (breakdown)" in rows and "same loader, fresh shared memory per batch" in rows
     ratio = float(re.search(r"loader / raw \(1 processes\) = ([\d.]+)", out)[1])
     assert abs(ratio - full / raw) < 0.01
+
+
+def test_loader_benchmark_reports_the_bare_library(capsys):
+    """The bare-library row (torchcodec alone, same indices) and the loader / bare ratio computed from the rows."""
+    from vidlang.cli import main
+    from vidlang.data.decoding import resolve_backend
+
+    if resolve_backend("auto") != "torchcodec":
+        import pytest
+
+        pytest.skip("torchcodec is not the auto backend here")
+    argv = ["bench", "loader", "--videos", "4", "--video-size", "48", "--video-frames", "24", "--video-fps", "8",
+            "--workers", "1", "--batch-size", "2", "--size", "32", "--repeat", "1", "--passes", "1",
+            "--skip-breakdown"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lib = float(re.search(r"^bare torchcodec, 1 processes \(no vidlang code\)\s+([\d.]+)", out, re.M)[1])
+    full = float(re.search(r"^full loader, 1 workers \(\+transforms, collate\)\s+([\d.]+)", out, re.M)[1])
+    ratio = float(re.search(r"loader / bare torchcodec \(1 processes\) = ([\d.]+)", out)[1])
+    assert lib > 0 and abs(ratio - full / lib) < 0.01

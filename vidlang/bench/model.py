@@ -1,33 +1,35 @@
 """``vidlang bench model``: vidlang's ViT image tower against ``transformers`` CLIP, and block costs.
 
-1. Image forward, random weights, fp32, same threads: vidlang's :class:`ClipImageTower` (fused qkv,
-   SDPA) vs ``transformers.CLIPVisionModelWithProjection`` (SDPA attention) holding the *same*
-   weights (copied with :func:`vidlang.models.clip.convert.from_vidlang`); their outputs are
-   compared, then both run alternately, ``--iters`` times each after a warm-up; medians are
-   reported with the ratio HF time / vidlang time (> 1 means vidlang is faster).
-2. Forward + backward of ``encode_video`` for every registered temporal block (its default
-   freezing policy) relative to ``mean`` on the ``--block-arch`` tower.
+1. **Towers** (``--arch``, default B/32 and B/16), random weights, fp32, same threads: vidlang's
+   :class:`ClipImageTower` (fused qkv, SDPA) vs ``transformers.CLIPVisionModelWithProjection`` (SDPA attention)
+   holding the *same* weights (copied with :func:`vidlang.models.clip.convert.from_vidlang`). Parity: the max
+   |difference| of the fp32 embeddings (target <= 1e-5), and under bf16 autocast the max |difference| of each
+   model's L2-normalised embeddings to its own fp32 ones (the bf16 path; tolerance :data:`BF16_TOL`). Speed:
+   forward (inference mode) and forward + backward (all weights trainable), the four runners timed
+   round-robin (``--iters`` rounds after a warm-up), medians; ratio = transformers time / vidlang time
+   (>= 1: vidlang at least as fast).
+2. ``--compile``: the first arch's tower with its layers ``torch.compile``d (what ``ModelConfig.compile``
+   does) against the same tower eager, forward and forward + backward, round-robin; the compilation time
+   is reported apart.
+3. **Blocks**: forward + backward of ``encode_video`` for every registered temporal block under its paper
+   freezing (default policy) relative to ``mean`` on the ``--block-arch`` tower; each block is timed
+   round-robin with a ``mean`` model (same load), ratio = block / mean (target <= 1.5).
+
+Every table is printed with the load average of the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 from vidlang.bench import BENCHMARKS
+from vidlang.bench.common import interleaved_times, load_average, medians
 
-
-def _median_time(fn: Callable[[], object], iters: int, sync: Callable[[], None]) -> float:
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+FP32_TOL = 1e-5
+BF16_TOL = 5e-2  # max |diff| of L2-normalised embeddings, bf16 autocast vs fp32 (bf16 keeps ~3 digits)
+BLOCK_TARGET = 1.5
 
 
 def _hf_tower(tower, device):
@@ -51,36 +53,106 @@ def _hf_tower(tower, device):
     return hf.to(device).eval()
 
 
-def bench_towers(args: argparse.Namespace, device, sync) -> None:
+def _fwd_bwd(forward: Callable[[], object]) -> Callable[[], None]:
+    def step() -> None:
+        forward().square().sum().backward()
+
+    return step
+
+
+def _normalised(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def tower_parity(tower, hf, video, device) -> dict[str, float]:
+    """fp32 max |diff| vidlang vs transformers; bf16-autocast max |diff| of normalised embeddings to fp32 (each)."""
+    import torch
+
+    frames = video.flatten(0, 1)
+    with torch.inference_mode():
+        ours = tower(video).frame_embeds.flatten(0, 1)
+        theirs = hf(pixel_values=frames).image_embeds
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            ours16 = tower(video).frame_embeds.flatten(0, 1).float()
+            theirs16 = hf(pixel_values=frames).image_embeds.float()
+    return {
+        "fp32": (ours - theirs).abs().max().item(),
+        "bf16_vidlang": (_normalised(ours16) - _normalised(ours)).abs().max().item(),
+        "bf16_transformers": (_normalised(theirs16) - _normalised(theirs)).abs().max().item(),
+    }
+
+
+def bench_tower(arch: str, args: argparse.Namespace, device, sync) -> dict:
+    """Parity and fwd / fwd+bwd times of one preset, vidlang vs transformers (round-robin)."""
     import torch
 
     from vidlang.models.clip.configs import image_config
     from vidlang.models.clip.image import ClipImageTower
 
     torch.manual_seed(0)
-    tower = ClipImageTower(image_config(args.arch)).to(device).eval()
+    tower = ClipImageTower(image_config(arch)).to(device).eval()
     hf = _hf_tower(tower, device)
     size = tower.cfg.image_size
     video = torch.randn(args.batch, args.frames, 3, size, size, device=device)
+    parity = tower_parity(tower, hf, video, device)
+    run_v = lambda: tower(video).frame_embeds  # noqa: E731
+    run_h = lambda: hf(pixel_values=video.flatten(0, 1)).image_embeds  # noqa: E731
     with torch.inference_mode():
-        ours = tower(video).frame_embeds.flatten(0, 1)
-        theirs = hf(pixel_values=video.flatten(0, 1)).image_embeds
-        diff = (ours - theirs).abs().max().item()
-        run_v = lambda: tower(video)  # noqa: E731
-        run_h = lambda: hf(pixel_values=video.flatten(0, 1))  # noqa: E731
-        for _ in range(args.warmup):
-            run_v(), run_h()
-        tv, th = [], []
-        for _ in range(args.iters):  # alternate so both see the same machine load
-            tv.append(_median_time(run_v, 1, sync))
-            th.append(_median_time(run_h, 1, sync))
-    v, h = statistics.median(tv), statistics.median(th)
-    print(f"image tower {args.arch}, {args.batch}x{args.frames} frames {size}px, fp32, {device}, "
-          f"threads {torch.get_num_threads()}, {args.iters} iters (median)")
-    print(f"  max |embed diff| vidlang vs transformers: {diff:.2e}")
-    print(f"  vidlang       {v * 1e3:9.1f} ms  ({args.batch * args.frames / v:7.1f} frames/s)")
-    print(f"  transformers  {h * 1e3:9.1f} ms  ({args.batch * args.frames / h:7.1f} frames/s)")
-    print(f"  speed ratio transformers/vidlang = {h / v:.3f}  (>= 1: vidlang at least as fast)")
+        fwd = medians(interleaved_times({"vidlang": run_v, "transformers": run_h}, args.iters, args.warmup, sync))
+    bwd = medians(interleaved_times({"vidlang": _fwd_bwd(run_v), "transformers": _fwd_bwd(run_h)}, args.iters,
+                                    args.warmup, sync))  # fmt: skip
+    return {"arch": arch, "size": size, "parity": parity, "fwd": fwd, "fwd_bwd": bwd}
+
+
+def print_towers(rows: list[dict], args: argparse.Namespace, device) -> None:
+    import torch
+
+    print(f"image towers, {args.batch}x{args.frames} frames, fp32, {device}, threads {torch.get_num_threads()}, "
+          f"{args.iters} round-robin rounds (median); {load_average()}")  # fmt: skip
+    print(f"  {'arch':<9}{'pass':<9}{'vidlang ms':>11}{'transformers ms':>16}{'ratio':>7}  parity")
+    for r in rows:
+        p = r["parity"]
+        fp32 = f"fp32 |diff| {p['fp32']:.1e} ({'ok' if p['fp32'] <= FP32_TOL else 'FAIL'} <= {FP32_TOL:g})"
+        bf16 = (f"bf16 autocast vs fp32 (normalised) vidlang {p['bf16_vidlang']:.1e}, transformers "
+                f"{p['bf16_transformers']:.1e} ({'ok' if p['bf16_vidlang'] <= BF16_TOL else 'FAIL'} <= {BF16_TOL:g})")
+        for key, label, note in (("fwd", "fwd", fp32), ("fwd_bwd", "fwd+bwd", bf16)):
+            v, h = r[key]["vidlang"], r[key]["transformers"]
+            print(f"  {r['arch']:<9}{label:<9}{v * 1e3:11.1f}{h * 1e3:16.1f}{h / v:7.2f}  {note}")
+    print("  ratio = transformers time / vidlang time (>= 1: vidlang at least as fast)")
+
+
+def bench_compile(arch: str, args: argparse.Namespace, device, sync) -> None:
+    """Eager tower vs the same tower with ``torch.compile``d layers (round-robin), fwd and fwd+bwd."""
+    import copy
+
+    import torch
+
+    from vidlang.models.clip.configs import image_config
+    from vidlang.models.clip.image import ClipImageTower
+
+    torch.manual_seed(0)
+    eager = ClipImageTower(image_config(arch)).to(device).eval()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_layers()
+    size = eager.cfg.image_size
+    video = torch.randn(args.batch, args.frames, 3, size, size, device=device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        diff = (compiled(video).frame_embeds - eager(video).frame_embeds).abs().max().item()
+    compile_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _fwd_bwd(lambda: compiled(video).frame_embeds)()
+    compile_bwd = time.perf_counter() - t0
+    runners = {"eager": lambda: eager(video).frame_embeds, "compiled": lambda: compiled(video).frame_embeds}
+    with torch.inference_mode():
+        fwd = medians(interleaved_times(runners, args.iters, args.warmup, sync))
+    bwd = medians(interleaved_times({k: _fwd_bwd(v) for k, v in runners.items()}, args.iters, args.warmup, sync))
+    print(f"torch.compile of the {arch} tower's layers (ModelConfig.compile), {args.batch}x{args.frames} frames, "
+          f"{device}; first calls (compilation) fwd {compile_fwd:.0f} s, fwd+bwd {compile_bwd:.0f} s; "
+          f"max |diff| {diff:.1e}; {load_average()}")  # fmt: skip
+    for key, label in ((fwd, "fwd"), (bwd, "fwd+bwd")):
+        print(f"  {label:<9} eager {key['eager'] * 1e3:9.1f} ms  compiled {key['compiled'] * 1e3:9.1f} ms  "
+              f"speed-up x{key['eager'] / key['compiled']:.2f}")  # fmt: skip
 
 
 def _block_step(model, video) -> Callable[[], None]:
@@ -97,45 +169,51 @@ def _block_step(model, video) -> Callable[[], None]:
     return step
 
 
-def bench_blocks(args: argparse.Namespace, device, sync) -> None:
+def bench_blocks(args: argparse.Namespace, device, sync) -> dict[str, float]:
+    """Every block's fwd+bwd time / ``mean``'s, each timed round-robin with a ``mean`` model."""
     import torch
 
     from vidlang.models.factory import ModelConfig, build_model
     from vidlang.models.temporal import BLOCKS
 
-    names = ["mean"] + [n for n in BLOCKS.names() if n != "mean"]
-    results: dict[str, float] = {}
-    print(f"blocks: forward+backward of encode_video on {args.block_arch}, "
-          f"{args.block_batch}x{args.frames} frames, default freezing, {args.block_iters} iters (median)")
+    names = args.blocks.split(",") if args.blocks else [n for n in BLOCKS.names() if n != "mean"]
+    torch.manual_seed(0)
+    mean = build_model(ModelConfig(image=args.block_arch, block="mean")).to(device).train()
+    size = mean.image_tower.cfg.image_size
+    video = torch.randn(args.block_batch, args.frames, 3, size, size, device=device)
+    print(f"blocks: forward+backward of encode_video on {args.block_arch}, {args.block_batch}x{args.frames} frames, "
+          f"paper freezing, each round-robin with mean, {args.block_iters} rounds (median); {load_average()}")
+    ratios = {}
     for name in names:
         torch.manual_seed(0)
         model = build_model(ModelConfig(image=args.block_arch, block=name)).to(device).train()
-        size = model.image_tower.cfg.image_size
-        video = torch.randn(args.block_batch, args.frames, 3, size, size, device=device)
-
-        step = _block_step(model, video)
-        step()  # warm-up
-        results[name] = _median_time(step, args.block_iters, sync)
-        print(f"  {name:16s} {results[name] * 1e3:9.1f} ms  x{results[name] / results['mean']:.2f} of mean  "
-              f"({model.freeze_policy})", flush=True)
+        t = medians(interleaved_times({"mean": _block_step(mean, video), name: _block_step(model, video)},
+                                      args.block_iters, 1, sync))  # fmt: skip
+        ratios[name] = t[name] / t["mean"]
+        verdict = "ok" if ratios[name] <= BLOCK_TARGET else f"above {BLOCK_TARGET}"
+        print(f"  {name:16s} {t[name] * 1e3:9.1f} ms  mean {t['mean'] * 1e3:9.1f} ms  x{ratios[name]:.2f} of mean "
+              f"({verdict}; {model.freeze_policy}; {load_average()})", flush=True)  # fmt: skip
         del model
+    return ratios
 
 
 @BENCHMARKS.register("model")
 class ModelBench:
-    help = "ViT image tower vs transformers CLIPVisionModel (same weights), and block fwd+bwd cost vs mean"
+    help = "ViT towers vs transformers CLIPVisionModel (same weights; fwd, fwd+bwd, parity), compile, block costs"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--arch", default="vit_b32", help="image preset for the tower comparison")
-        parser.add_argument("--batch", type=int, default=4)
+        parser.add_argument("--arch", default="vit_b32,vit_b16", help="comma list of image presets for the towers")
+        parser.add_argument("--batch", type=int, default=1)
         parser.add_argument("--frames", type=int, default=8)
-        parser.add_argument("--iters", type=int, default=5)
-        parser.add_argument("--warmup", type=int, default=2)
+        parser.add_argument("--iters", type=int, default=3, help="round-robin rounds of the tower timings")
+        parser.add_argument("--warmup", type=int, default=1)
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
         parser.add_argument("--device", default="cpu")
+        parser.add_argument("--compile", action="store_true", help="also time torch.compile of the first arch")
         parser.add_argument("--block-arch", default="vit_b32", help="tower for the block timings")
         parser.add_argument("--block-batch", type=int, default=2)
         parser.add_argument("--block-iters", type=int, default=2)
+        parser.add_argument("--blocks", default=None, help="comma list of blocks (default: every registered one)")
         parser.add_argument("--skip-blocks", action="store_true")
         parser.add_argument("--skip-towers", action="store_true")
 
@@ -146,8 +224,14 @@ class ModelBench:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        archs = [a for a in args.arch.split(",") if a]
         if not args.skip_towers:
-            bench_towers(args, device, sync)
+            print_towers([bench_tower(a, args, device, sync) for a in archs], args, device)
+        if args.compile:
+            bench_compile(archs[0], args, device, sync)
         if not args.skip_blocks:
             bench_blocks(args, device, sync)
         return 0
+
+
+__all__ = ["ModelBench", "bench_blocks", "bench_tower", "tower_parity"]

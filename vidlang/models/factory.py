@@ -64,6 +64,7 @@ class ModelConfig:
     lr_mults: dict[str, float] = field(default_factory=dict)  # e.g. {"": 0.1, "block": 10, "block.aggregate": 1}
     weight_decays: dict[str, float] = field(default_factory=dict)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the towers' layers and the block (vidlang/models/compile.py)
     pretrained: str | None = None  # local checkpoint file or directory
     vocab_size: int | None = None  # override for from-scratch tokenizers
     context_length: int | None = None
@@ -238,6 +239,10 @@ def build_model(cfg: ModelConfig) -> VideoTextModel:
     FREEZE_POLICIES.get(policy)(model)
     model.freeze_policy = policy
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if cfg.compile:
+        from vidlang.models.compile import compile_model
+
+        compile_model(model)
     return model
 
 

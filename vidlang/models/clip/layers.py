@@ -29,7 +29,10 @@ class QuickGELU(nn.Module):
     """OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # inference: one allocation instead of three, the same operations in the same order (equal results)
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 ACTIVATIONS.register("gelu")(nn.GELU)
@@ -105,10 +108,19 @@ class ResidualAttentionLayer(nn.Module):
         h = self.ln_1(x)
         if attn_input is not None:
             h = attn_input(h)
-        x = x + self.attn(h, attn_mask=attn_mask, is_causal=is_causal)
+        x = residual_add(x, self.attn(h, attn_mask=attn_mask, is_causal=is_causal))
         if before_mlp is not None:
             x = before_mlp(x)
-        return x + self.mlp(self.ln_2(x))
+        return residual_add(x, self.mlp(self.ln_2(x)))
+
+
+def residual_add(x: Tensor, update: Tensor) -> Tensor:
+    """``x + update``, written into ``update`` when that is safe: ``update`` is the fresh output of a Linear
+    (whose backward does not need it) of the same dtype and shape. Bit-identical to ``x + update`` (IEEE addition
+    commutes) and saves a ``[N, L, C]`` allocation per residual (two per layer)."""
+    if update.dtype == x.dtype and update.shape == x.shape and update.is_contiguous():
+        return update.add_(x)
+    return x + update
 
 
 LEGACY_LAYERS = "blocks."  # what ``layers`` were called in state dicts written before the rename

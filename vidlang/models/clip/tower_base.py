@@ -70,6 +70,16 @@ class Tower(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def layer_list(self) -> nn.ModuleList:
+        """The transformer layers."""
+        return self.layers
+
+    def compile_layers(self, **kwargs: Any) -> None:
+        """``torch.compile`` every transformer layer in place (``nn.Module.compile``: parameter names, state dicts
+        and the hook calls between layers are unchanged). ``kwargs`` go to ``torch.compile``."""
+        for layer in self.layer_list():
+            layer.compile(**kwargs)
+
     def run_layers(self, layer: Callable[..., Tensor], num_layers: int, x: Tensor, *args: Any) -> Tensor:
         """``x = layer(i, x, *args)`` for each ``i < num_layers``; each call is one checkpointed unit when
         gradient checkpointing is on and gradients are enabled."""

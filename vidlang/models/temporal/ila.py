@@ -248,20 +248,21 @@ class ILALayer(nn.Module):
 
     def forward(self, x: Tensor, b: int, t: int, grid: tuple[int, int], training: bool) -> tuple[Tensor, ...]:
         """``x [B*T, 1+N, C]`` -> (residual update ``[B*T, 1+N, C]``, loss, pooled tokens ``[B, T, C]``)."""
+        # The alignment works in token layout [..., N, C] (no transposed copy of the message maps); the
+        # convolutions get contiguous NCHW maps (mkldnn's channels-last BatchNorm / backward are slower here).
         h, w = grid
         c = x.shape[-1]
         m = self.message_ln(self.message_fc(x)).view(b, t, 1 + h * w, c)
-        cls, maps = m[:, :, :1], m[:, :, 1:].transpose(-1, -2).reshape(b, t, c, h, w)  # [B, T, C, h, w]
-        pairs = torch.cat([maps[:, :-1], maps[:, 1:]], dim=2).flatten(0, 1)  # [B*(T-1), 2C, h, w]
-        g = self.interact(pairs)  # [B*(T-1), hidden, h, w]
+        cls, tok = m[:, :, :1], m[:, :, 1:]  # [B, T, 1, C], [B, T, N, C]
+        pairs = torch.cat([tok[:, :-1], tok[:, 1:]], dim=-1).view(b * (t - 1), h, w, 2 * c)  # [B*(T-1), h, w, 2C]
+        g = self.interact(pairs.permute(0, 3, 1, 2).contiguous())  # [B*(T-1), hidden, h, w]
         pts = self.points(g, b)  # [B, T-1, 4]
-        mask_prev = self.masks(pts[..., :2], grid, training).unsqueeze(2)  # [B, T-1, 1, h, w]
-        mask_cur = self.masks(pts[..., 2:], grid, training).unsqueeze(2)
-        al_prev, al_cur = mask_prev * maps[:, :-1], mask_cur * maps[:, 1:]  # [B, T-1, C, h, w]
-        z_prev, z_cur = al_prev.sum((-2, -1)), al_cur.sum((-2, -1))  # [B, T-1, C]
+        mask_prev = self.masks(pts[..., :2], grid, training).flatten(-2).unsqueeze(-1)  # [B, T-1, N, 1]
+        mask_cur = self.masks(pts[..., 2:], grid, training).flatten(-2).unsqueeze(-1)
+        al_prev, al_cur = mask_prev * tok[:, :-1], mask_cur * tok[:, 1:]  # [B, T-1, N, C]
+        z_prev, z_cur = al_prev.sum(2), al_cur.sum(2)  # [B, T-1, C]
         loss = (1 - F.cosine_similarity(z_prev, z_cur, dim=-1)).mean()
-        aligned = roles_to_frames(al_prev, al_cur).flatten(3).transpose(-1, -2)  # [B, T, N, C]
-        aligned = torch.cat([cls, aligned], dim=2)
+        aligned = torch.cat([cls, roles_to_frames(al_prev, al_cur)], dim=2)  # [B, T, 1+N, C]
         half = g.shape[1] // 2
         g = g.view(b, t - 1, *g.shape[1:])
         feats = roles_to_frames(g[:, :, :half], g[:, :, half:])  # [B, T, half, h, w]
