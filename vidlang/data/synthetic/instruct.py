@@ -72,10 +72,13 @@ def questions_of(rows: Sequence[dict[str, Any]], attributes: Sequence[str] = DEF
 
 
 def write_instruction_sets(corpus_dir: str | os.PathLike, attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
-                           choices: int = 4, seed: int = 0, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
-    """Write ``instruct_/qa_/mc_{split}.json`` into the corpus folder (module docstring); returns name -> path."""
-    out_dir = Path(corpus_dir)
-    rows = read_rows(out_dir)
+                           choices: int = 4, seed: int = 0, splits: Sequence[str] = SPLITS,
+                           out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write ``instruct_/qa_/mc_{split}.json`` into ``out_dir`` (default: the corpus folder; video paths are relative
+    to the corpus folder: give the readers ``video_root`` when they differ) and return name -> path."""
+    rows = read_rows(corpus_dir)
+    out_dir = Path(out_dir if out_dir is not None else corpus_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for split in splits:
         qs = questions_of([r for r in rows if r["split"] == split], attributes, choices, seed)
