@@ -392,7 +392,9 @@ def test_instruction_tuning_lifts_videoqa_accuracy_far_above_chance(llm_dir, cor
     losses = _tune(task, train, 250)
     after = _evaluate(task, held_out)
     chance = chance_accuracy(["color"])
-    print(f"colour QA, held-out: before {before['accuracy']:.3f}, after {after['accuracy']:.3f}, chance {chance:.3f}")
+    with capsys.disabled():
+        print(f"\ncolour QA, held-out: before {before['accuracy']:.3f}, after {after['accuracy']:.3f}, "
+              f"chance {chance:.3f}")
     assert before["accuracy"] <= 2 * chance
     assert after["accuracy"] >= 3 * chance, (before, after, losses[::25])
     assert sum(losses[-25:]) < 0.5 * sum(losses[:25])
@@ -411,6 +413,8 @@ def test_instruction_tuning_lifts_videoqa_accuracy_far_above_chance(llm_dir, cor
     assert metrics["mc_accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))
     assert all(p["prediction"] in p["choices"] and len(p["scores"]) == 4 for p in preds)
     assert metrics["mc_accuracy"] >= 0.5  # chance 1/4
+    with capsys.disabled():
+        print(f"colour multiple choice (4 candidates), test split: {metrics['mc_accuracy']:.3f}")
 
     # vidlang chat from the checkpoint: streams the same answer the model gives in-process
     from vidlang.commands.chat import ChatCommand
