@@ -38,6 +38,9 @@ class SynthCommand:
         parser.add_argument("--sample-rate", type=int, default=16000, choices=[16000, 44100], help="audio rate")
         parser.add_argument("--workers", type=_at_least(0), default=2, help="encoding processes (default 2)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        parser.add_argument("--instruct", action="store_true",
+                            help="also write instruction / VideoQA sets (instruct_, qa_, mc_{split}.json: questions "
+                                 "about colour, shape and motion; vidlang.data.synthetic.instruct)")
 
     def run(self, args: argparse.Namespace) -> int:
         from vidlang.data.synthetic import generate_corpus
@@ -53,6 +56,11 @@ class SynthCommand:
             workers=args.workers,
             progress=not args.quiet,
         )
+        if args.instruct:
+            from vidlang.data.synthetic.instruct import write_instruction_sets
+
+            written = write_instruction_sets(args.out)
+            print(f"wrote {len(written)} instruction / VideoQA sets: {', '.join(p.name for p in written.values())}")
         splits = ", ".join(f"{k} {v}" for k, v in info.split_counts.items())
         print(
             f"wrote {info.num_videos} videos ({info.size}x{info.size}, {info.frames} frames @ {info.fps:g} fps) "

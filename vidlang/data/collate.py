@@ -20,6 +20,8 @@ Batch (``B`` videos, ``A`` captions in all)::
     skipped:       list[str]               keys of the samples left out (:class:`SkippedSample`, evaluation)
     frame_indices: int64 [B, V', T]        only if every sample carries them (map-style datasets): the decoded
                                            frame indices (V' temporal views), which the run record hashes
+    meta:          list[dict]              only if a sample has a non-empty ``meta`` (conversations, questions of
+                                           chat data: :mod:`vidlang.data.formats.instruct`, ``videoqa``)
 
 Evaluation datasets return a :class:`~vidlang.data.badsamples.SkippedSample` for a sample that failed to
 load: it is left out (``B`` counts the loaded samples only). When every sample of a batch was skipped the
@@ -87,6 +89,8 @@ def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchR
     if all(s.frame_indices is not None for s in samples) and len({tuple(s.frame_indices.shape)
                                                                     for s in samples}) == 1:
         batch["frame_indices"] = torch.stack([s.frame_indices.long().cpu() for s in samples])
+    if any(s.meta for s in samples):
+        batch["meta"] = [dict(s.meta) for s in samples]
     if any(s.frame_mask is not None for s in samples):
         batch["video_mask"] = _video_mask(samples, tuple(video.shape[1:-3]))  # (T,) or (V, T)
     return batch

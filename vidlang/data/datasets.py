@@ -169,7 +169,7 @@ class VideoTextDataset(Dataset):
         if self.transform is not None:
             video, captions = self.transform(video, captions, g)
         return VideoSample(video, entry.key, captions, entry.window, entry.label, audio, entry.path, has_audio,
-                           frame_mask, record.get("frame_indices"))
+                           frame_mask, record.get("frame_indices"), dict(entry.meta))
 
     def replacement(self, index: int, attempt: int) -> int:
         """A deterministic index different from ``index`` for retry ``attempt`` (>= 1)."""

@@ -21,6 +21,7 @@ Decoded samples (what a dataset returns, one per item)::
         path:     str                      where the video came from (for reports)
         frame_mask: bool [V, T] | None     False = padding slot of a short clip (sampling ``short_video: mask``)
         frame_indices: int64 [V', T] | None  the frame indices decoded (V' temporal views; the run record hashes them)
+        meta:     dict                     the entry's ``meta`` (e.g. a conversation or a question, chat data)
 
 Batches (see :mod:`vidlang.data.collate`)::
 
@@ -34,6 +35,7 @@ Batches (see :mod:`vidlang.data.collate`)::
     audio_mask:    bool [B]                  False = the video has no audio track
     video_mask:    bool [B, T]               (only with ``short_video: mask``) False = padding slot
     frame_indices: int64 [B, V', T]          (when every sample knows them) the decoded frame indices
+    meta:          list[dict]                (when any sample has one) each sample's entry ``meta``
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class VideoSample:
     has_audio: bool = False
     frame_mask: torch.Tensor | None = None  # bool [V, T]
     frame_indices: torch.Tensor | None = None  # int64 [V', T] frame indices decoded (before spatial crops)
+    meta: dict[str, Any] = field(default_factory=dict)  # the entry's meta (conversations, questions: chat data)
 
     def __post_init__(self) -> None:
         if self.video.ndim != 5:

@@ -15,6 +15,12 @@ caption and EOS tokens (labels -100 elsewhere), sequences right-padded.
 Generation (``answer``): the template (default ``DEFAULT_TEMPLATE``) with ``{question}`` filled in,
 left-padded ``inputs_embeds`` through ``llm.generate``; ``stream=True`` yields text pieces from a
 ``TextIteratorStreamer`` fed by a background thread. The answer is cut at ``stop_text`` ("###").
+
+Stage-2 instruction tuning (``conversation_loss``, ``prompt_style="chat"``): conversations rendered with the LLM
+tokenizer's own chat template (:mod:`vidlang.models.chat_format`), the media tokens at the conversation's
+placeholder, the loss on the assistant turns only; questions are then asked through the same template
+(``answer``, ``answer_batch``) and multiple-choice candidates scored by their likelihood (``choice_scores``).
+LoRA adapters on the LLM, 8/4-bit loading and size reports: :mod:`vidlang.models.chat_lora`.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vidlang.models import chat_lora
 from vidlang.models.audio.encoder import AudioBranch
+from vidlang.models.chat_format import PLACEHOLDER, conversation_pieces, user_turn
 from vidlang.models.optim import param_groups
 from vidlang.models.video_clip import VideoTextModel
 
-PLACEHOLDER = "<ImageHere>"
+PROMPT_STYLES = ("template", "chat")
 DEFAULT_TEMPLATE = "###Human: <Video><ImageHere></Video> {question} ###Assistant:"
 CAPTION_TEMPLATE = PLACEHOLDER  # stage 1: BOS + query tokens + caption
 
@@ -94,8 +102,17 @@ class ChatEncoder(nn.Module):
         caption_template: str = CAPTION_TEMPLATE,
         stop_text: str | None = "###",
         max_caption_tokens: int = 64,
+        prompt_style: str = "template",
+        system: str | None = None,
+        chat_template: str | None = None,
+        max_tokens: int = 1024,
     ) -> None:
+        """``prompt_style``: ``template`` (stage 1: questions through ``template``) or ``chat`` (stage 2: the
+        tokenizer's chat template, or ``chat_template``, with the ``system`` message). ``max_tokens``: longest
+        training sequence (media included; longer ones are cut at the end)."""
         super().__init__()
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
         block_dim = visual.block.token_dim
         if block_dim is None:
             raise ValueError(
@@ -107,6 +124,8 @@ class ChatEncoder(nn.Module):
         self.visual, self.llm, self.tokenizer, self.audio = visual, llm, tokenizer, audio
         self.template, self.caption_template, self.stop_text = template, caption_template, stop_text
         self.max_caption_tokens = max_caption_tokens
+        self.prompt_style, self.system, self.chat_template = prompt_style, system, chat_template
+        self.max_tokens = int(max_tokens)
         self.d_llm = llm.get_input_embeddings().embedding_dim
         self.video_proj = nn.Linear(block_dim, self.d_llm)
         self.audio_proj = nn.Linear(audio.dim, self.d_llm) if audio is not None else None
@@ -114,14 +133,20 @@ class ChatEncoder(nn.Module):
 
     @classmethod
     def from_pretrained_llm(
-        cls, visual: VideoTextModel, llm_dir: str, audio: AudioBranch | None = None, dtype: Any = None, **kwargs: Any
+        cls, visual: VideoTextModel, llm_dir: str, audio: AudioBranch | None = None, dtype: Any = None,
+        bits: int | None = None, **kwargs: Any
     ) -> ChatEncoder:
-        """Load the causal LM and its tokenizer from a local directory (never the network)."""
+        """Load the causal LM and its tokenizer from a local directory (never the network); ``bits`` 8 or 4 loads
+        the LM quantised through ``bitsandbytes`` (CUDA only, :func:`vidlang.models.chat_lora.quantization_config`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        quant = chat_lora.quantization_config(bits)
+        extra: dict[str, Any] = {}
+        if quant is not None:
+            extra = {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
         try:
             tokenizer = AutoTokenizer.from_pretrained(llm_dir, local_files_only=True)
-            llm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype=dtype)
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, local_files_only=True, dtype=dtype, **extra)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
                 f"cannot load a causal LM + tokenizer from local directory {llm_dir!r}: {err}"
@@ -141,8 +166,43 @@ class ChatEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> ChatEncoder:
         super().train(mode)
-        self.llm.eval()  # the frozen LLM never runs dropout
+        self.llm.train(mode and self.has_lora)  # a frozen LLM never runs dropout; with LoRA the adapters do
         return self
+
+    # -- LoRA ----------------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return chat_lora.is_lora(self.llm)
+
+    def add_lora(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.05,
+                 target_modules: str | Sequence[str] = ("q_proj", "v_proj")) -> None:
+        """Attach fresh LoRA adapters to the LLM (they train; its weights stay frozen)."""
+        self.llm = chat_lora.add_lora(self.llm, r, alpha, dropout, target_modules)
+        self.train(self.training)
+
+    def load_adapter(self, adapter_dir: str, trainable: bool = True) -> None:
+        """Attach the LoRA adapters saved in ``adapter_dir`` (:meth:`save_adapter`)."""
+        self.llm = chat_lora.load_adapter(self.llm, adapter_dir, trainable)
+        self.train(self.training)
+
+    def save_adapter(self, out_dir: str) -> None:
+        """Write the LoRA adapters alone (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        chat_lora.save_adapter(self.llm, out_dir)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the LLM's weights (serving); the LLM is a plain, frozen model again."""
+        self.llm = chat_lora.merge_lora(self.llm).requires_grad_(False)
+        self.train(self.training)
+
+    def size_report(self) -> dict[str, Any]:
+        """Parameter counts and memory (:func:`vidlang.models.chat_lora.size_report`) by part."""
+        lora = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+        parts = {"visual": self.visual, "projections": nn.ModuleList([m for m in (self.video_proj, self.audio_proj)
+                                                                       if m is not None]),
+                 "audio": self.audio, "llm": self.llm}
+        report = chat_lora.size_report(self, parts)
+        report["lora"] = sum(p.numel() for p in lora)
+        return report
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups of the trainable parts (Q-former(s), projections) at ``lr`` / ``weight_decay`` with the
@@ -199,6 +259,42 @@ class ChatEncoder(nn.Module):
             labels += target_ids
         return torch.cat(pieces), torch.tensor(labels, dtype=torch.long, device=device)
 
+    def _assemble(self, pieces: Sequence[tuple[list[int], list[bool]]], media: Sequence[Tensor]
+                  ) -> tuple[Tensor, Tensor]:
+        """Text pieces ``(ids, is_target)`` with ``media[k]`` between pieces ``k`` and ``k+1`` -> embeddings
+        ``[L, d]``, labels ``[L]`` (-100 off target; cut to ``max_tokens``)."""
+        device = self.video_proj.weight.device
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        chunks: list[Tensor] = []
+        labels: list[int] = []
+        for k, (ids, target) in enumerate(pieces):
+            if ids:
+                chunks.append(self._embed_ids(ids, device))
+                labels += [i if t else -100 for i, t in zip(ids, target, strict=True)]
+            if k < len(media):
+                chunks.append(media[k].to(dtype))
+                labels += [-100] * media[k].shape[0]
+        embeds = torch.cat(chunks)[: self.max_tokens]
+        return embeds, torch.tensor(labels[: self.max_tokens], dtype=torch.long, device=device)
+
+    def build_conversation(self, messages: Sequence[dict[str, str]], media: Sequence[Tensor],
+                           add_generation_prompt: bool = False) -> tuple[Tensor, Tensor]:
+        """A conversation with ``len(media)`` placeholders, through the chat template -> embeddings ``[L, d]``,
+        labels ``[L]`` on the assistant turns only (none with ``add_generation_prompt``)."""
+        pieces = conversation_pieces(self.tokenizer, messages, len(media), self.chat_template, add_generation_prompt)
+        return self._assemble(pieces, media)
+
+    def question_sequence(self, media: Tensor, question: str, answer: str | None = None) -> tuple[Tensor, Tensor]:
+        """One clip's media tokens + a question (+ the answer as the target) in this encoder's prompt style ->
+        embeddings ``[L, d]``, labels ``[L]`` (on the answer and its end-of-turn marker only)."""
+        if self.prompt_style == "chat":
+            messages = user_turn(question, self.system)
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+            return self.build_conversation(messages, [media], add_generation_prompt=answer is None)
+        prompt = self.template.replace("{question}", question)
+        return self.build_sequence(prompt, [media], self.caption_ids(answer) if answer is not None else None)
+
     @staticmethod
     def pad_batch(seqs: Sequence[Tensor], labels: Sequence[Tensor], left: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Pad embeddings ``[L_i, d]`` -> ``inputs_embeds [B, L, d]``, ``attention_mask [B, L]``, ``labels [B, L]``."""
@@ -228,6 +324,46 @@ class ChatEncoder(nn.Module):
         ]
         embeds, mask, labels = self.pad_batch([e for e, _ in built], [y for _, y in built], left=False)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    def conversation_loss(self, media: Sequence[Tensor], conversations: Sequence[Sequence[dict[str, str]]]
+                          ) -> Tensor:
+        """Stage-2 loss: each conversation through the chat template with its clip's media tokens at the
+        placeholder; cross-entropy on the assistant turns only."""
+        if len(media) != len(conversations):
+            raise ValueError(f"{len(media)} clips but {len(conversations)} conversations")
+        built = [self.build_conversation(c, [m]) for m, c in zip(media, conversations, strict=True)]
+        embeds, mask, labels = self.pad_batch([e for e, _ in built], [y for _, y in built], left=False)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    def sequence_logprobs(self, seqs: Sequence[Tensor], labels: Sequence[Tensor]) -> Tensor:
+        """Summed log-probability of each sequence's labelled tokens and their count -> ``[N, 2]``."""
+        embeds, mask, lab = self.pad_batch(seqs, labels, left=False)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()  # [N, L-1, V]
+        target = lab[:, 1:]
+        valid = target.ne(-100)
+        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]  # [N, L-1]
+        return torch.stack([(logp * valid).sum(1), valid.sum(1).float()], dim=1)
+
+    @torch.no_grad()
+    def choice_scores(self, media: Tensor, question: str, choices: Sequence[str], reduce: str = "sum") -> Tensor:
+        """Multiple choice by likelihood: the log-probability of each candidate answer (``sum`` over its tokens,
+        or their ``mean``) after ``question`` about the clip whose media tokens are ``media [Q, d]`` -> ``[K]``."""
+        if reduce not in ("sum", "mean"):
+            raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+        built = [self.question_sequence(media, question, c) for c in choices]
+        out = self.sequence_logprobs([e for e, _ in built], [y for _, y in built])
+        return out[:, 0] if reduce == "sum" else out[:, 0] / out[:, 1].clamp(min=1)
+
+    @torch.no_grad()
+    def answer_batch(self, media: Sequence[Tensor], questions: Sequence[str], max_new_tokens: int = 16,
+                     **generate_kwargs: Any) -> list[str]:
+        """Greedy answers to ``questions[i]`` about the clip of ``media[i]`` (``[Q_i, d]``), in this encoder's
+        prompt style."""
+        built = [self.question_sequence(m, q) for m, q in zip(media, questions, strict=True)]
+        embeds, mask, _ = self.pad_batch([e for e, _ in built], [y for _, y in built], left=True)
+        ids = self.generate_ids(embeds, mask, max_new_tokens, **generate_kwargs)
+        return [cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), self.stop_text).strip()
+                for row in ids]
 
     # -- generation ----------------------------------------------------------------------------------
     def prompt_inputs(self, prompts: Sequence[str], media: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
@@ -259,10 +395,10 @@ class ChatEncoder(nn.Module):
         video = video[None] if video.dim() == 4 else video
         if video.shape[0] != 1:
             raise ValueError(f"answer() takes one clip, got a batch of {video.shape[0]}")
-        prompt = self.template.replace("{question}", question)
         with torch.no_grad():
             media = self.media_tokens(video, audio_mel, audio_mask)
-            embeds, mask = self.prompt_inputs([prompt], [media])
+            seq, lab = self.question_sequence(media[0], question)
+            embeds, mask, _ = self.pad_batch([seq], [lab], left=True)
         if stream:
             return self._stream(embeds, mask, max_new_tokens, **generate_kwargs)
         with torch.no_grad():

@@ -246,6 +246,86 @@ class RecognitionEvalConfig:
         check_min("evaluation", 1, text_chunk=self.text_chunk)
 
 
+
+@dataclass(frozen=True)
+class ChatPromptConfig:
+    """How the chat encoder talks to its LLM (:class:`vidlang.models.chat.ChatEncoder`).
+
+    Args:
+        style: ``template`` (stage 1: captions after the media tokens, questions through the task's ``template``)
+            or ``chat`` (stage 2: conversations and questions through the LLM tokenizer's chat template,
+            :mod:`vidlang.models.chat_format`).
+        system: a system message put before every conversation and question (``chat`` style; None: none).
+        chat_template: a Jinja chat template instead of the tokenizer's own (None: the tokenizer's, or
+            Video-LLaMA's ``###Human / ###Assistant`` turns when it has none).
+        max_tokens: the longest training sequence, media tokens included (longer ones are cut at the end).
+    """
+
+    style: Literal["template", "chat"] = "template"
+    system: str | None = None
+    chat_template: str | None = None
+    max_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.style not in ("template", "chat"):
+            raise ConfigError(f"chat.style must be 'template' or 'chat', got {self.style!r}")
+        check_min("chat", 8, max_tokens=self.max_tokens)
+
+
+@dataclass(frozen=True)
+class ChatLoraConfig:
+    """LoRA adapters on the chat encoder's LLM (``peft``, :mod:`vidlang.models.chat_lora`).
+
+    Args:
+        enabled: attach fresh adapters (trained with the Q-former and the projections; the LLM stays frozen).
+        r, alpha, dropout: the adapters' rank, scale numerator (scale = alpha / r) and dropout.
+        target_modules: the LLM's linear layers to adapt, by name suffix (``[q_proj, v_proj]``; ``all-linear``:
+            every linear layer but the output head).
+        adapter: a folder of saved adapters (``ChatEncoder.save_adapter``) to start from instead of fresh ones.
+    """
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        check_min("lora", 1, r=self.r)
+        check_min("lora", 0, dropout=self.dropout)
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", list(self.target_modules))
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or self.adapter is not None
+
+
+@dataclass(frozen=True)
+class ChatEvalConfig:
+    """VideoQA evaluation of the chat encoder (val / test splits whose entries carry questions).
+
+    Args:
+        max_new_tokens: longest generated answer (open-ended questions, greedy).
+        mc_score: multiple choice by the log-likelihood of each candidate: its ``sum`` over the answer's tokens or
+            their ``mean``.
+        write_predictions: write ``{stage}_predictions.jsonl`` (question, answer, prediction, correct) beside
+            ``{stage}_metrics.json``.
+    """
+
+    max_new_tokens: int = 16
+    mc_score: Literal["sum", "mean"] = "sum"
+    write_predictions: bool = True
+
+    def __post_init__(self) -> None:
+        check_min("evaluation", 1, max_new_tokens=self.max_new_tokens)
+        if self.mc_score not in ("sum", "mean"):
+            raise ConfigError(f"evaluation.mc_score must be 'sum' or 'mean', got {self.mc_score!r}")
+
+
 # The flat task arguments of before the groups -> where they live now (one table for every task: a key means the
 # same in each). Refused with this hint when parsed; moved into their groups in older checkpoints.
 TASK_MOVED = MovedKeys(
