@@ -25,19 +25,25 @@ gathered with gradients. ``local_loss=False``: every rank computes the full glob
 all columns, as in open_clip, which costs O(local x global) instead of O(global^2). In both
 cases the DDP-averaged gradient equals the single-process gradient of the global batch
 (for ``local_loss`` when every rank holds the same number of videos and captions).
+
+This loss is ``infonce`` in the registry :data:`LOSSES` of retrieval losses (``contrastive.loss`` of the retrieval
+task); the other entries subclass it and replace :meth:`ContrastiveLoss.direction_losses` (the two directions from
+the scaled logits) or add :meth:`ContrastiveLoss.extra_terms` (terms on the gathered normalised embeddings), so
+they all share its gather, scale and similarity handling.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.losses.distributed import all_gather_with_grad, gather_caption_index, is_distributed
+from vidlang.registry import Registry
 
 Features = Tensor | tuple[Tensor, ...]  # rows first: [N, ...] each
 PairSimilarity = Callable[[Features, Features], Tensor]  # (text [A, ...], video [B, ...]) -> [A, B]
@@ -46,10 +52,24 @@ _NEG_FILL = -1.0e4  # stands for -inf in the masked log-sum-exp (finite: keeps g
 
 @dataclass
 class ContrastiveOutput:
-    loss: Tensor  # scalar, (t2v + v2t) / 2
+    loss: Tensor  # scalar, (t2v + v2t) / 2 (+ the weighted extra terms)
     loss_t2v: Tensor  # scalar
     loss_v2t: Tensor  # scalar
     scale: Tensor  # scalar, the clamped exp(logit_scale) used
+    extra: dict[str, Tensor] = field(default_factory=dict)  # name -> unweighted extra term (logged, in ``loss``)
+
+
+@dataclass
+class Gathered:
+    """What :meth:`ContrastiveLoss.extra_terms` sees: the normalised embeddings of the whole (gathered) batch."""
+
+    video: Tensor  # [B_all, E] L2-normalised
+    text: Tensor  # [A_all, E] L2-normalised
+    caption_index: Tensor  # [A_all] video of each caption, in [0, B_all)
+    scale: Tensor  # scalar, the factor of the similarities of the main loss
+
+
+LOSSES: Registry[type[ContrastiveLoss]] = Registry("retrieval loss")
 
 
 def clamped_scale(logit_scale: Tensor, max_scale: float = 100.0) -> Tensor:
@@ -100,11 +120,14 @@ def _cosine(text: Tensor, video: Tensor) -> Tensor:
     return text @ video.t()  # both already normalised
 
 
+@LOSSES.register("infonce")
 class ContrastiveLoss(nn.Module):
     """Symmetric multi-caption InfoNCE; owns the gather-with-grad collectives.
 
     ``temperature``: fixed (logits = similarity / temperature) instead of the learnable scale; ``directions``:
     ``mean`` or ``sum`` of the two directions (module docstring)."""
+
+    needs_embeddings = False  # True: extra_terms reads the embeddings (only the cosine similarity has them)
 
     def __init__(self, gather: bool = True, local_loss: bool = False, max_scale: float = 100.0,
                  temperature: float | None = None, directions: str = "mean") -> None:
@@ -132,6 +155,9 @@ class ContrastiveLoss(nn.Module):
                 return self._forward(video, text, caption_index.long(), logit_scale.float(), _cosine)
         if caption_index.shape != (_rows(text),):
             raise ValueError(f"caption_index must be [A={_rows(text)}], got {tuple(caption_index.shape)}")
+        if self.needs_embeddings:
+            raise ValueError(f"{type(self).__name__} needs the embeddings (cosine similarity), not a similarity "
+                             f"function")
         return self._forward(video, text, caption_index.long(), logit_scale.float(), similarity)
 
     def scale(self, logit_scale: Tensor) -> Tensor:
@@ -162,9 +188,28 @@ class ContrastiveLoss(nn.Module):
             video_ids = torch.arange(_rows(all_video), device=device)
             t2v = similarity(all_text, all_video)  # [A_all, B_all]
             v2t = t2v.t()
-        loss_t2v = text_to_video_loss(scale * t2v, text_targets)
         positives = video_ids[:, None] == all_index[None, :]  # [B_rows, A_all]
-        loss_v2t = video_to_text_loss(scale * v2t, positives)
+        loss_t2v, loss_v2t = self.direction_losses(scale * t2v, text_targets, scale * v2t, positives)
         total = loss_t2v + loss_v2t
-        return ContrastiveOutput(total / 2 if self.directions == "mean" else total, loss_t2v, loss_v2t,
-                                 scale.detach())
+        total = total / 2 if self.directions == "mean" else total
+        extra: dict[str, Tensor] = {}
+        if similarity is _cosine:
+            extra = self.extra_terms(Gathered(all_video, all_text, all_index, scale))
+            for name, value in extra.items():
+                total = total + self.extra_weight(name) * value
+        return ContrastiveOutput(total, loss_t2v, loss_v2t, scale.detach(), extra)
+
+    def direction_losses(self, t2v: Tensor, text_targets: Tensor, v2t: Tensor, positives: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """``(text->video, video->text)`` losses from the scaled logits: ``t2v [A_rows, B_all]`` with each row's
+        video column ``text_targets [A_rows]``; ``v2t [B_rows, A_all]`` with ``positives [B_rows, A_all]``."""
+        return text_to_video_loss(t2v, text_targets), video_to_text_loss(v2t, positives)
+
+    def extra_terms(self, batch: Gathered) -> dict[str, Tensor]:
+        """Additional unweighted loss terms on the gathered normalised embeddings (cosine similarity only);
+        each rank computes them over the whole batch, so the DDP-averaged gradient is that of the global batch."""
+        return {}
+
+    def extra_weight(self, name: str) -> float:
+        """The weight of the extra term ``name`` in the total."""
+        return 1.0

@@ -89,6 +89,9 @@ class ContrastiveConfig:
         directions: the loss is the ``mean`` (CLIP, CLIP4Clip) or the ``sum`` (Mug-STAN) of text->video and
             video->text.
         tight_layers: layers of the tightTransf head (CLIP4Clip: 4, initialised from the text tower's first ones).
+        loss: the retrieval loss by name in :data:`vidlang.losses.LOSSES` (``infonce``, ``soft_target``, ``m2mix``,
+            ``align_uniform``, ``symile``; ``docs/recipes.md``); loss_args: its own arguments (e.g.
+            ``{smoothing: 0.1}``); ``gather`` / ``local_loss`` / ``temperature`` / ``directions`` come from here.
     """
 
     gather: bool = True
@@ -97,8 +100,21 @@ class ContrastiveConfig:
     temperature: float | None = None
     directions: Literal["mean", "sum"] = "mean"
     tight_layers: int = 4
+    loss: str = "infonce"
+    loss_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from vidlang.losses import LOSSES  # here: the losses package imports nothing of the tasks
+
+        object.__setattr__(self, "loss_args", dict(self.loss_args or {}))
+        kind = LOSSES.get(self.loss)  # an unknown name: one line listing the registered losses
+        if getattr(kind, "needs_embeddings", False) and self.similarity != "cosine":
+            raise ConfigError(f"contrastive.loss {self.loss!r} works on the pooled embeddings: it needs similarity "
+                              f"'cosine', got {self.similarity!r}")
+        if getattr(kind, "needs_audio", False):
+            raise ConfigError(f"contrastive.loss {self.loss!r} needs a separate audio embedding per clip, which the "
+                              f"retrieval task does not compute (it fuses audio into the video embedding); use "
+                              f"vidlang.losses.symile.SymileLoss from code")
         if self.similarity not in SIMILARITY_KINDS:
             raise ConfigError(f"contrastive.similarity must be one of {SIMILARITY_KINDS}, got {self.similarity!r}")
         if self.directions not in ("mean", "sum"):

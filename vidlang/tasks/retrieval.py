@@ -41,7 +41,7 @@ from vidlang.errors import ConfigError
 from vidlang.eval.protocols import protocol_of
 from vidlang.eval.report import write_metrics
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings, evaluate_similarity
-from vidlang.losses.contrastive import ContrastiveLoss, ContrastiveOutput
+from vidlang.losses.contrastive import LOSSES, ContrastiveLoss, ContrastiveOutput
 from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
@@ -91,7 +91,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             optim: AdamW + warm-up cosine (:class:`OptimConfig`); each parameter's lr is ``optim.lr x`` the model's
                 recipe (``ModelConfig.lr_mults``, :meth:`VideoTextModel.param_groups`), weight-decay exclusions
                 from the model's ``param_groups``.
-            contrastive: ``gather`` / ``local_loss`` of :class:`ContrastiveLoss`.
+            contrastive: the loss (``loss`` / ``loss_args``, registry :data:`vidlang.losses.LOSSES`), its gather,
+                temperature, directions and the similarity (:class:`ContrastiveConfig`).
             evaluation: dual-softmax metrics, similarity chunk, tie rule, plots (:class:`RetrievalEvalConfig`).
             audio: the audio branch config (None = video only).
             fusion, fusion_args: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments.
@@ -120,8 +121,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
                                           lr_mults={"": lr_mult_audio})
             self.frontend = LogMelFrontend(**(audio_frontend or {}))
         con = self.contrastive = groups["contrastive"]
-        self.loss = ContrastiveLoss(gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,
-                                    temperature=con.temperature, directions=con.directions)
+        self.loss: ContrastiveLoss = LOSSES.build(
+            con.loss, gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,
+            temperature=con.temperature, directions=con.directions, **con.loss_args)
         self.tight: TightTransformerSimilarity | None = None
         if con.similarity == "tight":
             vt, tcfg = self.video_text, self.video_text.text_tower.cfg
@@ -249,6 +251,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         total, out, aux = self.forward_loss(batch)
         logs = {"train/loss": total, "train/loss_contrastive": out.loss, "train/loss_t2v": out.loss_t2v,
                 "train/loss_v2t": out.loss_v2t, "train/scale": out.scale}
+        logs.update({f"train/loss_{k}": v for k, v in out.extra.items()})
         logs.update({f"train/aux_{k}": v for k, v in aux.items()})
         self.log_train(logs, total, batch["video"].shape[0])
         return total
