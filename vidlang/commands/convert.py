@@ -55,6 +55,20 @@ class ConvertCommand:
             "A bare weights file cannot record it: without --act vidlang guesses and warns",
         )
         parser.add_argument(
+            "--from",
+            dest="method",
+            default=None,
+            metavar="METHOD",
+            help="the file is a method's released checkpoint in its authors' layout: clip4clip, vifi_clip, "
+            "prompt_switch, or auto (detected from the keys); towers and the temporal block are converted",
+        )
+        parser.add_argument(
+            "--base",
+            default=None,
+            help="with --from: a CLIP checkpoint for tensors the official file lacks (ViFi-CLIP stores no token "
+            "embedding: give the CLIP its training started from)",
+        )
+        parser.add_argument(
             "--dtype", choices=("float32", "float16", "bfloat16", "keep"), default="float32", help="stored precision"
         )
 
@@ -78,6 +92,10 @@ class ConvertCommand:
         from vidlang.models.clip.pretrained import load_pretrained, save_vidlang
 
         dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        if args.method is not None:
+            return self._convert_official(args, dtype)
+        if args.base is not None:
+            raise ValueError("--base is only used with --from METHOD")
         sd, info = load_pretrained(
             args.src, dtype=dtype, act=args.act, image_size=args.image_size, heads=args.heads,
             text_heads=args.text_heads,
@@ -102,4 +120,30 @@ class ConvertCommand:
             )
         print(f"  activation: {info['vision' if info.get('vision') else 'text']['act']} ({info['act_source']})")
         print(f"  tokenizer files: {'copied' if info.get('tokenizer_dir') else 'none in source'}")
+        return 0
+
+    def _convert_official(self, args: argparse.Namespace, dtype: object) -> int:
+        from vidlang.models.clip.convert import resample_state_dict
+        from vidlang.models.clip.pretrained import save_vidlang
+        from vidlang.models.official import OFFICIAL_METHODS, load_official
+
+        method = None if args.method == "auto" else args.method
+        if method is not None and method not in OFFICIAL_METHODS:
+            raise ValueError(f"--from {method}: unknown method; known: auto, {', '.join(OFFICIAL_METHODS.names())}")
+        if args.heads is not None or args.text_heads is not None or args.act is not None:
+            raise ValueError("--heads / --text-heads / --act do not apply with --from (the method's code fixes them)")
+        sd, info = load_official(args.src, method, base=args.base, dtype=dtype)
+        if args.image_size is not None:
+            sd = resample_state_dict(sd, image_size=args.image_size)
+            info["vision"]["image_size"] = args.image_size
+        out = save_vidlang(sd, info, args.out)
+        off = info["official"]
+        n_params = sum(v.numel() for v in sd.values())
+        print(f"converted {off['method']} ({off['variant']}) checkpoint {args.src} ({n_params:,} values) -> {out}")
+        print(f"  sha256 {off['sha256']}")
+        print(f"  block: {off['block']['name']} {off['block']['args']} (set model.block / model.block_args to these)")
+        for key, why in off["dropped"].items():
+            print(f"  not converted: {key}: {why}")
+        if off["from_base"]:
+            print(f"  from --base {off['from_base']['source']}: {', '.join(off['from_base']['keys'])}")
         return 0

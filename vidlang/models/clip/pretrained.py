@@ -633,6 +633,7 @@ def save_vidlang(sd: StateDict, info: dict[str, Any], out_dir: str | Path) -> Pa
             "format": info.get("format"),
             "source": info.get("source"),
             "guessed": [u for u in info.get("unknown", []) if u.endswith(".act")],
+            **(info.get("converted_from_extra") or {}),  # e.g. an official method's name, file hash, block
         },
     }
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")

@@ -1,15 +1,16 @@
 """``mean`` (ViFi-CLIP; CLIP4Clip's meanP): no new parameters; the video embedding is the mean of the frame
 embeddings (over the real frames only when the clip carries a video mask, :mod:`.video_mask`).
 
-Deviation from CLIP4Clip's meanP: it L2-normalises each frame before the mean; this block averages the raw
-frame embeddings (ViFi-CLIP's form).
+``normalize_frames`` (default False, ViFi-CLIP's form): True L2-normalises each frame before the mean, as
+CLIP4Clip's meanP does (the form ``vidlang convert --from clip4clip`` records for a meanP checkpoint).
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
-from vidlang.models.contract import HookContext, TemporalBlock, VideoOutput
+from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
 from vidlang.models.temporal.video_mask import masked_mean, video_mask_of
 
@@ -21,6 +22,11 @@ class MeanPool(TemporalBlock):
     freeze_backbone = False
     uses_video_mask = True
 
+    def __init__(self, spec: TowerSpec, normalize_frames: bool = False) -> None:
+        super().__init__(spec)
+        self.normalize_frames = normalize_frames
+
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
         mask = video_mask_of(ctx, *frame_embeds.shape[:2])  # [B, T] or None
-        return VideoOutput(embeds=masked_mean(frame_embeds, mask), frame_embeds=frame_embeds)  # [B, E]
+        x = F.normalize(frame_embeds, dim=-1) if self.normalize_frames else frame_embeds
+        return VideoOutput(embeds=masked_mean(x, mask), frame_embeds=frame_embeds)  # [B, E]

@@ -1,0 +1,175 @@
+"""Write the official state-dict layouts (key -> shape, small configuration) as JSON fixtures.
+
+``python tools/official_layouts.py [--out tests/fixtures/official]`` writes one file per released layout:
+``clip4clip_meanp``, ``clip4clip_seqtransf``, ``clip4clip_seqlstm``, ``vifi_clip_full``, ``vifi_clip_prompt``,
+``prompt_switch``. The key names follow the authors' model code (see :mod:`vidlang.models.official`); they are
+generated here from that naming, for a tiny configuration (:data:`SMALL`), not read from the authors' code.
+Each fixture also records the top-level wrapper of the file the authors' training script saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# vision width 128 (2 heads of 64), 2 layers, patch 8, image 32 (4x4 grid); text width 64 (1 head) = embed dim
+SMALL = {"vw": 128, "vl": 2, "patch": 8, "grid": 4, "tw": 64, "tl": 2, "ctx": 16, "vocab": 100, "embed": 64}
+Layout = dict[str, list[int]]
+
+
+def openai_layer(prefix: str, w: int) -> Layout:
+    """One OpenAI-CLIP residual block (``nn.MultiheadAttention`` + ``c_fc`` / ``c_proj`` MLP)."""
+    return {
+        f"{prefix}.attn.in_proj_weight": [3 * w, w],
+        f"{prefix}.attn.in_proj_bias": [3 * w],
+        f"{prefix}.attn.out_proj.weight": [w, w],
+        f"{prefix}.attn.out_proj.bias": [w],
+        f"{prefix}.ln_1.weight": [w],
+        f"{prefix}.ln_1.bias": [w],
+        f"{prefix}.mlp.c_fc.weight": [4 * w, w],
+        f"{prefix}.mlp.c_fc.bias": [4 * w],
+        f"{prefix}.mlp.c_proj.weight": [w, 4 * w],
+        f"{prefix}.mlp.c_proj.bias": [w],
+        f"{prefix}.ln_2.weight": [w],
+        f"{prefix}.ln_2.bias": [w],
+    }
+
+
+def openai_visual(prefix: str, s: dict = SMALL) -> Layout:
+    vw = s["vw"]
+    out = {
+        f"{prefix}conv1.weight": [vw, 3, s["patch"], s["patch"]],
+        f"{prefix}class_embedding": [vw],
+        f"{prefix}positional_embedding": [s["grid"] ** 2 + 1, vw],
+        f"{prefix}ln_pre.weight": [vw],
+        f"{prefix}ln_pre.bias": [vw],
+    }
+    for i in range(s["vl"]):
+        out.update(openai_layer(f"{prefix}transformer.resblocks.{i}", vw))
+    out.update({f"{prefix}ln_post.weight": [vw], f"{prefix}ln_post.bias": [vw], f"{prefix}proj": [vw, s["embed"]]})
+    return out
+
+
+def openai_text(prefix: str, token_embedding: bool = True, s: dict = SMALL) -> Layout:
+    tw = s["tw"]
+    out = {f"{prefix}token_embedding.weight": [s["vocab"], tw]} if token_embedding else {}
+    out[f"{prefix}positional_embedding"] = [s["ctx"], tw]
+    for i in range(s["tl"]):
+        out.update(openai_layer(f"{prefix}transformer.resblocks.{i}", tw))
+    out.update(
+        {f"{prefix}ln_final.weight": [tw], f"{prefix}ln_final.bias": [tw], f"{prefix}text_projection": [tw, s["embed"]]}
+    )
+    return out
+
+
+def hf_layer(prefix: str, w: int) -> Layout:
+    out: Layout = {}
+    for p in ("q", "k", "v", "out"):
+        out[f"{prefix}.self_attn.{p}_proj.weight"] = [w, w]
+        out[f"{prefix}.self_attn.{p}_proj.bias"] = [w]
+    for n in ("layer_norm1", "layer_norm2"):
+        out[f"{prefix}.{n}.weight"] = [w]
+        out[f"{prefix}.{n}.bias"] = [w]
+    out.update({f"{prefix}.mlp.fc1.weight": [4 * w, w], f"{prefix}.mlp.fc1.bias": [4 * w],
+                f"{prefix}.mlp.fc2.weight": [w, 4 * w], f"{prefix}.mlp.fc2.bias": [w]})  # fmt: skip
+    return out
+
+
+def clip4clip(head: str, s: dict = SMALL) -> Layout:
+    out = {**openai_visual("clip.visual.", s), **openai_text("clip.", s=s), "clip.logit_scale": []}
+    if head in ("seqTransf", "seqLSTM"):
+        out["frame_position_embeddings.weight"] = [s["ctx"], s["embed"]]  # max_position_embeddings = context
+    if head == "seqTransf":
+        for i in range(2):  # cross_num_hidden_layers (4 in the paper; 2 here)
+            out.update(openai_layer(f"transformerClip.resblocks.{i}", s["tw"]))
+    if head == "seqLSTM":
+        e = s["embed"]
+        out.update({"lstm_visual.weight_ih_l0": [4 * e, e], "lstm_visual.weight_hh_l0": [4 * e, e],
+                    "lstm_visual.bias_ih_l0": [4 * e], "lstm_visual.bias_hh_l0": [4 * e]})  # fmt: skip
+    return out
+
+
+def vifi_clip(prompt: bool, s: dict = SMALL, n_ctx: int = 3, n_cls: int = 5) -> Layout:
+    out = {**openai_visual("image_encoder.", s), **openai_text("text_encoder.", token_embedding=False, s=s)}
+    out["logit_scale"] = []
+    if prompt:  # depth 2 in both towers
+        out["image_encoder.VPT"] = [n_ctx, s["vw"]]
+        out["image_encoder.transformer.resblocks.1.VPT_shallow"] = [n_ctx, s["vw"]]
+        out["prompt_learner.ctx"] = [n_ctx, s["tw"]]
+        out["text_encoder.transformer.resblocks.1.VPT_shallow"] = [n_ctx, s["tw"]]
+        out["prompt_learner.token_prefix"] = [n_cls, 1, s["tw"]]
+        out["prompt_learner.token_suffix"] = [n_cls, s["ctx"] - 1 - n_ctx, s["tw"]]
+    else:
+        out["prompt_learner.complete_text_embeddings"] = [n_cls, s["ctx"], s["tw"]]
+    return out
+
+
+def prompt_switch(s: dict = SMALL, num_prompts: int = 2, caption_layers: int = 2) -> Layout:
+    vw, tw, e = s["vw"], s["tw"], s["embed"]
+    out: Layout = {
+        "clip.vision_model.embeddings.class_embedding": [vw],
+        "clip.vision_model.embeddings.patch_embedding.weight": [vw, 3, s["patch"], s["patch"]],
+        "clip.vision_model.embeddings.position_embedding.weight": [s["grid"] ** 2 + 1, vw],
+        "clip.vision_model.embeddings.position_ids": [1, s["grid"] ** 2 + 1],
+        "clip.vision_model.pre_layrnorm.weight": [vw],
+        "clip.vision_model.pre_layrnorm.bias": [vw],
+        "clip.vision_model.encoder.prompt_embedding": [num_prompts, num_prompts, vw],
+    }
+    for i in range(s["vl"]):
+        out.update(hf_layer(f"clip.vision_model.encoder.layers.{i}", vw))
+    out.update({
+        "clip.vision_model.post_layernorm.weight": [vw], "clip.vision_model.post_layernorm.bias": [vw],
+        "clip.vision_model.attn.in_proj_weight": [3 * vw, vw], "clip.vision_model.attn.in_proj_bias": [3 * vw],
+        "clip.vision_model.attn.out_proj.weight": [vw, vw], "clip.vision_model.attn.out_proj.bias": [vw],
+        "clip.text_model.embeddings.token_embedding.weight": [s["vocab"], tw],
+        "clip.text_model.embeddings.position_embedding.weight": [s["ctx"], tw],
+        "clip.text_model.embeddings.position_ids": [1, s["ctx"]],
+    })  # fmt: skip
+    for i in range(s["tl"]):
+        out.update(hf_layer(f"clip.text_model.encoder.layers.{i}", tw))
+    out.update({
+        "clip.text_model.final_layer_norm.weight": [tw], "clip.text_model.final_layer_norm.bias": [tw],
+        "clip.visual_projection.weight": [e, vw], "clip.text_projection.weight": [e, tw], "clip.logit_scale": [],
+        "caption_prenorm.weight": [tw], "caption_prenorm.bias": [tw],
+    })  # fmt: skip
+    for i in range(caption_layers):
+        p = f"caption_transformer.layers.{i}"
+        for att in ("self_attn", "multihead_attn"):
+            out.update({f"{p}.{att}.in_proj_weight": [3 * tw, tw], f"{p}.{att}.in_proj_bias": [3 * tw],
+                        f"{p}.{att}.out_proj.weight": [tw, tw], f"{p}.{att}.out_proj.bias": [tw]})  # fmt: skip
+        out.update({f"{p}.linear1.weight": [4 * tw, tw], f"{p}.linear1.bias": [4 * tw],
+                    f"{p}.linear2.weight": [tw, 4 * tw], f"{p}.linear2.bias": [tw]})  # fmt: skip
+        for n in ("norm1", "norm2", "norm3"):
+            out.update({f"{p}.{n}.weight": [tw], f"{p}.{n}.bias": [tw]})
+    out.update({"caption_transformer.norm.weight": [tw], "caption_transformer.norm.bias": [tw],
+                "caption_head.weight": [s["vocab"], tw], "caption_head.bias": [s["vocab"]]})  # fmt: skip
+    return out
+
+
+# name -> (method, layout, wrapper of the saved file: null = the bare state dict, or the key holding it, and
+# whether the keys carry DDP's "module." prefix)
+LAYOUTS = {
+    "clip4clip_meanp": ("clip4clip", lambda: clip4clip("meanP"), None, False),
+    "clip4clip_seqtransf": ("clip4clip", lambda: clip4clip("seqTransf"), None, False),
+    "clip4clip_seqlstm": ("clip4clip", lambda: clip4clip("seqLSTM"), None, False),
+    "vifi_clip_full": ("vifi_clip", lambda: vifi_clip(False), "model", True),
+    "vifi_clip_prompt": ("vifi_clip", lambda: vifi_clip(True), "model", True),
+    "prompt_switch": ("prompt_switch", prompt_switch, "state_dict", False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (method, make, wrapper, ddp) in LAYOUTS.items():
+        doc = {"method": method, "config": SMALL, "wrapper": wrapper, "ddp_prefix": ddp, "keys": make()}
+        (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"{out / name}.json: {len(doc['keys'])} keys")
+
+
+if __name__ == "__main__":
+    main()
