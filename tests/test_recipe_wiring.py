@@ -183,6 +183,21 @@ def test_vpt_text_context_is_initialised_on_fresh_weights_only(tmp_path, tokeniz
     restored.on_load_checkpoint({})  # what Lightning calls when it restores weights
     trainer(tmp_path, max_steps=1).fit(restored, train_loader())
     assert torch.equal(restored.block.text_prompts, trained)
+    # trained prompts that come with model.pretrained (a converted / vidlang directory) are not re-initialised
+    import dataclasses
+
+    from vidlang.models.clip.pretrained import save_vidlang
+
+    sd = {**task.model.state_dict(), "block.text_prompts": trained}
+    info = {"format": "vidlang", "source": "test", "unknown": [],
+            "vision": dataclasses.asdict(task.model.image_tower.cfg),
+            "text": dataclasses.asdict(task.model.text_tower.cfg)}  # fmt: skip
+    save_vidlang(sd, info, tmp_path / "pretrained")
+    from_dir = RetrievalTask(model=dataclasses.replace(model, pretrained=str(tmp_path / "pretrained")),
+                             tokenizer=str(tokenizer_dir), optim={**OPTIM, "lr": 0.0})
+    assert from_dir.video_text.block_weights_loaded
+    trainer(tmp_path, max_steps=1).fit(from_dir, train_loader())
+    assert torch.equal(from_dir.block.text_prompts, trained)
 
 
 # -- the lr scaling rule ---------------------------------------------------------------------------------------

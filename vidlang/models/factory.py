@@ -235,6 +235,7 @@ def build_model(cfg: ModelConfig) -> VideoTextModel:
     block.init_from_tower(image, text)
     if block_state:
         block.load_state_dict(block_state)
+        model.block_weights_loaded = True  # trained block weights: no word-dependent re-initialisation
     policy = ("block_only" if block.freeze_backbone else "full") if cfg.freeze == "auto" else cfg.freeze
     FREEZE_POLICIES.get(policy)(model)
     model.freeze_policy = policy

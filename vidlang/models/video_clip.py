@@ -64,6 +64,7 @@ class VideoTextModel(nn.Module):
         self.lr_mults = {**{join("block", k): v for k, v in block.lr_mults.items()}, **(lr_mults or {})}
         self.weight_decays = {**{join("block", k): v for k, v in block.weight_decays.items()}, **(weight_decays or {})}
         self.freeze_policy = "full"
+        self.block_weights_loaded = False  # the block's weights came from a pretrained source (build_model)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups of the trainable parameters under this model's recipe (``lr`` and ``weight_decay``

@@ -281,12 +281,14 @@ class TokenizerMixin:
     def bind_block_tokenizer(self) -> None:
         """Hand the tokenizer to the temporal block (``TemporalBlock.bind_tokenizer``: Prompt Switch's caption-loss
         token weights, ViFi-CLIP's text context on fresh weights). Called when training starts; without a
-        tokenizer (batches carrying ``input_ids``) there is nothing to bind."""
+        tokenizer (batches carrying ``input_ids``) there is nothing to bind. The block is fresh unless its weights
+        were restored from a checkpoint or came with ``model.pretrained`` (a converted or vidlang directory)."""
         try:
             tokenizer = self.tokenizer
         except RuntimeError:
             return
-        self.block.bind_tokenizer(tokenizer, self.video_text.text_tower, fresh=not self._restored)
+        fresh = not self._restored and not self.video_text.block_weights_loaded
+        self.block.bind_tokenizer(tokenizer, self.video_text.text_tower, fresh=fresh)
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer`` (a ``ClipTokenizer``); it is saved inside every checkpoint."""
