@@ -175,8 +175,10 @@ class EmbeddingsDir:
         for name in KEY_COLUMNS:
             if name not in schema.names:
                 raise EmbeddingsFormatError(f"{path}: no column {name!r}")
-            if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
-                raise EmbeddingsFormatError(f"{path}: column {name!r} must be strings, not {schema.field(name).type}")
+            t = schema.field(name).type
+            text = pa.types.is_string(t) or pa.types.is_large_string(t)
+            if not (text or (name == "caption" and pa.types.is_null(t))):  # captions may all be null
+                raise EmbeddingsFormatError(f"{path}: column {name!r} must be strings, not {t}")
         want = pa.float16() if self.dtype == "float16" else pa.float32()
         for name in self.columns:
             if name not in schema.names:
