@@ -280,10 +280,14 @@ def _header(dim: int, dtype: str, columns: dict[str, str], model: ModelInfo) -> 
 
 def write_shard(path: str | os.PathLike, ids: Sequence[str], sources: Sequence[str], embeddings: Any,
                 model: ModelInfo, captions: Sequence[str | None] | None = None, dtype: str = "float16",
-                extra_embeddings: dict[str, tuple[str, Any]] | None = None) -> int:
+                extra_embeddings: dict[str, tuple[str, Any]] | None = None, dim: int | None = None,
+                info: dict[str, Any] | None = None) -> int:
     """Write one shard atomically; returns its row count.
 
     ``embeddings``: ``[n, dim]`` (numpy or torch); ``extra_embeddings``: column -> (modality, ``[n, dim]``).
+    ``dim``: the width when ``n`` may be 0 (default: the arrays'). ``info``: JSON-able facts about the shard
+    (``vidlang embed``: its plan position, skipped videos), kept in the header under ``"shard"``
+    (:func:`read_shard_info`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -299,7 +303,6 @@ def write_shard(path: str | os.PathLike, ids: Sequence[str], sources: Sequence[s
         raise ValueError(f"ids ({n}), sources ({len(sources)}) and captions must have one entry per row")
     data: dict[str, Any] = {"id": pa.array(list(ids), pa.string()), "source": pa.array(list(sources), pa.string()),
                             "caption": pa.array(list(captions) if captions is not None else [None] * n, pa.string())}
-    dim = None
     for name, x in arrays.items():
         x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
         if x.ndim != 2 or x.shape[0] != n or (dim is not None and x.shape[1] != dim):
@@ -308,12 +311,31 @@ def write_shard(path: str | os.PathLike, ids: Sequence[str], sources: Sequence[s
         flat = pa.array(np.ascontiguousarray(x, dtype=dtype).reshape(-1))
         data[name] = pa.FixedSizeListArray.from_arrays(flat, dim)
     header = _header(dim or model.embed_dim, dtype, columns, model)
+    if info is not None:
+        header["shard"] = info
     table = pa.table(data).replace_schema_metadata({SCHEMA_KEY: json.dumps(header).encode()})
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
         pq.write_table(table, tmp)
     return n
+
+
+def read_shard_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a shard written by :func:`write_shard` (``format``, ``dim``, ``model``, ``shard``, ...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(SCHEMA_KEY)
+    except (OSError, pa.ArrowException) as err:
+        raise EmbeddingsFormatError(f"{path}: not a readable Parquet file ({err})") from None
+    if raw is None:
+        raise EmbeddingsFormatError(f"{path}: no {SCHEMA_KEY.decode()} header: not a vidlang embeddings shard")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise EmbeddingsFormatError(f"{path}: unreadable {SCHEMA_KEY.decode()} header ({err})") from None
 
 
 def write_manifest(folder: str | os.PathLike, shards: Sequence[tuple[str, int]], dim: int, model: ModelInfo,

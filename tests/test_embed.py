@@ -1,0 +1,222 @@
+"""``vidlang embed`` (vidlang/embed): embeddings equal the inference path's, bad videos skipped and counted,
+resume after an interrupted run gives the output of an uninterrupted one, 2 DDP processes (gloo) give the same
+ids and embeddings as one, a folder of another run is refused, and the command line end to end
+(embed -> index build -> search --index)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+
+from vidlang.cli import main
+from vidlang.data.badsamples import BadSamplePolicy
+from vidlang.data.config import LoaderConfig
+from vidlang.embed import ShardPlan, embed, folder_entries, load_encoder
+from vidlang.embeddings import EmbeddingsDir, read_shard_info
+from vidlang.errors import ConfigError
+
+LOADER = LoaderConfig(batch_size=2, num_workers=0)
+QUIET = {"enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from vidlang.serve.testing import tiny_retrieval_checkpoint
+
+    return tiny_retrieval_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def encoder(ckpt):
+    return load_encoder(ckpt)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """9 synthetic videos (with captions, in a manifest) and their entries."""
+    from vidlang.data.formats import build_index
+    from vidlang.data.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate_corpus(out, 9, seed=5, size=32, frames=8, workers=1, progress=False)
+    return {"dir": out, "entries": build_index("manifest", path=str(out / "manifest.csv")).entries}
+
+
+def run(encoder, out, entries, **kw):
+    kw.setdefault("loader", LOADER)
+    kw.setdefault("trainer", QUIET)
+    return embed(encoder, out, entries, **kw)
+
+
+def table(folder: Path) -> tuple[list[str], np.ndarray]:
+    d = EmbeddingsDir(folder)
+    return d.read_keys().column("id").to_pylist(), d.read_embeddings()
+
+
+def test_embeddings_equal_the_inference_path_and_bad_videos_are_skipped(ckpt, encoder, corpus, tmp_path):
+    from vidlang.serve.inference import load_bundle
+
+    videos = tmp_path / "videos"
+    shutil.copytree(corpus["dir"] / "videos", videos)
+    (videos / "zz_broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    entries = folder_entries(videos)
+    assert len(entries) == 10 and entries[-1].key == "zz_broken.mp4"
+    d = run(encoder, tmp_path / "emb", entries, dtype="float32", shard_size=4)
+    assert d.count == 9 and d.dim == 32 and d.columns == {"embedding": "video"}
+    assert d.model.checkpoint_sha256 == encoder.info.checkpoint_sha256 and d.model.kind == "retrieval"
+    assert [s.path.name for s in d.shards] == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert [s.rows for s in d.shards] == [4, 4, 1]  # the last shard: 1 good video + the broken one
+    assert d.protocol["skipped"] == 1 and d.protocol["skipped_examples"][0]["id"] == "zz_broken.mp4"
+    assert "zz_broken.mp4" in read_shard_info(d.shards[2].path)["shard"]["skipped"][0]["source"]
+    keys = d.read_keys()
+    assert keys.column("id").to_pylist() == [e.key for e in entries[:9]]
+    bundle = load_bundle(ckpt)
+    want = bundle.embed_videos([e.path for e in entries[:9]]).numpy()
+    np.testing.assert_allclose(d.read_embeddings(), want, atol=1e-5)
+
+
+def test_text_embeddings_and_float16(encoder, corpus, tmp_path):
+    entries = corpus["entries"]
+    d = run(encoder, tmp_path / "emb", entries, text=True, shard_size=5)
+    assert d.columns == {"embedding": "video", "text_embedding": "text"} and d.dtype == "float16"
+    caps = d.read_keys().column("caption").to_pylist()
+    assert caps == [e.captions[0] for e in entries]
+    import torch
+
+    from vidlang.embed.module import EmbedModule
+
+    want = EmbedModule(encoder, text=True).encode_text(caps).numpy()
+    np.testing.assert_allclose(d.read_embeddings("text_embedding"), want, atol=2e-3)  # float16 storage
+    only_text = run(encoder, tmp_path / "text", entries, video=False, text=True, shard_size=5, dtype="float32")
+    assert only_text.columns == {"embedding": "text"}
+    np.testing.assert_allclose(only_text.read_embeddings(), want, atol=1e-5)
+    assert torch.is_tensor(torch.from_numpy(want))
+
+
+class StopAfter(pl.Callback):
+    """Raises after ``n`` batches (an interrupted job)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx + 1 == self.n:
+            raise RuntimeError("stopped for the test")
+
+
+class CountClips(pl.Callback):
+    def __init__(self) -> None:
+        self.entries: list[int] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.entries.extend(outputs["index"])
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(encoder, corpus, tmp_path):
+    entries = corpus["entries"]  # 9 entries, shards of 3 in batches of 2: [0,1][2] [3,4][5] [6,7][8]
+    full = run(encoder, tmp_path / "full", entries, shard_size=3)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="stopped for the test"):
+        run(encoder, out, entries, shard_size=3, callbacks=[StopAfter(3)])  # shard 0 done, shard 1 half done
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-000000.parquet"]
+    with pytest.raises(Exception, match="no manifest.json"):
+        EmbeddingsDir(out)
+    done = (out / "part-000000.parquet").stat().st_mtime_ns
+    counter = CountClips()
+    resumed = run(encoder, out, entries, shard_size=3, callbacks=[counter])
+    assert counter.entries == [3, 4, 5, 6, 7, 8]  # the finished shard is skipped, the partial one redone
+    assert (out / "part-000000.parquet").stat().st_mtime_ns == done
+    assert resumed.count == full.count == 9
+    for a, b in zip(full.shards, resumed.shards, strict=True):
+        assert a.path.name == b.path.name and a.path.read_bytes() == b.path.read_bytes()
+    ids, x = table(out)
+    assert ids == table(tmp_path / "full")[0] and np.array_equal(x, table(tmp_path / "full")[1])
+    again = CountClips()
+    run(encoder, out, entries, shard_size=3, callbacks=[again])  # a finished run: nothing to redo
+    assert again.entries == []
+
+
+def test_a_folder_of_another_run_is_refused(encoder, corpus, tmp_path):
+    entries = corpus["entries"]
+    run(encoder, tmp_path / "emb", entries[:4], shard_size=3)
+    with pytest.raises(ConfigError, match=r"holds another embedding run .*differs in .*shard_size"):
+        run(encoder, tmp_path / "emb", entries[:4], shard_size=2)
+    with pytest.raises(ConfigError, match=r"differs in data_sha256, entries"):
+        run(encoder, tmp_path / "emb", entries[:5], shard_size=3)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match="holds Parquet files but no run.json"):
+        run(encoder, tmp_path / "other", entries[:4], shard_size=3)
+    with pytest.raises(ConfigError, match="has no caption"):
+        bare = [type(entries[0])(entries[0].source, "bare")]
+        run(encoder, tmp_path / "t", bare, text=True)
+
+
+def test_plan_splits_shards_and_batches():
+    plan = ShardPlan(10, 4)
+    assert plan.num_shards == 3 and plan.bounds(2) == (8, 10) and plan.shard_of(7) == 1
+    assert ShardPlan.split([0, 1, 2, 3, 4], 1, 2) == [1, 3]
+    assert plan.batches([0, 2], 3) == [[0, 1, 2], [3], [8, 9]]
+    from vidlang.embed.plan import unique_ids
+
+    assert unique_ids(["a", "b", "a", "a"]) == ["a", "b", "a#1", "a#2"]
+    assert unique_ids(["a#1", "a", "a"]) == ["a#1#0", "a#1", "a#2"]  # "a#1" taken: every row numbered
+
+
+def test_ddp_two_processes_equal_one(encoder, corpus, tmp_path):
+    """2 gloo processes (ddp_spawn): each rank writes its own shards; the folder has every id once, with the
+    embeddings of a single-process run."""
+    entries = corpus["entries"]
+    one = run(encoder, tmp_path / "one", entries, shard_size=2, dtype="float32")
+    two = run(encoder, tmp_path / "two", entries, shard_size=2, dtype="float32",
+              trainer={**QUIET, "accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
+    ids1, x1 = table(tmp_path / "one")
+    ids2, x2 = table(tmp_path / "two")
+    assert len(ids2) == len(set(ids2)) == 9 and sorted(ids2) == sorted(ids1)
+    np.testing.assert_allclose(x2[[ids2.index(i) for i in ids1]], x1, atol=1e-6)
+    ranks = [read_shard_info(s.path)["shard"]["rank"] for s in two.shards]
+    assert ranks == [0, 1, 0, 1, 0] and one.count == two.count
+
+
+def test_embed_command_then_index_and_search(ckpt, corpus, tmp_path, capsys):
+    out, idx = tmp_path / "emb", tmp_path / "idx"
+    rc = main(["embed", "--ckpt", str(ckpt), "--videos", str(corpus["dir"] / "videos"), "--out", str(out),
+               "--batch-size", "4", "--shard-size", "5", "--num-workers", "0", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "embedded 9 clips" in text and "0 skipped" in text, text
+    assert EmbeddingsDir(out).count == 9
+    assert main(["index", "build", "--embeddings", str(out), "--out", str(idx), "--kind", "flat", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--ckpt", str(ckpt), "--index", str(idx), "--topk", "3", "red", "circle"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 3 and all(".mp4" in ln for ln in lines)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["protocol"]["frames"] == 4 and manifest["model"]["checkpoint"] == str(Path(ckpt).resolve())
+
+
+def test_search_refuses_an_index_of_another_checkpoint(ckpt, corpus, tmp_path, capsys):
+    from vidlang.serve.testing import tiny_retrieval_checkpoint
+
+    other = tiny_retrieval_checkpoint(tmp_path / "other", seed=1)
+    emb = tmp_path / "emb"
+    run(load_encoder(other), emb, corpus["entries"][:3])
+    assert main(["index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "idx"), "--kind", "flat",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--ckpt", str(ckpt), "--index", str(tmp_path / "idx"), "red"]) == 2
+    err = capsys.readouterr().err
+    assert "built from embeddings of checkpoint" in err and "\n" not in err.strip()
+
+
+def test_bad_sample_policy_still_stops_a_broken_corpus(encoder, corpus, tmp_path):
+    from vidlang.data.badsamples import BadSampleError
+
+    entries = [type(e)(str(tmp_path / f"missing{i}.mp4"), f"m{i}") for i, e in enumerate(corpus["entries"])]
+    with pytest.raises(BadSampleError):
+        run(encoder, tmp_path / "emb", entries, bad_samples=BadSamplePolicy(min_attempts=4, max_skip_rate=0.5))
