@@ -220,3 +220,65 @@ def test_bad_sample_policy_still_stops_a_broken_corpus(encoder, corpus, tmp_path
     entries = [type(e)(str(tmp_path / f"missing{i}.mp4"), f"m{i}") for i, e in enumerate(corpus["entries"])]
     with pytest.raises(BadSampleError):
         run(encoder, tmp_path / "emb", entries, bad_samples=BadSamplePolicy(min_attempts=4, max_skip_rate=0.5))
+
+
+def test_serve_searches_a_vector_index_and_refuses_another_model(ckpt, encoder, corpus, tmp_path):
+    """/search over a vector index built from `vidlang embed` output ranks like the offline index; a server
+    started with another checkpoint refuses the index."""
+    import http.client
+
+    from vidlang.errors import ModelMismatchError
+    from vidlang.index import build_index
+    from vidlang.serve import ServeApp, ServeConfig
+    from vidlang.serve.inference import load_bundle
+    from vidlang.serve.testing import tiny_retrieval_checkpoint
+
+    run(encoder, tmp_path / "emb", corpus["entries"], dtype="float32")
+    vi = build_index(tmp_path / "emb", "hnsw", tmp_path / "idx", threads=1)
+    bundle = load_bundle(ckpt)
+    app = ServeApp(bundle, ServeConfig(host="127.0.0.1", port=0, log_requests=False), index=vi).start()
+    try:
+        conn = http.client.HTTPConnection(*app.address, timeout=60)
+        conn.request("POST", "/search", body=json.dumps({"query": "a blue circle grows", "k": 4}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        conn = http.client.HTTPConnection(*app.address, timeout=60)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        app.shutdown()
+    want = vi.search(bundle.embed_texts(["a blue circle grows"]), 4)
+    assert resp.status == 200 and [r["path"] for r in body["results"]] == [p for p, _ in want]
+    assert [r["score"] for r in body["results"]] == pytest.approx([s for _, s in want], abs=1e-5)
+    assert health["index"] == {"videos": 9, "unreadable": 0, "kind": "hnsw"}
+    other = load_bundle(tiny_retrieval_checkpoint(tmp_path / "other", seed=1))
+    with pytest.raises(ModelMismatchError, match="built from embeddings of checkpoint"):
+        ServeApp(other, ServeConfig(host="127.0.0.1", port=0, log_requests=False), index=vi)
+
+
+def test_embed_command_with_a_data_config_and_trainer_options(ckpt, corpus, tmp_path, capsys):
+    """--data takes a fit config (its data section, any format); --trainer.* options reach pl.Trainer."""
+    import yaml
+
+    cfg = {"model": {"class_path": "ignored"}, "data": {
+        "train": {"format": "manifest", "path": str(corpus["dir"] / "manifest.csv")},
+        "sampling": {"num_frames": 2, "eval_num_frames": 3}, "transform": {"image_size": 32},
+        "loader": {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0}}}
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "emb"
+    rc = main(["embed", "--ckpt", str(ckpt), "--data", str(tmp_path / "fit.yaml"), "--out", str(out), "--text",
+               "--trainer.accelerator", "cpu", "--trainer.devices=1", "--trainer.limit_predict_batches", "1.0",
+               "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    d = EmbeddingsDir(out)
+    assert d.count == 9 and d.protocol["frames"] == 3 and d.protocol["data"].endswith("fit.yaml:train")
+    assert d.columns == {"embedding": "video", "text_embedding": "text"}
+    assert main(["embed", "--ckpt", str(ckpt), "--data", str(tmp_path / "fit.yaml"), "--out", str(out),
+                 "--trainer.max_pochs", "1"]) == 2
+    assert "--trainer.max_pochs: not a pl.Trainer argument" in capsys.readouterr().err
+    assert main(["embed", "--ckpt", str(ckpt), "--data", str(tmp_path / "fit.yaml"), "--split", "val",
+                 "--out", str(out)]) == 2
+    assert "no split 'val' (it has: train)" in capsys.readouterr().err

@@ -306,3 +306,33 @@ def test_index_build_errors_are_one_line(data, tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+def test_bench_index_small_run(capsys):
+    """`vidlang bench index` end to end on a small collection: a row per kind and setting, exact search at
+    recall 1.0, and the measured recall of the graph index close to the exact one."""
+    rc = main(["bench", "index", "--n", "3000", "--dim", "32", "--centres", "30", "--queries", "50",
+               "--latency-queries", "20", "--kinds", "flat,hnsw", "--sweep", "hnsw.ef_search=8,64",
+               "--param", "hnsw.m=8", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines()
+            if ln.startswith("| flat") or ln.startswith("| hnsw")]
+    assert [r[:3] for r in rows] == [["flat", "Flat", "-"], ["hnsw", "HNSW8", "ef_search=8"],
+                                     ["hnsw", "HNSW8", "ef_search=64"]]
+    recall = [float(r[-1]) for r in rows]
+    assert recall[0] == 1.0 and recall[2] >= 0.95 and recall[1] <= recall[2]
+    assert all(float(r[6]) > 0 and float(r[7]) >= float(r[6]) for r in rows)  # p95 >= p50 > 0
+    assert "load average before" in out and "after" in out
+
+
+def test_bench_synthetic_vectors_are_seeded_unit_rows():
+    from vidlang.bench.index import recall_at_k, synthetic_vectors
+
+    x, q = synthetic_vectors(500, 16, 10, 20, seed=3)
+    x2, q2 = synthetic_vectors(500, 16, 10, 20, seed=3)
+    assert x.shape == (500, 16) and q.shape == (20, 16) and np.array_equal(x, x2) and np.array_equal(q, q2)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert not np.array_equal(x, synthetic_vectors(500, 16, 10, 20, seed=4)[0])
+    assert recall_at_k(np.array([[1, 2, -1]]), np.array([[2, 1, 3]])) == pytest.approx(2 / 3)
