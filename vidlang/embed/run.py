@@ -106,5 +106,10 @@ def embed(
         torch.distributed.barrier()
     if (torch.distributed.get_rank() if dist else 0) != 0:
         return None
-    return finish(out, plan, encoder.info, int(encoder.model.embed_dim), dtype, columns,
-                  {**protocol, "sampling": asdict(sampling), "transform": asdict(transform)})
+    folder = finish(out, plan, encoder.info, int(encoder.model.embed_dim), dtype, columns,
+                    {**protocol, "sampling": asdict(sampling), "transform": asdict(transform)})
+    skipped = int(folder.protocol.get("skipped", 0))
+    if skipped > policy.max_skip_rate * plan.count:
+        warnings.warn(f"{out}: {skipped} of {plan.count} entries could not be decoded and were skipped "
+                      f"(more than max_skip_rate {policy.max_skip_rate:.1%}); see {policy.report_dir}", stacklevel=2)
+    return folder

@@ -58,9 +58,7 @@ class ShardWriter(BasePredictionWriter):
         self.skipped += len(prediction["skipped"])
         for j in [j for j, s in self.open.items() if len(s["rows"]) + len(s["skipped"]) == s["size"]]:
             self._write(j, self.open.pop(j), trainer.global_rank)
-        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
-        if bar is not None and hasattr(bar, "set_postfix"):
-            bar.set_postfix({"clips/s": f"{self.clips_per_second:.1f}", "skipped": self.skipped}, refresh=False)
+        show_rate(trainer, f"{self.clips} clips, {self.clips_per_second:.1f} clips/s, {self.skipped} skipped")
 
     def _shard(self, entry: int) -> dict[str, Any]:
         j = self.plan.shard_of(entry)
@@ -88,6 +86,21 @@ class ShardWriter(BasePredictionWriter):
         seconds = time.perf_counter() - self.started
         log.info("rank %d: embedded %d clips (%d skipped) into %d shards in %.1f s (%.1f clips/s)",
                  trainer.global_rank, self.clips, self.skipped, len(self.written), seconds, self.clips_per_second)
+
+
+def show_rate(trainer: Any, text: str) -> None:
+    """Put ``text`` beside the predict progress bar (Lightning's tqdm or rich bar; none: nothing)."""
+    cb = getattr(trainer, "progress_bar_callback", None)
+    if cb is None:
+        return
+    try:
+        cb.predict_progress_bar.set_postfix_str(text, refresh=False)  # tqdm
+        return
+    except (AttributeError, TypeError):  # rich, or no bar yet
+        pass
+    task, progress = getattr(cb, "predict_progress_bar_id", None), getattr(cb, "progress", None)
+    if task is not None and progress is not None:
+        progress.update(task, description=f"{cb.predict_description} ({text})")
 
 
 def finish(out: str | os.PathLike, plan: ShardPlan, model: ModelInfo, dim: int, dtype: str, columns: dict[str, str],
