@@ -155,11 +155,22 @@ def test_ivfpq_refinement_matters(data):
     want = exact_top(data["x"], data["q"], 10)[1]
     bare = build_index(src, "ivfpq", threads=1, pq=16, refine="none")
     assert bare.meta["factory"] == "IVF32,PQ16x4fs" and "k_factor" not in bare.search_params
-    refined = build_index(src, "ivfpq", threads=1, pq=16)
+    refined = build_index(src, "ivfpq", threads=1, pq=16, k_factor=4)
     low = recall(refined.search_arrays(data["q"], 10)[1], want)
     refined.set_search_params(k_factor=16)
     high = recall(refined.search_arrays(data["q"], 10)[1], want)
     assert recall(bare.search_arrays(data["q"], 10)[1], want) < 0.8 < high and low < high
+
+
+def test_auto_kind_and_tuned_defaults(data):
+    """``auto`` is exact search for small collections and ivfpq for large ones; ivfpq's search defaults are the
+    ones measured by `vidlang bench index` (docs/index.md)."""
+    from vidlang.index.kinds import AUTO_FLAT_BELOW, INDEX_KINDS, auto_kind
+
+    assert auto_kind(AUTO_FLAT_BELOW - 1) == "flat" and auto_kind(AUTO_FLAT_BELOW) == "ivfpq"
+    vi = build_index(ArraySource(data["x"], MODEL), threads=1)
+    assert vi.kind_name == "flat" and vi.meta["kind"] == "flat"
+    assert INDEX_KINDS.build("ivfpq").search_params() == {"nprobe": 128, "k_factor": 16}
 
 
 def test_zero_vector_and_duplicate_ids_are_refused(data, tmp_path):
@@ -288,7 +299,8 @@ def test_index_build_and_info_commands(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--param", "m"], "--param 'm': expected NAME=VALUE"),
-    (["--param", "nlist=4"], "index kind 'hnsw': .* takes m, ef_construction, ef_search"),
+    (["--kind", "hnsw", "--param", "nlist=4"], "index kind 'hnsw': .* takes m, ef_construction, ef_search"),
+    (["--param", "nlist=4"], "index kind 'flat': .* 'nlist'; it takes no arguments"),  # auto: 2000 -> flat
     (["--gpu", "on"], "the installed FAISS has no GPU support"),
     (["--out", "{emb}"], "exists and is not a vector index"),
     (["--embeddings", "{missing}"], "no such embeddings folder"),

@@ -9,7 +9,7 @@ from typing import Any
 from vidlang.commands import COMMANDS
 from vidlang.errors import ConfigError
 
-DEFAULT_KIND = "hnsw"
+DEFAULT_KIND = "auto"
 
 
 def parse_params(items: Sequence[str], flag: str = "--param") -> dict[str, Any]:
@@ -46,8 +46,9 @@ class IndexCommand:
                                        "save it to --out with its id map and the producing model's identity")
         b.add_argument("--embeddings", required=True, help="embeddings folder (manifest.json + Parquet shards)")
         b.add_argument("--out", required=True, help="index folder (created; an index there is replaced atomically)")
-        b.add_argument("--kind", default=DEFAULT_KIND, choices=INDEX_KINDS.names(),
-                       help=f"index kind (default {DEFAULT_KIND}; see docs/index.md)")
+        b.add_argument("--kind", default=DEFAULT_KIND, choices=["auto", *INDEX_KINDS.names()],
+                       help=f"index kind (default {DEFAULT_KIND}: flat below 20,000 vectors, else ivfpq; see "
+                            "docs/index.md)")
         b.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                        help="a build or default search parameter of the kind, repeatable: hnsw m, ef_construction, "
                             "ef_search; ivfpq nlist, pq, refine, nprobe, k_factor, train_size")

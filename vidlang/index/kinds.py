@@ -23,6 +23,13 @@ from vidlang.errors import ConfigError
 from vidlang.registry import Registry
 
 INDEX_KINDS: Registry[type[IndexKind]] = Registry("index kind")
+AUTO = "auto"
+AUTO_FLAT_BELOW = 20_000
+
+
+def auto_kind(n: int) -> str:
+    """The kind ``auto`` stands for with ``n`` vectors: ``flat`` below :data:`AUTO_FLAT_BELOW`, else ``ivfpq``."""
+    return "flat" if n < AUTO_FLAT_BELOW else "ivfpq"
 
 
 class IndexKind:
@@ -117,7 +124,7 @@ class IVFPQ(IndexKind):
     name = "ivfpq"
     min_vectors = 256
 
-    def __init__(self, nlist: int = 0, pq: int = 0, refine: str = "fp16", nprobe: int = 32, k_factor: int = 4,
+    def __init__(self, nlist: int = 0, pq: int = 0, refine: str = "fp16", nprobe: int = 128, k_factor: int = 16,
                  train_size: int = 0) -> None:
         """``nlist`` 0: chosen from the collection size (:meth:`cells`); ``pq``: sub-quantizers, dividing dim
         (0: one per 8 dimensions, :meth:`subquantizers`); ``train_size`` 0: 64 vectors per cell (at least

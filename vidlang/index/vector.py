@@ -31,7 +31,7 @@ import numpy as np
 
 from vidlang.embeddings import EmbeddingsDir, ModelInfo
 from vidlang.errors import ConfigError, InputNotFoundError, ModelMismatchError
-from vidlang.index.kinds import INDEX_KINDS, IndexKind
+from vidlang.index.kinds import AUTO, INDEX_KINDS, IndexKind, auto_kind
 
 FORMAT = "vidlang-vector-index"
 VERSION = 1
@@ -292,11 +292,12 @@ class VectorIndex:
         return vi
 
 
-def build_index(source: VectorSource | str | os.PathLike, kind: str = "hnsw", out: str | os.PathLike | None = None,
+def build_index(source: VectorSource | str | os.PathLike, kind: str = "auto", out: str | os.PathLike | None = None,
                 column: str = "embedding", threads: int = 0, gpu: bool | None = None, seed: int = 0,
                 progress: bool = False, **params: Any) -> VectorIndex:
     """Build a ``kind`` index over ``source`` (an embeddings folder, or an :class:`ArraySource`); save it to
-    ``out`` when given. ``params``: the kind's build parameters (:mod:`vidlang.index.kinds`). ``threads``:
+    ``out`` when given; ``kind="auto"``: :func:`~vidlang.index.kinds.auto_kind` of the collection's size.
+    ``params``: the kind's build parameters (:mod:`vidlang.index.kinds`). ``threads``:
     FAISS threads (0: all cores). ``gpu``: train IVF cells on the GPU (None: where the installed FAISS has one)."""
     import faiss
 
@@ -306,6 +307,8 @@ def build_index(source: VectorSource | str | os.PathLike, kind: str = "hnsw", ou
     src = EmbeddingsDir(source) if isinstance(source, (str, os.PathLike)) else source
     if isinstance(src, EmbeddingsDir):
         src._column(column)
+    if kind == AUTO:
+        kind = auto_kind(src.count)
     spec = INDEX_KINDS.build(kind, **params)
     search_params = spec.search_params()
     n, dim = src.count, src.dim
