@@ -158,6 +158,22 @@ def test_a_folder_of_another_run_is_refused(encoder, corpus, tmp_path):
         run(encoder, tmp_path / "t", bare, text=True)
 
 
+def test_a_rank_without_shards_gets_one_empty_batch(encoder, corpus, tmp_path):
+    """(The fast check of the idle-rank path; the 2-process run: test_ddp_resume_with_an_idle_rank.)"""
+    from vidlang.data.config import DecodeConfig, SamplingConfig, TransformConfig
+    from vidlang.embed.data import EmbedDataModule
+    from vidlang.embed.module import EmbedModule
+
+    entries = corpus["entries"][:3]
+    run(encoder, tmp_path / "emb", entries, shard_size=2)
+    data = EmbedDataModule(entries, ShardPlan(3, 2), tmp_path / "emb", SamplingConfig(num_frames=4),
+                           TransformConfig(image_size=32), LOADER, DecodeConfig(), BadSamplePolicy())
+    batches = list(data.predict_dataloader())
+    assert data.assigned == [] and len(batches) == 1 and batches[0]["index"] == []
+    out = EmbedModule(encoder, text=True).predict_step(batches[0])
+    assert out["index"] == [] and out["embedding"].shape == (0, 32) and out["text_embedding"].shape == (0, 32)
+
+
 def test_plan_splits_shards_and_batches():
     plan = ShardPlan(10, 4)
     assert plan.num_shards == 3 and plan.bounds(2) == (8, 10) and plan.shard_of(7) == 1
@@ -182,6 +198,21 @@ def test_ddp_two_processes_equal_one(encoder, corpus, tmp_path):
     np.testing.assert_allclose(x2[[ids2.index(i) for i in ids1]], x1, atol=1e-6)
     ranks = [read_shard_info(s.path)["shard"]["rank"] for s in two.shards]
     assert ranks == [0, 1, 0, 1, 0] and one.count == two.count
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_an_idle_rank(encoder, corpus, tmp_path):
+    """Resumed on 2 ranks with one shard left: rank 0 redoes it, rank 1 has nothing to do (one empty batch:
+    Lightning refuses an empty loader under DDP) and the folder equals the first run's."""
+    entries = corpus["entries"]
+    ddp = {**QUIET, "accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}
+    run(encoder, tmp_path / "two", entries, shard_size=2, dtype="float32", trainer=ddp)
+    ids2, x2 = table(tmp_path / "two")
+    (tmp_path / "two" / "manifest.json").unlink()
+    (tmp_path / "two" / "part-000003.parquet").unlink()
+    run(encoder, tmp_path / "two", entries, shard_size=2, dtype="float32", trainer=ddp)
+    assert table(tmp_path / "two")[0] == ids2 and np.array_equal(table(tmp_path / "two")[1], x2)
+    assert read_shard_info(tmp_path / "two" / "part-000003.parquet")["shard"]["rank"] == 0
 
 
 def test_embed_command_then_index_and_search(ckpt, corpus, tmp_path, capsys):

@@ -87,6 +87,8 @@ def collate_planned(items: Sequence[tuple[int, Any]]) -> dict[str, Any]:
     """``(index, sample)`` pairs -> the batch of the module docstring."""
     from vidlang.data.collate import collate_samples
 
+    if not items:  # the placeholder batch of a rank with nothing to do
+        return {"video": None, "captions": [], "key": [], "index": [], "skipped_rows": []}
     skipped = [(i, s.reason) for i, s in items if isinstance(s, SkippedSample)]
     loaded = [(i, s) for i, s in items if not isinstance(s, SkippedSample)]
     if loaded and isinstance(loaded[0][1], TextItem):
@@ -153,7 +155,8 @@ class EmbedDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         rank, world, _ = self._dist()
         self.assigned = ShardPlan.split(self.pending_shards(), rank, world)
-        batches = self.plan.batches(self.assigned, self.loader.batch(False))
+        # a rank with no shard still gets one empty batch: Lightning refuses a loader of length 0 under DDP
+        batches = self.plan.batches(self.assigned, self.loader.batch(False)) or [[]]
         videos = None
         if self.video:
             from vidlang.data.datasets import VideoTextDataset
