@@ -313,3 +313,51 @@ def test_embed_command_with_a_data_config_and_trainer_options(ckpt, corpus, tmp_
     assert main(["embed", "--ckpt", str(ckpt), "--data", str(tmp_path / "fit.yaml"), "--split", "val",
                  "--out", str(out)]) == 2
     assert "no split 'val' (it has: train)" in capsys.readouterr().err
+
+
+def test_audio_visual_checkpoint_fuses_each_clips_audio(corpus, tmp_path):
+    """An audio-visual RetrievalTask checkpoint: embed decodes each clip's audio and fuses it, as the inference
+    path does; the same clips without their audio embed differently (the audio is really used)."""
+    import importlib.util
+    import sys
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vidlang.models.clip.tokenizer import train_tokenizer
+    from vidlang.serve.inference import load_bundle
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools/audio_retrieval_synthetic.py"
+    spec = importlib.util.spec_from_file_location("audio_retrieval_synthetic", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    spec.loader.exec_module(tool)
+    train_tokenizer(["a red circle moves left with a low tone"] * 4, tmp_path / "tok", vocab_size=300,
+                    min_frequency=1, context_length=32)
+    task = tool.make_task(str(tmp_path / "tok"), 4, 1e-3, True, seed=0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.randint(0, 256, (2, 4, 3, 32, 32), generator=g, dtype=torch.uint8),
+             "captions": ["a red circle", "a low tone"], "caption_index": torch.arange(2)}
+    trainer = tool.trainer(1, tmp_path)
+    trainer.fit(task, DataLoader([batch], batch_size=None))
+    with torch.no_grad():  # the fusion gate starts closed (audio ignored): open it
+        for name, p in task.model.named_parameters():
+            if name.startswith("fusion."):
+                p.add_(0.5)
+    trainer.save_checkpoint(tmp_path / "av.ckpt")
+    encoder = load_encoder(tmp_path / "av.ckpt")
+    assert encoder.audio_model is not None and encoder.info.extra["audio"] is True
+    entries = corpus["entries"][:4]
+    d = run(encoder, tmp_path / "emb", entries, dtype="float32")
+    assert d.protocol["audio"] is True
+    want = load_bundle(tmp_path / "av.ckpt").embed_videos([e.path for e in entries]).numpy()
+    np.testing.assert_allclose(d.read_embeddings(), want, atol=1e-4)
+    from vidlang.data.config import DecodeConfig
+
+    silent = run(encoder, tmp_path / "silent", entries, dtype="float32", decode=DecodeConfig(resize_short_side=32))
+    assert silent.protocol["audio"] is True  # audio decoding is switched on for an audio-visual model ...
+    np.testing.assert_allclose(silent.read_embeddings(), want, atol=1e-4)  # ... even when the config leaves it off
+    bundle = load_bundle(tmp_path / "av.ckpt")
+    clips = torch.stack([bundle.decode_clip(e.path) for e in entries])
+    masked = bundle.encode_clips(clips).embeds.numpy()  # every clip on the no-audio path
+    assert np.abs(masked - want).max() > 1e-3
