@@ -361,3 +361,29 @@ def test_audio_visual_checkpoint_fuses_each_clips_audio(corpus, tmp_path):
     clips = torch.stack([bundle.decode_clip(e.path) for e in entries])
     masked = bundle.encode_clips(clips).embeds.numpy()  # every clip on the no-audio path
     assert np.abs(masked - want).max() > 1e-3
+
+
+def test_recognition_checkpoint_embeds_video_and_text(corpus, tmp_path):
+    import torch
+
+    from vidlang.serve.inference import load_classifier
+    from vidlang.serve.testing import tiny_recognition_checkpoint
+
+    path = tiny_recognition_checkpoint(tmp_path)
+    encoder = load_encoder(path)
+    assert encoder.info.kind == "recognition" and encoder.num_frames == 4 and encoder.tokenizer is not None
+    entries = corpus["entries"][:3]
+    d = run(encoder, tmp_path / "emb", entries, text=True, dtype="float32")
+    assert d.count == 3 and d.model.kind == "recognition"
+    task = load_classifier(path)
+    from vidlang.data.config import DecodeConfig, SamplingConfig, TransformConfig
+    from vidlang.data.datasets import VideoTextDataset
+
+    ds = VideoTextDataset(entries, SamplingConfig(num_frames=4).build(False), TransformConfig(32).build(False),
+                          resize_short_side=32, backend=DecodeConfig().backend)
+    from vidlang.data.transforms import normalize
+
+    video = normalize(torch.stack([ds[i].video[0] for i in range(3)]), task.model.image_mean, task.model.image_std)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(task.model.encode_video(video).embeds, dim=-1).numpy()
+    np.testing.assert_allclose(d.read_embeddings(), want, atol=1e-5)
