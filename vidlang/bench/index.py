@@ -26,7 +26,7 @@ from typing import Any
 
 from vidlang.bench import BENCHMARKS
 
-DEFAULT_SWEEPS = {"flat": {}, "hnsw": {"ef_search": [16, 32, 64, 128, 256]},
+DEFAULT_SWEEPS = {"flat": {}, "hnsw": {"ef_search": [64, 128, 256, 512, 1024]},
                   "ivfpq": {"nprobe": [16, 32, 64, 128], "k_factor": [4, 16, 64]}}
 
 
