@@ -122,7 +122,7 @@ def offline_embedding(setup, rel: str) -> torch.Tensor:
 def test_health(server):
     status, body = call_json(server, "GET", "/health", ctype=None)
     assert status == 200 and body["status"] == "ok" and body["embed_dim"] == 32
-    assert body["index"] == {"videos": 7, "unreadable": 0}  # 6 videos + the symlink escape.mp4
+    assert body["index"] == {"videos": 7, "unreadable": 0, "kind": "folder"}  # 6 videos + the symlink escape.mp4
     assert body["chat"] is True and body["paths"] is True
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "InputNotFoundError",
+    "ModelMismatchError",
     "UnknownArchitectureError",
     "UnsafeCheckpointError",
     "VidlangUserError",
@@ -46,3 +47,7 @@ class InputNotFoundError(VidlangUserError, FileNotFoundError):
 
 class CheckpointNotFoundError(CheckpointError, InputNotFoundError):
     """A checkpoint path that does not exist."""
+
+
+class ModelMismatchError(VidlangUserError, ValueError):
+    """Embeddings (a vector index) made by one model, searched with another (names both)."""

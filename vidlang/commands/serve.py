@@ -48,11 +48,15 @@ class ServeCommand:
         parser.add_argument("--llm", default=None,
                             help="local causal-LM directory: enables /chat (a chat-encoder checkpoint defaults "
                                  "to the directory it was trained with)")
-        parser.add_argument("--index", default=None, help="folder of videos to index for /search")
+        parser.add_argument("--index", default=None,
+                            help="what /search searches: a folder of videos (embedded at start, cached), or a "
+                                 "vector index built by 'vidlang index build' (made with this checkpoint)")
+        parser.add_argument("--index-param", action="append", default=[], metavar="NAME=VALUE",
+                            help="a search-time parameter of a vector index (ef_search; nprobe, k_factor), repeatable")
         parser.add_argument("--cache", default=None, help="index cache folder (default ~/.cache/vidlang/index/...)")
         parser.add_argument("--root", default=None,
-                            help="allowed root for {\"path\": ...} requests (default: the --index folder; "
-                                 "without either, path requests are refused)")
+                            help="allowed root for {\"path\": ...} requests (default: the --index folder of "
+                                 "videos; without either, path requests are refused)")
         parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
         parser.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
         d = ServeConfig()
@@ -114,7 +118,14 @@ class ServeCommand:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         if getattr(args, "torch_threads", 0) < 0:
             raise ConfigError(f"--torch-threads must be >= 0 (0 = auto), got {args.torch_threads}")
-        root = args.root or args.index
+        from vidlang.index import is_vector_index
+
+        vector = args.index is not None and is_vector_index(args.index)
+        root = args.root or (None if vector else args.index)
+        if args.index is not None and not os.path.isdir(args.index):
+            raise ConfigError(f"--index {args.index}: not a directory")
+        if getattr(args, "index_param", None) and not vector:
+            raise ConfigError("--index-param needs --index to be a vector index (built by vidlang index build)")
         if root is not None and not os.path.isdir(root):
             raise ConfigError(f"--{'root' if args.root else 'index'} {root}: not a directory")
         bundle = load_bundle(args.ckpt, device=args.device, llm=args.llm, backend=args.backend,
@@ -141,17 +152,24 @@ class ServeCommand:
             raise VidlangUserError(f"cannot listen on {args.host}:{args.port}: {err}") from err
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: the API has no authentication")
+        what = "none" if index is None else f"{len(index)} videos ({getattr(index, 'kind_name', 'folder')})"
         print(f"serving {args.ckpt} on {app.url} (chat: {'on' if bundle.chat is not None else 'off'}, "
-              f"index: {len(index) if index is not None else 'none'} videos, paths under: {root or 'disabled'})",
-              flush=True)
+              f"index: {what}, paths under: {root or 'disabled'})", flush=True)
         return app
 
     @staticmethod
     def _index(bundle, args: argparse.Namespace):
         if args.index is None:
             return None
+        from vidlang.index import is_vector_index, load_index
         from vidlang.serve.index import VideoIndex, default_cache_dir
 
+        if is_vector_index(args.index):
+            from vidlang.commands.index import parse_params
+
+            index = load_index(args.index, bundle, **parse_params(getattr(args, "index_param", []), "--index-param"))
+            print(f"index: {args.index}: {index.kind_name}, {len(index)} vectors, {index.search_params}")
+            return index
         cache = args.cache or default_cache_dir(args.index)
         index = VideoIndex.build(bundle, args.index, cache, progress=not args.quiet)
         print(f"index: {len(index)} videos ({index.stats.reused} cached, {index.stats.embedded} embedded, "

@@ -75,6 +75,10 @@ class ServeApp:
     """The server: state shared by the routes, the uvicorn server and its socket (bound at construction)."""
 
     def __init__(self, bundle: Any, config: ServeConfig, index: Any | None = None, root: str | None = None) -> None:
+        """``index``: a folder index (:class:`~vidlang.serve.index.VideoIndex`) or a vector index
+        (:class:`~vidlang.index.VectorIndex`, refused unless ``bundle`` is the model that made its embeddings)."""
+        if index is not None and hasattr(index, "check_model"):
+            index.check_model(bundle)
         self.bundle, self.config, self.index, self.root = bundle, config, index, root
         self.metrics = Metrics(set(ROUTES))
         engine = Engine(bundle, index, config.engine(), on_event=self.metrics.engine_event)

@@ -109,6 +109,7 @@ class InferenceBundle:
             self.audio_frontend = audio_frontend.to(self.device)
         self.lock = threading.Lock()  # one forward at a time through the shared model
         self.chat_lock = threading.Lock()
+        self.checkpoint_sha256 = fingerprint  # the checkpoint file's identity (vector indexes are checked against it)
         self.fingerprint = hashlib.sha256(
             f"{fingerprint}|frames={self.num_frames}|size={self.image_size}|sampler=segment|decode_resize".encode()
         ).hexdigest()[:32]

@@ -236,7 +236,8 @@ def build_api(state: ServeState) -> FastAPI:
     @api.get("/health", response_model=schemas.Health)
     async def health() -> Response:
         b = state.bundle
-        index = None if state.index is None else {"videos": len(state.index), "unreadable": len(state.index.failed)}
+        index = None if state.index is None else {"videos": len(state.index), "unreadable": len(state.index.failed),
+                                                  "kind": getattr(state.index, "kind_name", "folder")}
         return JSONResponse({
             "status": "ok", "checkpoint_kind": getattr(b, "kind", "retrieval"), "embed_dim": b.embed_dim,
             "num_frames": b.num_frames, "image_size": b.image_size, "text": b.tokenizer is not None,
@@ -265,7 +266,8 @@ def build_api(state: ServeState) -> FastAPI:
     async def search(request: Request) -> Response:
         deadline = Deadline(cfg.timeout_s)
         if state.index is None:
-            raise HttpError(501, "no video index loaded: start the server with --index DIR")
+            raise HttpError(501, "no video index loaded: start the server with --index DIR (a folder of videos or a "
+                                 "vector index)")
         if state.bundle.tokenizer is None:
             raise HttpError(501, "this checkpoint has no text tokenizer: search needs a retrieval checkpoint")
         if content_type(request) != "application/json":

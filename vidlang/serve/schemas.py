@@ -52,7 +52,7 @@ class EmbedAnswer(BaseModel):
 
 class SearchHit(BaseModel):
     rank: int
-    path: str
+    path: str = Field(description="the video's path in the folder, or a vector index row's source")
     score: float
 
 
@@ -65,6 +65,8 @@ class SearchAnswer(BaseModel):
 class IndexInfo(BaseModel):
     videos: int
     unreadable: int
+    kind: str = Field("folder", description="'folder' (a folder of videos embedded at start) or the vector index "
+                      "kind (flat, hnsw, ivfpq)")
 
 
 class QueueInfo(BaseModel):
