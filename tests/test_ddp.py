@@ -215,3 +215,49 @@ def test_ddp_eval_counts_padding_once_and_skips_bad_videos(tmp_path, corpus_entr
         text = torch.nn.functional.normalize(ref.model.encode_text(*ref.tokenize(batch["captions"])).embeds, dim=-1)
     expected = evaluate_embeddings(text, video, batch["caption_index"], dsl=True).metrics
     assert report["metrics"] == pytest.approx(expected)
+
+
+class MicroProbe(RetrievalTask):
+    """contrastive.micro_batch_size under DDP: rank r trains on videos (2r, 2r+1); the parameters before the step and
+    the (rank-averaged) gradients the optimizer sees are saved."""
+
+    probe_dir: str = ""
+    data: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        r = self.global_rank
+        return DataLoader(Subset(self.data, [2 * r, 2 * r + 1]), batch_size=2, shuffle=False,
+                          collate_fn=collate_samples)  # fmt: skip
+
+    def on_train_batch_start(self, batch, batch_idx):
+        params = {n: p.detach().clone() for n, p in self.named_parameters()}
+        torch.save(params, Path(self.probe_dir) / f"micro_params_rank{self.global_rank}.pt")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+        torch.save(grads, Path(self.probe_dir) / f"micro_grads_rank{self.global_rank}.pt")
+
+
+def test_ddp_micro_batches_match_the_single_process_global_batch(tmp_path, tokenizer_dir):
+    """Feature-cache accumulation (one video per micro-batch) on 2 gloo ranks: every rank's gradients equal the
+    single-process gradients of the global batch of 4 videos (the gather sees all negatives)."""
+    pl.seed_everything(0)
+    cfg = ModelConfig(image="vit_tiny", num_frames=4)
+    task = MicroProbe(cfg, tokenizer=str(tokenizer_dir), optim={"warmup_ratio": None},
+                      contrastive={"micro_batch_size": 1})  # fmt: skip
+    task.probe_dir, task.data = str(tmp_path), Videos([2, 1, 3, 1])
+    pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False, default_root_dir=tmp_path,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False).fit(task)  # fmt: skip
+    grads = [torch.load(tmp_path / f"micro_grads_rank{r}.pt") for r in range(2)]
+    params = torch.load(tmp_path / "micro_params_rank0.pt")
+    ref = RetrievalTask(cfg, tokenizer=str(tokenizer_dir), optim={"warmup_ratio": None})
+    ref.load_state_dict(params, strict=False)
+    batch = ref.on_after_batch_transfer(collate_samples([task.data[i] for i in range(4)]), 0)
+    loss, _, _ = ref.forward_loss(batch)
+    loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert set(grads[0]) == set(ref_grads) and ref_grads["model.logit_scale"].abs() > 0
+    for name, g in ref_grads.items():
+        for rank in grads:
+            torch.testing.assert_close(rank[name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -281,3 +281,41 @@ def test_video_to_text_convention_by_name(tmp_path, tokenizer_dir):  # noqa: F81
     assert '"v2t": "clip4clip"' in report
     with pytest.raises(ConfigError, match="v2t"):
         RetrievalTask(model=TINY, tokenizer=str(tokenizer_dir), evaluation={"v2t": "max"})
+
+
+# -- feature-cache gradient accumulation in the task -----------------------------------------------------------
+class GradProbe(pl.Callback):
+    """The gradients (and the loss) of the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if not self.grads:
+            self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_micro_batches_give_the_full_batch_gradients(size, tmp_path, tokenizer_dir):  # noqa: F811
+    """contrastive.micro_batch_size: the first step's gradients equal the whole batch's (1e-5), and training runs."""
+    probes = {}
+    for micro in (None, size):
+        torch.manual_seed(0)
+        task = RetrievalTask(model=ModelConfig(image="vit_tiny", num_frames=4, block="seq_transformer"),
+                             tokenizer=str(tokenizer_dir), optim=OPTIM, contrastive={"micro_batch_size": micro})
+        probes[micro] = GradProbe()
+        trainer(tmp_path, max_steps=2, callbacks=[probes[micro]]).fit(task, train_loader(4))
+        assert task.global_step == 2
+    full, cached = probes[None].grads, probes[size].grads
+    assert full.keys() == cached.keys() and len(full) > 10
+    for name, g in full.items():
+        assert torch.allclose(cached[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_micro_batches_refuse_what_cannot_be_cached(tmp_path, tokenizer_dir):  # noqa: F811
+    with pytest.raises(ConfigError, match="cosine"):
+        ContrastiveConfig(similarity="mug", micro_batch_size=2)
+    task = RetrievalTask(model=ModelConfig(image="vit_tiny", num_frames=4, block="ila"), tokenizer=str(tokenizer_dir),
+                         optim=OPTIM, contrastive={"micro_batch_size": 2})  # fmt: skip
+    with pytest.raises(ConfigError, match="auxiliary"):
+        trainer(tmp_path, max_steps=1).fit(task, train_loader(4))

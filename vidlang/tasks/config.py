@@ -92,6 +92,11 @@ class ContrastiveConfig:
         loss: the retrieval loss by name in :data:`vidlang.losses.LOSSES` (``infonce``, ``soft_target``, ``m2mix``,
             ``align_uniform``, ``symile``; ``docs/recipes.md``); loss_args: its own arguments (e.g.
             ``{smoothing: 0.1}``); ``gather`` / ``local_loss`` / ``temperature`` / ``directions`` come from here.
+        micro_batch_size: encode the batch this many videos at a time with feature-cache gradient accumulation
+            (:mod:`vidlang.losses.grad_cache`, GradCache / open_clip's ``accum_freq``): the loss still sees every
+            negative of the (gathered) batch, the activations held are one micro-batch's. None: the whole batch at
+            once. Needs ``similarity: cosine`` and a block without auxiliary losses or caption inputs; replaces
+            ``trainer.accumulate_grad_batches`` and ``gradient_clip_val`` (manual optimisation).
     """
 
     gather: bool = True
@@ -102,11 +107,16 @@ class ContrastiveConfig:
     tight_layers: int = 4
     loss: str = "infonce"
     loss_args: dict[str, Any] = field(default_factory=dict)
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         from vidlang.losses import LOSSES  # here: the losses package imports nothing of the tasks
 
         object.__setattr__(self, "loss_args", dict(self.loss_args or {}))
+        check_min("contrastive", 1, micro_batch_size=self.micro_batch_size)
+        if self.micro_batch_size is not None and self.similarity != "cosine":
+            raise ConfigError("contrastive.micro_batch_size caches pooled embeddings: it needs similarity 'cosine', "
+                              f"got {self.similarity!r}")
         kind = LOSSES.get(self.loss)  # an unknown name: one line listing the registered losses
         if getattr(kind, "needs_embeddings", False) and self.similarity != "cosine":
             raise ConfigError(f"contrastive.loss {self.loss!r} works on the pooled embeddings: it needs similarity "

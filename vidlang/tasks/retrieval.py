@@ -42,7 +42,7 @@ from vidlang.eval.protocols import protocol_of
 from vidlang.eval.report import write_metrics
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings, evaluate_similarity
 from vidlang.losses.contrastive import LOSSES, ContrastiveLoss, ContrastiveOutput
-from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, world_info
+from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, is_distributed, world_info
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.contract import TextOutput, VideoOutput
@@ -125,6 +125,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             con.loss, gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,
             temperature=con.temperature, directions=con.directions, **con.loss_args)
         self.tight: TightTransformerSimilarity | None = None
+        if con.micro_batch_size is not None:
+            self.automatic_optimization = False  # feature-cache accumulation steps the optimizer itself
         if con.similarity == "tight":
             vt, tcfg = self.video_text, self.video_text.text_tower.cfg
             self.tight = TightTransformerSimilarity(vt.embed_dim, con.tight_layers, heads=tcfg.heads,
@@ -248,6 +250,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         return total, out, aux
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if self.contrastive.micro_batch_size is not None:
+            return self._cached_training_step(batch)
         total, out, aux = self.forward_loss(batch)
         logs = {"train/loss": total, "train/loss_contrastive": out.loss, "train/loss_t2v": out.loss_t2v,
                 "train/loss_v2t": out.loss_v2t, "train/scale": out.scale}
@@ -255,6 +259,61 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         logs.update({f"train/aux_{k}": v for k, v in aux.items()})
         self.log_train(logs, total, batch["video"].shape[0])
         return total
+
+    # -- feature-cache gradient accumulation (contrastive.micro_batch_size) -----------------------
+    def _cached_training_step(self, batch: dict[str, Any]) -> Tensor:
+        """One optimizer step over ``batch`` encoded ``micro_batch_size`` videos at a time
+        (:func:`vidlang.losses.grad_cache.cached_contrastive_backward`): the loss and the gradients of the whole
+        (gathered) batch, the activations of one micro-batch. Manual optimisation: under DDP the gradients are
+        averaged over the ranks here (:func:`average_gradients`)."""
+        from vidlang.losses.grad_cache import cached_contrastive_backward
+
+        if self.trainer.precision == "16-mixed":
+            raise ConfigError("contrastive.micro_batch_size does not support fp16 loss scaling: use "
+                              "trainer.precision bf16-mixed or 32-true")
+        video = batch["video"]
+        if video.ndim != 5:
+            raise ValueError(f"retrieval training expects video [B, T, C, H, W], got {tuple(video.shape)}")
+        ids, mask = self._text_inputs(batch)
+        if self.video_text.caption_state(ids, mask, batch["caption_index"], video.shape[0]) is not None:
+            raise ConfigError(f"contrastive.micro_batch_size: the {type(self.block).__name__} block reads the "
+                              "captions in its video forward (a captioning head); train it without micro-batches")
+        audio_mel, audio_mask = self._batch_audio(batch)
+        micro = split_batch(batch, ids, mask, audio_mel, audio_mask, self.contrastive.micro_batch_size)
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad()
+        out = cached_contrastive_backward(
+            micro, self._micro_video, self._micro_text,
+            lambda v, t, i: self.loss(v, t, i, self.model.logit_scale), [m["caption_index"] for m in micro],
+        )
+        average_gradients(self)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        logs = {"train/loss": out.loss, "train/loss_contrastive": out.loss, "train/loss_t2v": out.loss_t2v,
+                "train/loss_v2t": out.loss_v2t, "train/scale": out.scale}
+        logs.update({f"train/loss_{k}": v for k, v in out.extra.items()})
+        self.log_train(logs, out.loss, video.shape[0])
+        return out.loss
+
+    def _micro_video(self, mb: dict[str, Any]) -> Tensor:
+        state = video_mask_state(self.block, mb.get("video_mask"))
+        v = self.video_output(mb["video"], mb.get("audio_mel"), mb.get("audio_mel_mask"), state=state)
+        self._no_aux(v.aux_losses)
+        return v.embeds  # [b, E]
+
+    def _micro_text(self, mb: dict[str, Any]) -> Tensor:
+        if mb["input_ids"].shape[0] == 0:  # a micro-batch whose videos have no caption in this batch
+            return mb["video"].new_zeros(0, self.model.embed_dim)
+        t = self.model.encode_text(mb["input_ids"], mb["attention_mask"])
+        self._no_aux(t.aux_losses)
+        return t.embeds  # [a, E]
+
+    def _no_aux(self, aux: dict[str, Tensor]) -> None:
+        if aux:
+            raise ConfigError(f"contrastive.micro_batch_size: the {type(self.block).__name__} block adds auxiliary "
+                              f"losses ({', '.join(aux)}), which feature caching cannot carry; train it without "
+                              "micro-batches")
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The model's groups (its lr / weight-decay recipe), then the tightTransf head at ``run_lr``."""
@@ -398,6 +457,47 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
 
             title = f"{stage} recall@K (epoch {self.current_epoch}, step {self.global_step})"
             plot_recall_at_k(result.ranks, out_dir / f"{stage}_recall_at_k.png", title=title)
+
+
+def split_batch(batch: dict[str, Any], ids: Tensor, mask: Tensor, audio_mel: Tensor | None,
+                audio_mask: Tensor | None, size: int) -> list[dict[str, Any]]:
+    """``batch`` cut into micro-batches of ``size`` videos: ``video`` (+ ``video_mask``, audio), the captions of those
+    videos (``input_ids`` / ``attention_mask``) and their ``caption_index`` within the micro-batch."""
+    out = []
+    index = batch["caption_index"]
+    for start in range(0, batch["video"].shape[0], size):
+        stop = min(start + size, batch["video"].shape[0])
+        rows = (index >= start) & (index < stop)  # [A]
+        mb = {"video": batch["video"][start:stop], "input_ids": ids[rows], "attention_mask": mask[rows],
+              "caption_index": index[rows] - start}
+        if batch.get("video_mask") is not None:
+            mb["video_mask"] = batch["video_mask"][start:stop]
+        if audio_mel is not None:
+            mb["audio_mel"], mb["audio_mel_mask"] = audio_mel[start:stop], audio_mask[start:stop]
+        out.append(mb)
+    return out
+
+
+@torch.no_grad()
+def average_gradients(module: torch.nn.Module) -> None:
+    """Under DDP with manual optimisation (the reducer is not used): average every trainable parameter's gradient
+    over the ranks, in one flat all-reduce (a parameter without a gradient on a rank counts as zero there)."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 def first_occurrences(keys: list[str]) -> tuple[Tensor, Tensor]:
