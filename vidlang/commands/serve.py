@@ -51,6 +51,10 @@ class ServeCommand:
         parser.add_argument("--index", default=None,
                             help="what /search searches: a folder of videos (embedded at start, cached), or a "
                                  "vector index built by 'vidlang index build' (made with this checkpoint)")
+        parser.add_argument("--rag-ckpt", default=None,
+                            help="a RetrievalTask checkpoint whose video embeddings --index holds: /chat then also "
+                                 "answers questions about the indexed videos (\"collection\": true), its text tower "
+                                 "embedding the question (and /search queries)")
         parser.add_argument("--index-param", action="append", default=[], metavar="NAME=VALUE",
                             help="a search-time parameter of a vector index (ef_search; nprobe, k_factor), repeatable")
         parser.add_argument("--cache", default=None, help="index cache folder (default ~/.cache/vidlang/index/...)")
@@ -137,8 +141,19 @@ class ServeCommand:
                 raise ConfigError(f"--llm needs a checkpoint whose temporal block yields query tokens: {err}") from err
             print("warning: the checkpoint is a retrieval model; its projection to the LLM is untrained "
                   "(serve a ChatEncoderTask checkpoint for meaningful answers)")
-        index = self._index(bundle, args)
+        rag_bundle = None
+        if getattr(args, "rag_ckpt", None):
+            if args.index is None:
+                raise ConfigError("--rag-ckpt needs --index (the collection its embeddings were made of)")
+            rag_bundle = load_bundle(args.rag_ckpt, device=args.device, backend=args.backend, kinds=("retrieval",),
+                                     command="vidlang serve --rag-ckpt")
+            if rag_bundle.tokenizer is None:
+                raise ConfigError(f"--rag-ckpt {args.rag_ckpt}: the checkpoint has no text tokenizer")
+        index = self._index(rag_bundle or bundle, args)
+        rag = self._retriever(bundle, rag_bundle, index, args)
         bundle.warmup()
+        if rag_bundle is not None:
+            rag_bundle.warmup()
         config = ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              timeout_s=args.timeout_s, workers=args.workers, log_requests=not args.quiet)
         for name in ("max_queue", "batch_window_ms", "max_batch", "grace_s", "max_connections", "header_timeout_s",
@@ -147,15 +162,32 @@ class ServeCommand:
             if value is not None:
                 setattr(config, name, value)
         try:
-            app = ServeApp(bundle, config, index=index, root=root)
+            app = ServeApp(bundle, config, index=index, root=root, rag=rag)
         except OSError as err:
             raise VidlangUserError(f"cannot listen on {args.host}:{args.port}: {err}") from err
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: the API has no authentication")
         what = "none" if index is None else f"{len(index)} videos ({getattr(index, 'kind_name', 'folder')})"
         print(f"serving {args.ckpt} on {app.url} (chat: {'on' if bundle.chat is not None else 'off'}, "
+              f"collection chat: {'on' if rag is not None else 'off'}, "
               f"index: {what}, paths under: {root or 'disabled'})", flush=True)
         return app
+
+    @staticmethod
+    def _retriever(bundle, rag_bundle, index, args: argparse.Namespace):
+        """The :class:`~vidlang.serve.rag.CollectionRetriever` of /chat's collection questions, or None: the
+        --rag-ckpt checkpoint (else a served retrieval checkpoint with --llm) over the index."""
+        from vidlang.serve.rag import CollectionRetriever
+
+        if index is None or bundle.chat is None:
+            if rag_bundle is not None:
+                raise ConfigError("--rag-ckpt needs chat (a ChatEncoderTask checkpoint, or --llm DIR)")
+            return None
+        text = rag_bundle if rag_bundle is not None else (bundle if bundle.tokenizer is not None else None)
+        if text is None:
+            return None
+        what = f"--rag-ckpt {args.rag_ckpt}" if rag_bundle is not None else f"--ckpt {args.ckpt}"
+        return CollectionRetriever(text, index, root=args.root, what=what)
 
     @staticmethod
     def _index(bundle, args: argparse.Namespace):

@@ -53,6 +53,11 @@ def split_prompt(prompt: str, num_media: int) -> list[str]:
     return parts
 
 
+def collection_media(num: int) -> str:
+    """The prompt text standing for ``num`` retrieved clips: ``Clip 1: <ImageHere>`` ... one per line."""
+    return "\n".join(f"Clip {i}: {PLACEHOLDER}" for i in range(1, num + 1))
+
+
 def normalize_video(video: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 ``[..., 3, H, W]`` -> float normalised with the image mean/std; float input is returned as is."""
     if torch.is_floating_point(video):
@@ -399,6 +404,46 @@ class ChatEncoder(nn.Module):
             media = self.media_tokens(video, audio_mel, audio_mask)
             seq, lab = self.question_sequence(media[0], question)
             embeds, mask, _ = self.pad_batch([seq], [lab], left=True)
+        return self._answer_from(embeds, mask, max_new_tokens, stream, **generate_kwargs)
+
+    def collection_sequence(self, media: Sequence[Tensor], question: str) -> tuple[Tensor, Tensor]:
+        """Several clips' media tokens (``[Q_i, d]``, in rank order) + a question -> the generation prompt's
+        embeddings ``[L, d]`` and labels ``[L]`` in this encoder's prompt style: the clips numbered one per line
+        (:func:`collection_media`) where a single clip's placeholder would be."""
+        if not media:
+            raise ValueError("a collection question needs at least one clip")
+        if PLACEHOLDER in question:
+            raise ValueError(f"the question may not contain the placeholder {PLACEHOLDER}: {question!r}")
+        clips = collection_media(len(media))
+        if self.prompt_style == "chat":
+            messages = user_turn(question, self.system)
+            messages[-1]["content"] = messages[-1]["content"].replace(PLACEHOLDER, clips, 1)
+            return self.build_conversation(messages, media, add_generation_prompt=True)
+        prompt = self.template.replace(PLACEHOLDER, clips, 1).replace("{question}", question)
+        return self.build_sequence(prompt, media)
+
+    def answer_clips(
+        self,
+        video: Tensor,
+        question: str,
+        max_new_tokens: int = 64,
+        stream: bool = False,
+        audio_mel: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> str | Iterator[str]:
+        """Clips ``[K, T, 3, H, W]`` (in rank order) + a question about them -> the answer (or, with ``stream``,
+        an iterator of text pieces); every clip's media tokens go into one prompt (:meth:`collection_sequence`)."""
+        if video.dim() != 5 or video.shape[0] < 1:
+            raise ValueError(f"answer_clips() takes clips [K, T, 3, H, W], got {list(video.shape)}")
+        with torch.no_grad():
+            media = self.media_tokens(video, audio_mel, audio_mask)
+            seq, lab = self.collection_sequence(media, question)
+            embeds, mask, _ = self.pad_batch([seq], [lab], left=True)
+        return self._answer_from(embeds, mask, max_new_tokens, stream, **generate_kwargs)
+
+    def _answer_from(self, embeds: Tensor, mask: Tensor, max_new_tokens: int, stream: bool,
+                     **generate_kwargs: Any) -> str | Iterator[str]:
         if stream:
             return self._stream(embeds, mask, max_new_tokens, **generate_kwargs)
         with torch.no_grad():

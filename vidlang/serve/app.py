@@ -74,14 +74,20 @@ class _Server(uvicorn.Server):
 class ServeApp:
     """The server: state shared by the routes, the uvicorn server and its socket (bound at construction)."""
 
-    def __init__(self, bundle: Any, config: ServeConfig, index: Any | None = None, root: str | None = None) -> None:
+    def __init__(self, bundle: Any, config: ServeConfig, index: Any | None = None, root: str | None = None,
+                 rag: Any | None = None) -> None:
         """``index``: a folder index (:class:`~vidlang.serve.index.VideoIndex`) or a vector index
-        (:class:`~vidlang.index.VectorIndex`, refused unless ``bundle`` is the model that made its embeddings)."""
+        (:class:`~vidlang.index.VectorIndex`, refused unless ``bundle`` is the model that made its embeddings).
+        ``rag``: a :class:`~vidlang.serve.rag.CollectionRetriever` over ``index`` for questions about the
+        collection on ``/chat``; its retrieval checkpoint (not ``bundle``) then embeds ``/search`` queries and is
+        the one the index must come from."""
+        if rag is not None and index is not None and rag.index is not index:
+            raise ValueError("rag must search the server's index")
         if index is not None and hasattr(index, "check_model"):
-            index.check_model(bundle)
+            index.check_model(rag.bundle if rag is not None else bundle)
         self.bundle, self.config, self.index, self.root = bundle, config, index, root
         self.metrics = Metrics(set(ROUTES))
-        engine = Engine(bundle, index, config.engine(), on_event=self.metrics.engine_event)
+        engine = Engine(bundle, index, config.engine(), on_event=self.metrics.engine_event, rag=rag)
         self.metrics.watch_queue(lambda: engine.depth)
         self.state = ServeState(bundle, index, root, config, engine, self.metrics)
         self.api = build_api(self.state)

@@ -9,7 +9,9 @@ server stops): a queued job never starts, and a running one stops at the next st
   against the index (one matrix product for the batch);
 * videos -> ``workers`` decode threads (decoding runs outside the model lock, under the pixel and duration
   limits) -> the clip batcher: the decoded clips of concurrent requests are encoded as one batch;
-* chat -> one generation thread, checking for cancellation between generated pieces.
+* chat -> one generation thread, checking for cancellation between generated pieces; a question about the
+  collection (``rag_chat``) is retrieved, its clips decoded and answered on that thread too
+  (:mod:`vidlang.serve.rag`).
 
 A batcher takes what is queued, waits up to ``batch_window_s`` for more (at most ``max_batch``), drops
 cancelled jobs, then runs one forward pass. Threads are daemons: a stage that is running when the process
@@ -115,8 +117,11 @@ class Engine:
     "shutting_down")`` (for metrics)."""
 
     def __init__(self, bundle: Any, index: Any | None, config: EngineConfig,
-                 on_event: Callable[[str, Any], None] | None = None) -> None:
-        self.bundle, self.index, self.config = bundle, index, config
+                 on_event: Callable[[str, Any], None] | None = None, rag: Any | None = None) -> None:
+        """``rag``: a :class:`~vidlang.serve.rag.CollectionRetriever` (questions about the collection); its
+        retrieval bundle then also embeds the ``search`` queries."""
+        self.bundle, self.index, self.config, self.rag = bundle, index, config, rag
+        self.text_bundle = rag.bundle if rag is not None else bundle
         self.on_event = on_event or (lambda name, value: None)
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
@@ -185,6 +190,17 @@ class Engine:
         self._chat_q.put(job)
         return job
 
+    def rag_chat(self, question: str, k: int, max_new_tokens: int, deadline: Deadline,
+                 emit: Callable[[str], None], on_clips: Callable[[Any], None]) -> Job:
+        """Answer about the top-``k`` clips of the collection: ``on_clips`` receives the
+        :class:`~vidlang.serve.rag.CollectionAnswer` (clips used and skipped) before the first piece goes to
+        ``emit``."""
+        if self.rag is None:
+            raise HttpError(400, "no video collection to answer about: start the server with --index")
+        job = self.admit("rag", deadline, (question, k, max_new_tokens, emit, on_clips))
+        self._chat_q.put(job)
+        return job
+
     # -- stopping ------------------------------------------------------------------------------------
     def refuse_new(self) -> None:
         """From now on every new job gets 503 (the server is stopping); jobs in flight go on."""
@@ -241,7 +257,7 @@ class Engine:
         return list(zip(out.embeds, tokens, strict=True))
 
     def _run_text(self, items: Sequence[tuple[str, int]]) -> list[list[tuple[str, float]]]:
-        embeds = self.bundle.embed_texts([q for q, _ in items])  # [B, E]
+        embeds = self.text_bundle.embed_texts([q for q, _ in items])  # [B, E]
         k_max = max(k for _, k in items)
         hits = self.index.search_batch(embeds, k_max)  # stable ranking: a top-k is the top-k_max's prefix
         return [h[:k] for h, (_, k) in zip(hits, items, strict=True)]
@@ -250,12 +266,13 @@ class Engine:
         while (job := self._chat_q.get()) is not None:
             if not job.start():
                 continue
-            source, question, max_new, emit = job.payload
             try:
                 with self.bundle.chat_lock:
-                    pieces = self.bundle.answer(source, question, max_new_tokens=max_new, stream=True,
-                                                max_pixels=self.config.max_pixels,
-                                                max_seconds=self.config.max_video_s)
+                    pieces = self._start_answer(job)
+                    if pieces is None:  # cancelled while retrieving / decoding
+                        job.alive()
+                        continue
+                    emit = job.payload[3]
                     for piece in _iterate(pieces):
                         if not job.alive():
                             break
@@ -264,6 +281,23 @@ class Engine:
                         job.done()
             except Exception as err:  # handed to the request
                 job.done(error=err)
+
+    def _start_answer(self, job: Job) -> Any:
+        """The answer's pieces of a ``chat`` or ``rag`` job (None when it was cancelled meanwhile)."""
+        if job.kind == "rag":
+            from vidlang.serve.rag import answer_collection
+
+            question, k, max_new, _, on_clips = job.payload
+            out = answer_collection(self.bundle, self.rag, question, k, max_new_tokens=max_new, stream=True,
+                                    max_pixels=self.config.max_pixels, max_seconds=self.config.max_video_s,
+                                    alive=job.alive)
+            if out is None:
+                return None
+            on_clips(out)
+            return out.answer
+        source, question, max_new, _ = job.payload
+        return self.bundle.answer(source, question, max_new_tokens=max_new, stream=True,
+                                  max_pixels=self.config.max_pixels, max_seconds=self.config.max_video_s)
 
 
 def _iterate(pieces: Any) -> Iterator[str]:

@@ -265,6 +265,27 @@ class InferenceBundle:
             return self.chat.answer(clip, question, max_new_tokens=max_new_tokens, stream=stream,
                                     audio_mel=mel, audio_mask=mask)
 
+    @property
+    def chat_audio(self) -> bool:
+        """Whether chat answers take each clip's audio track too (a chat encoder with an audio branch)."""
+        return self.chat is not None and getattr(self.chat, "audio", None) is not None \
+            and self.audio_frontend is not None
+
+    def answer_clips(self, clips: Sequence[Tensor], question: str, audio: Sequence[Tensor | None] | None = None,
+                     max_new_tokens: int = 64, stream: bool = False) -> Any:
+        """Decoded clips (``uint8 [T, 3, S, S]`` each, :meth:`decode_clip`, in rank order) + a question about them
+        -> the answer (or an iterator of text pieces): every clip's media tokens in one prompt
+        (``ChatEncoder.answer_clips``). ``audio``: per clip a waveform or None (used when :attr:`chat_audio`)."""
+        if self.chat is None:
+            raise RuntimeError("no chat model loaded (start with --llm)")
+        video = self.normalize(torch.stack(list(clips)))  # [K, T, 3, S, S]
+        mel = mask = None
+        if self.chat_audio and audio is not None:
+            mel, mask = self.audio_frontend(list(audio))
+        with self.lock:  # as answer(): only the media tokens are computed under the lock when streaming
+            return self.chat.answer_clips(video, question, max_new_tokens=max_new_tokens, stream=stream,
+                                          audio_mel=mel, audio_mask=mask)
+
 
 # -- loading ---------------------------------------------------------------------------------------
 def _model_config(hparams: dict[str, Any]) -> Any:

@@ -184,13 +184,13 @@ async def form_body(state: ServeState, request: Request, deadline: Deadline) -> 
     return files, fields
 
 
-async def video_input(state: ServeState, request: Request, deadline: Deadline
+async def video_input(state: ServeState, request: Request, deadline: Deadline, obj: dict[str, Any] | None = None
                       ) -> tuple[str | bytes, str, dict[str, Any], bool]:
     """The request's video (real path or bytes), a display name, its other fields, and whether they came as
-    JSON (typed strictly) rather than as text."""
+    JSON (typed strictly) rather than as text. ``obj``: the JSON body when the caller has read it already."""
     ctype = content_type(request)
     if ctype == "application/json":
-        obj = await json_body(state, request, deadline)
+        obj = obj if obj is not None else await json_body(state, request, deadline)
         if "path" not in obj:
             raise HttpError(400, "missing field 'path' (or upload the video as multipart or raw bytes)")
         return confine_path(state.root, obj["path"]), str(obj["path"]), obj, True
@@ -241,7 +241,8 @@ def build_api(state: ServeState) -> FastAPI:
         return JSONResponse({
             "status": "ok", "checkpoint_kind": getattr(b, "kind", "retrieval"), "embed_dim": b.embed_dim,
             "num_frames": b.num_frames, "image_size": b.image_size, "text": b.tokenizer is not None,
-            "chat": b.chat is not None, "index": index, "paths": state.root is not None,
+            "chat": b.chat is not None, "collection_chat": b.chat is not None and engine.rag is not None,
+            "index": index, "paths": state.root is not None,
             "queue": {"depth": engine.depth, "max": cfg.max_queue},
             "uptime_s": round(time.monotonic() - state.started, 3),
         })
@@ -268,8 +269,9 @@ def build_api(state: ServeState) -> FastAPI:
         if state.index is None:
             raise HttpError(501, "no video index loaded: start the server with --index DIR (a folder of videos or a "
                                  "vector index)")
-        if state.bundle.tokenizer is None:
-            raise HttpError(501, "this checkpoint has no text tokenizer: search needs a retrieval checkpoint")
+        if engine.text_bundle.tokenizer is None:
+            raise HttpError(501, "this checkpoint has no text tokenizer: search needs a retrieval checkpoint "
+                                 "(serve it with --ckpt, or with --rag-ckpt beside a chat checkpoint)")
         if content_type(request) != "application/json":
             raise HttpError(415, f"/search takes application/json, got {content_type(request) or '(none)'!r}")
         req = schemas.validate(schemas.SearchRequest, await json_body(state, request, deadline), strict=True)
@@ -278,29 +280,38 @@ def build_api(state: ServeState) -> FastAPI:
         results = [{"rank": r, "path": p, "score": s} for r, (p, s) in enumerate(hits, 1)]
         return JSONResponse({"query": query, "k": req.k, "results": results})
 
-    @api.post("/chat", response_model=schemas.ChatAnswer, openapi_extra=_video_body(schemas.ChatRequest),
+    @api.post("/chat", response_model=schemas.ChatAnswer,
+              openapi_extra=_video_body(schemas.ChatRequest, schemas.CollectionChatRequest),
               responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}})
     async def chat(request: Request) -> Response:
         deadline = Deadline(cfg.timeout_s)
         if state.bundle.chat is None:
             raise HttpError(501, "chat is not available: start the server with --llm DIR (a local causal LM)")
-        source, _, fields, typed = await video_input(state, request, deadline)
+        obj = await json_body(state, request, deadline) if content_type(request) == "application/json" else None
+        if obj is not None and "collection" in obj:
+            return await collection_chat(obj, request, deadline)
+        source, _, fields, typed = await video_input(state, request, deadline, obj)
         req = schemas.validate(schemas.ChatFields, fields, strict=typed)
         question = _text_field(req.question, "question", cfg.max_text_chars)
-        mode = str(req.stream).lower()
-        if "text/event-stream" in request.headers.get("accept", ""):
-            mode = "sse"
-        if mode not in ("text", "sse", "false", "0", "true", "1"):
-            raise HttpError(400, f"'stream' must be true, false or 'sse', got {req.stream!r}")
+        mode = _stream_mode(req.stream, request)
         pieces = await chat_pieces(state, source, question, req.max_new_tokens, deadline)
-        if mode in ("false", "0"):
-            text = "".join([p async for p in pieces])
-            return JSONResponse({"answer": text.strip()})
-        if mode == "sse":
-            return StreamingResponse(_sse(pieces), media_type="text/event-stream; charset=utf-8",
-                                     headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
-        return StreamingResponse(_utf8(pieces), media_type="text/plain; charset=utf-8",
-                                 headers={"X-Content-Type-Options": "nosniff"})
+        return await _answer_response(mode, pieces)
+
+    async def collection_chat(obj: dict[str, Any], request: Request, deadline: Deadline) -> Response:
+        """``/chat`` with ``"collection": true``: a question about the indexed videos (:mod:`vidlang.serve.rag`)."""
+        if "path" in obj:
+            raise HttpError(400, "give either 'path' (a question about one video) or \"collection\": true (about "
+                                 "the indexed videos), not both")
+        req = schemas.validate(schemas.CollectionChatRequest, obj, strict=True)
+        if engine.rag is None:
+            raise HttpError(400, "no video collection to answer about: start the server with --index DIR (a vector "
+                                 "index or a folder of videos) and --rag-ckpt CKPT (the retrieval checkpoint whose "
+                                 "embeddings it holds)")
+        question = _text_field(req.question, "question", cfg.max_text_chars)
+        mode = _stream_mode(req.stream, request)
+        meta, pieces = await start_stream(state, lambda emit, on_meta: engine.rag_chat(
+            question, req.k, req.max_new_tokens, deadline, emit, lambda out: on_meta(out.clips_json())), deadline)
+        return await _answer_response(mode, pieces, {"k": req.k, **(meta or {"clips": [], "skipped": []})})
 
     return api
 
@@ -349,14 +360,43 @@ def _json_body(model: type) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def _video_body(model: type) -> dict[str, Any]:
+def _video_body(model: type, *alternatives: type) -> dict[str, Any]:
+    """A video route's body; ``alternatives``: other JSON bodies the route accepts."""
+    json_schema = model.model_json_schema()
+    if alternatives:
+        json_schema = {"oneOf": [json_schema, *(m.model_json_schema() for m in alternatives)]}
     upload = {"type": "object", "properties": {"video": {"type": "string", "format": "binary"}}, "required": ["video"]}
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()},
+        "application/json": {"schema": json_schema},
         "multipart/form-data": {"schema": upload},
         "video/*": {"schema": {"type": "string", "format": "binary"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     }}}
+
+
+def _stream_mode(stream: Any, request: Request) -> str:
+    """``text`` (chunked text), ``sse`` (also chosen by ``Accept: text/event-stream``) or ``json`` (one JSON)."""
+    mode = str(stream).lower()
+    if "text/event-stream" in request.headers.get("accept", ""):
+        mode = "sse"
+    if mode not in ("text", "sse", "false", "0", "true", "1"):
+        raise HttpError(400, f"'stream' must be true, false or 'sse', got {stream!r}")
+    return "json" if mode in ("false", "0") else "sse" if mode == "sse" else "text"
+
+
+async def _answer_response(mode: str, pieces: AsyncIterator[str], meta: dict[str, Any] | None = None) -> Response:
+    """The answer as ``mode`` (:func:`_stream_mode`). ``meta`` (the clips of a collection answer) goes into the
+    JSON answer, into the SSE ``done`` event, and (compact JSON) into the ``X-Vidlang-Clips`` header."""
+    if mode == "json":
+        text = "".join([p async for p in pieces])
+        return JSONResponse({"answer": text.strip(), **(meta or {})})
+    headers = {"X-Content-Type-Options": "nosniff"}
+    if meta is not None:
+        headers["X-Vidlang-Clips"] = json.dumps(meta, separators=(",", ":"))
+    if mode == "sse":
+        return StreamingResponse(_sse(pieces, meta), media_type="text/event-stream; charset=utf-8",
+                                 headers={"Cache-Control": "no-cache", **headers})
+    return StreamingResponse(_utf8(pieces), media_type="text/plain; charset=utf-8", headers=headers)
 
 
 # -- chat streaming -------------------------------------------------------------------------------
@@ -364,6 +404,15 @@ async def chat_pieces(state: ServeState, source: str | bytes, question: str, max
                       ) -> AsyncIterator[str]:
     """Start generation; 504 / 4xx before the first piece, else an async iterator of the text pieces (the job
     is cancelled when the iterator is closed early: client gone, deadline passed)."""
+    _, pieces = await start_stream(state, lambda emit, _: state.engine.chat(source, question, max_new, deadline,
+                                                                           emit), deadline)
+    return pieces
+
+
+async def start_stream(state: ServeState, start: Any, deadline: Deadline
+                       ) -> tuple[Any | None, AsyncIterator[str]]:
+    """``start(emit, on_meta) -> Job`` starts generation; ``on_meta`` may be called once before the first piece.
+    Returns (that meta or None, the async iterator of text pieces); 504 / 4xx before the first piece."""
     loop = asyncio.get_running_loop()
     out: asyncio.Queue = asyncio.Queue()
 
@@ -373,7 +422,7 @@ async def chat_pieces(state: ServeState, source: str | bytes, question: str, max
         except RuntimeError:  # the event loop is closed: the server is gone
             pass
 
-    job = state.engine.chat(source, question, max_new, deadline, lambda piece: put(("piece", piece)))
+    job = start(lambda piece: put(("piece", piece)), lambda meta: put(("meta", meta)))
     job.future.add_done_callback(lambda f: put(("end", f)))
 
     async def next_item() -> tuple[str, Any]:
@@ -385,6 +434,9 @@ async def chat_pieces(state: ServeState, source: str | bytes, question: str, max
             raise
 
     first = await next_item()
+    meta = None
+    if first[0] == "meta":
+        meta, first = first[1], await next_item()
     if first[0] == "end":
         _raise_from(first[1])
 
@@ -399,7 +451,7 @@ async def chat_pieces(state: ServeState, source: str | bytes, question: str, max
         finally:
             job.cancel("stream closed")
 
-    return pieces()
+    return meta, pieces()
 
 
 def _raise_from(future: Any) -> None:
@@ -417,15 +469,16 @@ async def _utf8(pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
         yield f"\n[error: {_message(err)}]\n".encode()
 
 
-async def _sse(pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    """Text pieces -> server-sent events: ``data:`` per piece, then ``event: done`` (or ``event: error``)."""
+async def _sse(pieces: AsyncIterator[str], done: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    """Text pieces -> server-sent events: ``data:`` per piece, then ``event: done`` with ``done`` as its JSON
+    data (``{}`` by default), or ``event: error``."""
     try:
         async for piece in pieces:
             yield ("".join(f"data: {line}\n" for line in piece.split("\n")) + "\n").encode("utf-8")
     except Exception as err:
         yield f"event: error\ndata: {json.dumps({'error': _message(err)})}\n\n".encode()
         return
-    yield b"event: done\ndata: {}\n\n"
+    yield f"event: done\ndata: {json.dumps(done or {})}\n\n".encode()
 
 
 def _message(err: Exception) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -10,6 +10,7 @@ from vidlang.serve.limits import HttpError
 
 MAX_K = 1000
 MAX_NEW_TOKENS = 512
+MAX_RAG_K = 16  # clips per collection question: each adds the chat encoder's query tokens to the prompt
 
 
 class _Body(BaseModel):
@@ -35,12 +36,24 @@ class ChatFields(_Body):
     stream: bool | str = Field("text", description="'text' (default, chunked text), 'sse', or false (one JSON)")
 
 
+class CollectionChatRequest(ChatFields):
+    """``/chat`` about the indexed videos (JSON only): the question is embedded by the retrieval checkpoint, the
+    top-``k`` clips are decoded and their tokens fed to the LLM in rank order."""
+
+    collection: Literal[True] = Field(description="true: answer about the top-k clips of the server's index")
+    k: int = Field(3, ge=1, le=MAX_RAG_K, description="how many retrieved clips the answer sees")
+
+
 class ChatRequest(ChatFields):
     path: str = Field(description="a video under the allowed root (or upload it: multipart with a 'video' part)")
 
 
 class ChatAnswer(BaseModel):
     answer: str
+    k: int | None = Field(None, description="collection questions: the k asked for")
+    clips: list[dict[str, Any]] | None = Field(None, description="collection questions: the clips whose tokens the "
+                                               "answer saw, in rank order (rank, id, path, score[, caption])")
+    skipped: list[dict[str, Any]] | None = Field(None, description="retrieved clips that could not be decoded")
 
 
 class EmbedAnswer(BaseModel):
@@ -82,6 +95,7 @@ class Health(BaseModel):
     image_size: int
     text: bool
     chat: bool
+    collection_chat: bool = Field(False, description="whether /chat answers questions about the indexed videos")
     index: IndexInfo | None
     paths: bool
     queue: QueueInfo
