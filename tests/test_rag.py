@@ -219,7 +219,7 @@ def test_chat_route_refuses_bad_collection_requests(request, setup, server):
     app = start(request, setup, rag=False, index=False)
     status, _, data = call(app, {"collection": True, "question": QUESTION})
     body = json.loads(data)
-    assert status == 400 and "--index" in body["error"] and "--rag-ckpt" in body["error"] and body["status"] == 400
+    assert status == 501 and "--index" in body["error"] and "--rag-ckpt" in body["error"] and body["status"] == 501
     app = server
     status, _, data = call(app, {"collection": True, "question": QUESTION, "path": "a.mp4"})
     assert status == 400 and "not both" in json.loads(data)["error"]

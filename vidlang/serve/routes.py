@@ -304,7 +304,7 @@ def build_api(state: ServeState) -> FastAPI:
                                  "the indexed videos), not both")
         req = schemas.validate(schemas.CollectionChatRequest, obj, strict=True)
         if engine.rag is None:
-            raise HttpError(400, "no video collection to answer about: start the server with --index DIR (a vector "
+            raise HttpError(501, "no video collection to answer about: start the server with --index DIR (a vector "
                                  "index or a folder of videos) and --rag-ckpt CKPT (the retrieval checkpoint whose "
                                  "embeddings it holds)")
         question = _text_field(req.question, "question", cfg.max_text_chars)
