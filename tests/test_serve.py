@@ -270,7 +270,15 @@ def test_slow_request_is_504_and_the_server_stays_up(request, setup):
 def test_concurrent_load_every_response_correct(server, setup):
     b, index = setup["bundle"], setup["index"]
     queries = ["a red square", "a green ball moves up", "a yellow triangle"]
-    want_search = {q: [p for p, _ in index.search(b.embed_texts([q])[0], 3)] for q in queries}
+    # every indexed video's true score per query; 'escape.mp4' links to another video: an exact tie whose order
+    # batching noise (1e-8) may flip, so a ranking is right when its scores are the top-3 and each path has its score
+    true_score = {q: dict(index.search(b.embed_texts([q])[0], len(index.paths))) for q in queries}
+    top3 = {q: sorted(true_score[q].values(), reverse=True)[:3] for q in queries}
+
+    def right_ranking(q: str, results: list[dict]) -> bool:
+        return len(results) == 3 and all(
+            abs(r["score"] - want) < 1e-5 and abs(true_score[q][r["path"]] - r["score"]) < 1e-5
+            for r, want in zip(results, top3[q], strict=True))
     paths = [p for p in index.paths if p != "escape.mp4"]  # indexed (the operator's link) but not servable
     want_embed = {p: offline_embedding(setup, p) for p in paths}
     failures: list[str] = []
@@ -281,7 +289,7 @@ def test_concurrent_load_every_response_correct(server, setup):
                 if (t + j) % 2:
                     q = queries[(t + j) % len(queries)]
                     code, body = call_json(server, "POST", "/search", {"query": q, "k": 3})
-                    ok = code == 200 and [r["path"] for r in body["results"]] == want_search[q]
+                    ok = code == 200 and right_ranking(q, body["results"])
                 else:
                     p = paths[(t * 5 + j) % len(paths)]
                     code, body = call_json(server, "POST", "/embed", {"path": p})
