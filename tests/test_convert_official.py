@@ -20,7 +20,14 @@ from torch import Tensor
 
 from vidlang.cli import main as cli_main
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.official import OFFICIAL_METHODS, UnknownKeysError, convert_official, detect_method, load_official
+from vidlang.models.official import (
+    OFFICIAL_METHODS,
+    UnknownKeysError,
+    convert_official,
+    detect_method,
+    load_official,
+    read_official_file,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 LAYOUTS = sorted(p.stem for p in FIXTURES.glob("*.json"))
@@ -301,3 +308,92 @@ def test_clip4clip_tight_and_3d_patch_refused():
         convert_official({**sd, "similarity_dense.weight": torch.zeros(1, 64)}, "clip4clip")
     with pytest.raises(UnknownKeysError, match="linear_patch 3d"):
         convert_official({**sd, "clip.visual.conv2.weight": torch.zeros(128, 3, 3, 8, 8)}, "clip4clip")
+
+
+# ---------------------------------------------------------------------------------------------
+# ViFi-CLIP's real files: the training config (a yacs CfgNode) beside the weights
+# ---------------------------------------------------------------------------------------------
+def _fake_yacs(monkeypatch) -> type:
+    """A ``yacs.config`` module whose ``CfgNode`` pickles as the real one does (a dict subclass whose
+    ``__init__`` sets yacs's flags in ``__dict__``, one of them a set); installed only while saving."""
+    import sys
+    import types
+
+    class CfgNode(dict):
+        def __init__(self, init: dict | None = None) -> None:
+            super().__init__(init or {})
+            self.__dict__["__immutable__"] = False
+            self.__dict__["__deprecated_keys__"] = set()
+            self.__dict__["__renamed_keys__"] = {}
+            self.__dict__["__new_allowed__"] = False
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    pkg, mod = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    mod.CfgNode, pkg.config = CfgNode, mod
+    monkeypatch.setitem(sys.modules, "yacs", pkg)
+    monkeypatch.setitem(sys.modules, "yacs.config", mod)
+    return CfgNode
+
+
+def _save_vifi_with_config(monkeypatch, path: Path, extra: dict | None = None) -> dict[str, Tensor]:
+    """A ViFi-CLIP ``best.pth`` as its ``epoch_saving`` writes it (config, optimizer, scheduler, ...)."""
+    import sys
+
+    cfg_node = _fake_yacs(monkeypatch)
+    fx = fixture("vifi_clip_full")
+    sd = random_layout(fx["keys"])
+    data = cfg_node({"NUM_FRAMES": 8, "INPUT_SIZE": 224, "MEAN": [123.675, 116.28, 103.53]})
+    config = cfg_node({"MODEL": cfg_node({"ARCH": "ViT-B/16", "RESUME": ""}), "DATA": data})
+    obj = {"model": {"module." + k: v for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
+           "lr_scheduler": {"t_initial": 30, "warmup_t": 5}, "max_accuracy": 81.5, "epoch": 29, "config": config,
+           **(extra or {})}  # fmt: skip
+    torch.save(obj, path)
+    monkeypatch.delitem(sys.modules, "yacs.config")  # reading must not find (or import) yacs
+    monkeypatch.delitem(sys.modules, "yacs")
+    return sd
+
+
+def test_vifi_file_with_its_yacs_config_converts(monkeypatch, tmp_path):
+    import sys
+
+    sd = _save_vifi_with_config(monkeypatch, tmp_path / "best.pth")
+    save_base(tmp_path / "base.pt")
+    raw = read_official_file(tmp_path / "best.pth")
+    assert raw["config"]["DATA"]["NUM_FRAMES"] == 8 and raw["config"]["MODEL"]["ARCH"] == "ViT-B/16"
+    assert "yacs" not in sys.modules
+    out, info = load_official(tmp_path / "best.pth", base=tmp_path / "base.pt")
+    assert info["official"]["method"] == "vifi_clip" and info["official"]["variant"] == "full"
+    assert torch.equal(out["image_tower.conv1.weight"], sd["image_encoder.conv1.weight"])
+    assert cli_main(["convert", str(tmp_path / "best.pth"), "--out", str(tmp_path / "out"), "--from", "auto",
+                     "--base", str(tmp_path / "base.pt")]) == 0  # fmt: skip
+    model, _ = model_from(tmp_path / "out")
+    video, ids, mask = inputs()
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_video(video).embeds).all()
+
+
+def test_yacs_config_allowed_only_for_official_files(monkeypatch, tmp_path):
+    """vidlang's general reader still refuses the same file, naming the yacs global."""
+    from vidlang.errors import UnsafeCheckpointError
+    from vidlang.models.clip.pretrained import read_state_file
+
+    _save_vifi_with_config(monkeypatch, tmp_path / "best.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"yacs\.config\.CfgNode"):
+        read_state_file(tmp_path / "best.pth")
+
+
+def test_other_foreign_globals_still_refused_by_name(monkeypatch, tmp_path):
+    import os
+
+    from vidlang.errors import UnsafeCheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    _save_vifi_with_config(monkeypatch, tmp_path / "best.pth", {"hook": Payload()})
+    with pytest.raises(UnsafeCheckpointError, match=r"system") as err:
+        load_official(tmp_path / "best.pth", base=tmp_path / "base.pt")
+    named = str(err.value).split("imports ", 1)[1].split(")", 1)[0]
+    assert named == f"{os.system.__module__}.system"  # neither the allowed stand-in nor the set of yacs's flags
+    assert not (tmp_path / "ran").exists()

@@ -21,6 +21,8 @@ naming it. The layouts (names from the authors' model code):
     complete_text_embeddings`` are the training class names' embeddings (dropped, as the official loader drops
     them). **The token embedding is not in the file** (the official model keeps only those class embeddings): it
     is taken from the CLIP checkpoint training started from (:attr:`OfficialConversion.needs`; ``--base``).
+    The file also holds ``optimizer``, ``lr_scheduler``, ``epoch``, ``max_accuracy`` and ``config``, the training
+    config as a yacs ``CfgNode``: read as a plain mapping (:class:`YacsCfgNodeStandIn`) and not converted.
     -> blocks ``mean`` (full fine-tune) and ``vpt`` (prompting).
 ``prompt_switch`` (``bladewaltz1/PromptSwitch`` ``model/prompt_clip.py``; ``checkpoint-epochN.pth`` /
     ``model_best.pth``, the model under ``"state_dict"``): ``clip.*`` = a transformers ``CLIPModel`` plus
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +67,7 @@ __all__ = [
     "convert_official",
     "detect_method",
     "load_official",
+    "read_official_file",
     "sha256_of",
 ]
 
@@ -335,6 +339,33 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class YacsCfgNodeStandIn:
+    """What ``yacs.config.CfgNode`` (the training config ViFi-CLIP's ``epoch_saving`` stores under ``"config"``)
+    becomes when an official file is read: a plain ``OrderedDict`` of the config's entries, its yacs flags
+    (``__immutable__``, ...) as attributes. Nothing of yacs is imported or run.
+
+    ``torch.load(weights_only=True)`` fills a pickled mapping only when its type is exactly ``dict`` / ``OrderedDict``
+    (a ``dict`` subclass is refused at ``SETITEMS``), so this class is only a factory: the pickle's ``NEWOBJ``
+    calls ``__new__``, which returns an empty ``OrderedDict``; the pickle then fills it with plain data.
+    """
+
+    def __new__(cls, *args: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+OFFICIAL_SAFE_GLOBALS: list[tuple[Any, str]] = [(YacsCfgNodeStandIn, "yacs.config.CfgNode")]
+"""Globals the official files carry beside their weights, allowed (as stand-ins) only while reading them."""
+
+
+def read_official_file(path: str | Path) -> Any:
+    """:func:`~vidlang.models.clip.pretrained.read_state_file` with :data:`OFFICIAL_SAFE_GLOBALS` allowed (only
+    here, not for vidlang's other readers); every other global is still refused, named, as there."""
+    from vidlang.models.clip.pretrained import read_state_file
+
+    with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+        return read_state_file(path)
+
+
 def load_official(
     path: str | Path,
     method: str | None = None,
@@ -349,10 +380,10 @@ def load_official(
     ``base``: a CLIP checkpoint (any format ``load_pretrained`` reads) for what the file lacks (ViFi-CLIP's token
     embedding); without it such a file is refused, naming the key.
     """
-    from vidlang.models.clip.pretrained import _check_tower_keys, load_pretrained, read_state_file, resolve_towers
+    from vidlang.models.clip.pretrained import _check_tower_keys, load_pretrained, resolve_towers
 
     path = Path(path)
-    raw = read_state_file(path)
+    raw = read_official_file(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: not a checkpoint (it holds a {type(raw).__name__}, not a state dict)")
     try:
