@@ -515,3 +515,25 @@ def test_m2clip_24x_text_adapters_before_attention_refused():
     sd = random_layout(mod.m2clip(pre_attn=True))
     with pytest.raises(UnknownKeysError, match=r"transformer\.resblocks\.0\.adapter_pre_attn\.textad_fc1"):
         convert_official(sd)
+
+
+def test_m2clip_with_tower_weights_converts_them_and_drops_the_mlm_block():
+    """A file that also holds the towers (e.g. a full ``state_dict()``): converted; the MLM block is dropped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "official_layouts", Path(__file__).parents[1] / "tools" / "official_layouts.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tl = mod.SMALL["tl"]
+    keys = {**mod.openai_visual("visual."), **mod.openai_text(""), "logit_scale": [], **mod.m2clip(),
+            **mod.openai_layer(f"transformer.resblocks.{tl}", mod.SMALL["tw"])}  # fmt: skip
+    sd = random_layout(keys)
+    conv = convert_official({"model": sd})
+    assert conv.method == "m2clip" and conv.needs == []
+    assert torch.equal(conv.state_dict["image_tower.conv1.weight"], sd["visual.conv1.weight"])
+    assert not any(k.startswith(f"text_tower.transformer.resblocks.{tl}.") for k in conv.state_dict)
+    assert {k for k in sd if k.startswith(f"transformer.resblocks.{tl}.")} <= set(conv.dropped)
+    kept = sum(v.numel() for k, v in sd.items() if k not in conv.dropped)
+    assert sum(v.numel() for v in conv.state_dict.values()) == kept

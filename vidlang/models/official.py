@@ -395,7 +395,7 @@ def m2clip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
     if incomplete or layers != list(range(len(layers))):
         raise UnknownKeysError(f"{method}: visual adapters not in every layer with all six of their linear / conv "
                                f"layers (layers {layers}; incomplete: {incomplete[:4]})")  # fmt: skip
-    n_vision = len(_layer_indices(out, "image_tower.transformer.resblocks.")) if towers else len(layers)
+    n_vision = len(_layer_indices(rest, "visual.transformer.resblocks.")) if towers else len(layers)
     if n_vision != len(layers):
         raise UnknownKeysError(f"{method}: visual adapters in {len(layers)} of the {n_vision} layers")
     first = out[f"block.adapters.{positions[-1]}.0.enh_down.weight"]  # [r, C]
