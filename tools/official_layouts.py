@@ -2,8 +2,9 @@
 
 ``python tools/official_layouts.py [--out tests/fixtures/official]`` writes one file per released layout:
 ``clip4clip_meanp``, ``clip4clip_seqtransf``, ``clip4clip_seqlstm``, ``vifi_clip_full``, ``vifi_clip_prompt``,
-``prompt_switch``. The key names follow the authors' model code (see :mod:`vidlang.models.official`); they are
-generated here from that naming, for a tiny configuration (:data:`SMALL`), not read from the authors' code.
+``prompt_switch``, ``m2clip_12x``. The key names follow the authors' model code (see
+:mod:`vidlang.models.official`); they are generated here from that naming, for a tiny configuration
+(:data:`SMALL`), not read from the authors' code.
 Each fixture also records the top-level wrapper of the file the authors' training script saves.
 """
 
@@ -147,6 +148,38 @@ def prompt_switch(s: dict = SMALL, num_prompts: int = 2, caption_layers: int = 2
     return out
 
 
+def m2clip(s: dict = SMALL, r: int = 32, n_cls: int = 5, mlm_words: int = 7, pre_attn: bool = False) -> Layout:
+    """What M2-CLIP's ``save_model`` keeps: the parameters whose names contain ``adapter`` (the trained ones).
+
+    Text transformer of ``tl + 1`` blocks (the last = the MLM block); text adapters before the MLP of the last two
+    blocks (as B/16 12x: ``text_adapter_layers=2``), bottleneck ``r`` (384 in the paper). ``pre_attn``: the 24x
+    multimodal model (adapters before attention too, text adapters in every block).
+    """
+    vw, tw, e = s["vw"], s["tw"], s["embed"]
+    out: Layout = {}
+    for i in range(s["vl"]):
+        for pos in ("attn", "mlp") if pre_attn else ("mlp",):
+            for sub in ("", "offset_adapter."):
+                p = f"visual.transformer.resblocks.{i}.adapter_pre_{pos}.{sub}"
+                conv = [r, 1, 1, 3, 3] if sub else [r, 1, 3]  # depthwise Conv3d (1,3,3) / Conv1d k=3
+                out.update({f"{p}fc1.weight": [r, vw], f"{p}fc1.bias": [r], f"{p}conv.weight": conv,
+                            f"{p}conv.bias": [r], f"{p}fc2.weight": [vw, r], f"{p}fc2.bias": [vw]})  # fmt: skip
+    h = e // 2
+    out.update({"visual.t_adapter.fc1.weight": [h, e], "visual.t_adapter.fc1.bias": [h],
+                "visual.t_adapter.conv.weight": [h, 1, 3], "visual.t_adapter.conv.bias": [h],
+                "visual.t_adapter.fc2.weight": [e, h], "visual.t_adapter.fc2.bias": [e],
+                "visual.adapter_fc.weight": [n_cls, vw], "visual.adapter_fc.bias": [n_cls]})  # fmt: skip
+    for i, pos in [(i, pos) for i in range(s["tl"] + 1) for pos in ("attn", "mlp")] if pre_attn else \
+            [(s["tl"] - 1, "mlp"), (s["tl"], "mlp")]:  # fmt: skip
+        p = f"transformer.resblocks.{i}.adapter_pre_{pos}."
+        out.update({f"{p}textad_fc1.weight": [r, tw], f"{p}textad_fc1.bias": [r],
+                    f"{p}textad_fc2.weight": [tw, r], f"{p}textad_fc2.bias": [tw]})  # fmt: skip
+    m = "mlm_adapter."
+    out.update({f"{m}bias": [mlm_words], f"{m}transform.dense.weight": [tw, tw], f"{m}transform.dense.bias": [tw],
+                f"{m}transform.LayerNorm.weight": [tw], f"{m}transform.LayerNorm.bias": [tw],
+                f"{m}decoder.weight": [mlm_words, tw]})  # fmt: skip
+    return out
+
 # name -> (method, layout, wrapper of the saved file: null = the bare state dict, or the key holding it, and
 # whether the keys carry DDP's "module." prefix)
 LAYOUTS = {
@@ -156,7 +189,9 @@ LAYOUTS = {
     "vifi_clip_full": ("vifi_clip", lambda: vifi_clip(False), "model", True),
     "vifi_clip_prompt": ("vifi_clip", lambda: vifi_clip(True), "model", True),
     "prompt_switch": ("prompt_switch", prompt_switch, "state_dict", False),
+    "m2clip_12x": ("m2clip", m2clip, "model", False),
 }
+NEEDS_BASE = {"vifi_clip", "m2clip"}  # methods whose files lack weights of the CLIP they started from
 
 
 def main() -> None:
@@ -166,7 +201,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, (method, make, wrapper, ddp) in LAYOUTS.items():
-        doc = {"method": method, "config": SMALL, "wrapper": wrapper, "ddp_prefix": ddp, "keys": make()}
+        doc = {"method": method, "config": SMALL, "wrapper": wrapper, "ddp_prefix": ddp,
+               "needs_base": method in NEEDS_BASE, "keys": make()}  # fmt: skip
         (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"{out / name}.json: {len(doc['keys'])} keys")
 

@@ -21,20 +21,33 @@ naming it. The layouts (names from the authors' model code):
     complete_text_embeddings`` are the training class names' embeddings (dropped, as the official loader drops
     them). **The token embedding is not in the file** (the official model keeps only those class embeddings): it
     is taken from the CLIP checkpoint training started from (:attr:`OfficialConversion.needs`; ``--base``).
+    The file also holds ``optimizer``, ``lr_scheduler``, ``epoch``, ``max_accuracy`` and ``config``, the training
+    config as a yacs ``CfgNode``: read as a plain mapping (:class:`YacsCfgNodeStandIn`) and not converted.
     -> blocks ``mean`` (full fine-tune) and ``vpt`` (prompting).
 ``prompt_switch`` (``bladewaltz1/PromptSwitch`` ``model/prompt_clip.py``; ``checkpoint-epochN.pth`` /
     ``model_best.pth``, the model under ``"state_dict"``): ``clip.*`` = a transformers ``CLIPModel`` plus
     ``clip.vision_model.encoder.prompt_embedding [Np, Np, C]`` and ``clip.vision_model.attn.*`` (the aggregation
     attention); ``caption_prenorm.*``, ``caption_transformer.*`` (``nn.TransformerDecoder``), ``caption_head.*``.
     -> block ``prompt_switch``.
+``m2clip`` (``sallymmx/m2clip`` ``models_adapter.py``, the multimodal ``CLIP``; ``checkpoint-N.pth``, the model under
+    ``"model"``): OpenAI CLIP names (``visual.*``; text ``transformer.resblocks.{i}`` with one extra last block, the
+    MLM's cross-attention) plus ``visual.transformer.resblocks.{i}.adapter_pre_mlp.{fc1,conv,fc2}`` (TED enhancement)
+    and ``.offset_adapter.{fc1,conv,fc2}`` (difference; ``adapter_pre_attn.*`` too in the 24x models),
+    ``visual.t_adapter.{fc1,conv,fc2}`` (frame adapter), ``transformer.resblocks.{i}.adapter_pre_mlp.textad_{fc1,fc2}``
+    (text adapters), ``visual.adapter_fc.*`` (linear head) and ``mlm_adapter.*`` (MLM head). ``save_model`` deletes
+    every frozen parameter, so the file holds only the names containing ``adapter``: the towers (and
+    ``logit_scale``) come from the CLIP checkpoint training started from (``--base``). The heads (linear, MLM), the
+    MLM block and its text adapter are dropped; text adapters before attention (24x multimodal) are refused.
+    -> block ``ted`` (``text_position="mlp"``, ``diff_bias=True``, the text layers that carry adapters).
 
-All three use OpenAI CLIP towers: attention heads = width / 64, QuickGELU.
+All four use OpenAI CLIP towers: attention heads = width / 64, QuickGELU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +77,7 @@ __all__ = [
     "convert_official",
     "detect_method",
     "load_official",
+    "read_official_file",
     "sha256_of",
 ]
 
@@ -304,6 +318,108 @@ def prompt_switch_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
 
 
 # ---------------------------------------------------------------------------------------------
+# M2-CLIP
+# ---------------------------------------------------------------------------------------------
+_M2_TED = {"fc1": "enh_down", "conv": "enh_conv", "fc2": "enh_up", "offset_adapter.fc1": "diff_down",
+           "offset_adapter.conv": "diff_conv", "offset_adapter.fc2": "diff_up"}  # fmt: skip
+_M2_VISION = re.compile(
+    r"^visual\.transformer\.resblocks\.(\d+)\.adapter_pre_(attn|mlp)\.((?:offset_adapter\.)?(?:fc1|conv|fc2))"
+    r"\.(weight|bias)$"
+)
+_M2_TEXT = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_pre_(attn|mlp)\.textad_(fc1|fc2)\.(weight|bias)$")
+_M2_FRAME = re.compile(r"^visual\.t_adapter\.(fc1|conv|fc2)\.(weight|bias)$")
+_M2_FRAME_NAMES = {"fc1": "down", "conv": "conv", "fc2": "up"}
+_M2_DROPPED = {
+    r"^visual\.adapter_fc\.(weight|bias)$": "the visual linear classification head (its acc1_fc score; it reads the "
+    "frame-mean CLS before the projection), not part of the video / text embeddings",
+    r"^mlm_adapter\.": "the MLM head of the training loss (word-level vocabulary), not part of the embeddings",
+}
+
+
+@OFFICIAL_METHODS.register("m2clip")
+def m2clip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
+    """M2-CLIP's multimodal adapter CLIP (``models_adapter.CLIP``) -> CLIP towers + block ``ted``.
+
+    ``save_model`` keeps only the trained parameters (every name containing ``adapter``), so a released file holds
+    the adapters alone; the towers come from the CLIP checkpoint training started from (``--base``). Where the file
+    also holds tower weights, they are converted (the last text block, the MLM's cross-attention, is dropped).
+    """
+    method = "m2clip"
+    flat = unwrap_state_dict(sd)
+    out: StateDict = {}
+    dropped: dict[str, str] = {}
+    vision: dict[tuple[str, int], set[str]] = {}
+    text_idx: dict[int, list[str]] = {}
+    rest: dict[str, Tensor] = {}
+    for k, v in flat.items():
+        if m := _M2_VISION.match(k):
+            i, pos, name, p = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+            out[f"block.adapters.{pos}.{i}.{_M2_TED[name]}.{p}"] = v
+            vision.setdefault((pos, i), set()).add(name)
+        elif m := _M2_FRAME.match(k):
+            out[f"block.frame_adapter.{_M2_FRAME_NAMES[m.group(1)]}.{m.group(2)}"] = v
+        elif m := _M2_TEXT.match(k):
+            text_idx.setdefault(int(m.group(1)), []).append(k)
+        elif why := next((w for pat, w in _M2_DROPPED.items() if re.match(pat, k)), None):
+            dropped[k] = why
+        else:
+            rest[k] = v
+    if not vision or "block.frame_adapter.down.weight" not in out:
+        raise UnknownKeysError(f"{method}: no visual.transformer.resblocks.*.adapter_pre_mlp / visual.t_adapter "
+                               "keys (not an M2-CLIP multimodal adapter checkpoint)")  # fmt: skip
+    # the text transformer has one block more than CLIP's: the last, used only by the MLM (forward runs i < 12)
+    tower_blocks = _layer_indices(rest, "transformer.resblocks.")
+    mlm_block = tower_blocks[-1] if tower_blocks else max(text_idx, default=-1)
+    for k in list(rest):
+        if k.startswith(f"transformer.resblocks.{mlm_block}."):
+            dropped[k] = "the MLM cross-attention block (a frozen copy of the last CLIP text layer), training only"
+            del rest[k]
+    for i in sorted(text_idx):
+        for k in text_idx[i]:
+            m = _M2_TEXT.match(k)
+            if m is None or i == mlm_block:
+                dropped[k] = "text adapter of the MLM cross-attention block (training only)"
+            elif m.group(2) == "attn":
+                raise UnknownKeysError(
+                    f"{method}: {k}: a text adapter before attention (the 24x multimodal model); vidlang's ted text "
+                    "adapters sit before the MLP or after the layer only"
+                )
+            else:
+                out[f"block.text_adapters.{i}.{'down' if m.group(3) == 'fc1' else 'up'}.{m.group(4)}"] = flat[k]
+    towers = bool(rest)
+    if towers:
+        out.update(_rename_checked(method, rest, _openai_rules(), _OPENAI_IGNORED))
+    positions = sorted({pos for pos, _ in vision})
+    layers = sorted({i for _, i in vision})
+    incomplete = [f"{pos} {i}" for pos in positions for i in layers if len(vision.get((pos, i), ())) != len(_M2_TED)]
+    if incomplete or layers != list(range(len(layers))):
+        raise UnknownKeysError(f"{method}: visual adapters not in every layer with all six of their linear / conv "
+                               f"layers (layers {layers}; incomplete: {incomplete[:4]})")  # fmt: skip
+    n_vision = len(_layer_indices(rest, "visual.transformer.resblocks.")) if towers else len(layers)
+    if n_vision != len(layers):
+        raise UnknownKeysError(f"{method}: visual adapters in {len(layers)} of the {n_vision} layers")
+    first = out[f"block.adapters.{positions[-1]}.0.enh_down.weight"]  # [r, C]
+    text_layers = sorted(i for i in text_idx if i != mlm_block)
+    args: dict[str, Any] = {
+        "variant": "24x" if "attn" in positions else "12x",
+        "bottleneck": int(first.shape[0]),
+        "kernel_t": int(out[f"block.adapters.{positions[-1]}.0.enh_conv.weight"].shape[-1]),
+        "text_layers": text_layers,
+        "text_bottleneck": int(out[f"block.text_adapters.{text_layers[0]}.down.weight"].shape[0]) if text_layers
+        else 384,
+        "frame_adapter": True,
+        "text_position": "mlp",
+        "text_up_init": "random",
+        "diff_bias": True,
+    }
+    if positions == ["attn"]:
+        raise UnknownKeysError(f"{method}: visual adapters before attention only (no adapter_pre_mlp)")
+    heads = _openai_heads(out)
+    needs = [] if towers else ["image_tower.*", "text_tower.*", "logit_scale"]
+    return OfficialConversion(method, args["variant"], out, "ted", args, heads, dropped=dropped, needs=needs)
+
+
+# ---------------------------------------------------------------------------------------------
 # detection and entry point
 # ---------------------------------------------------------------------------------------------
 def detect_method(sd: Mapping[str, Any]) -> str:
@@ -315,6 +431,8 @@ def detect_method(sd: Mapping[str, Any]) -> str:
         return "vifi_clip"
     if "clip.visual.conv1.weight" in keys:
         return "clip4clip"
+    if "visual.t_adapter.fc1.weight" in keys:
+        return "m2clip"
     raise ValueError(f"no known official layout ({', '.join(OFFICIAL_METHODS.names())}) has keys such as "
                      f"{sorted(keys)[:5]}")  # fmt: skip
 
@@ -335,6 +453,33 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class YacsCfgNodeStandIn:
+    """What ``yacs.config.CfgNode`` (the training config ViFi-CLIP's ``epoch_saving`` stores under ``"config"``)
+    becomes when an official file is read: a plain ``OrderedDict`` of the config's entries, its yacs flags
+    (``__immutable__``, ...) as attributes. Nothing of yacs is imported or run.
+
+    ``torch.load(weights_only=True)`` fills a pickled mapping only when its type is exactly ``dict`` / ``OrderedDict``
+    (a ``dict`` subclass is refused at ``SETITEMS``), so this class is only a factory: the pickle's ``NEWOBJ``
+    calls ``__new__``, which returns an empty ``OrderedDict``; the pickle then fills it with plain data.
+    """
+
+    def __new__(cls, *args: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+OFFICIAL_SAFE_GLOBALS: list[tuple[Any, str]] = [(YacsCfgNodeStandIn, "yacs.config.CfgNode")]
+"""Globals the official files carry beside their weights, allowed (as stand-ins) only while reading them."""
+
+
+def read_official_file(path: str | Path) -> Any:
+    """:func:`~vidlang.models.clip.pretrained.read_state_file` with :data:`OFFICIAL_SAFE_GLOBALS` allowed (only
+    here, not for vidlang's other readers); every other global is still refused, named, as there."""
+    from vidlang.models.clip.pretrained import read_state_file
+
+    with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+        return read_state_file(path)
+
+
 def load_official(
     path: str | Path,
     method: str | None = None,
@@ -347,12 +492,13 @@ def load_official(
     sha256 of the file, the block and its arguments, the dropped keys with reasons, the keys taken from ``base``)
     and ``converted_from_extra`` (what :func:`~vidlang.models.clip.pretrained.save_vidlang` records).
     ``base``: a CLIP checkpoint (any format ``load_pretrained`` reads) for what the file lacks (ViFi-CLIP's token
-    embedding); without it such a file is refused, naming the key.
+    embedding; M2-CLIP's towers): a key, or ``prefix.*`` for every key under it; without it such a file is
+    refused, naming the keys.
     """
-    from vidlang.models.clip.pretrained import _check_tower_keys, load_pretrained, read_state_file, resolve_towers
+    from vidlang.models.clip.pretrained import _check_tower_keys, load_pretrained, resolve_towers
 
     path = Path(path)
-    raw = read_state_file(path)
+    raw = read_official_file(path)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: not a checkpoint (it holds a {type(raw).__name__}, not a state dict)")
     try:
@@ -364,20 +510,23 @@ def load_official(
     if conv.needs:
         if base is None:
             raise ValueError(
-                f"{path}: the {conv.method} checkpoint does not contain {', '.join(conv.needs)} (the official model "
+                f"{path}: the {conv.method} checkpoint does not contain {', '.join(conv.needs)} (the official code "
                 "never stores it); pass the CLIP checkpoint its training started from (--base, e.g. OpenAI's "
                 "ViT-B-16.pt) to take it from there"
             )
         base_sd, _ = load_pretrained(base, dtype=None, on_unknown="omit")
-        for key in conv.needs:
-            if key not in base_sd:
+        for key in conv.needs:  # a key, or "prefix.*": every key under it
+            keys = [k for k in base_sd if k.startswith(key[:-1])] if key.endswith(".*") else [key] * (key in base_sd)
+            if not keys:
                 raise ValueError(f"{base}: the base checkpoint has no {key}")
-            sd[key] = base_sd[key]
+            for k in keys:
+                sd[k] = base_sd[k]
             taken.append(key)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    hints = {"vision": {"heads": conv.heads.get("vision"), "act": conv.act},
-             "text": {"heads": conv.heads.get("text"), "act": conv.act}}  # fmt: skip
+    heads = {**_openai_heads(sd), **conv.heads}  # what the file lacks: from the base towers, same rule
+    hints = {"vision": {"heads": heads.get("vision"), "act": conv.act},
+             "text": {"heads": heads.get("text"), "act": conv.act}}  # fmt: skip
     vision, text, meta = resolve_towers(sd, "vidlang", str(path), hints)
     meta["heads_source"] = {k: f"{conv.method} (width / 64)" for k in meta["heads_source"]}
     meta["act_source"] = f"{conv.method} uses OpenAI CLIP's {conv.act}"

@@ -8,6 +8,7 @@ with :mod:`pickletools`; nothing is imported or called.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickletools
 from collections.abc import Iterable
@@ -62,7 +63,7 @@ def scan_pickles(data: bytes, max_pickles: int = 8) -> PickleScan:
             for op, arg, _pos in pickletools.genops(stream):
                 name = op.name
                 if name in ("GLOBAL", "INST"):
-                    imports.append(str(arg).replace(" ", "."))
+                    imports.append(_py3_name(*str(arg).split(" ", 1)))
                 elif name == "STACK_GLOBAL":
                     mod, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
                     imports.append(f"{mod}.{attr}" if mod is not None and attr is not None else "<STACK_GLOBAL>")
@@ -80,6 +81,16 @@ def scan_pickles(data: bytes, max_pickles: int = 8) -> PickleScan:
             return PickleScan(imports, f"{type(e).__name__}: {e}".splitlines()[0], done)
         done += 1
     return PickleScan(imports, None, done)
+
+
+def _py3_name(module: str, name: str) -> str:
+    """``module.name`` with protocol <= 2's Python-2 names (``__builtin__.set``) mapped to Python 3's, as
+    :mod:`pickle` and torch's weights-only unpickler do on load."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
 
 
 _BASE_ALLOWED = {
@@ -106,8 +117,10 @@ def allowed_torch_globals() -> set[str]:
         from torch.serialization import get_safe_globals
 
         for obj in get_safe_globals():
-            obj = obj[0] if isinstance(obj, tuple) else obj
-            allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+            if isinstance(obj, tuple):  # (stand-in, "module.Name"): torch allows the pickle's name
+                allowed.add(str(obj[1]))
+            else:
+                allowed.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
     except Exception:
         pass
     return allowed
