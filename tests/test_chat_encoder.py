@@ -19,34 +19,9 @@ VISUAL = ModelConfig(image="vit_tiny", block="qformer", block_args={"num_queries
 
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from vidlang.serve.testing import tiny_llm
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-        initializer_range=0.2,  # with the default 0.02 the logits are near uniform and no soft prompt steers them
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return str(tiny_llm(tmp_path_factory.mktemp("tiny_llama"), sorted(set(WORDS)), layers=2))
 
 
 def make_encoder(llm_dir: str, audio: bool = False, seed: int = 0) -> ChatEncoder:

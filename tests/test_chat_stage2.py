@@ -39,24 +39,10 @@ def _words() -> list[str]:
 
 
 def make_llm(path: Path, chat_template: str | None = None, init: float = 0.2) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from vidlang.serve.testing import tiny_llm
 
-    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + _words())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=1,
-                      bos_token_id=2, eos_token_id=3, initializer_range=init)  # 0.2: soft prompts can steer it
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return str(tiny_llm(path, _words(), layers=2, max_positions=256, init=init,
+                        extra_specials=("<|im_start|>", "<|im_end|>"), chat_template=chat_template))
 
 
 @pytest.fixture(scope="module")

@@ -23,32 +23,13 @@ from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
 QUESTION = "which clip shows a red square ?"
 
 
-def tiny_chat_checkpoint(base):
+def chat_checkpoint(base):
     """A ChatEncoderTask checkpoint (vit_tiny + Q-former of 4 queries) and its tiny random Llama directory."""
-    import pytorch_lightning as pl
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from vidlang.models.factory import ModelConfig
-    from vidlang.tasks.chat_encoder import ChatEncoderTask
+    from vidlang.serve.testing import tiny_chat_checkpoint, tiny_llm
 
     words = "a the red blue square moves left right ### Human : < Video > </ Assistant which clip shows ? 1 2 3".split()
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *dict.fromkeys(words)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(base / "llm")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, pad_token_id=1,
-                      bos_token_id=2, eos_token_id=3, initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(base / "llm")
-    visual = ModelConfig(image="vit_tiny", num_frames=4, block="qformer", block_args={"num_queries": 4,
-                                                                                      "num_layers": 1})
-    task = ChatEncoderTask(model=visual, llm=str(base / "llm"))
-    state = {k: v for k, v in task.state_dict().items() if not k.startswith("encoder.llm.")}
-    ckpt = {"state_dict": state, "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": pl.__version__}
-    torch.save(ckpt, base / "chat.ckpt")
+    tiny_llm(base / "llm", words, max_positions=256)
+    tiny_chat_checkpoint(base / "chat.ckpt", base / "llm")
     return base / "chat.ckpt", base / "llm"
 
 
@@ -63,7 +44,7 @@ def setup(tmp_path_factory):
     info = ModelInfo.of_checkpoint(rckpt, text.embed_dim, kind="retrieval")
     ids = [f"clip{i}" for i in range(len(paths))]
     build_index(ArraySource(vectors, info, ids=ids, sources=paths), kind="flat", out=base / "idx")
-    chat_ckpt, llm = tiny_chat_checkpoint(base / "chat")
+    chat_ckpt, llm = chat_checkpoint(base / "chat")
     chat = load_bundle(chat_ckpt, llm=str(llm))
     index = load_index(base / "idx")
     return {"base": base, "rckpt": rckpt, "text": text, "index": index, "chat": chat, "chat_ckpt": chat_ckpt,

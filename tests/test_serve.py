@@ -330,31 +330,12 @@ def test_expect_100_continue_refuses_an_oversized_body_early(server):
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory):
     """A ChatEncoderTask checkpoint (video Q-former + projection) and its tiny random Llama directory."""
-    import pytorch_lightning as pl
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from vidlang.models.factory import ModelConfig
-    from vidlang.tasks.chat_encoder import ChatEncoderTask
+    from vidlang.serve.testing import tiny_chat_checkpoint, tiny_llm
 
     base = tmp_path_factory.mktemp("chat")
     words = "a the red blue square moves left right ### Human : < Video > </ Assistant what is this ?".split()
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *dict.fromkeys(words)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(base / "llm")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, pad_token_id=1,
-                      bos_token_id=2, eos_token_id=3, initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(base / "llm")
-    qformer = {"num_queries": 4, "num_layers": 1}
-    visual = ModelConfig(image="vit_tiny", num_frames=4, block="qformer", block_args=qformer)
-    task = ChatEncoderTask(model=visual, llm=str(base / "llm"))
-    state = {k: v for k, v in task.state_dict().items() if not k.startswith("encoder.llm.")}
-    ckpt = {"state_dict": state, "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": pl.__version__}
-    torch.save(ckpt, base / "chat.ckpt")
+    tiny_llm(base / "llm", words, max_positions=128)
+    _, task = tiny_chat_checkpoint(base / "chat.ckpt", base / "llm")
     return base / "chat.ckpt", base / "llm", task
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_sampling import _FakeReader, cfr
 
 from vidlang.data.collate import collate_samples
 from vidlang.data.config import SamplingConfig
@@ -24,24 +25,6 @@ from vidlang.data.sampling import (
     sample_clip_masked,
 )
 from vidlang.errors import ConfigError
-
-
-def cfr(n: int, fps: float) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.float64) / fps
-
-
-class _Reader:
-    """Frame i is filled with the value i."""
-
-    def __init__(self, n: int, fps: float) -> None:
-        self.n, self.fps = n, fps
-        self.metadata = type("M", (), {"duration": n / fps})()
-
-    def frame_timestamps(self) -> torch.Tensor:
-        return cfr(self.n, self.fps)
-
-    def get_frames(self, indices):
-        return torch.tensor(indices, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone()
 
 
 def test_repeat_is_the_default_and_unchanged():
@@ -84,7 +67,7 @@ def test_frame_orders_apply_to_the_real_frames_only():
 
 
 def test_sampler_options_reach_the_decoded_clip():
-    reader = _Reader(3, 1.0)
+    reader = _FakeReader(3, 1.0)
     sampler = build_sampler("segment", num_frames=5, short_video="mask", frame_order="reverse")
     clip, mask = sample_clip_masked(reader, sampler, training=False)
     assert clip[0, :, 0, 0, 0].tolist() == [2, 1, 0, 2, 2] and mask.tolist() == [[True] * 3 + [False] * 2]

@@ -85,3 +85,52 @@ def synthetic_videos(out_dir: str | Path, n: int = 8, seed: int = 0, size: int =
 
     generate_corpus(out_dir, n, seed=seed, size=size, frames=frames, workers=1, progress=False)
     return Path(out_dir) / "videos"
+
+
+SPECIALS = ("<unk>", "<pad>", "<s>", "</s>")  # ids 0..3: unknown, padding, begin, end of sequence
+
+
+def tiny_llm(out_dir: str | Path, words: list[str], *, layers: int = 1, max_positions: int = 128,
+             init: float = 0.2, extra_specials: tuple[str, ...] = (), chat_template: str | None = None) -> Path:
+    """A random tiny Llama (width 32, 4 heads) with a whitespace word-level tokenizer saved to ``out_dir``.
+
+    Vocabulary: :data:`SPECIALS`, ``extra_specials`` (special tokens), then ``words`` in the given order
+    (repeats dropped). ``init``: the initializer range (0.2: soft prompts can steer the logits; with the default
+    0.02 they are near uniform). The weights are drawn after ``torch.manual_seed(0)``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*SPECIALS, *extra_specials, *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"additional_special_tokens": list(extra_specials)} if extra_specials else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", **extra)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                      pad_token_id=1, bos_token_id=2, eos_token_id=3, initializer_range=init)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def tiny_chat_checkpoint(path: str | Path, llm_dir: str | Path) -> tuple[Path, Any]:
+    """A :class:`ChatEncoderTask` checkpoint (``vit_tiny`` + a Q-former of 4 queries, 1 layer) over the LLM at
+    ``llm_dir``, saved to ``path`` without the LLM's weights (as the task saves them); returns the path and the
+    task."""
+    import pytorch_lightning as pl
+
+    from vidlang.models.factory import ModelConfig
+    from vidlang.tasks.chat_encoder import ChatEncoderTask
+
+    visual = ModelConfig(image="vit_tiny", num_frames=4, block="qformer", block_args={"num_queries": 4,
+                                                                                      "num_layers": 1})
+    task = ChatEncoderTask(model=visual, llm=str(llm_dir))
+    state = {k: v for k, v in task.state_dict().items() if not k.startswith("encoder.llm.")}
+    ckpt = {"state_dict": state, "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": pl.__version__}
+    torch.save(ckpt, path)
+    return Path(path), task
