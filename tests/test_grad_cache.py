@@ -167,3 +167,23 @@ def test_two_gloo_processes_equal_the_global_batch(tmp_path):
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert_same(want, (got["loss"], got["grads"]))
+
+
+def test_tiny_gradcache_benchmark_run(capsys):
+    """``vidlang bench gradcache``: a tiny run prints the full-batch row and a feature-cache row whose ratios are
+    computed from the rows."""
+    import re
+
+    from vidlang.cli import main
+
+    argv = ["bench", "gradcache", "--image-size", "32", "--frames", "2", "--batch", "8", "--micro", "4",
+            "--iters", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {m[1]: [float(x) for x in m.groups()[2:]] for m in re.finditer(
+        r"^\| (full batch|feature cache) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)}
+    assert set(rows) == {"full batch", "feature cache"}
+    full, cached = rows["full batch"], rows["feature cache"]
+    assert full[1] == 1.0 and full[0] > 0 and cached[2] > 0
+    (c, f), ratio = (cached[0], full[0]), cached[1]  # MiB printed rounded to integers: the ratio within that rounding
+    assert (c - 0.5) / (f + 0.5) - 0.01 <= ratio <= (c + 0.5) / max(f - 0.5, 0.5) + 0.01
