@@ -220,7 +220,7 @@ def test_embed_command_then_index_and_search(ckpt, corpus, tmp_path, capsys):
     rc = main(["embed", "--ckpt", str(ckpt), "--videos", str(corpus["dir"] / "videos"), "--out", str(out),
                "--batch-size", "4", "--shard-size", "5", "--num-workers", "0", "--quiet"])
     text = capsys.readouterr().out
-    assert rc == 0 and "embedded 9 clips" in text and "0 skipped" in text, text
+    assert rc == 0 and "9 clips (0 skipped) in 2 shards" in text, text
     assert EmbeddingsDir(out).count == 9
     assert main(["index", "build", "--embeddings", str(out), "--out", str(idx), "--kind", "flat", "--quiet"]) == 0
     capsys.readouterr()

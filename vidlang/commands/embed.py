@@ -144,9 +144,9 @@ class EmbedCommand:
             return 0
         seconds = time.perf_counter() - t0
         skipped = out.protocol.get("skipped", 0)
-        print(f"embedded {out.count} clips ({skipped} skipped) into {len(out.shards)} shards of {args.out} in "
-              f"{seconds:.1f} s ({out.count / max(seconds, 1e-9):.1f} clips/s over this run's ranks; "
-              f"columns {', '.join(out.columns)}, {out.dtype})")
+        # the folder's totals: a resumed run keeps an earlier run's finished shards (this run's clips/s: the bar)
+        print(f"{args.out}: {out.count} clips ({skipped} skipped) in {len(out.shards)} shards, columns "
+              f"{', '.join(out.columns)}, {out.dtype}; this run took {seconds:.1f} s")
         for bad in out.protocol.get("skipped_examples", [])[:10]:
             print(f"  skipped: {bad['source']}: {bad['reason']}")
         return 0
