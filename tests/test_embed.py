@@ -267,7 +267,8 @@ def test_serve_searches_a_vector_index_and_refuses_another_model(ckpt, encoder, 
     run(encoder, tmp_path / "emb", corpus["entries"], dtype="float32")
     vi = build_index(tmp_path / "emb", "hnsw", tmp_path / "idx", threads=1)
     bundle = load_bundle(ckpt)
-    app = ServeApp(bundle, ServeConfig(host="127.0.0.1", port=0, log_requests=False), index=vi).start()
+    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, decode_processes=0)
+    app = ServeApp(bundle, config, index=vi).start()
     try:
         conn = http.client.HTTPConnection(*app.address, timeout=60)
         conn.request("POST", "/search", body=json.dumps({"query": "a blue circle grows", "k": 4}),
@@ -287,7 +288,7 @@ def test_serve_searches_a_vector_index_and_refuses_another_model(ckpt, encoder, 
     assert health["index"] == {"videos": 9, "unreadable": 0, "kind": "hnsw"}
     other = load_bundle(tiny_retrieval_checkpoint(tmp_path / "other", seed=1))
     with pytest.raises(ModelMismatchError, match="built from embeddings of checkpoint"):
-        ServeApp(other, ServeConfig(host="127.0.0.1", port=0, log_requests=False), index=vi)
+        ServeApp(other, ServeConfig(host="127.0.0.1", port=0, log_requests=False, decode_processes=0), index=vi)
 
 
 def test_embed_command_with_a_data_config_and_trainer_options(ckpt, corpus, tmp_path, capsys):

@@ -142,7 +142,7 @@ def call(app, body, headers=None):
 
 
 def start(request, setup, rag=True, index=True):
-    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, timeout_s=60.0)
+    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, timeout_s=60.0, decode_processes=0)
     retriever = CollectionRetriever(setup["text"], setup["index"]) if rag else None
     app = ServeApp(setup["chat"], config, index=setup["index"] if index else None, rag=retriever).start()
     request.addfinalizer(app.shutdown)

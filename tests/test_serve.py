@@ -70,7 +70,8 @@ def setup(tmp_path_factory):
 
 def start(request, bundle, index=None, root=None, **cfg) -> ServeApp:
     """A server on 127.0.0.1:<ephemeral>; always shut down by a finalizer."""
-    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, **{"max_upload_mb": 1.0, **cfg})
+    cfg = {"max_upload_mb": 1.0, "decode_processes": 0, **cfg}  # threads, unless a test asks for processes
+    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, **cfg)
     app = ServeApp(bundle, config, index=index, root=str(root) if root else None).start()
     request.addfinalizer(app.shutdown)
     return app
@@ -78,7 +79,9 @@ def start(request, bundle, index=None, root=None, **cfg) -> ServeApp:
 
 @pytest.fixture(scope="module")
 def server(request, setup):
-    return start(request, setup["bundle"], setup["index"], setup["root"], timeout_s=15.0, workers=2)
+    # the shared server decodes in processes (the CLI's default): every test using it covers that path
+    return start(request, setup["bundle"], setup["index"], setup["root"], timeout_s=15.0, workers=2,
+                 decode_processes=2)
 
 
 def call(app, method, path, body=None, ctype=None, headers=None):

@@ -80,7 +80,8 @@ def setup(tmp_path_factory):
 
 
 def start(request, bundle, index=None, root=None, **cfg) -> ServeApp:
-    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False, **{"max_upload_mb": 1.0, **cfg})
+    config = ServeConfig(host="127.0.0.1", port=0, log_requests=False,
+                         **{"max_upload_mb": 1.0, "decode_processes": 0, **cfg})
     app = ServeApp(bundle, config, index=index, root=str(root) if root else None).start()
     request.addfinalizer(app.shutdown)
     return app

@@ -55,8 +55,11 @@ class Registry(Generic[T]):
         """``self.get(name)(*args, **kwargs)``; arguments the target does not take (usually a typo in a config's
         ``*_args``) raise :class:`ConfigError` naming them and what the target accepts."""
         target = self.get(name)
-        check_arguments(target, f"{self.kind} {name!r}", args, kwargs)
-        return target(*args, **kwargs)  # type: ignore[operator]
+        try:
+            return target(*args, **kwargs)  # type: ignore[operator]
+        except TypeError:  # arguments that do not bind never reach the target: name them (else re-raise)
+            check_arguments(target, f"{self.kind} {name!r}", args, kwargs)
+            raise
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -71,6 +71,10 @@ class ServeCommand:
                                  f"(default {d.timeout_s:g} s)")
         parser.add_argument("--workers", type=int, default=d.workers,
                             help=f"video decoding threads (default {d.workers})")
+        parser.add_argument("--decode-processes", type=int, default=d.decode_processes,
+                            help=f"processes the decoding threads hand videos to, so that decoding does not hold "
+                                 f"the server's interpreter (default {d.decode_processes}; 0 = decode in the "
+                                 "threads; each process takes ~200 MB)")
         parser.add_argument("--max-queue", type=_positive_int, default=d.max_queue,
                             help=f"model jobs waiting or running; more get 503 (default {d.max_queue})")
         parser.add_argument("--batch-window-ms", type=_nonnegative_float, default=d.batch_window_ms,
@@ -120,6 +124,8 @@ class ServeCommand:
 
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        if getattr(args, "decode_processes", 0) < 0:
+            raise ConfigError(f"--decode-processes must be >= 0 (0 = decode in threads), got {args.decode_processes}")
         if getattr(args, "torch_threads", 0) < 0:
             raise ConfigError(f"--torch-threads must be >= 0 (0 = auto), got {args.torch_threads}")
         from vidlang.index import is_vector_index
@@ -157,7 +163,7 @@ class ServeCommand:
         config = ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              timeout_s=args.timeout_s, workers=args.workers, log_requests=not args.quiet)
         for name in ("max_queue", "batch_window_ms", "max_batch", "grace_s", "max_connections", "header_timeout_s",
-                     "keepalive_s", "max_text_chars", "max_video_s"):
+                     "keepalive_s", "max_text_chars", "max_video_s", "decode_processes"):
             value = getattr(args, name, None)  # a Namespace built by hand may leave the newer flags out
             if value is not None:
                 setattr(config, name, value)

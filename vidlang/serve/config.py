@@ -15,6 +15,7 @@ class ServeConfig:
     max_upload_mb: float = 64.0  # request body (upload) limit
     timeout_s: float = 30.0  # per request: upload, parsing, decoding and inference
     workers: int = 2  # video decoding threads
+    decode_processes: int = 2  # processes those threads decode in (0: in the threads, in the server process)
     grace_s: float = 5.0  # shutdown finishes within this
     log_requests: bool = True
     max_queue: int = 64  # model jobs waiting or running; one more -> 503 + Retry-After
@@ -36,7 +37,8 @@ class ServeConfig:
         """The :class:`~vidlang.serve.engine.EngineConfig` of these limits."""
         from vidlang.serve.engine import EngineConfig
 
-        return EngineConfig(workers=self.workers, max_queue=self.max_queue, batch_window_s=self.batch_window_ms / 1000,
+        return EngineConfig(workers=self.workers, decode_processes=self.decode_processes, max_queue=self.max_queue,
+                            batch_window_s=self.batch_window_ms / 1000,
                             max_batch=self.max_batch, max_pixels=self.max_pixels, max_video_s=self.max_video_s)
 
     def connection_limits(self) -> Any:

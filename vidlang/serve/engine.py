@@ -8,7 +8,8 @@ server stops): a queued job never starts, and a running one stops at the next st
 * text queries -> the text batcher: concurrent queries are tokenized and encoded as one batch, then ranked
   against the index (one matrix product for the batch);
 * videos -> ``workers`` decode threads (decoding runs outside the model lock, under the pixel and duration
-  limits) -> the clip batcher: the decoded clips of concurrent requests are encoded as one batch;
+  limits; with ``decode_processes`` each thread hands its video to a pool of decoding processes,
+  :mod:`vidlang.serve.decoding`) -> the clip batcher: the decoded clips of concurrent requests are encoded as one batch;
 * chat -> one generation thread, checking for cancellation between generated pieces; a question about the
   collection (``rag_chat``) is retrieved, its clips decoded and answered on that thread too
   (:mod:`vidlang.serve.rag`).
@@ -103,6 +104,7 @@ class Job:
 @dataclass
 class EngineConfig:
     workers: int = 2  # decode threads
+    decode_processes: int = 0  # > 0: the decode threads hand each video to a pool of this many processes
     max_queue: int = 64  # jobs waiting or running; one more -> 503
     batch_window_s: float = 0.005  # a batcher waits this long for more work
     max_batch: int = 16
@@ -132,6 +134,12 @@ class Engine:
         self._decoding = 0  # video jobs in the decode stage: clips on their way to the clip batcher
         self._clips = Batcher("clip", self._run_clips, config.batch_window_s, config.max_batch,
                               on_event=self.on_event, more=lambda: self._decoding > 0)
+        self._pool = None
+        if config.decode_processes > 0:
+            from vidlang.serve.decoding import DecodePool
+
+            self._pool = DecodePool(bundle.clip_decoder, config.decode_processes)
+            self._pool.start()
         self._threads = [threading.Thread(target=self._decode_loop, name=f"vidlang-decode-{i}", daemon=True)
                          for i in range(max(1, config.workers))]
         self._threads.append(threading.Thread(target=self._chat_loop, name="vidlang-chat", daemon=True))
@@ -225,6 +233,8 @@ class Engine:
         self._chat_q.put(None)
         self._text.close()
         self._clips.close()
+        if self._pool is not None:
+            self._pool.close()
         end = time.monotonic() + join_s
         for th in [*self._threads, self._text.thread, self._clips.thread]:
             th.join(max(0.0, end - time.monotonic()))
@@ -238,8 +248,9 @@ class Engine:
             with self._lock:
                 self._decoding += 1
             try:
-                clip, audio = self.bundle.decode_video(source, name, max_pixels=self.config.max_pixels,
-                                                       max_seconds=self.config.max_video_s)
+                decode = self._pool.decode_video if self._pool is not None else self.bundle.decode_video
+                clip, audio = decode(source, name, max_pixels=self.config.max_pixels,
+                                     max_seconds=self.config.max_video_s)
                 if job.alive():
                     self._clips.put(job, (clip, audio))
             except Exception as err:  # VideoDecodeError and friends: answered as 4xx by the route

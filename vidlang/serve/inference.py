@@ -40,16 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.checkpoints import check_weights, checkpoint_task, read_checkpoint, wrong_kind
-from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, VideoDecodeError
+from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS
 from vidlang.errors import CheckpointError, ConfigError
 from vidlang.registry import Registry
+from vidlang.serve.decoding import ClipDecoder
 
 CHECKPOINT_KINDS: Registry[Callable[..., InferenceBundle]] = Registry("checkpoint kind")
 VideoInput = str | os.PathLike | bytes
-
-
-class VideoTooLongError(VideoDecodeError):
-    """A video longer than the duration limit it was decoded under (refused before decoding frames)."""
 
 
 @dataclass
@@ -88,17 +85,12 @@ class InferenceBundle:
         """``model``: a ``VideoTextModel``. ``audio_model``: an ``AudioVisualModel`` wrapping ``model`` (with
         ``audio_frontend``, a ``LogMelFrontend``): video embeddings then fuse each video's audio. ``classifier``: a
         ``RecognitionTask`` around ``model`` (:meth:`classify_clips`)."""
-        from vidlang.data.sampling import build_sampler
-        from vidlang.data.transforms import ResizeCenterCrop
-
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()  # VideoTextModel
         self.tokenizer = tokenizer
         self.num_frames = int(num_frames)
         self.image_size = int(model.image_tower.cfg.image_size)
         self.backend = backend
-        self.sampler = build_sampler("segment", num_frames=self.num_frames)
-        self.transform = ResizeCenterCrop(self.image_size)
         self.chat = chat.to(self.device).eval() if chat is not None else None  # ChatEncoder
         self.classifier = classifier.to(self.device).eval() if classifier is not None else None  # RecognitionTask
         self.audio_frontend = audio_frontend
@@ -119,6 +111,12 @@ class InferenceBundle:
         return int(self.model.embed_dim)
 
     # -- video -------------------------------------------------------------------------------------
+    @property
+    def clip_decoder(self) -> ClipDecoder:
+        """This model's preprocessing as a picklable :class:`~vidlang.serve.decoding.ClipDecoder`."""
+        rate = int(getattr(self.audio_frontend, "sample_rate", 16000)) if self.audio_model is not None else None
+        return ClipDecoder(self.backend, self.image_size, self.num_frames, rate)
+
     def decode_clip(self, source: VideoInput, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     max_seconds: float | None = None) -> Tensor:
         """One video -> eval clip ``uint8 [T, 3, S, S]``; :class:`VideoDecodeError` when it cannot be decoded.
@@ -126,40 +124,18 @@ class InferenceBundle:
         Frames are resized to short side ``S`` while decoding (memory stays bounded whatever the file's size),
         then center-cropped. A stream larger than ``max_pixels`` (width x height) is refused before decoding,
         one longer than ``max_seconds`` with :class:`VideoTooLongError`."""
-        from vidlang.data.decoding import VideoDecodeError, open_video
-        from vidlang.data.sampling import sample_clip
-
-        label = name or (str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>")
-        src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
-        try:
-            with open_video(src, backend=self.backend, resize_short_side=self.image_size,
-                            max_pixels=max_pixels) as reader:
-                duration = float(reader.metadata.duration)
-                if max_seconds is not None and duration > max_seconds:
-                    raise VideoTooLongError(label, reader.backend,
-                                            f"{duration:.1f} s long, over the {max_seconds:g} s limit")
-                clip = sample_clip(reader, self.sampler, training=False)[0]  # [T, C, H', W'], short side S
-        except VideoDecodeError:
-            raise
-        except (ValueError, RuntimeError, OSError) as err:  # a sampler/backend failure on odd input
-            raise VideoDecodeError(label, self.backend, str(err)) from err
-        return self.transform(clip)
+        return self.clip_decoder.decode_clip(source, name, max_pixels, max_seconds)
 
     def decode_audio(self, source: VideoInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Tensor | None:
         """The whole audio track (mono, at the frontend's sample rate, else 16 kHz) ``[S]``, ``None`` without audio."""
-        from vidlang.data.decoding import open_video
-
         rate = int(getattr(self.audio_frontend, "sample_rate", 16000))
-        src = bytes(source) if isinstance(source, (bytearray, memoryview)) else source
-        with open_video(src, backend="pyav", max_pixels=max_pixels) as reader:
-            return reader.get_audio(rate) if reader.metadata.has_audio else None
+        return self.clip_decoder.decode_audio(source, max_pixels, rate)
 
     def decode_video(self, source: VideoInput, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                      max_seconds: float | None = None) -> tuple[Tensor, Tensor | None]:
         """Clip ``uint8 [T, 3, S, S]`` and, for an audio-visual model, the audio track (else None); the limits
         as in :meth:`decode_clip`."""
-        clip = self.decode_clip(source, name, max_pixels, max_seconds)
-        return clip, (self.decode_audio(source, max_pixels) if self.audio_model is not None else None)
+        return self.clip_decoder.decode_video(source, name, max_pixels, max_seconds)
 
     _decode = decode_video
 

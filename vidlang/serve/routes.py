@@ -318,7 +318,7 @@ def build_api(state: ServeState) -> FastAPI:
 
 def _install_error_handlers(api: FastAPI) -> None:
     from vidlang.data.decoding import VideoDecodeError
-    from vidlang.serve.inference import VideoTooLongError
+    from vidlang.serve.decoding import VideoTooLongError
 
     @api.exception_handler(HttpError)
     async def http_error(request: Request, err: HttpError) -> Response:
