@@ -276,3 +276,122 @@ def test_checkpoint_round_trip(tmp_path):
         assert not torch.allclose(before, b.embeds)
         torch.testing.assert_close(a.embeds, b.embeds, rtol=0, atol=0)
         torch.testing.assert_close(model.block.condition_text(text, a), fresh.block.condition_text(text, b))
+
+
+# -- the official checkpoint converter (vidlang convert --from xclip) ----------------------------------------------
+def _official_named_forward(sd: dict, video: torch.Tensor, ids: torch.Tensor, heads: int):
+    """``XCLIP.forward`` written on the *official* key names (so a mapping mistake of the converter shows):
+    (video features [B, E], text features [K, E], logits [B, K])."""
+    b, t = video.shape[:2]
+    v = "visual."
+    x = F.conv2d(video.flatten(0, 1), sd[f"{v}conv1.weight"], stride=sd[f"{v}conv1.weight"].shape[-1])
+    x = x.flatten(2).permute(0, 2, 1)
+    x = torch.cat([sd[f"{v}class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd[f"{v}positional_embedding"]
+
+    def ln(y, key):
+        return F.layer_norm(y, y.shape[-1:], sd[f"{key}.weight"], sd[f"{key}.bias"])
+
+    def mha(q, kv, key, h):
+        return _mha(q, kv, h, sd[f"{key}.in_proj_weight"], sd[f"{key}.in_proj_bias"], sd[f"{key}.out_proj.weight"],
+                    sd[f"{key}.out_proj.bias"])  # fmt: skip
+
+    def mlp(y, key):
+        return F.linear(F.linear(y, sd[f"{key}.c_fc.weight"], sd[f"{key}.c_fc.bias"]).mul(
+            torch.sigmoid(1.702 * F.linear(y, sd[f"{key}.c_fc.weight"], sd[f"{key}.c_fc.bias"]))),
+            sd[f"{key}.c_proj.weight"], sd[f"{key}.c_proj.bias"])  # fmt: skip
+
+    x = ln(x, f"{v}ln_pre").permute(1, 0, 2)
+    i = 0
+    while f"{v}transformer.resblocks.{i}.ln_1.weight" in sd:
+        r = f"{v}transformer.resblocks.{i}"
+        n_tok, _, d = x.shape
+        x = x.view(n_tok, b, t, d)
+        m = F.linear(x[0], sd[f"{r}.message_fc.weight"], sd[f"{r}.message_fc.bias"]).permute(1, 0, 2)  # [T, b, d]
+        mn = ln(m, f"{r}.message_ln")
+        m = (m + mha(mn, mn, f"{r}.message_attn", heads)).permute(1, 0, 2).unsqueeze(0)  # [1, b, T, d]
+        x = torch.cat([x, m], dim=0).view(n_tok + 1, -1, d)
+        h = ln(x, f"{r}.ln_1")
+        x = (x + mha(h, h, f"{r}.attn", heads))[:n_tok]
+        x = x + mlp(ln(x, f"{r}.ln_2"), f"{r}.mlp")
+        i += 1
+    x = x.permute(1, 0, 2)
+    cls = (ln(x[:, 0], f"{v}ln_post") @ sd[f"{v}proj"]).view(b, t, -1)
+    e = cls.shape[-1]
+    img = (ln(x[:, 1:], "prompts_visual_ln") @ sd["prompts_visual_proj"]).view(b, t, -1, e).mean(1)
+    y = (cls + sd["mit.positional_embedding"]).permute(1, 0, 2)
+    h = ln(y, "mit.resblocks.0.ln_1")
+    y = y + mha(h, h, "mit.resblocks.0.attn", max(1, e // 64))
+    y = y + mlp(ln(y, "mit.resblocks.0.ln_2"), "mit.resblocks.0.mlp")
+    vid = (y.permute(1, 0, 2) + cls).mean(1)
+    # text: OpenAI CLIP's encoder, EOT feature
+    z = (F.embedding(ids, sd["token_embedding.weight"]) + sd["positional_embedding"]).permute(1, 0, 2)
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    j = 0
+    while f"transformer.resblocks.{j}.ln_1.weight" in sd:
+        r = f"transformer.resblocks.{j}"
+        h = ln(z, f"{r}.ln_1")
+        z = z + F.multi_head_attention_forward(
+            h, h, h, h.shape[-1], max(1, h.shape[-1] // 64), sd[f"{r}.attn.in_proj_weight"],
+            sd[f"{r}.attn.in_proj_bias"], None, None, False, 0.0, sd[f"{r}.attn.out_proj.weight"],
+            sd[f"{r}.attn.out_proj.bias"], training=False, need_weights=False, attn_mask=causal)[0]  # fmt: skip
+        z = z + mlp(ln(z, f"{r}.ln_2"), f"{r}.mlp")
+        j += 1
+    z = ln(z.permute(1, 0, 2), "ln_final")
+    text = z[torch.arange(ids.shape[0]), ids.argmax(-1)] @ sd["text_projection"]  # [K, E]
+    # VideoSpecificPrompt
+    tf = text.unsqueeze(0).expand(b, -1, -1)
+    q_in, mem = tf, ln(img, "prompts_generator.norm")
+    k = 0
+    while f"prompts_generator.decoder.{k}.norm1.weight" in sd:
+        g = f"prompts_generator.decoder.{k}"
+        q = ln(q_in, f"{g}.norm1")
+        hh = max(1, e // 64)
+
+        def split(y, name, g=g, hh=hh):
+            return (y @ sd[f"{g}.cross_attn.{name}_proj.weight"].T).reshape(b, y.shape[1], hh, e // hh).transpose(1, 2)
+
+        att = ((split(q, "q") @ split(mem, "k").transpose(-2, -1)) * (e // hh) ** -0.5).softmax(-1)
+        o = (att @ split(mem, "v")).transpose(1, 2).reshape(b, -1, e)
+        q_in = q_in + F.linear(o, sd[f"{g}.cross_attn.proj.weight"], sd[f"{g}.cross_attn.proj.bias"])
+        u = F.linear(ln(q_in, f"{g}.norm3"), sd[f"{g}.mlp.0.weight"], sd[f"{g}.mlp.0.bias"])
+        q_in = q_in + F.linear(u * torch.sigmoid(1.702 * u), sd[f"{g}.mlp.3.weight"], sd[f"{g}.mlp.3.bias"])
+        k += 1
+    tf = tf + sd["prompts_generator.alpha"] * q_in
+    logits = sd["logit_scale"].exp() * torch.einsum("bd,bkd->bk", F.normalize(vid, dim=-1), F.normalize(tf, dim=-1))
+    return vid, text, logits
+
+
+def test_converted_official_checkpoint_equals_the_official_forward(tmp_path):
+    """An official X-CLIP file (fixture layout ``xclip_t4``, random weights, saved under ``"model"``) ->
+    ``vidlang convert --from xclip`` -> the same video / text features and video-specific logits."""
+    import json
+    from pathlib import Path
+
+    from vidlang.cli import main as cli_main
+
+    fx = json.loads((Path(__file__).parent / "fixtures" / "official" / "xclip_t4.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (1.0 if k.endswith((".weight",)) and len(shape) == 1 else 0.0) + 0.05 * torch.randn(shape, generator=g)
+          for k, shape in fx["keys"].items()}  # fmt: skip
+    sd["logit_scale"] = torch.tensor(2.0)
+    torch.save({"model": sd, "epoch": 29}, tmp_path / "k400_32_8.pth")
+    assert cli_main(["convert", str(tmp_path / "k400_32_8.pth"), "--out", str(tmp_path / "out"), "--from",
+                     "xclip"]) == 0  # fmt: skip
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    blk = cfg["converted_from"]["block"]
+    assert blk == {"name": "xclip", "args": {"mit_layers": 1, "max_frames": 4, "prompt_layers": 2}}
+    model = build_model(ModelConfig(image="vit_b32", image_overrides=cfg["vision"], text_overrides=cfg["text"],
+                                    block="xclip", block_args=blk["args"], pretrained=str(tmp_path / "out"),
+                                    num_frames=4)).eval()  # fmt: skip
+    video = torch.randn(2, 4, 3, 32, 32, generator=g)
+    ids = torch.tensor([[98, 5, 17, 99] + [0] * 12, [98, 40, 41, 42, 43, 99] + [0] * 10, [98, 7, 99] + [0] * 13])
+    mask = (torch.arange(16) <= ids.argmax(-1, keepdim=True)).long()
+    with torch.no_grad():
+        ref_v, ref_t, ref_logits = _official_named_forward(sd, video, ids, heads=2)
+        out = model.encode_video(video)
+        t = model.encode_text(ids, mask).embeds
+        text_b = F.normalize(model.block.condition_text(t, out), dim=-1)
+        logits = model.logit_scale.exp() * torch.einsum("be,bke->bk", F.normalize(out.embeds, dim=-1), text_b)
+    torch.testing.assert_close(out.embeds, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t, ref_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
