@@ -54,10 +54,14 @@ def inputs(model: VideoTextModel, b: int, t: int, a: int | None = None, seed: in
     return video, ids, mask
 
 
-def loss_of(out: VideoTextOutput) -> torch.Tensor:
+def loss_of(out: VideoTextOutput, block: TemporalBlock) -> torch.Tensor:
     v = F.normalize(out.video.embeds, dim=-1)
-    t = F.normalize(out.text.embeds, dim=-1)
-    logits = out.logit_scale * v @ t.T  # [B, A] with A == B
+    if block.conditions_text:  # video-specific text embeddings (X-CLIP): each video against its own [A, E]
+        t = F.normalize(block.condition_text(out.text.embeds, out.video), dim=-1)  # [B, A, E]
+        logits = out.logit_scale * torch.einsum("be,bae->ba", v, t)  # [B, A] with A == B
+    else:
+        t = F.normalize(out.text.embeds, dim=-1)
+        logits = out.logit_scale * v @ t.T  # [B, A] with A == B
     target = torch.arange(logits.shape[0])
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     for value in out.aux_losses.values():
@@ -94,7 +98,7 @@ def test_shapes_and_finite(block: str, tower: str):
 def test_every_trainable_parameter_gets_a_gradient(block: str, tower: str):
     model = make(block, tower).train()
     video, ids, mask = inputs(model, b=2, t=3)
-    loss_of(model(video, ids, mask)).backward()
+    loss_of(model(video, ids, mask), model.block).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, f"{block}: nothing trainable under its default freezing policy"
     missing = [n for n, p in trainable.items() if p.grad is None]
@@ -111,12 +115,12 @@ def test_gradient_checkpointing_identical(block: str, tower: str):
     model = make(block, tower, freeze="full").train()
     video, ids, mask = inputs(model, b=2, t=3)
     out = model(video, ids, mask)
-    loss_of(out).backward()
+    loss_of(out, model.block).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.set_gradient_checkpointing(True)
     out2 = model(video, ids, mask)
-    loss_of(out2).backward()
+    loss_of(out2, model.block).backward()
     torch.testing.assert_close(out2.video.embeds, out.video.embeds, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out2.text.embeds, out.text.embeds, atol=1e-6, rtol=1e-6)
     assert set(grads) == {n for n, p in model.named_parameters() if p.grad is not None}
@@ -125,7 +129,7 @@ def test_gradient_checkpointing_identical(block: str, tower: str):
             torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=f"{block}: {n}")
 
 
-@pytest.mark.parametrize("policy", ["frozen_backbone", "block_only"])
+@pytest.mark.parametrize("policy", ["frozen_backbone", "frozen_text", "block_only"])
 @pytest.mark.parametrize("block, tower", PAIRS)
 def test_frozen_parts_unchanged_after_step(block: str, tower: str, policy: str):
     model = make(block, tower, freeze=policy).train()
@@ -137,11 +141,10 @@ def test_frozen_parts_unchanged_after_step(block: str, tower: str, policy: str):
         return
     opt = torch.optim.AdamW(groups)
     video, ids, mask = inputs(model, b=2, t=3)
-    loss_of(model(video, ids, mask)).backward()
+    loss_of(model(video, ids, mask), model.block).backward()
     opt.step()
-    frozen_prefixes = ("image_tower.",)
-    if policy == "block_only":
-        frozen_prefixes += ("text_tower.", "logit_scale")
+    frozen_prefixes = {"frozen_backbone": ("image_tower.",), "frozen_text": ("text_tower.", "logit_scale"),
+                       "block_only": ("image_tower.", "text_tower.", "logit_scale")}[policy]
     for n, p in model.named_parameters():
         if n.startswith(frozen_prefixes):
             assert not p.requires_grad and torch.equal(p, before[n]), f"{block}/{policy}: {n} changed"

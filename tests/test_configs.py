@@ -52,7 +52,7 @@ def test_task_config_instantiates(task_config: Path, tmp_path: Path):
     assert task.hparams.model["block"] == raw["model"]["block"]
     assert task.hparams.model["image"] == raw["model"]["image"]
     assert video_text.image_tower.cfg.width == {"vit_tiny": 64, "vit_b32": 768, "vit_b16": 768}[raw["model"]["image"]]
-    assert video_text.freeze_policy in ("full", "frozen_backbone", "block_only", "prompts_only")
+    assert video_text.freeze_policy in ("full", "frozen_backbone", "frozen_text", "block_only", "prompts_only")
     assert cli.datamodule is not None
     # the number of frames is one setting: data.sampling drives it and the model follows (a model section that
     # set its own count would disagree with the data it is trained on -- e.g. 16 against ucf101's 8)

@@ -2,7 +2,7 @@
 
 ``python tools/official_layouts.py [--out tests/fixtures/official]`` writes one file per released layout:
 ``clip4clip_meanp``, ``clip4clip_seqtransf``, ``clip4clip_seqlstm``, ``vifi_clip_full``, ``vifi_clip_prompt``,
-``prompt_switch``, ``m2clip_12x``. The key names follow the authors' model code (see
+``prompt_switch``, ``m2clip_12x``, ``xclip_t4``. The key names follow the authors' model code (see
 :mod:`vidlang.models.official`); they are generated here from that naming, for a tiny configuration
 (:data:`SMALL`), not read from the authors' code.
 Each fixture also records the top-level wrapper of the file the authors' training script saves.
@@ -180,6 +180,34 @@ def m2clip(s: dict = SMALL, r: int = 32, n_cls: int = 5, mlm_words: int = 7, pre
                 f"{m}decoder.weight": [mlm_words, tw]})  # fmt: skip
     return out
 
+def xclip(s: dict = SMALL, frames: int = 4, mit_layers: int = 1, prompt_layers: int = 2) -> Layout:
+    """X-CLIP's ``XCLIP.state_dict()``: OpenAI CLIP (both towers, ``logit_scale``), cross-frame message modules in
+    every image layer, the MIT (``[1, T, E]`` positions + OpenAI-style layers), the prompt generator and the visual
+    token projection (checked against the official model built from ``microsoft/VideoX`` @ 1744b21)."""
+    vw, e = s["vw"], s["embed"]
+    out = {**openai_visual("visual.", s), **openai_text("", s=s), "logit_scale": []}
+    for i in range(s["vl"]):
+        p = f"visual.transformer.resblocks.{i}."
+        out.update({f"{p}message_fc.weight": [vw, vw], f"{p}message_fc.bias": [vw], f"{p}message_ln.weight": [vw],
+                    f"{p}message_ln.bias": [vw], f"{p}message_attn.in_proj_weight": [3 * vw, vw],
+                    f"{p}message_attn.in_proj_bias": [3 * vw], f"{p}message_attn.out_proj.weight": [vw, vw],
+                    f"{p}message_attn.out_proj.bias": [vw]})  # fmt: skip
+    out["mit.positional_embedding"] = [1, frames, e]
+    for i in range(mit_layers):
+        out.update(openai_layer(f"mit.resblocks.{i}", e))
+    out.update({"prompts_visual_ln.weight": [vw], "prompts_visual_ln.bias": [vw], "prompts_visual_proj": [vw, e],
+                "prompts_generator.alpha": [e], "prompts_generator.norm.weight": [e],
+                "prompts_generator.norm.bias": [e]})  # fmt: skip
+    for i in range(prompt_layers):
+        p = f"prompts_generator.decoder.{i}."
+        out.update({f"{p}cross_attn.{n}_proj.weight": [e, e] for n in "qkv"})
+        out.update({f"{p}cross_attn.proj.weight": [e, e], f"{p}cross_attn.proj.bias": [e],
+                    f"{p}norm1.weight": [e], f"{p}norm1.bias": [e], f"{p}norm3.weight": [e], f"{p}norm3.bias": [e],
+                    f"{p}mlp.0.weight": [4 * e, e], f"{p}mlp.0.bias": [4 * e], f"{p}mlp.3.weight": [e, 4 * e],
+                    f"{p}mlp.3.bias": [e]})  # fmt: skip
+    return out
+
+
 # name -> (method, layout, wrapper of the saved file: null = the bare state dict, or the key holding it, and
 # whether the keys carry DDP's "module." prefix)
 LAYOUTS = {
@@ -190,6 +218,7 @@ LAYOUTS = {
     "vifi_clip_prompt": ("vifi_clip", lambda: vifi_clip(True), "model", True),
     "prompt_switch": ("prompt_switch", prompt_switch, "state_dict", False),
     "m2clip_12x": ("m2clip", m2clip, "model", False),
+    "xclip_t4": ("xclip", xclip, "model", False),
 }
 NEEDS_BASE = {"vifi_clip", "m2clip"}  # methods whose files lack weights of the CLIP they started from
 

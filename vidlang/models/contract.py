@@ -164,6 +164,9 @@ class TemporalBlock(nn.Module):
       left out); blocks without it refuse a mask with padding.
     - ``supported_towers``: the image-tower kinds the block works on; :meth:`check_tower` refuses the others (and
       rotary towers for blocks that append image tokens, ``appends_image_tokens``) with a ConfigError.
+    - ``conditions_text``: True if the block turns text (class) embeddings into video-specific ones,
+      :meth:`condition_text` (X-CLIP's prompt generator); the recognition task then scores each video against its
+      own class embeddings.
     """
 
     IMAGE_HOOKS: ClassVar[tuple[str, ...]] = ("embed", "before_layer", "attn_input", "before_mlp", "after_layer")
@@ -176,6 +179,7 @@ class TemporalBlock(nn.Module):
     uses_video_mask: ClassVar[bool] = False
     supported_towers: ClassVar[frozenset[str]] = frozenset(IMAGE_TOWER_KINDS)
     tower_requirement: ClassVar[str] = ""  # why a kind is not supported (part of check_tower's message)
+    conditions_text: ClassVar[bool] = False
 
     @property
     def wants_caption_ids(self) -> bool:
@@ -257,6 +261,12 @@ class TemporalBlock(nn.Module):
 
     def text_after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
         return x
+
+    # -- video-specific text ----------------------------------------------------------------------
+    def condition_text(self, text: Tensor, video: VideoOutput) -> Tensor:
+        """Video-specific text embeddings: ``text [K, E]`` (unnormalised) and the output of ``B`` videos ->
+        ``[B, K, E]`` (unnormalised). Only blocks that declare ``conditions_text`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not condition text on the video (conditions_text)")
 
     # -- pooling ---------------------------------------------------------------------------------
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:

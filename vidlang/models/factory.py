@@ -3,8 +3,9 @@ ViT, :data:`IMAGE_TOWERS`), the block by registry name, weights from a local pre
 and the optimisation recipe (``lr_mults`` / ``weight_decays``, see :meth:`VideoTextModel.param_groups`).
 
 Freezing policies (:data:`FREEZE_POLICIES`): ``full`` (everything trains), ``frozen_backbone``
-(image tower frozen; text tower, block and ``logit_scale`` train), ``block_only`` / ``prompts_only``
-(only the block trains). ``auto`` = ``block_only`` if the block's ``freeze_backbone`` else ``full``.
+(image tower frozen; text tower, block and ``logit_scale`` train), ``frozen_text`` (text tower and ``logit_scale``
+frozen; image tower and block train: X-CLIP), ``block_only`` / ``prompts_only`` (only the block trains).
+``auto`` = ``block_only`` if the block's ``freeze_backbone`` else ``full``.
 """
 
 from __future__ import annotations
@@ -357,3 +358,11 @@ def freeze_all_but_block(model: VideoTextModel) -> None:
 
 
 FREEZE_POLICIES.register("prompts_only")(freeze_all_but_block)
+
+
+@FREEZE_POLICIES.register("frozen_text")
+def freeze_text_tower(model: VideoTextModel) -> None:
+    """X-CLIP's ``FIX_TEXT``: the text tower and ``logit_scale`` frozen; image tower and block train."""
+    _set_trainable(model, True)
+    _set_trainable(model.text_tower, False)
+    _set_trainable(model.logit_scale, False)

@@ -40,7 +40,16 @@ naming it. The layouts (names from the authors' model code):
     MLM block and its text adapter are dropped; text adapters before attention (24x multimodal) are refused.
     -> block ``ted`` (``text_position="mlp"``, ``diff_bias=True``, the text layers that carry adapters).
 
-All four use OpenAI CLIP towers: attention heads = width / 64, QuickGELU.
+``xclip`` (``microsoft/VideoX`` ``X-CLIP/models/xclip.py``, ``cct.py``, ``mit.py``, ``prompt.py``; the released
+    ``k400_32_8.pth`` etc., the model under ``"model"`` beside ``optimizer``, ``lr_scheduler``, ``epoch``,
+    ``max_accuracy`` and the yacs ``config``): OpenAI CLIP names for both towers and ``logit_scale``, plus per image
+    layer ``visual.transformer.resblocks.{i}.message_{fc,ln,attn}.*`` (cross-frame messages), ``mit.positional_embedding
+    [1, T, E]`` and ``mit.resblocks.{i}.*`` (OpenAI-style layers), ``prompts_visual_ln.*``, ``prompts_visual_proj
+    [C, E]``, ``prompts_generator.{alpha, norm.*, decoder.{i}.{norm1, norm3, cross_attn.{q,k,v}_proj, cross_attn.proj,
+    mlp.0, mlp.3}.*}``. Nothing is dropped; the file is complete (no ``--base``). -> block ``xclip`` (``mit_layers``,
+    ``prompt_layers`` and ``max_frames`` = the training T, read from the shapes).
+
+All five use OpenAI CLIP towers: attention heads = width / 64, QuickGELU.
 """
 
 from __future__ import annotations
@@ -420,6 +429,63 @@ def m2clip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
 
 
 # ---------------------------------------------------------------------------------------------
+# X-CLIP
+# ---------------------------------------------------------------------------------------------
+_XCLIP_MIT_POSITIONS = "mit.positional_embedding"  # [1, T, E] -> block.mit.frame_position_embedding [T, E]
+
+
+def _xclip_rules() -> list[Rule]:
+    """X-CLIP's new modules -> ``block.*`` (the towers: OpenAI CLIP's rules)."""
+    m, bm = "visual.transformer.resblocks.{i}.", "block.messages.{i}."
+    g, bg = "prompts_generator.decoder.{i}.", "block.generator.layers.{i}."
+    return [
+        Rule(f"{m}message_fc.{{p}}", f"{bm}fc.{{p}}"),
+        Rule(f"{m}message_ln.{{p}}", f"{bm}ln.{{p}}"),
+        Rule(f"{m}message_attn.in_proj_weight", f"{bm}attn.in_proj_weight"),
+        Rule(f"{m}message_attn.in_proj_bias", f"{bm}attn.in_proj_bias"),
+        Rule(f"{m}message_attn.out_proj.{{p}}", f"{bm}attn.out_proj.{{p}}"),
+        *_layer_rules("mit.resblocks.{i}", "block.mit.layers.{i}", "openai"),
+        Rule("prompts_visual_ln.{p}", "block.visual_ln.{p}"),
+        Rule("prompts_visual_proj", "block.visual_proj"),
+        Rule("prompts_generator.alpha", "block.generator.alpha"),
+        Rule("prompts_generator.norm.{p}", "block.generator.norm.{p}"),
+        Rule(f"{g}norm1.{{p}}", f"{bg}norm1.{{p}}"),
+        Rule(f"{g}norm3.{{p}}", f"{bg}norm2.{{p}}"),
+        Rule(f"{g}cross_attn.q_proj.weight", f"{bg}cross_attn.q.weight"),
+        Rule(f"{g}cross_attn.k_proj.weight", f"{bg}cross_attn.k.weight"),
+        Rule(f"{g}cross_attn.v_proj.weight", f"{bg}cross_attn.v.weight"),
+        Rule(f"{g}cross_attn.proj.{{p}}", f"{bg}cross_attn.out.{{p}}"),
+        Rule(f"{g}mlp.0.{{p}}", f"{bg}mlp.0.{{p}}"),
+        Rule(f"{g}mlp.3.{{p}}", f"{bg}mlp.3.{{p}}"),
+    ]
+
+
+@OFFICIAL_METHODS.register("xclip")
+def xclip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
+    method = "xclip"
+    flat = dict(unwrap_state_dict(sd))
+    positions = flat.pop(_XCLIP_MIT_POSITIONS, None)
+    if positions is None or positions.ndim != 3 or positions.shape[0] != 1:
+        shape = None if positions is None else tuple(positions.shape)
+        raise UnknownKeysError(f"{method}: {_XCLIP_MIT_POSITIONS} must be [1, T, E] (the MIT), got {shape}")
+    out = _rename_checked(method, flat, _openai_rules() + _xclip_rules(), _OPENAI_IGNORED)
+    out["block.mit.frame_position_embedding"] = positions[0]  # [T, E]
+    layers = _layer_indices(flat, "visual.transformer.resblocks.")
+    messages = _layer_indices({k: None for k in flat if ".message_fc." in k}, "visual.transformer.resblocks.")
+    if messages != layers:
+        raise UnknownKeysError(f"{method}: cross-frame message modules in layers {messages}, the image tower has "
+                               f"{layers} (every layer carries one)")  # fmt: skip
+    decoder = _layer_indices(flat, "prompts_generator.decoder.")
+    mit = _layer_indices(flat, "mit.resblocks.")
+    if not decoder or not mit or "prompts_generator.alpha" not in flat:
+        raise UnknownKeysError(f"{method}: an X-CLIP checkpoint has the prompt generator (prompts_generator.alpha, "
+                               f"decoder layers: {decoder}) and the MIT layers ({mit})")  # fmt: skip
+    frames = int(positions.shape[1])
+    args = {"mit_layers": len(mit), "max_frames": frames, "prompt_layers": len(decoder)}
+    return OfficialConversion(method, f"T{frames}", out, "xclip", args, _openai_heads(out))
+
+
+# ---------------------------------------------------------------------------------------------
 # detection and entry point
 # ---------------------------------------------------------------------------------------------
 def detect_method(sd: Mapping[str, Any]) -> str:
@@ -433,6 +499,8 @@ def detect_method(sd: Mapping[str, Any]) -> str:
         return "clip4clip"
     if "visual.t_adapter.fc1.weight" in keys:
         return "m2clip"
+    if "prompts_generator.alpha" in keys and "visual.transformer.resblocks.0.message_fc.weight" in keys:
+        return "xclip"
     raise ValueError(f"no known official layout ({', '.join(OFFICIAL_METHODS.names())}) has keys such as "
                      f"{sorted(keys)[:5]}")  # fmt: skip
 

@@ -6,7 +6,9 @@ L2-normalised template embeddings, normalised again, and ``logits = exp(logit_sc
 clamped to 100). While anything on the text side trains (text tower, or a block's text adapters) the
 class embeddings are recomputed with gradient every training step; otherwise they are computed once
 and cached. Evaluation always uses the text tower (zero-shot on any label set) unless the linear head
-is the classifier and the evaluation label set is the training one (``classifier``).
+is the classifier and the evaluation label set is the training one (``classifier``). A block that declares
+``conditions_text`` (X-CLIP) gets the unnormalised class embeddings and makes them video-specific
+(``block.condition_text -> [B, K, E]``, normalised): each video is scored against its own classifier.
 
 Class names: ``class_names`` (training) / ``eval_class_names`` if given, else the datamodule's index of
 the split (``trainer.datamodule.indices[split].classes``), so training on label set A and evaluating on
@@ -68,7 +70,7 @@ from vidlang.losses.m2clip import (
     official_same_label_targets,
     soft_contrastive_kl,
 )
-from vidlang.models.contract import TemporalBlock
+from vidlang.models.contract import TemporalBlock, VideoOutput
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.temporal.video_mask import video_mask_state
 from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
@@ -152,6 +154,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.head_config, self.optim, self.evaluation = groups["head"], groups["optim"], groups["evaluation"]
         self.templates = templates
         self.model = build_model(model)
+        if self.model.block.conditions_text and groups["m2clip"].enabled:
+            raise ConfigError(f"M2-CLIP's losses need one text embedding per class; the block {model.block!r} makes "
+                              "them video-specific (conditions_text): disable m2clip or use another block")
         self.use_head = bool(self.head_config.enabled or groups["m2clip"].enabled)
         self.head: nn.Linear | None = None
         if self.use_head and class_names:
@@ -258,7 +263,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
 
     @torch.no_grad()
     def _init_head_from_text(self, names: list[str]) -> None:
-        emb = self.class_embeddings(names, grad=False)  # [K, E]
+        emb = F.normalize(self.class_embeddings(names, grad=False), dim=-1)  # [K, E]
         self.head.weight.copy_(emb)
         self.head.bias.zero_()
 
@@ -271,16 +276,29 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         return bool(text_hooks) and any(p.requires_grad for p in self.model.block.parameters())
 
     def class_embeddings(self, class_names: list[str], grad: bool = False) -> Tensor:
-        """Normalised class embeddings ``[K, E]`` = mean over templates of normalised prompt embeddings."""
+        """Normalised class embeddings ``[K, E]`` = mean over templates of normalised prompt embeddings. With a
+        block that ``conditions_text`` (X-CLIP): the mean of the *unnormalised* template embeddings, the input of
+        its prompt generator (:meth:`text_logits` conditions them on each video, then normalises)."""
         prompts = prompts_for(class_names, self.templates)
         chunk = self.evaluation.text_chunk
+        raw = self.model.block.conditions_text
         with torch.set_grad_enabled(grad):
             parts = []
             for s in range(0, len(prompts), chunk):
                 ids, mask = self.tokenize(prompts[s : s + chunk])
-                parts.append(F.normalize(self.model.encode_text(ids, mask).embeds.float(), dim=-1))
+                emb = self.model.encode_text(ids, mask).embeds.float()
+                parts.append(emb if raw else F.normalize(emb, dim=-1))
             emb = torch.cat(parts).view(len(class_names), len(self.templates), -1).mean(dim=1)  # [K, E]
-        return F.normalize(emb, dim=-1)
+        return emb if raw else F.normalize(emb, dim=-1)
+
+    def text_logits(self, out: VideoOutput, emb: Tensor, text_cls: Tensor) -> Tensor:
+        """``scale x cosine`` logits ``[B, K]`` of the normalised video embeddings ``emb [B, E]`` against the class
+        embeddings ``text_cls [K, E]`` (:meth:`class_embeddings`); a block that ``conditions_text`` first makes them
+        video-specific from its output ``out`` (``[B, K, E]``, then normalised)."""
+        if not self.model.block.conditions_text:
+            return self.scale * emb @ text_cls.t()
+        text = F.normalize(self.model.block.condition_text(text_cls, out).float(), dim=-1)  # [B, K, E]
+        return self.scale * torch.einsum("be,bke->bk", emb, text)
 
     def _train_classifier(self, names: list[str]) -> Tensor:
         if self.text_trains():
@@ -326,8 +344,9 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         out = []
         for v in range(views.shape[1]):
             state = video_mask_state(self.block, None if masks is None else masks[:, v])
-            emb = F.normalize(self.model.encode_video(views[:, v], state=state).embeds.float(), dim=-1)  # [B, E]
-            out.append(self.head_logits(emb) if use_head else self.scale * emb @ text_cls.t())
+            video_out = self.model.encode_video(views[:, v], state=state)
+            emb = F.normalize(video_out.embeds.float(), dim=-1)  # [B, E]
+            out.append(self.head_logits(emb) if use_head else self.text_logits(video_out, emb, text_cls))
         return torch.stack(out, dim=1)  # [B, V, K]
 
     # -- batches ---------------------------------------------------------------------------------
@@ -383,7 +402,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             logits = self.head_logits(emb)
         else:
             text_cls = self._train_classifier(names)  # [K, E]
-            logits = self.scale * emb @ text_cls.t()  # [B, K]
+            logits = self.text_logits(out, emb, text_cls)  # [B, K]
             if self.m2_weights:
                 parts.update(self._m2clip_parts(emb, out, text_cls, logits, mix.targets, labels, names))
         if not self.m2_weights:
