@@ -9,6 +9,7 @@ the same, outputs equal to a hand-written forward in the official layout.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from collections.abc import Callable
@@ -45,6 +46,10 @@ def random_layout(keys: dict[str, list[int]], seed: int = 0) -> dict[str, Tensor
     for k, shape in keys.items():
         if k.endswith("position_ids"):
             out[k] = torch.arange(shape[-1]).expand(*shape).clone()
+        elif k.endswith("num_batches_tracked"):
+            out[k] = torch.tensor(100)
+        elif k.endswith("running_var"):
+            out[k] = 1 + 0.1 * torch.rand(shape, generator=g)
         elif k.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")) or (
             "norm" in k and k.endswith(".weight")
         ):
@@ -181,7 +186,11 @@ def test_every_key_mapped_or_dropped(name, tmp_path):
     assert set(conv.dropped) <= set(sd)
     ignored = {k for k in sd if k.endswith("position_ids")}  # buffers, not weights
     official_values = sum(v.numel() for k, v in sd.items() if k not in conv.dropped and k not in ignored)
-    assert sum(v.numel() for v in conv.state_dict.values()) == official_values  # nothing lost, nothing invented
+    added = [k for k in conv.state_dict if any(fnmatch.fnmatchcase(k, pat) for pat in conv.added)]
+    in_dict = [pat for pat in conv.added if "embed_proj" not in pat]  # the Q-former's head is added after --base
+    assert all(any(fnmatch.fnmatchcase(k, pat) for k in conv.state_dict) for pat in in_dict)
+    converted = sum(v.numel() for k, v in conv.state_dict.items() if k not in added)
+    assert converted == official_values  # nothing lost, nothing invented (beyond the declared additions)
     # each official tensor's values are in the converted dict (as is, transposed, or a slice of a fused/stacked one)
     pool = [v.flatten() for v in conv.state_dict.values()]
     for k, v in sd.items():
@@ -537,3 +546,337 @@ def test_m2clip_with_tower_weights_converts_them_and_drops_the_mlm_block():
     assert {k for k in sd if k.startswith(f"transformer.resblocks.{tl}.")} <= set(conv.dropped)
     kept = sum(v.numel() for k, v in sd.items() if k not in conv.dropped)
     assert sum(v.numel() for v in conv.state_dict.values()) == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# ILA (models/xclip.py, mat.py, align.py, mit.py), written from the official math, eval mode
+# ---------------------------------------------------------------------------------------------
+def _layouts_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "official_layouts", Path(__file__).parents[1] / "tools" / "official_layouts.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bn(sd: dict[str, Tensor], p: str, x: Tensor) -> Tensor:
+    return F.batch_norm(x, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"], sd[f"{p}.bias"],
+                        False, 0.0, 1e-5)  # fmt: skip
+
+
+def _conv(sd: dict[str, Tensor], p: str, x: Tensor, **kw) -> Tensor:
+    w = sd[f"{p}.weight"]
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+    return conv(x, w, sd[f"{p}.bias"], **kw)
+
+
+def _ila_mask(point: Tensor, n: int) -> Tensor:
+    """``aligned_mask_generation`` for ``point [..., 2]`` (x, y) -> ``[..., n, n]``."""
+    d = (torch.arange(n) / (n - 1) * 2 - 1)[:, None] - point[..., None, :]  # [..., n, 2]
+    flat = ((d >= -0.25) & (d <= 0.25)).float()
+    slope = 1 - (d.abs() - 0.25) * 1.5
+    m = flat + F.relu((1 - flat) * slope * (slope >= 0))
+    return m[..., 1].unsqueeze(-1) * m[..., 0].unsqueeze(-2)
+
+
+def ref_ila_update(sd: dict[str, Tensor], p: str, x: Tensor, b: int, t: int) -> Tensor:
+    """``MultiAxisAttentionBlock``'s two skip terms (evaluation) on ``x [B*T, 1+N, C]``."""
+    c = x.shape[-1]
+    n = round((x.shape[1] - 1) ** 0.5)
+    m = F.layer_norm(_lin(sd, f"{p}.message_fc", x), (c,), sd[f"{p}.message_ln.weight"], sd[f"{p}.message_ln.bias"])
+    m = m.view(b, t, -1, c)
+    cls, maps = m[:, :, :1], m[:, :, 1:].reshape(b, t, n, n, c).permute(0, 1, 4, 2, 3)  # [B, T, C, n, n]
+    pairs = torch.cat([maps[:, :-1], maps[:, 1:]], dim=2).flatten(0, 1)  # [B(T-1), 2C, n, n]
+    a = f"{p}.message_attn"
+    g = F.relu(_bn(sd, f"{a}.interactive_block.0.depthwise_conv.1", _conv(
+        sd, f"{a}.interactive_block.0.depthwise_conv.0", pairs, padding=1, groups=2 * c)))
+    pw = f"{a}.interactive_block.0.pointwise_conv"
+    g = F.relu(_bn(sd, f"{pw}.1", _conv(sd, f"{pw}.0", g)))
+    g = F.relu(_bn(sd, f"{a}.interactive_block.2", _conv(sd, f"{a}.interactive_block.1", g, padding=1)))
+    h = F.relu(F.max_pool2d(_bn(sd, f"{a}.prediction_block.1", _conv(sd, f"{a}.prediction_block.0", g, padding=1)), 2))
+    h = F.relu(F.max_pool2d(_bn(sd, f"{a}.prediction_block.5", _conv(sd, f"{a}.prediction_block.4", h, padding=1)), 2))
+    h = h.amax(dim=(-2, -1)).view(b, t - 1, -1).transpose(1, 2)  # [B, 128, T-1]
+    h = _conv(sd, f"{a}.prediction_block.12", F.relu(_conv(sd, f"{a}.prediction_block.10", h, groups=2)), groups=2)
+    pts = torch.tanh(h).transpose(1, 2) * 0.75  # [B, T-1, 4]
+    pre = _ila_mask(pts[..., :2], n)[:, :, None] * maps[:, :-1]  # [B, T-1, C, n, n]
+    cur = _ila_mask(pts[..., 2:], n)[:, :, None] * maps[:, 1:]
+
+    def roles(first: Tensor, second: Tensor) -> Tensor:  # per pair -> per frame (middle frames averaged)
+        return torch.cat([first[:, :1], (first[:, 1:] + second[:, :-1]) / 2, second[:, -1:]], dim=1)
+
+    aligned = roles(pre, cur).flatten(3).transpose(-1, -2)  # [B, T, N, C]
+    aligned = torch.cat([cls, aligned], dim=2)
+    g = g.view(b, t - 1, *g.shape[1:])
+    half = g.shape[2] // 2
+    feats = roles(g[:, :, :half], g[:, :, half:]).transpose(1, 2)  # [B, 128, T, n, n]
+    feats = _conv(sd, f"{a}.conv", feats, padding=(1, 0, 0)).flatten(3).permute(0, 2, 3, 1)  # [B, T, N, 128]
+    feats = torch.cat([cls, _lin(sd, f"{a}.fc", feats)], dim=2)
+    out = _lin(sd, f"{p}.temporal_skip_align_fc", aligned) + _lin(sd, f"{p}.temporal_skip_fc", feats)
+    return out.reshape(b * t, -1, c)
+
+
+def ref_ila_video(sd: dict[str, Tensor], video: Tensor) -> Tensor:
+    """ILA's ``encode_video`` video embedding: aligned CLIP -> per-frame CLS embeddings -> MIT (mean over T)."""
+    b, t = video.shape[:2]
+    v = "visual."
+    w = sd[f"{v}conv1.weight"]
+    x = F.conv2d(video.flatten(0, 1), w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd[f"{v}class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd[f"{v}positional_embedding"]
+    c = x.shape[-1]
+    x = F.layer_norm(x, (c,), sd[f"{v}ln_pre.weight"], sd[f"{v}ln_pre.bias"])
+    for i in range(len(_layer_ids(sd, f"{v}transformer.resblocks.", ".attn.in_proj_weight"))):
+        p = f"{v}transformer.resblocks.{i}"
+        x = ref_layer(x + ref_ila_update(sd, p, x, b, t), sd, p, c // 64)
+    f = F.layer_norm(x[:, 0], (c,), sd[f"{v}ln_post.weight"], sd[f"{v}ln_post.bias"]) @ sd[f"{v}proj"]
+    f = f.view(b, t, -1)
+    y = ref_layer(f + sd["mit.positional_embedding"], sd, "mit.resblocks.0", f.shape[-1] // 64)
+    return (y + f).mean(1)
+
+
+def test_ila_outputs_equal_official_forward(tmp_path):
+    sd = save_official("ila_k400", tmp_path / "best.pth")
+    assert cli_main(["convert", str(tmp_path / "best.pth"), "--out", str(tmp_path / "out"), "--from", "auto"]) == 0
+    model, cfg = model_from(tmp_path / "out")
+    rec = cfg["converted_from"]
+    assert rec["method"] == "ila" and rec["variant"] == "k400"
+    assert rec["block"]["args"] == {"hidden": 256, "interaction": "dwsep", "pool": "mit", "mit_layers": 1,
+                                    "max_frames": T}  # fmt: skip
+    assert set(rec["dropped"]) == {k for k in sd if k.startswith("prompts_")}
+    video, ids, mask = inputs()
+    with torch.no_grad():
+        v = model.encode_video(video).embeds
+        t = model.encode_text(ids, mask).embeds
+        ref_v = ref_ila_video(sd, video)
+        ref_t = ref_text(sd, "", ids, sd["token_embedding.weight"])
+        plain = ref_image(sd, "visual.", video.flatten(0, 1)).reshape(2, T, -1)
+    assert (v - ref_v).abs().max() < 1e-5
+    assert (t - ref_t).abs().max() < 1e-5
+    assert (v - plain.mean(1)).abs().max() > 1e-3  # the alignment and the MIT act
+
+
+def test_ila_ssv2_interaction_and_unknown_message_key():
+    sd = random_layout(fixture("ila_k400")["keys"])
+    p = "visual.transformer.resblocks.0.message_attn."
+    sd[p + "interactive_block.0.extra.weight"] = torch.zeros(2)
+    with pytest.raises(UnknownKeysError, match=r"resblocks\.0\.message_attn\.interactive_block\.0\.extra\.weight"):
+        convert_official(sd)
+    ssv2 = {k: v for k, v in random_layout(fixture("ila_k400")["keys"]).items() if ".interactive_block." not in k}
+    c = 128
+    for i in range(2):
+        q = f"visual.transformer.resblocks.{i}.message_attn.interactive_block."
+        ssv2.update({q + "0.weight": torch.zeros(256, 2 * c, 3, 3), q + "0.bias": torch.zeros(256),
+                     q + "3.weight": torch.zeros(256, 256, 3, 3), q + "3.bias": torch.zeros(256)})  # fmt: skip
+        for j in (1, 4):
+            ssv2.update({q + f"{j}.{n}": torch.ones(256) for n in ("weight", "bias", "running_mean", "running_var")})
+    conv = convert_official(ssv2)
+    assert conv.variant == "ssv2" and conv.block_args["interaction"] == "conv" and conv.block_args["hidden"] == 256
+    assert conv.state_dict["block.layers.1.interact.3.weight"].shape == (256, 256, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mug-STAN (clip_stan_hf.py, mug_head.py), transformers CLIP names, patch-major branch as the official code
+# ---------------------------------------------------------------------------------------------
+def _hf_attn(x: Tensor, sd: dict[str, Tensor], p: str, heads: int, mask: Tensor | None = None) -> Tensor:
+    n, length, w = x.shape
+    q, k, v = (_lin(sd, f"{p}.{n_}_proj", x).view(n, length, heads, -1).transpose(1, 2) for n_ in "qkv")
+    att = q @ k.transpose(-1, -2) * (w // heads) ** -0.5
+    if mask is not None:
+        att = att + mask
+    return _lin(sd, f"{p}.out_proj", (att.softmax(-1) @ v).transpose(1, 2).reshape(n, length, w))
+
+
+def _ln(sd: dict[str, Tensor], p: str, x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), sd[f"{p}.weight"], sd[f"{p}.bias"])
+
+
+def _hf_mlp(sd: dict[str, Tensor], p: str, x: Tensor) -> Tensor:
+    h = _lin(sd, f"{p}.fc1", x)
+    return _lin(sd, f"{p}.fc2", h * torch.sigmoid(1.702 * h))
+
+
+def ref_hf_layer(x: Tensor, sd: dict[str, Tensor], p: str, mask: Tensor | None = None) -> Tensor:
+    heads = x.shape[-1] // 64
+    x = x + _hf_attn(_ln(sd, f"{p}.layer_norm1", x), sd, f"{p}.self_attn", heads, mask)
+    return x + _hf_mlp(sd, f"{p}.mlp", _ln(sd, f"{p}.layer_norm2", x))
+
+
+def ref_stan_frames(sd: dict[str, Tensor], video: Tensor) -> Tensor:
+    """``VITCLIPPretrained_STAN`` with ``return_mean=False`` -> per-frame embeddings ``[B, T, E]``."""
+    b, t = video.shape[:2]
+    bb = "backbone"
+    w = sd[f"{bb}.patch_embedding.weight"]
+    x = F.conv2d(video.flatten(0, 1), w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    pos = sd[f"{bb}.position_embedding.weight"]
+    x = torch.cat([sd[f"{bb}.class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + pos
+    x = _ln(sd, f"{bb}.pre_layrnorm", x)
+    c = x.shape[-1]
+    heads = c // 64
+    layers = len(_layer_ids(sd, f"{bb}.layers.", ".self_attn.q_proj.weight"))
+    depth = len(_layer_ids(sd, f"{bb}.STAN_S_layers.", ".self_attn.q_proj.weight"))
+    x2 = None
+    for idx in range(layers):
+        x = ref_hf_layer(x, sd, f"{bb}.layers.{idx}")
+        if idx < layers - depth:
+            continue
+        j = idx - (layers - depth)
+        x1 = x.view(b, t, -1, c)
+        patches = x1[:, :, 1:]  # [B, T, N, C]
+        if x2 is None:  # input_ini
+            time = sd[f"{bb}.STAN_time_embed.weight"][:t]
+            patches = patches + pos[1:] + time[:, None]
+            cls = (x1[:, :, 0].mean(1, keepdim=True) + sd[f"{bb}.class_embedding"] + pos[0]) / 2
+            seq = torch.cat([cls, patches.transpose(1, 2).flatten(1, 2)], dim=1)  # patch-major (l t)
+        else:
+            seq = x2 + torch.cat([x1[:, :, 0].mean(1, keepdim=True), patches.transpose(1, 2).flatten(1, 2)], dim=1)
+        tl = f"{bb}.STAN_T_layers.{j}"
+        q = seq[:, 1:].reshape(-1, t, c)  # [(B N), T, C]
+        h = _lin(sd, f"{tl}.temporal_fc", _hf_attn(_ln(sd, f"{tl}.layer_norm1", q), sd, f"{tl}.self_attn", heads))
+        seq = torch.cat([seq[:, :1], seq[:, 1:] + h.reshape(b, -1, c)], dim=1)
+        sl = f"{bb}.STAN_S_layers.{j}"
+        n = (seq.shape[1] - 1) // t
+        frames = torch.cat([seq[:, :1].repeat_interleave(t, 0), seq[:, 1:].view(b, n, t, c).transpose(1, 2)
+                            .reshape(b * t, n, c)], dim=1)  # fmt: skip
+        a = _hf_attn(_ln(sd, f"{sl}.layer_norm1", frames), sd, f"{sl}.self_attn", heads)
+        a_cls = a[:, :1].view(b, t, 1, c).mean(1)
+        a_p = a[:, 1:].view(b, t, n, c).transpose(1, 2).reshape(b, n * t, c)
+        seq = seq + torch.cat([a_cls, a_p], dim=1)
+        x2 = seq + _hf_mlp(sd, f"{sl}.mlp", _ln(sd, f"{sl}.layer_norm2", seq))
+    cls = x[:, 0] + x2[:, 0].repeat_interleave(t, 0)
+    return (_ln(sd, f"{bb}.post_layernorm", cls) @ sd[f"{bb}.visual_projection.weight"].T).view(b, t, -1)
+
+
+def ref_stan_text_tokens(sd: dict[str, Tensor], ids: Tensor) -> Tensor:
+    """``CLIPTextPretrained(all_proj=True)``: projected token states after ``final_layer_norm`` ``[A, L, E]``."""
+    t = "text_backbone.text_model"
+    x = sd[f"{t}.embeddings.token_embedding.weight"][ids] + sd[f"{t}.embeddings.position_embedding.weight"][
+        : ids.shape[1]]  # fmt: skip
+    causal = torch.full((ids.shape[1],) * 2, float("-inf")).triu(1)
+    for i in range(len(_layer_ids(sd, f"{t}.encoder.layers.", ".self_attn.q_proj.weight"))):
+        x = ref_hf_layer(x, sd, f"{t}.encoder.layers.{i}", causal)
+    return _ln(sd, f"{t}.final_layer_norm", x) @ sd["text_backbone.text_projection.weight"].T
+
+
+def ref_mug_head(text: Tensor, video: Tensor, mask: Tensor, tau: float = 100.0) -> Tensor:
+    """``Mug_head(mode='mug_frame_token_simple')`` -> ``[A, B]`` (padding found by exact zeros, as the code)."""
+    text = text / text.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    video = video / video.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    s = torch.einsum("atd,bvd->abtv", text, video) * mask[:, None, :, None]
+    inf = torch.tensor(float("-inf"))
+    t2v = (s * (s * tau).softmax(-1)).sum(-1)
+    v2t = (s * (torch.where(s == 0, inf, s) * tau).softmax(-2)).sum(-2)
+    t2v = (t2v * (torch.where(t2v == 0, inf, t2v) * tau).softmax(-1)).sum(2)
+    v2t = (v2t * (v2t * tau).softmax(-1)).sum(2)
+    return (t2v + v2t) / 2
+
+
+def test_mugstan_outputs_equal_official_forward(tmp_path):
+    from vidlang.models.similarity import mug_similarity
+
+    sd = save_official("mugstan", tmp_path / "mugstan.pth")
+    assert cli_main(["convert", str(tmp_path / "mugstan.pth"), "--out", str(tmp_path / "out"), "--from", "auto"]) == 0
+    model, cfg = model_from(tmp_path / "out")
+    rec = cfg["converted_from"]
+    assert rec["method"] == "mugstan" and rec["block"]["name"] == "stan"
+    assert rec["block"]["args"] == {"depth": 2, "max_frames": 64, "drop_path": 0.1, "time_module": "attn",
+                                    "cls_residue": False}  # fmt: skip
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+    video, ids, mask = inputs()
+    with torch.no_grad():
+        vo = model.encode_video(video)
+        to = model.encode_text(ids, mask)
+        ref_f = ref_stan_frames(sd, video)
+        ref_tok = ref_stan_text_tokens(sd, ids)
+        ours = mug_similarity(to.tokens, to.mask, vo.frame_embeds)
+        official = ref_mug_head(ref_tok, ref_f, (ids != 0).float())
+    assert (vo.frame_embeds - ref_f).abs().max() < 1e-5
+    assert (vo.embeds - ref_f.mean(1)).abs().max() < 1e-5
+    assert (to.tokens[to.mask] - ref_tok[ids != 0]).abs().max() < 1e-5
+    assert (ours - official).abs().max() < 1e-5
+
+
+def test_mugstan_conv_time_module_and_3d_patch_refused():
+    sd = random_layout(fixture("mugstan")["keys"])
+    with pytest.raises(UnknownKeysError, match="time_module='conv'"):
+        convert_official({**sd, "backbone.STAN_T_layers.0.conv.weight": torch.zeros(2)}, "mugstan")
+    with pytest.raises(UnknownKeysError, match="patch_3d"):
+        convert_official({**sd, "backbone.patch_embedding_3d.weight": torch.zeros(2)}, "mugstan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-LLaMA: the video Q-former (BLIP-2 BERT, query path) and llama_proj
+# ---------------------------------------------------------------------------------------------
+def _bert_ln(sd: dict[str, Tensor], p: str, x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), sd[f"{p}.weight"], sd[f"{p}.bias"], eps=1e-12)
+
+
+def _bert_attn(sd: dict[str, Tensor], p: str, x: Tensor, ctx: Tensor, heads: int) -> Tensor:
+    n, q_len, d = x.shape
+    q = _lin(sd, f"{p}.self.query", x).view(n, q_len, heads, -1).transpose(1, 2)
+    k = _lin(sd, f"{p}.self.key", ctx).view(n, ctx.shape[1], heads, -1).transpose(1, 2)
+    v = _lin(sd, f"{p}.self.value", ctx).view(n, ctx.shape[1], heads, -1).transpose(1, 2)
+    o = ((q @ k.transpose(-1, -2) / (d // heads) ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(n, q_len, d)
+    return _bert_ln(sd, f"{p}.output.LayerNorm", _lin(sd, f"{p}.output.dense", o) + x)
+
+
+def ref_video_qformer(sd: dict[str, Tensor], frame_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """``encode_videoQformer_visual`` from the per-frame tokens ``[B, T, M, Dc]`` -> (Q-former output, llama_proj)."""
+    b, t = frame_tokens.shape[:2]
+    ctx = (frame_tokens + sd["video_frame_position_embedding.weight"][:t, None]).flatten(1, 2)
+    q = "video_Qformer.bert"
+    h = _bert_ln(sd, f"{q}.embeddings.LayerNorm", sd["video_query_tokens"].expand(b, -1, -1))
+    heads = h.shape[-1] // 64
+    for i in range(len(_layer_ids(sd, f"{q}.encoder.layer.", ".attention.self.query.weight"))):
+        p = f"{q}.encoder.layer.{i}"
+        h = _bert_attn(sd, f"{p}.attention", h, h, heads)
+        h = _bert_attn(sd, f"{p}.crossattention", h, ctx, heads)
+        f = F.gelu(_lin(sd, f"{p}.intermediate_query.dense", h))
+        h = _bert_ln(sd, f"{p}.output_query.LayerNorm", _lin(sd, f"{p}.output_query.dense", f) + h)
+    return h, _lin(sd, "llama_proj", h)
+
+
+def test_videollama_qformer_and_projection_equal_official_forward(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vidlang.models.chat import ChatEncoder
+    from vidlang.serve.testing import tiny_llm
+
+    sd = save_official("videollama", tmp_path / "checkpoint_best.pth")
+    save_base(tmp_path / "base.pt")
+    assert cli_main(["convert", str(tmp_path / "checkpoint_best.pth"), "--out", str(tmp_path / "out"), "--from",
+                     "auto", "--base", str(tmp_path / "base.pt")]) == 0  # fmt: skip
+    model, cfg = model_from(tmp_path / "out")
+    rec = cfg["converted_from"]
+    assert rec["method"] == "videollama" and rec["block"]["args"]["llm_dim"] == 32
+    assert rec["dropped"] == {"video_Qformer.bert.embeddings.position_ids": rec["dropped"][
+        "video_Qformer.bert.embeddings.position_ids"]}  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    frame_tokens = torch.randn(2, T, 17, 128, generator=g)
+    video, ids, mask = inputs()
+    with torch.no_grad():
+        tokens = model.block.query_tokens(frame_tokens, torch.zeros(2, T, 64))
+        ref_tokens, ref_llm = ref_video_qformer(sd, frame_tokens)
+        out = model.encode_video(video)
+        plain = ref_image(torch.load(tmp_path / "base.pt"), "visual.", video.flatten(0, 1)).reshape(2, T, -1).mean(1)
+    assert (tokens - ref_tokens).abs().max() < 1e-5
+    assert (model.block.llm_head(tokens) - ref_llm).abs().max() < 1e-5
+    assert (out.embeds - plain).abs().max() < 1e-5  # pool "residual" with the zero head: frame-mean CLIP
+    llm_dir = tiny_llm(tmp_path / "llm", ["a", "b"])
+    enc = ChatEncoder(model, AutoModelForCausalLM.from_pretrained(llm_dir), AutoTokenizer.from_pretrained(llm_dir))
+    assert torch.equal(enc.video_proj.weight, sd["llama_proj.weight"])
+    assert torch.equal(enc.video_proj.bias, sd["llama_proj.bias"])
+    assert not enc.visual.block.llm_head.weight.requires_grad and enc.video_proj.weight.requires_grad
+
+
+def test_videollama_base_of_other_width_and_audio_only_refused(tmp_path):
+    mod = _layouts_module()
+    sd = random_layout(mod.videollama(s={**mod.SMALL, "vw": 192}))
+    torch.save({"model": sd}, tmp_path / "vl.pth")
+    save_base(tmp_path / "base.pt")
+    with pytest.raises(ValueError, match=r"192-wide frame tokens .* 128 wide"):
+        load_official(tmp_path / "vl.pth", base=tmp_path / "base.pt")
+    audio = {"audio_query_tokens": torch.zeros(1, 8, 64), "audio_llama_proj.weight": torch.zeros(32, 64)}
+    with pytest.raises(UnknownKeysError, match="audio branch only"):
+        convert_official(audio, "videollama")

@@ -2,7 +2,8 @@
 
 ``python tools/official_layouts.py [--out tests/fixtures/official]`` writes one file per released layout:
 ``clip4clip_meanp``, ``clip4clip_seqtransf``, ``clip4clip_seqlstm``, ``vifi_clip_full``, ``vifi_clip_prompt``,
-``prompt_switch``, ``m2clip_12x``, ``xclip_t4``. The key names follow the authors' model code (see
+``prompt_switch``, ``m2clip_12x``, ``xclip_t4``, ``ila_k400``, ``mugstan``, ``videollama``.
+The key names follow the authors' model code (see
 :mod:`vidlang.models.official`); they are generated here from that naming, for a tiny configuration
 (:data:`SMALL`), not read from the authors' code.
 Each fixture also records the top-level wrapper of the file the authors' training script saves.
@@ -205,6 +206,121 @@ def xclip(s: dict = SMALL, frames: int = 4, mit_layers: int = 1, prompt_layers: 
                     f"{p}norm1.weight": [e], f"{p}norm1.bias": [e], f"{p}norm3.weight": [e], f"{p}norm3.bias": [e],
                     f"{p}mlp.0.weight": [4 * e, e], f"{p}mlp.0.bias": [4 * e], f"{p}mlp.3.weight": [e, 4 * e],
                     f"{p}mlp.3.bias": [e]})  # fmt: skip
+def batchnorm(prefix: str, c: int) -> Layout:
+    return {f"{prefix}.weight": [c], f"{prefix}.bias": [c], f"{prefix}.running_mean": [c],
+            f"{prefix}.running_var": [c], f"{prefix}.num_batches_tracked": []}  # fmt: skip
+
+
+def ila_layer(prefix: str, c: int, hidden: int = 256) -> Layout:
+    """ILA's additions to one visual layer (``mat.MultiAxisAttentionBlock``; K400 ``align.ILA``). The official
+    code hard-codes ``hidden`` 256 (and its half, 128)."""
+    half, m = hidden // 2, f"{prefix}.message_attn"
+    out: Layout = {f"{prefix}.message_fc.weight": [c, c], f"{prefix}.message_fc.bias": [c],
+                   f"{prefix}.message_ln.weight": [c], f"{prefix}.message_ln.bias": [c],
+                   f"{m}.interactive_block.0.depthwise_conv.0.weight": [2 * c, 1, 3, 3],
+                   f"{m}.interactive_block.0.depthwise_conv.0.bias": [2 * c]}  # fmt: skip
+    out.update(batchnorm(f"{m}.interactive_block.0.depthwise_conv.1", 2 * c))
+    out.update({f"{m}.interactive_block.0.pointwise_conv.0.weight": [hidden, 2 * c, 1, 1],
+                f"{m}.interactive_block.0.pointwise_conv.0.bias": [hidden]})  # fmt: skip
+    out.update(batchnorm(f"{m}.interactive_block.0.pointwise_conv.1", hidden))
+    out.update({f"{m}.interactive_block.1.weight": [hidden, hidden, 3, 3], f"{m}.interactive_block.1.bias": [hidden]})
+    out.update(batchnorm(f"{m}.interactive_block.2", hidden))
+    out.update({f"{m}.fc.weight": [c, half], f"{m}.fc.bias": [c], f"{m}.conv.weight": [half, half, 3, 1, 1],
+                f"{m}.conv.bias": [half], f"{m}.prediction_block.0.weight": [half, hidden, 3, 3],
+                f"{m}.prediction_block.0.bias": [half]})  # fmt: skip
+    out.update(batchnorm(f"{m}.prediction_block.1", half))
+    out.update({f"{m}.prediction_block.4.weight": [half, half, 3, 3], f"{m}.prediction_block.4.bias": [half]})
+    out.update(batchnorm(f"{m}.prediction_block.5", half))
+    out.update({f"{m}.prediction_block.10.weight": [half // 2, half // 2, 1], f"{m}.prediction_block.10.bias":
+                [half // 2], f"{m}.prediction_block.12.weight": [4, half // 4, 1], f"{m}.prediction_block.12.bias": [4],
+                f"{prefix}.temporal_skip_fc.weight": [c, c], f"{prefix}.temporal_skip_fc.bias": [c],
+                f"{prefix}.temporal_skip_align_fc.weight": [c, c],
+                f"{prefix}.temporal_skip_align_fc.bias": [c]})  # fmt: skip
+    return out
+
+
+def ila(s: dict = SMALL, frames: int = 3, mit_layers: int = 1, prompt_layers: int = 2) -> Layout:
+    """ILA's K400 ``XCLIP`` (``models/xclip.py``): CLIP + an alignment module per visual layer + the MIT (its
+    ``positional_embedding [1, T, E]``) + X-CLIP's prompt generator (``prompts_*``, 2 layers)."""
+    vw, e = s["vw"], s["embed"]
+    out: Layout = {}
+    for k, shape in openai_visual("visual.", s).items():
+        out[k] = shape
+        if k.endswith(".ln_2.bias"):  # after each visual layer's CLIP weights
+            out.update(ila_layer(k[: -len(".ln_2.bias")], vw))
+    out.update(openai_text("", s=s))
+    out["logit_scale"] = []
+    out["mit.positional_embedding"] = [1, frames, e]
+    for i in range(mit_layers):
+        out.update(openai_layer(f"mit.resblocks.{i}", e))
+    g = "prompts_generator"
+    out.update({f"{g}.norm.weight": [e], f"{g}.norm.bias": [e], f"{g}.alpha": [e]})
+    for i in range(prompt_layers):
+        p = f"{g}.decoder.{i}"
+        out.update({f"{p}.cross_attn.{n}_proj.weight": [e, e] for n in "qkv"})
+        out.update({f"{p}.cross_attn.proj.weight": [e, e], f"{p}.cross_attn.proj.bias": [e],
+                    f"{p}.norm1.weight": [e], f"{p}.norm1.bias": [e], f"{p}.norm3.weight": [e], f"{p}.norm3.bias": [e],
+                    f"{p}.mlp.0.weight": [4 * e, e], f"{p}.mlp.0.bias": [4 * e], f"{p}.mlp.3.weight": [e, 4 * e],
+                    f"{p}.mlp.3.bias": [e]})  # fmt: skip
+    out.update({"prompts_visual_ln.weight": [vw], "prompts_visual_ln.bias": [vw], "prompts_visual_proj": [vw, e]})
+    return out
+
+
+def mugstan(s: dict = SMALL, depth: int = 2, time_rows: int = 64) -> Layout:
+    """Mug-STAN's mmaction ``CLIPSimilarity_split``: ``backbone`` (``VITCLIPPretrained_STAN``, transformers CLIP
+    vision names + the branch) and ``text_backbone`` (``CLIPTextPretrained``)."""
+    vw, tw, e = s["vw"], s["tw"], s["embed"]
+    b = "backbone"
+    out: Layout = {f"{b}.class_embedding": [vw], f"{b}.patch_embedding.weight": [vw, 3, s["patch"], s["patch"]],
+                   f"{b}.position_embedding.weight": [s["grid"] ** 2 + 1, vw],
+                   f"{b}.pre_layrnorm.weight": [vw], f"{b}.pre_layrnorm.bias": [vw]}  # fmt: skip
+    for i in range(s["vl"]):
+        out.update(hf_layer(f"{b}.layers.{i}", vw))
+    out.update({f"{b}.post_layernorm.weight": [vw], f"{b}.post_layernorm.bias": [vw],
+                f"{b}.visual_projection.weight": [e, vw]})  # fmt: skip
+    for j in range(depth):
+        out.update(hf_layer(f"{b}.STAN_S_layers.{j}", vw))
+    for j in range(depth):
+        p = f"{b}.STAN_T_layers.{j}"
+        for n in ("q", "k", "v", "out"):
+            out.update({f"{p}.self_attn.{n}_proj.weight": [vw, vw], f"{p}.self_attn.{n}_proj.bias": [vw]})
+        out.update({f"{p}.layer_norm1.weight": [vw], f"{p}.layer_norm1.bias": [vw],
+                    f"{p}.temporal_fc.weight": [vw, vw], f"{p}.temporal_fc.bias": [vw]})  # fmt: skip
+    out[f"{b}.STAN_time_embed.weight"] = [time_rows, vw]
+    t = "text_backbone.text_model"
+    out.update({f"{t}.embeddings.token_embedding.weight": [s["vocab"], tw],
+                f"{t}.embeddings.position_embedding.weight": [s["ctx"], tw],
+                f"{t}.embeddings.position_ids": [1, s["ctx"]]})  # fmt: skip
+    for i in range(s["tl"]):
+        out.update(hf_layer(f"{t}.encoder.layers.{i}", tw))
+    out.update({f"{t}.final_layer_norm.weight": [tw], f"{t}.final_layer_norm.bias": [tw],
+                "text_backbone.text_projection.weight": [e, tw]})  # fmt: skip
+    return out
+
+
+def videollama(s: dict = SMALL, d: int = 64, queries: int = 4, layers: int = 2, frame_rows: int = 8,
+               llm: int = 32) -> Layout:
+    """What Video-LLaMA's runner saves of the video branch (trained parameters only): the video Q-former (BERT
+    width ``d``; frame tokens as wide as the image tower here, 768 in the release), its queries, the frame
+    position embedding and ``llama_proj`` (to an LLM of width ``llm``)."""
+    c = s["vw"]
+    q = "video_Qformer.bert"
+    out: Layout = {f"{q}.embeddings.position_ids": [1, 32], f"{q}.embeddings.LayerNorm.weight": [d],
+                   f"{q}.embeddings.LayerNorm.bias": [d]}  # fmt: skip
+    for i in range(layers):
+        p = f"{q}.encoder.layer.{i}"
+        for att, kv in (("attention", d), ("crossattention", c)):
+            out.update({f"{p}.{att}.self.query.weight": [d, d], f"{p}.{att}.self.query.bias": [d],
+                        f"{p}.{att}.self.key.weight": [d, kv], f"{p}.{att}.self.key.bias": [d],
+                        f"{p}.{att}.self.value.weight": [d, kv], f"{p}.{att}.self.value.bias": [d],
+                        f"{p}.{att}.output.dense.weight": [d, d], f"{p}.{att}.output.dense.bias": [d],
+                        f"{p}.{att}.output.LayerNorm.weight": [d],
+                        f"{p}.{att}.output.LayerNorm.bias": [d]})  # fmt: skip
+        out.update({f"{p}.intermediate_query.dense.weight": [4 * d, d], f"{p}.intermediate_query.dense.bias": [4 * d],
+                    f"{p}.output_query.dense.weight": [d, 4 * d], f"{p}.output_query.dense.bias": [d],
+                    f"{p}.output_query.LayerNorm.weight": [d], f"{p}.output_query.LayerNorm.bias": [d]})  # fmt: skip
+    out.update({"video_query_tokens": [1, queries, d], "video_frame_position_embedding.weight": [frame_rows, c],
+                "llama_proj.weight": [llm, d], "llama_proj.bias": [llm]})  # fmt: skip
     return out
 
 
@@ -219,8 +335,11 @@ LAYOUTS = {
     "prompt_switch": ("prompt_switch", prompt_switch, "state_dict", False),
     "m2clip_12x": ("m2clip", m2clip, "model", False),
     "xclip_t4": ("xclip", xclip, "model", False),
+    "ila_k400": ("ila", ila, "model", True),
+    "mugstan": ("mugstan", mugstan, "state_dict", False),
+    "videollama": ("videollama", videollama, "model", False),
 }
-NEEDS_BASE = {"vifi_clip", "m2clip"}  # methods whose files lack weights of the CLIP they started from
+NEEDS_BASE = {"vifi_clip", "m2clip", "videollama"}  # methods whose files lack weights of the CLIP they started from
 
 
 def main() -> None:

@@ -60,13 +60,15 @@ class ConvertCommand:
             default=None,
             metavar="METHOD",
             help="the file is a method's released checkpoint in its authors' layout: clip4clip, vifi_clip, "
-            "prompt_switch, m2clip, or auto (detected from the keys); towers and the temporal block are converted",
+            "prompt_switch, m2clip, xclip, ila, mugstan, videollama, or auto (detected from the keys); towers and "
+            "the temporal block are converted",
         )
         parser.add_argument(
             "--base",
             default=None,
             help="with --from: a CLIP checkpoint for tensors the official file lacks (ViFi-CLIP stores no token "
-            "embedding, M2-CLIP only its adapters: give the CLIP its training started from)",
+            "embedding, M2-CLIP only its adapters, Video-LLaMA only its video Q-former: give the CLIP its "
+            "training started from)",
         )
         parser.add_argument(
             "--dtype", choices=("float32", "float16", "bfloat16", "keep"), default="float32", help="stored precision"

@@ -133,6 +133,12 @@ class ChatEncoder(nn.Module):
         self.max_tokens = int(max_tokens)
         self.d_llm = llm.get_input_embeddings().embedding_dim
         self.video_proj = nn.Linear(block_dim, self.d_llm)
+        head = visual.block.llm_head  # e.g. Video-LLaMA's llama_proj from a converted checkpoint
+        if head is not None:
+            if head.out_features != self.d_llm:
+                raise ValueError(f"the temporal block's LLM projection maps to width {head.out_features} but the LLM "
+                                 f"has width {self.d_llm}: use the LLM it was trained with")  # fmt: skip
+            self.video_proj.load_state_dict(head.state_dict())
         self.audio_proj = nn.Linear(audio.dim, self.d_llm) if audio is not None else None
         self._freeze()
 
@@ -163,6 +169,8 @@ class ChatEncoder(nn.Module):
         self.visual.block.requires_grad_(True)
         if self.visual.block.embed_head is not None:
             self.visual.block.embed_head.requires_grad_(False)  # retrieval head, unused by chat
+        if self.visual.block.llm_head is not None:
+            self.visual.block.llm_head.requires_grad_(False)  # copied into video_proj, which trains instead
         self.llm.requires_grad_(False)
         if self.audio is not None:
             self.audio.requires_grad_(True)

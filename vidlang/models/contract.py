@@ -160,6 +160,8 @@ class TemporalBlock(nn.Module):
     - ``token_dim``: the width D of ``VideoOutput.tokens`` (None: the block outputs no tokens).
     - ``embed_head``: the module that turns the tokens into the pooled embedding (None if there is none), which a
       consumer of the tokens alone (the chat encoder) leaves untrained.
+    - ``llm_head``: a trained projection of the tokens to an LLM's width (Video-LLaMA's ``llama_proj``) that the
+      chat encoder starts its video projection from (None: the chat encoder initialises its own).
     - ``uses_video_mask``: True if ``pool`` honours ``ctx.state[VIDEO_MASK_KEY]`` (padded frames of short clips
       left out); blocks without it refuse a mask with padding.
     - ``supported_towers``: the image-tower kinds the block works on; :meth:`check_tower` refuses the others (and
@@ -195,6 +197,11 @@ class TemporalBlock(nn.Module):
     @property
     def embed_head(self) -> nn.Module | None:
         """The module mapping the tokens to the pooled embedding (None: no such module)."""
+        return None
+
+    @property
+    def llm_head(self) -> nn.Linear | None:
+        """A trained ``Linear(token_dim -> LLM width)`` the chat encoder starts from (None: none)."""
         return None
 
     @property

@@ -39,7 +39,6 @@ naming it. The layouts (names from the authors' model code):
     ``logit_scale``) come from the CLIP checkpoint training started from (``--base``). The heads (linear, MLM), the
     MLM block and its text adapter are dropped; text adapters before attention (24x multimodal) are refused.
     -> block ``ted`` (``text_position="mlp"``, ``diff_bias=True``, the text layers that carry adapters).
-
 ``xclip`` (``microsoft/VideoX`` ``X-CLIP/models/xclip.py``, ``cct.py``, ``mit.py``, ``prompt.py``; the released
     ``k400_32_8.pth`` etc., the model under ``"model"`` beside ``optimizer``, ``lr_scheduler``, ``epoch``,
     ``max_accuracy`` and the yacs ``config``): OpenAI CLIP names for both towers and ``logit_scale``, plus per image
@@ -48,13 +47,27 @@ naming it. The layouts (names from the authors' model code):
     [C, E]``, ``prompts_generator.{alpha, norm.*, decoder.{i}.{norm1, norm3, cross_attn.{q,k,v}_proj, cross_attn.proj,
     mlp.0, mlp.3}.*}``. Nothing is dropped; the file is complete (no ``--base``). -> block ``xclip`` (``mit_layers``,
     ``prompt_layers`` and ``max_frames`` = the training T, read from the shapes).
+``ila`` (``Francis-Rings/ILA`` ``models/xclip.py``; ``best.pth``, the model under ``"model"``, ``module.`` keys):
+    OpenAI CLIP names plus, in every visual layer, ``message_fc`` / ``message_ln`` / ``message_attn.*`` (the
+    alignment) and ``temporal_skip_fc`` / ``temporal_skip_align_fc``; ``mit.*`` (MIT pooling). X-CLIP's prompt
+    generator (``prompts_*``, untrained in the release) is dropped. -> block ``ila`` (``pool: mit``).
+``mugstan`` (``farewellthree/STAN`` mmaction ``CLIPSimilarity_split``; mmengine files, the model under
+    ``"state_dict"``): ``backbone.*`` (transformers CLIP vision names + ``STAN_S_layers`` / ``STAN_T_layers`` /
+    ``STAN_time_embed``) and ``text_backbone.*``. -> block ``stan`` (Mug-STAN scores with ``similarity: mug``).
+``videollama`` (``DAMO-NLP-SG/Video-LLaMA`` ``video_llama.py``; the runner's ``checkpoint_*.pth``, trained
+    parameters under ``"model"``): ``video_Qformer.bert.*``, ``video_query_tokens``,
+    ``video_frame_position_embedding``, ``llama_proj`` -> block ``qformer`` (+ ``llm_proj``); the CLIP towers
+    come from ``--base`` (the block reads CLIP frame tokens where Video-LLaMA reads its BLIP-2 image Q-former's).
 
-All five use OpenAI CLIP towers: attention heads = width / 64, QuickGELU.
+All use OpenAI CLIP's head rule (heads = width / 64) and QuickGELU in the towers.
+What a converter adds that the file does not hold (ILA's jitter offsets, Mug-STAN's fixed logit scale, the
+Q-former's zero retrieval head) is listed with its reason (:attr:`OfficialConversion.added`, ``converted_from``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -110,6 +123,8 @@ class OfficialConversion:
     act: str = "quick_gelu"
     dropped: dict[str, str] = field(default_factory=dict)  # official key -> why it is not converted
     needs: list[str] = field(default_factory=list)  # vidlang keys the file lacks (from a base CLIP checkpoint)
+    added: dict[str, str] = field(default_factory=dict)  # vidlang key not from the file -> what it holds and why
+    check: Callable[[StateDict], None] | None = None  # run on the final state dict (base keys merged in)
 
 
 OFFICIAL_METHODS: Registry[Callable[[Mapping[str, Tensor]], OfficialConversion]] = Registry("official method")
@@ -483,6 +498,280 @@ def xclip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
     frames = int(positions.shape[1])
     args = {"mit_layers": len(mit), "max_frames": frames, "prompt_layers": len(decoder)}
     return OfficialConversion(method, f"T{frames}", out, "xclip", args, _openai_heads(out))
+# ILA
+# ---------------------------------------------------------------------------------------------
+_ILA_MSG = "visual.transformer.resblocks."
+# official name inside a MultiAxisAttentionBlock -> name inside vidlang's ILALayer (interactive_block indices are
+# the same in both: K400 = [dwsep, conv, BN, ReLU], SSv2 = [conv, BN, ReLU, conv, BN, ReLU])
+_ILA_LAYER = [
+    (r"message_fc\.(weight|bias)", r"message_fc.\1"),
+    (r"message_ln\.(weight|bias)", r"message_ln.\1"),
+    (r"temporal_skip_fc\.(weight|bias)", r"skip_fc.\1"),
+    (r"temporal_skip_align_fc\.(weight|bias)", r"align_fc.\1"),
+    (r"message_attn\.interactive_block\.0\.depthwise_conv\.([01])\.(\w+)", r"interact.0.depthwise.\1.\2"),
+    (r"message_attn\.interactive_block\.0\.pointwise_conv\.([01])\.(\w+)", r"interact.0.pointwise.\1.\2"),
+    (r"message_attn\.interactive_block\.(\d)\.(\w+)", r"interact.\1.\2"),
+    (r"message_attn\.prediction_block\.([0145])\.(\w+)", r"point_conv.\1.\2"),
+    (r"message_attn\.prediction_block\.10\.(weight|bias)", r"point_fc.0.\1"),
+    (r"message_attn\.prediction_block\.12\.(weight|bias)", r"point_out.\1"),
+    (r"message_attn\.fc\.(weight|bias)", r"feature_fc.\1"),
+    (r"message_attn\.conv\.(weight|bias)", r"time_conv.\1"),
+]
+_ILA_LAYER_RE = [(re.compile("^" + pat + "$"), dst) for pat, dst in _ILA_LAYER]
+_ILA_PROMPTS = ("the X-CLIP video-specific prompt generator of the K400 model: in no optimizer group of the "
+                "released code, so it holds its random initialisation; vidlang's ila leaves it out (a documented "
+                "deviation: the official class logits add alpha * generator(text, video) to the text features)")
+
+
+@OFFICIAL_METHODS.register("ila")
+def ila_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
+    """ILA (``Francis-Rings/ILA``, ``models/xclip.py`` ``XCLIP`` with ``mat.MultiAxisTransformer``; ``best.pth`` /
+    ``ckpt_epoch_N.pth``, the model under ``"model"``, DDP ``module.`` keys) -> CLIP towers + block ``ila``.
+
+    The visual layers are OpenAI CLIP layers plus, per layer, ``message_fc``, ``message_ln``, ``message_attn.*``
+    (the alignment: ``interactive_block``, ``prediction_block``, ``conv``, ``fc``) and the zero-initialised
+    ``temporal_skip_fc`` / ``temporal_skip_align_fc``; ``mit.*`` is X-CLIP's MIT pooling (block ``pool: mit``).
+    The prompt generator (``prompts_generator.*``, ``prompts_visual_ln.*``, ``prompts_visual_proj``) is dropped.
+    """
+    from vidlang.models.temporal.ila import jitter_offsets
+
+    method = "ila"
+    flat = unwrap_state_dict(sd)
+    out: StateDict = {}
+    dropped: dict[str, str] = {}
+    added: dict[str, str] = {}
+    rest: dict[str, Tensor] = {}
+    mit: dict[str, Tensor] = {}
+    for k, v in flat.items():
+        if k.startswith(("prompts_generator.", "prompts_visual_ln.")) or k == "prompts_visual_proj":
+            dropped[k] = _ILA_PROMPTS
+        elif k.startswith("mit."):
+            mit[k[len("mit.") :]] = v
+        elif k.startswith(_ILA_MSG) and not re.match(r"^\d+\.(attn|ln_1|mlp|ln_2)\.", k[len(_ILA_MSG) :]):
+            i, tail = k[len(_ILA_MSG) :].split(".", 1)
+            for pat, dst in _ILA_LAYER_RE:
+                if pat.match(tail):
+                    out[f"block.layers.{int(i)}." + pat.sub(dst, tail)] = v
+                    break
+            else:
+                rest[k] = v  # refused below, by name
+        else:
+            rest[k] = v
+    layers = _layer_indices(out, "block.layers.")
+    if not layers:
+        raise UnknownKeysError(f"{method}: no visual.transformer.resblocks.*.message_attn keys (not an ILA checkpoint)")
+    out.update(_rename_checked(method, rest, _openai_rules(), _OPENAI_IGNORED))
+    n_vision = len(_layer_indices(out, "image_tower.layers."))
+    if layers != list(range(n_vision)):
+        raise UnknownKeysError(f"{method}: alignment modules in layers {layers} of the {n_vision} visual layers "
+                               "(the released model has one in every layer)")  # fmt: skip
+    depthwise = "block.layers.0.interact.0.depthwise.0.weight" in out
+    hidden = int(out["block.layers.0.interact.1.weight"].shape[0]) if depthwise else \
+        int(out["block.layers.0.interact.0.weight"].shape[0])  # fmt: skip
+    for i in layers:
+        out[f"block.layers.{i}.offsets"] = jitter_offsets(0.2)
+    added["block.layers.*.offsets"] = ("the 9 training jitter offsets (delta 0.2): the released code keeps them as a "
+                                       "plain tensor, not saved, that restarts at 0.2 when a checkpoint is loaded")
+    args: dict[str, Any] = {"hidden": hidden, "interaction": "dwsep" if depthwise else "conv", "pool": "mean"}
+    if mit:
+        pe = mit.pop("positional_embedding", None)
+        if pe is None or pe.dim() != 3:
+            raise UnknownKeysError(f"{method}: mit.* keys without mit.positional_embedding [1, T, E]")
+        rules = _layer_rules("resblocks.{i}", "block.pooler.layers.{i}", "openai")
+        out.update(_rename_checked(method, mit, rules, None, "mit."))
+        out["block.pooler.frame_position_embedding"] = pe[0]  # [T, E]
+        args.update(pool="mit", mit_layers=len(_layer_indices(mit, "resblocks.")), max_frames=int(pe.shape[1]))
+    heads = _openai_heads(out)
+    variant = ("k400" if depthwise else "ssv2") + ("" if mit else "-nomit")
+    return OfficialConversion(method, variant, out, "ila", args, heads, dropped=dropped, added=added)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mug-STAN / STAN
+# ---------------------------------------------------------------------------------------------
+_STAN_TOWER = {  # mmaction's VITCLIPPretrained attribute -> transformers CLIPModel name (then _hf_rules)
+    "backbone.class_embedding": "vision_model.embeddings.class_embedding",
+    "backbone.patch_embedding.weight": "vision_model.embeddings.patch_embedding.weight",
+    "backbone.position_embedding.weight": "vision_model.embeddings.position_embedding.weight",
+    "backbone.visual_projection.weight": "visual_projection.weight",
+    "text_backbone.text_projection.weight": "text_projection.weight",
+}
+_STAN_TOWER_PREFIX = {"backbone.pre_layrnorm.": "vision_model.pre_layrnorm.",
+                      "backbone.post_layernorm.": "vision_model.post_layernorm.",
+                      "backbone.layers.": "vision_model.encoder.layers.",
+                      "text_backbone.text_model.": "text_model."}  # fmt: skip
+_STAN_T = re.compile(r"^backbone\.STAN_T_layers\.(\d+)\.(self_attn\.([qkv])_proj|self_attn\.out_proj|layer_norm1|"
+                     r"temporal_fc)\.(weight|bias)$")  # fmt: skip
+
+
+@OFFICIAL_METHODS.register("mugstan")
+def mugstan_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
+    """Mug-STAN / STAN (``farewellthree/STAN``, mmaction2 ``CLIPSimilarity_split`` with ``VITCLIPPretrained_STAN``
+    and ``CLIPTextPretrained``; mmengine checkpoints, the model under ``"state_dict"``) -> towers + block ``stan``.
+
+    ``backbone.*`` = a transformers CLIP vision model (``layers``, ``pre_layrnorm``, ...) plus the branch:
+    ``STAN_S_layers.{j}`` (CLIP layers), ``STAN_T_layers.{j}`` (``self_attn``, ``layer_norm1``, ``temporal_fc``),
+    ``STAN_time_embed``; ``text_backbone.*`` = ``text_model`` + ``text_projection``. STAN and Mug-STAN share the
+    weights: Mug-STAN scores with the parameter-free Mug head on per-frame embeddings and projected word tokens
+    (``similarity: mug``), STAN with the cosine of the frame mean; the file does not say which.
+    """
+    method = "mugstan"
+    flat = unwrap_state_dict(sd)
+    hf: dict[str, Tensor] = {}
+    out: StateDict = {}
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    spatial: dict[str, Tensor] = {}
+    for k, v in flat.items():
+        if k in _STAN_TOWER:
+            hf[_STAN_TOWER[k]] = v
+        elif pre := next((p for p in _STAN_TOWER_PREFIX if k.startswith(p)), None):
+            hf[_STAN_TOWER_PREFIX[pre] + k[len(pre) :]] = v
+        elif k.startswith("backbone.STAN_S_layers."):
+            spatial[k[len("backbone.STAN_S_layers.") :]] = v
+        elif m := _STAN_T.match(k):
+            j, name, qkv, p = m.group(1), m.group(2), m.group(3), m.group(4)
+            if qkv:
+                hf[f"__stan_t.{j}.{qkv}.{p}"] = v  # fused below
+            else:
+                dst = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln", "temporal_fc": "fc"}[name]
+                out[f"block.temporal.{j}.{dst}.{p}"] = v
+        elif k == "backbone.STAN_time_embed.weight":
+            out["block.temporal_embedding"] = v  # [64, C]: row t = frame t
+        elif k.startswith("data_preprocessor."):
+            dropped[k] = "the data preprocessor's pixel mean / std (the config's normalisation), not weights"
+        else:
+            unknown.append(k)
+    if "backbone.patch_embedding_3d.weight" in unknown:
+        raise UnknownKeysError(f"{method}: backbone.patch_embedding_3d.weight (patch_3d=True), which vidlang's image "
+                               "tower does not implement")  # fmt: skip
+    conv_time = [k for k in unknown if k.startswith("backbone.STAN_T_layers.")]
+    if conv_time:
+        raise UnknownKeysError(f"{method}: {sorted(conv_time)[:3]}: a temporal module other than the released "
+                               "'selfattn' (time_module='conv' is undefined in the released code)")  # fmt: skip
+    _refuse_unknown(method, unknown)
+    if not spatial or "block.temporal_embedding" not in out:
+        raise UnknownKeysError(f"{method}: no backbone.STAN_S_layers.* / backbone.STAN_time_embed.weight keys "
+                               "(not a STAN checkpoint)")  # fmt: skip
+    fused: dict[str, dict[str, Tensor]] = {}
+    for k in [k for k in hf if k.startswith("__stan_t.")]:
+        _, j, qkv, p = k.split(".")
+        fused.setdefault(f"block.temporal.{j}.attn.qkv.{p}", {})[qkv] = hf.pop(k)
+    for dst, parts in fused.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise UnknownKeysError(f"{method}: {dst}: temporal attention without all of q/k/v projections")
+        out[dst] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    out.update(_rename_checked(method, hf, _hf_rules(), _HF_IGNORED))
+    rules = _layer_rules("{i}", "block.spatial.{i}", "hf")
+    out.update(_rename_checked(method, spatial, rules, None, "backbone.STAN_S_layers."))
+    depth = len(_layer_indices(spatial, ""))
+    temporal = _layer_indices(out, "block.temporal.")
+    if temporal != list(range(depth)):
+        raise UnknownKeysError(f"{method}: temporal layers {temporal} for {depth} spatial branch layers")
+    out["logit_scale"] = torch.tensor(math.log(100.0))
+    added = {"logit_scale": "log(100): the released model scores with the fixed 1 / tau = 100 (tau 0.01); CLIP's "
+                            "learnable logit scale is not part of it"}  # fmt: skip
+    args: dict[str, Any] = {"depth": depth, "max_frames": int(out["block.temporal_embedding"].shape[0]),
+                            "drop_path": 0.1, "time_module": "attn", "cls_residue": False}  # fmt: skip
+    return OfficialConversion(method, "stan-selfattn", out, "stan", args, _openai_heads(out), dropped=dropped,
+                              added=added)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-LLaMA (the video Q-former and its projection)
+# ---------------------------------------------------------------------------------------------
+_VL_LAYER = {  # BLIP-2 BertLayer (query path) -> vidlang QFormerLayer
+    "attention.self.query": "self_attn.q_proj", "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj", "attention.output.dense": "self_attn.out_proj",
+    "attention.output.LayerNorm": "ln_self",
+    "crossattention.self.query": "cross_attn.q_proj", "crossattention.self.key": "cross_attn.k_proj",
+    "crossattention.self.value": "cross_attn.v_proj", "crossattention.output.dense": "cross_attn.out_proj",
+    "crossattention.output.LayerNorm": "ln_cross",
+    "intermediate_query.dense": "mlp.0", "output_query.dense": "mlp.2", "output_query.LayerNorm": "ln_mlp",
+}  # fmt: skip
+_VL_LAYER_RE = re.compile(r"^video_Qformer\.bert\.encoder\.layer\.(\d+)\.(" + "|".join(map(re.escape, _VL_LAYER))
+                          + r")\.(weight|bias)$")  # fmt: skip
+_VL_DROPPED = {
+    r"^video_Qformer\.bert\.embeddings\.position_ids$": "BERT's position-id buffer (the video Q-former has no "
+    "position embeddings: its queries carry none)",
+    r"^audio_(Qformer\.|query_tokens$|llama_proj\.|position_embedding\.)": "the audio branch (ImageBind audio "
+    "Q-former); vidlang's qformer block is the video branch",
+    r"^(visual_encoder|ln_vision)\.": "the frozen EVA-ViT-g image encoder; vidlang's qformer reads the CLIP image "
+    "tower's frame tokens instead (a documented substitution)",
+    r"^(Qformer\.|query_tokens$)": "the frozen BLIP-2 image Q-former; vidlang's qformer reads the CLIP image tower's "
+    "frame tokens instead (a documented substitution)",
+    r"^llama_model\.": "the language model; the chat encoder loads it from its own directory (--llm)",
+}
+
+
+@OFFICIAL_METHODS.register("videollama")
+def videollama_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
+    """Video-LLaMA's video branch (``DAMO-NLP-SG/Video-LLaMA`` ``video_llama/models/video_llama.py``; the
+    checkpoints its runner saves hold the trained parameters under ``"model"``) -> block ``qformer``.
+
+    ``video_Qformer.bert.*`` = a BLIP-2 BERT Q-former (``embeddings.LayerNorm``; per layer ``attention``,
+    ``crossattention`` and the query feed-forward ``intermediate_query`` / ``output_query``; the text-path
+    ``intermediate`` / ``output`` are deleted by the official constructor), ``video_query_tokens [1, Q, D]``,
+    ``video_frame_position_embedding.weight [32, Dc]`` and ``llama_proj`` (-> the block's ``llm_proj``, which the
+    chat encoder starts its video projection from). The file holds no CLIP towers: they come from ``--base`` (a
+    CLIP whose image tower is as wide as the Q-former's frame tokens, 768 for the released models: ViT-B).
+    """
+    method = "videollama"
+    flat = unwrap_state_dict(sd)
+    out: StateDict = {}
+    dropped: dict[str, str] = {}
+    unknown: list[str] = []
+    for k, v in flat.items():
+        if m := _VL_LAYER_RE.match(k):
+            out[f"block.qformer.layers.{m.group(1)}.{_VL_LAYER[m.group(2)]}.{m.group(3)}"] = v
+        elif k.startswith("video_Qformer.bert.embeddings.LayerNorm.") and k.rsplit(".", 1)[1] in ("weight", "bias"):
+            out[f"block.qformer.ln_queries.{k.rsplit('.', 1)[1]}"] = v
+        elif k == "video_query_tokens":
+            out["block.qformer.query_tokens"] = v  # [1, Q, D]
+        elif k == "video_frame_position_embedding.weight":
+            out["block.frame_position_embedding"] = v  # [max_frame_pos, Dc]
+        elif k in ("llama_proj.weight", "llama_proj.bias"):
+            out[f"block.llm_proj.{k.split('.')[1]}"] = v
+        elif why := next((w for pat, w in _VL_DROPPED.items() if re.match(pat, k)), None):
+            dropped[k] = why
+        else:
+            unknown.append(k)
+    _refuse_unknown(method, unknown)
+    if "block.qformer.query_tokens" not in out:
+        raise UnknownKeysError(f"{method}: no video_query_tokens (not a Video-LLaMA video-branch checkpoint"
+                               + ("; it holds the audio branch only" if dropped else "") + ")")  # fmt: skip
+    missing = [k for k in ("block.frame_position_embedding", "block.llm_proj.weight", "block.qformer.ln_queries.weight")
+               if k not in out]  # fmt: skip
+    if missing:
+        raise UnknownKeysError(f"{method}: the file lacks the video branch's {missing} (frozen while training, so "
+                               "not saved): a checkpoint of that stage has no trained video Q-former")  # fmt: skip
+    q, d = out["block.qformer.query_tokens"].shape[1:]
+    ctx_w = int(out["block.frame_position_embedding"].shape[1])
+    layers = _layer_indices(out, "block.qformer.layers.")
+    e = int(out["block.llm_proj.weight"].shape[0])
+    args: dict[str, Any] = {
+        "num_queries": int(q), "num_layers": len(layers), "dim": int(d), "heads": max(1, int(d) // 64),
+        "source": "tokens", "max_frames": int(out["block.frame_position_embedding"].shape[0]),
+        "pool": "residual", "mlp_ratio": out["block.qformer.layers.0.mlp.0.weight"].shape[0] / int(d),
+        "dropout": 0.1, "ln_eps": 1e-12, "llm_dim": e,
+    }  # fmt: skip
+    if int(out["block.qformer.layers.0.cross_attn.k_proj.weight"].shape[1]) != ctx_w:
+        raise UnknownKeysError(f"{method}: cross-attention width differs from the frame position embedding's")
+    added = {"block.embed_proj.*": "zeros: Video-LLaMA has no retrieval embedding; with pool 'residual' the "
+                                   "block's video embedding starts as the frame-mean CLIP embedding"}  # fmt: skip
+
+    def check(final: StateDict) -> None:
+        width = int(final["image_tower.conv1.weight"].shape[0])
+        if width != ctx_w:
+            raise ValueError(f"the video Q-former reads {ctx_w}-wide frame tokens (in Video-LLaMA: its BLIP-2 image "
+                             f"Q-former's) but the CLIP image tower is {width} wide: pass a CLIP with a {ctx_w}-wide "
+                             "image tower as --base (ViT-B for the released models)")  # fmt: skip
+        final["block.embed_proj.weight"] = torch.zeros(int(final["text_tower.text_projection"].shape[1]), int(d))
+        final["block.embed_proj.bias"] = torch.zeros(int(final["text_tower.text_projection"].shape[1]))
+
+    needs = ["image_tower.*", "text_tower.*", "logit_scale"]
+    return OfficialConversion(method, "video-branch", out, "qformer", args, {}, dropped=dropped, needs=needs,
+                              added=added, check=check)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +780,12 @@ def xclip_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
 def detect_method(sd: Mapping[str, Any]) -> str:
     """The official method whose layout ``sd`` has (raises ``ValueError`` when none)."""
     keys = set(unwrap_state_dict(sd))
+    if "visual.transformer.resblocks.0.message_attn.prediction_block.0.weight" in keys:
+        return "ila"  # before any X-CLIP-like test: ILA also has mit.* / prompts_generator.* / message_fc
+    if "backbone.STAN_time_embed.weight" in keys:
+        return "mugstan"
+    if "video_query_tokens" in keys or any(k.startswith("video_Qformer.") for k in keys):
+        return "videollama"
     if "clip.vision_model.encoder.prompt_embedding" in keys:
         return "prompt_switch"
     if any(k.startswith("image_encoder.") for k in keys) and any(k.startswith("text_encoder.") for k in keys):
@@ -590,6 +885,11 @@ def load_official(
             for k in keys:
                 sd[k] = base_sd[k]
             taken.append(key)
+    if conv.check is not None:
+        try:
+            conv.check(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {conv.method}: {e}") from None
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     heads = {**_openai_heads(sd), **conv.heads}  # what the file lacks: from the base towers, same rule
@@ -605,6 +905,7 @@ def load_official(
         "sha256": sha256_of(path),
         "block": {"name": conv.block, "args": conv.block_args},
         "dropped": conv.dropped,
+        "added": conv.added,
         "from_base": {"source": str(base), "keys": taken} if taken else None,
     }
     info = {"format": conv.method, "source": str(path), "vision": vision, "text": text, "tokenizer_dir": None,

@@ -6,6 +6,7 @@ Q-former (``cross_attention_freq = 1``): the query embeddings go through a Layer
 every layer does self-attention over the queries, cross-attention from the queries to the
 context and an MLP, each followed by a residual add and a LayerNorm (post-LN, as BERT).
 ``norm_first=True`` gives the pre-LN variant (LayerNorm before each sub-layer, one final LN).
+``ln_eps``: the LayerNorms' epsilon (BERT's, hence Video-LLaMA's, is 1e-12; PyTorch's default 1e-5 here).
 
 Attention uses ``torch.nn.functional.scaled_dot_product_attention`` (runs on CPU and GPU).
 """
@@ -64,6 +65,7 @@ class QFormerLayer(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         norm_first: bool = False,
+        ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -71,9 +73,9 @@ class QFormerLayer(nn.Module):
         self.cross_attn = Attention(dim, heads, kv_dim=context_dim, dropout=dropout)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.ln_self = nn.LayerNorm(dim)
-        self.ln_cross = nn.LayerNorm(dim)
-        self.ln_mlp = nn.LayerNorm(dim)
+        self.ln_self = nn.LayerNorm(dim, eps=ln_eps)
+        self.ln_cross = nn.LayerNorm(dim, eps=ln_eps)
+        self.ln_mlp = nn.LayerNorm(dim, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, q: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -98,6 +100,7 @@ class QFormer(nn.Module):
         context_dim: width of the context (keys/values); defaults to ``dim``.
         norm_first: pre-LN instead of BERT's post-LN.
         init_std: std of the query initialisation (BERT's ``initializer_range``).
+        ln_eps: epsilon of every LayerNorm (BERT: 1e-12).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class QFormer(nn.Module):
         dropout: float = 0.0,
         norm_first: bool = False,
         init_std: float = 0.02,
+        ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if num_queries < 1 or num_layers < 1:
@@ -119,11 +123,12 @@ class QFormer(nn.Module):
         self.num_queries = num_queries
         self.context_dim = context_dim or dim
         self.query_tokens = nn.Parameter(torch.randn(1, num_queries, dim) * init_std)  # [1, Q, D]
-        self.ln_queries = nn.LayerNorm(dim)
+        self.ln_queries = nn.LayerNorm(dim, eps=ln_eps)
         self.layers = nn.ModuleList(
-            QFormerLayer(dim, heads, self.context_dim, mlp_ratio, dropout, norm_first) for _ in range(num_layers)
+            QFormerLayer(dim, heads, self.context_dim, mlp_ratio, dropout, norm_first, ln_eps)
+            for _ in range(num_layers)
         )
-        self.ln_out: nn.Module = nn.LayerNorm(dim) if norm_first else nn.Identity()
+        self.ln_out: nn.Module = nn.LayerNorm(dim, eps=ln_eps) if norm_first else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.grad_checkpointing = False
 

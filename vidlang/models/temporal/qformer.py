@@ -19,6 +19,11 @@ projects them to the LLM width) and a pooled video embedding ``[B, E]`` for retr
 CLIP embedding + a zero-initialised ``Linear(D -> E)`` of the mean query (starts as mean pooling).
 
 Video-LLaMA trains the Q-former with the image encoder frozen: ``freeze_backbone = True``.
+
+``llm_dim``: also hold Video-LLaMA's ``llama_proj`` (``Linear(D -> llm_dim)``, :attr:`llm_head`), the projection of
+the query outputs to the LLM width; a :class:`~vidlang.models.chat.ChatEncoder` over an LLM of that width starts its
+video projection from it (``vidlang convert --from videollama`` fills it from a released checkpoint). ``ln_eps``:
+the Q-former's LayerNorm epsilon (Video-LLaMA's BERT: 1e-12).
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class VideoQFormer(TemporalBlock):
         dropout: float = 0.0,
         norm_first: bool = False,
         position_init_std: float = 1.0,
+        ln_eps: float = 1e-5,
+        llm_dim: int | None = None,
     ) -> None:
         super().__init__(spec)
         if source not in FRAME_SOURCES:
@@ -90,7 +97,9 @@ class VideoQFormer(TemporalBlock):
             mlp_ratio=mlp_ratio,
             dropout=dropout,
             norm_first=norm_first,
+            ln_eps=ln_eps,
         )
+        self.llm_proj = nn.Linear(self.dim, llm_dim) if llm_dim else None  # Video-LLaMA's llama_proj
         self.embed_proj = nn.Linear(self.dim, spec.embed_dim)  # mean query -> E
         if pool == "residual":
             nn.init.zeros_(self.embed_proj.weight)
@@ -107,6 +116,10 @@ class VideoQFormer(TemporalBlock):
     @property
     def embed_head(self) -> nn.Module:
         return self.embed_proj
+
+    @property
+    def llm_head(self) -> nn.Linear | None:
+        return self.llm_proj
 
     def frame_positions(self, t: int) -> Tensor:
         """Frame position embeddings for T frames -> ``[T, Dc]``."""
