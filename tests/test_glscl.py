@@ -293,3 +293,20 @@ def test_paper_preset_has_the_official_glscl_settings():
     weights = {**GLSCLSimilarity.default_aux_weights, **raw.get("aux_loss_weights", {})}
     assert weights == {"glscl_icl": 1.0, "glscl_icl_diag": 0.02, "glscl_idl": 1e-4}
     assert raw["model"]["block"] == "seq_transformer" and raw["model"]["block_args"]["normalize_frames"] is False
+
+
+def test_bench_interactions_counts_every_interaction(capsys):
+    import argparse
+
+    from vidlang.bench.model import bench_interactions
+
+    args = argparse.Namespace(gallery="3,2,4,5", tight_rows=1, iters=1, warmup=0)
+    out = bench_interactions(args, torch.device("cpu"), lambda: None)
+    assert set(out) == {"cosine", "glscl_global", "glscl", "glscl_pairs", "mug", "tight"}
+    per_pair = 2 * (5 * 4 * (4 * 512**2 + 2 * 512 * 2048) + 512**2 + 512)  # 4 layers x 5 tokens + pooler, score
+    assert out["tight"]["gflops"] == pytest.approx(3 * 2 * per_pair / 1e9)  # counted on 1 caption, scaled x3
+    assert out["glscl_pairs"]["gflops"] < out["glscl"]["gflops"] and out["cosine"]["gflops"] < out["mug"]["gflops"]
+    layer = 2 * (4 * 512**2 + 4 * 512) + 2 * 512 * 2048 + 2048 + 512 + 6 * 512  # 2 attentions, MLP, 3 norms
+    assert out["glscl"]["params"] == 8 * 512 + 3 * layer
+    assert all(v["ms"] > 0 for v in out.values())
+    assert "tight" in capsys.readouterr().out
