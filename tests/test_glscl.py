@@ -5,6 +5,7 @@ checkpoints, and the paper preset."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,40 @@ def test_bench_interactions_counts_every_interaction(capsys):
     assert out["glscl"]["params"] == 8 * 512 + 3 * layer
     assert all(v["ms"] > 0 for v in out.values())
     assert "tight" in capsys.readouterr().out
+
+
+def test_ddp_gathers_the_regularisers_and_the_evaluation(tmp_path, tokenizer_dir):  # noqa: F811
+    """2 processes (gloo): loss and synchronised gradients (GLSCL head included) equal the single-process step on
+    the global batch, for the global and the local loss; the gathered evaluation equals single-process evaluation."""
+    import json
+
+    from test_ddp import GradProbe, reference_step
+
+    pl.seed_everything(0)
+    contrastive = {**CONTRASTIVE, "similarity_args": {**CONTRASTIVE["similarity_args"], "dropout": 0.0}}
+    task = GradProbe(TINY, tokenizer=str(tokenizer_dir), contrastive=contrastive, optim={"warmup_ratio": None},
+                     evaluation={"write_plots": False})  # fmt: skip
+    task.probe_dir, task.data = str(tmp_path), ColorVideos()
+    pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False, default_root_dir=tmp_path,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0, use_distributed_sampler=False).fit(task)  # fmt: skip
+    for step, local_loss in ((0, False), (1, True)):
+        probes = [torch.load(tmp_path / f"step{step}_rank{r}.pt") for r in range(2)]
+        params = torch.load(tmp_path / f"params_step{step}_rank0.pt")
+        batch = collate_samples([task.data[4 * step + i] for i in range(4)])
+        ref_loss, ref_grads = reference_step(task, params, batch, local_loss)
+        torch.testing.assert_close((probes[0]["loss"] + probes[1]["loss"]) / 2, ref_loss, rtol=0, atol=1e-5)
+        assert ref_grads["glscl.queries"].abs().sum() > 0
+        for name, ref in ref_grads.items():
+            for p in probes:
+                torch.testing.assert_close(p["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
+    report = json.loads((tmp_path / "val_metrics.json").read_text())
+    ref = copy.deepcopy(task)
+    ref.load_state_dict(torch.load(tmp_path / "params_val_rank0.pt"), strict=False)
+    ref.eval()
+    batch = ref.on_after_batch_transfer(collate_samples([task.data[i] for i in range(5)]), 0)
+    with torch.no_grad():
+        v, t = ref.model.encode_video(batch["video"]), ref.model.encode_text(*ref.tokenize(batch["captions"]))
+        vf, tf = ref.glscl.features(v, t, None)
+        expected = evaluate_similarity(ref.glscl(tf, vf), batch["caption_index"], dsl=True).metrics
+    assert report["metrics"]["num_videos"] == 5 and report["metrics"] == pytest.approx(expected)
