@@ -14,6 +14,13 @@
 3. **Blocks**: forward + backward of ``encode_video`` for every registered temporal block under its paper
    freezing (default policy) relative to ``mean`` on the ``--block-arch`` tower; each block is timed
    round-robin with a ``mean`` model (same load), ratio = block / mean (target <= 1.5).
+4. ``--interactions``: the retrieval similarities over a gallery (``--gallery A,B,T,L``: captions, videos, frames,
+   words; embed dim 512 as B/32) from the towers' outputs to the ``[A, B]`` matrix, inference: cosine of the
+   pooled embeddings, GLSCL's global interaction alone, GLSCL (concepts of every caption and video + the pairwise
+   scores; and the pairwise scores alone, concepts cached), Mug, and CLIP4Clip's tightTransf cross-encoder. FLOPs
+   from ``torch.utils.flop_counter`` (matmuls; norms, softmax and fused CPU attention kernels are not counted),
+   parameters, median wall time; ``tight`` is run on ``--tight-rows`` captions and scaled to ``A`` (its cost is
+   linear in the pairs).
 
 Every table is printed with the load average of the machine.
 """
@@ -197,6 +204,73 @@ def bench_blocks(args: argparse.Namespace, device, sync) -> dict[str, float]:
     return ratios
 
 
+def _interaction_runners(a: int, b: int, t: int, words: int, e: int, tight_rows: int, device) -> tuple[dict, tuple]:
+    """name -> (runner, parameters, factor to the whole gallery) of each retrieval interaction (module docstring 4),
+    and the modules with parameters."""
+    import torch
+
+    from vidlang.models.cross_similarity import TightTransformerSimilarity
+    from vidlang.models.glscl import GLSCLSimilarity, global_similarity
+    from vidlang.models.similarity import cosine_similarity, mug_similarity
+
+    torch.manual_seed(0)
+    text, tokens = torch.randn(a, e, device=device), torch.randn(a, words, e, device=device)
+    frames = torch.randn(b, t, e, device=device)
+    word_mask = torch.ones(a, words, dtype=torch.bool, device=device)
+    frame_mask = torch.ones(b, t, dtype=torch.bool, device=device)
+    glscl = GLSCLSimilarity(e).to(device).eval().requires_grad_(False)
+    tight = TightTransformerSimilarity(e, 4, heads=max(1, e // 64)).to(device).eval().requires_grad_(False)
+
+    def glscl_all():
+        video = (frames, frame_mask.float(), glscl.concepts(frames, frame_mask))
+        return glscl((text, glscl.concepts(tokens, word_mask)), video)
+
+    cached_video = (frames, frame_mask.float(), glscl.concepts(frames, frame_mask))
+    cached = ((text, glscl.concepts(tokens, word_mask)), cached_video)
+    rows = max(1, min(a, tight_rows))
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "cosine": (lambda: cosine_similarity(text, frames.mean(1)), 0, 1.0),
+        "glscl_global": (lambda: global_similarity(text, frames, frame_mask), 0, 1.0),
+        "glscl": (glscl_all, size(glscl), 1.0),
+        "glscl_pairs": (lambda: glscl(*cached), size(glscl), 1.0),
+        "mug": (lambda: mug_similarity(tokens, word_mask, frames), 0, 1.0),
+        "tight": (lambda: tight(text[:rows], frames, frame_mask), size(tight), a / rows),
+    }, (glscl, tight)
+
+
+def bench_interactions(args: argparse.Namespace, device, sync) -> dict[str, dict[str, float]]:
+    """FLOPs, parameters and wall time of each retrieval interaction over the gallery, relative to GLSCL's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, b, t, words = (int(x) for x in args.gallery.split(","))
+    runners, modules = _interaction_runners(a, b, t, words, 512, args.tight_rows, device)
+    flops = {}
+    for m in modules:
+        m.train()  # counted in train mode: the eval-mode fused attention kernels escape the counter (same FLOPs)
+    for name, (run, _, factor) in runners.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops[name] = counter.get_total_flops() * factor
+    for m in modules:
+        m.eval()
+    with torch.inference_mode():
+        times = medians(interleaved_times({k: v[0] for k, v in runners.items()}, args.iters, args.warmup, sync))
+    print(f"retrieval interactions, gallery {a} captions x {b} videos x {t} frames x {words} words, E 512, inference, "
+          f"{device}, threads {torch.get_num_threads()}, {args.iters} round-robin rounds (median); {load_average()}")
+    print(f"  {'interaction':<14}{'params':>10}{'GFLOPs':>12}{'ms':>12}{'FLOPs / glscl':>15}{'ms / glscl':>12}")
+    out = {}
+    for name, (_, params, factor) in runners.items():
+        ms = times[name] * factor * 1e3
+        out[name] = {"params": params, "gflops": flops[name] / 1e9, "ms": ms}
+        note = f"  ({args.tight_rows} captions timed, x{factor:g})" if factor != 1.0 else ""
+        print(f"  {name:<14}{params:>10,}{flops[name] / 1e9:12.1f}{ms:12.1f}{flops[name] / flops['glscl']:15.3g}"
+              f"{ms / (times['glscl'] * 1e3):12.3g}{note}")  # fmt: skip
+    print("  glscl = concepts of every caption and video + pairwise scores; glscl_pairs = pairwise scores alone")
+    return out
+
+
 @BENCHMARKS.register("model")
 class ModelBench:
     help = "ViT towers vs transformers CLIPVisionModel (same weights; fwd, fwd+bwd, parity), compile, block costs"
@@ -216,6 +290,9 @@ class ModelBench:
         parser.add_argument("--blocks", default=None, help="comma list of blocks (default: every registered one)")
         parser.add_argument("--skip-blocks", action="store_true")
         parser.add_argument("--skip-towers", action="store_true")
+        parser.add_argument("--interactions", action="store_true", help="also time the retrieval interactions")
+        parser.add_argument("--gallery", default="1000,1000,12,32", help="captions,videos,frames,words")
+        parser.add_argument("--tight-rows", type=int, default=4, help="captions the tightTransf timing runs")
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -231,7 +308,9 @@ class ModelBench:
             bench_compile(archs[0], args, device, sync)
         if not args.skip_blocks:
             bench_blocks(args, device, sync)
+        if args.interactions:
+            bench_interactions(args, device, sync)
         return 0
 
 
-__all__ = ["ModelBench", "bench_blocks", "bench_tower", "tower_parity"]
+__all__ = ["ModelBench", "bench_blocks", "bench_interactions", "bench_tower", "tower_parity"]

@@ -7,6 +7,9 @@
   so that training (the loss similarity) and evaluation over large galleries (:func:`mug_similarity_rows`,
   rows as :func:`vidlang.eval.retrieval.chunked_similarity` yields them) share one implementation; the
   blocking changes neither values nor gradients.
+- ``glscl_global``: GLSCL's parameter-free global interaction alone (:func:`vidlang.models.glscl.global_similarity`:
+  the caption's EOT feature weighs the frames, cosine with the weighted frame sum); the full GLSCL similarity has
+  learnable queries and is the retrieval task's ``glscl`` head (:class:`vidlang.models.glscl.GLSCLSimilarity`).
 
 Every registered similarity has the signature ``fn(text: TextOutput, video: VideoOutput) -> [A, B]``
 (texts x videos, unscaled: the caller multiplies by the logit scale if it wants logits; Mug-STAN's loss uses a
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vidlang.models.contract import TextOutput, VideoOutput
+from vidlang.models.glscl import global_similarity
 from vidlang.registry import Registry
 
 SimilarityFn = Callable[[TextOutput, VideoOutput], Tensor]
@@ -150,6 +154,14 @@ def mug_outputs(text: TextOutput, video: VideoOutput, temperature: float = 100.0
     if video.frame_embeds is None:
         raise ValueError("mug similarity needs VideoOutput.frame_embeds (per-frame embeddings)")
     return mug_similarity(text.tokens, text.mask, video.frame_embeds, temperature)
+
+
+@SIMILARITIES.register("glscl_global")
+def glscl_global_outputs(text: TextOutput, video: VideoOutput, temperature: float = 3.0) -> Tensor:
+    """GLSCL's global interaction from ``text.embeds`` and ``video.frame_embeds`` ``[A, B]`` (every frame real)."""
+    if video.frame_embeds is None:
+        raise ValueError("glscl_global similarity needs VideoOutput.frame_embeds (per-frame embeddings)")
+    return global_similarity(text.embeds, video.frame_embeds, temperature=temperature)
 
 
 def build_similarity(name: str) -> SimilarityFn:

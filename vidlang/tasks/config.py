@@ -70,7 +70,7 @@ RECOGNITION_OPTIM = OptimConfig(lr=2e-5, weight_decay=1e-3, eps=1e-8, warmup_rat
 CHAT_OPTIM = OptimConfig(lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), warmup_ratio=0.05)
 
 
-SIMILARITY_KINDS = ("cosine", "mug", "tight")
+SIMILARITY_KINDS = ("cosine", "mug", "tight", "glscl")
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,18 @@ class ContrastiveConfig:
         similarity: ``cosine`` (pooled embeddings), ``mug`` (Mug-STAN's parameter-free word x frame similarity,
             :func:`vidlang.models.similarity.mug_similarity`) or ``tight`` (CLIP4Clip's tightTransf cross-encoder,
             :class:`vidlang.models.cross_similarity.TightTransformerSimilarity`, a head of the task trained on the
-            local batch with raw logits: no gather, no temperature). Training and evaluation use the same one.
+            local batch with raw logits: no gather, no temperature) or ``glscl`` (GLSCL's global + local interaction,
+            :class:`vidlang.models.glscl.GLSCLSimilarity`, a head of the task with learnable queries and auxiliary
+            losses ``glscl_icl`` / ``glscl_icl_diag`` / ``glscl_idl``). Training and evaluation use the same one.
         temperature: a fixed temperature (logits = similarity / temperature; Mug-STAN: 0.01); None = CLIP's
             learnable ``logit_scale``.
         directions: the loss is the ``mean`` (CLIP, CLIP4Clip) or the ``sum`` (Mug-STAN) of text->video and
             video->text.
         tight_layers: layers of the tightTransf head (CLIP4Clip: 4, initialised from the text tower's first ones).
+        similarity_args: arguments of the ``glscl`` head (``queries``, ``layers``, ``heads``, ``ffn``, ``dropout``,
+            ``global_temperature``, ``local_weight``, ``margin``, ``diag_target``; defaults: the official ones).
+        head_lr_mult: lr multiplier of the similarity head's parameters (``tight`` / ``glscl``), over the task's lr
+            (the paper recipes train their heads at 1e-4 against CLIP's 1e-7: 1000).
         loss: the retrieval loss by name in :data:`vidlang.losses.LOSSES` (``infonce``, ``soft_target``, ``m2mix``,
             ``align_uniform``, ``symile``; ``docs/recipes.md``); loss_args: its own arguments (e.g.
             ``{smoothing: 0.1}``); ``gather`` / ``local_loss`` / ``temperature`` / ``directions`` come from here.
@@ -101,10 +107,12 @@ class ContrastiveConfig:
 
     gather: bool = True
     local_loss: bool = False
-    similarity: Literal["cosine", "mug", "tight"] = "cosine"
+    similarity: Literal["cosine", "mug", "tight", "glscl"] = "cosine"
     temperature: float | None = None
     directions: Literal["mean", "sum"] = "mean"
     tight_layers: int = 4
+    similarity_args: dict[str, Any] = field(default_factory=dict)
+    head_lr_mult: float = 1.0
     loss: str = "infonce"
     loss_args: dict[str, Any] = field(default_factory=dict)
     micro_batch_size: int | None = None
@@ -113,6 +121,8 @@ class ContrastiveConfig:
         from vidlang.losses import LOSSES  # here: the losses package imports nothing of the tasks
 
         object.__setattr__(self, "loss_args", dict(self.loss_args or {}))
+        object.__setattr__(self, "similarity_args", dict(self.similarity_args or {}))
+        check_min("contrastive", 0, head_lr_mult=self.head_lr_mult)
         check_min("contrastive", 1, micro_batch_size=self.micro_batch_size)
         if self.micro_batch_size is not None and self.similarity != "cosine":
             raise ConfigError("contrastive.micro_batch_size caches pooled embeddings: it needs similarity 'cosine', "
@@ -134,6 +144,20 @@ class ContrastiveConfig:
         if self.similarity == "tight" and self.temperature is not None:
             raise ConfigError("contrastive.temperature does not apply to similarity 'tight' (raw logits)")
         check_min("contrastive", 1, tight_layers=self.tight_layers)
+        if self.similarity_args:
+            self._check_similarity_args()
+
+    def _check_similarity_args(self) -> None:
+        if self.similarity != "glscl":
+            raise ConfigError(f"contrastive.similarity_args apply to similarity 'glscl', not {self.similarity!r}")
+        import inspect
+
+        from vidlang.models.glscl import GLSCLSimilarity
+
+        known = set(inspect.signature(GLSCLSimilarity).parameters) - {"embed_dim"}
+        unknown = sorted(set(self.similarity_args) - known)
+        if unknown:
+            raise ConfigError(f"unknown contrastive.similarity_args {unknown} for 'glscl'; known: {sorted(known)}")
 
 
 @dataclass(frozen=True)

@@ -41,21 +41,32 @@ from vidlang.errors import ConfigError
 from vidlang.eval.protocols import protocol_of
 from vidlang.eval.report import write_metrics
 from vidlang.eval.retrieval import chance_levels, evaluate_embeddings, evaluate_similarity
+from vidlang.losses.aux import weigh_aux_losses
 from vidlang.losses.contrastive import LOSSES, ContrastiveLoss, ContrastiveOutput
-from vidlang.losses.distributed import all_gather_no_grad, all_gather_objects, is_distributed, world_info
+from vidlang.losses.distributed import (
+    all_gather_no_grad,
+    all_gather_objects,
+    all_gather_with_grad,
+    gather_caption_index,
+    is_distributed,
+    world_info,
+)
 from vidlang.models.audio.encoder import AudioConfig, build_audio_branch
 from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.cross_similarity import TightTransformerSimilarity
 from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.fusion.fusion import AudioVisualModel
+from vidlang.models.glscl import GLSCLSimilarity
+from vidlang.models.optim import param_groups as module_param_groups
 from vidlang.models.similarity import mug_similarity, mug_similarity_rows
 from vidlang.models.temporal.video_mask import video_mask_state
 from vidlang.models.video_clip import VideoTextModel
 from vidlang.tasks.base import EvalLoopMixin, TokenizerMixin, VideoTask, normalize_uint8_video
 from vidlang.tasks.config import RETRIEVAL_OPTIM, ContrastiveConfig, OptimConfig, RetrievalEvalConfig
 
-TEXT_FEATURES = frozenset({"text", "tokens", "token_mask", "text_raw"})  # evaluation features: a row per caption
+# evaluation features with a row per caption
+TEXT_FEATURES = frozenset({"text", "tokens", "token_mask", "text_raw", "text_concepts"})
 
 
 def _mug_pairs(text: tuple[Tensor, Tensor], video: tuple[Tensor]) -> Tensor:
@@ -136,6 +147,12 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             except ValueError as e:
                 raise ConfigError(f"contrastive.similarity 'tight' is initialised from the text tower, which needs "
                                   f"text width == embed dim (as in every CLIP): {e}") from None
+        self.glscl: GLSCLSimilarity | None = None
+        if con.similarity == "glscl":
+            try:
+                self.glscl = GLSCLSimilarity(self.video_text.embed_dim, **con.similarity_args)
+            except ValueError as e:
+                raise ConfigError(f"contrastive.similarity_args of 'glscl': {e}") from None
         self.aux_loss_weights = dict(aux_loss_weights or {})
         self._tokenizer: Any = None
         self._eval: dict[str, list] = {}
@@ -224,6 +241,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             if t.tokens is None or t.mask is None:
                 raise ValueError("similarity 'mug' needs the text tower's token features (TextOutput.tokens/mask)")
             return (v.frame_embeds,), (t.tokens, t.mask), _mug_pairs
+        if kind == "glscl":
+            vf, tf = self.glscl.features(v, t, video_mask)
+            return vf, tf, self.glscl
         mask = video_mask if video_mask is not None else v.frame_embeds.new_ones(v.frame_embeds.shape[:2]).bool()
         return (v.frame_embeds, mask), t.embeds, self._tight_pairs
 
@@ -244,10 +264,27 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         t = self.model.encode_text(ids, mask)
         vf, tf, sim = self.similarity_inputs(v, t, batch.get("video_mask"))
         out = self.loss(vf, tf, batch["caption_index"], self.model.logit_scale, similarity=sim)
-        aux = {**v.aux_losses, **t.aux_losses}
+        aux = {**v.aux_losses, **t.aux_losses, **self.similarity_aux_losses(vf, tf, batch["caption_index"])}
         weighted = self.weigh_aux(aux)
         total = out.loss if weighted is None else out.loss + weighted
         return total, out, aux
+
+    def similarity_aux_losses(self, video: Any, text: Any, caption_index: Tensor) -> dict[str, Tensor]:
+        """The similarity head's auxiliary losses (``glscl``'s, on the batch gathered like the loss's features;
+        other similarities: none)."""
+        if self.glscl is None:
+            return {}
+        video_concepts, text_concepts = video[2], text[1]
+        if self.loss.gather and is_distributed():
+            caption_index, _ = gather_caption_index(caption_index, video_concepts.shape[0])
+            video_concepts, text_concepts = all_gather_with_grad(video_concepts), all_gather_with_grad(text_concepts)
+        return self.glscl.aux_losses(video_concepts, text_concepts, caption_index)
+
+    def weigh_aux(self, aux: Any) -> Tensor | None:
+        """As :meth:`VideoTask.weigh_aux`, the similarity head's ``default_aux_weights`` joining the block's."""
+        defaults = {**self.block.default_aux_weights, **(self.glscl.default_aux_weights if self.glscl else {})}
+        total, _ = weigh_aux_losses(aux, defaults, self.aux_loss_weights)
+        return total
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.contrastive.micro_batch_size is not None:
@@ -316,11 +353,16 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
                               "micro-batches")
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """The model's groups (its lr / weight-decay recipe), then the tightTransf head at ``run_lr``."""
+        """The model's groups (its lr / weight-decay recipe), then the similarity head's at ``run_lr x
+        contrastive.head_lr_mult`` (tightTransf: one decayed group; GLSCL: norms and biases not decayed)."""
         groups = super().param_groups()
+        mult = self.contrastive.head_lr_mult
         if self.tight is not None:
-            groups.append({"name": "tight", "params": list(self.tight.parameters()), "lr": self.run_lr,
-                           "lr_mult": 1.0, "weight_decay": self.optim.weight_decay})  # fmt: skip
+            groups.append({"name": "tight", "params": list(self.tight.parameters()), "lr": self.run_lr * mult,
+                           "lr_mult": mult, "weight_decay": self.optim.weight_decay})  # fmt: skip
+        if self.glscl is not None:
+            for g in module_param_groups(self.glscl, self.run_lr * mult, self.optim.weight_decay):
+                groups.append({**g, "name": f"glscl_{g['name']}", "lr_mult": mult})
         return groups
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -348,7 +390,8 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
     def _eval_features(self, batch: dict[str, Any], ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """What evaluation keeps of a batch: normalised ``video [B, E]`` and ``text [A, E]``, plus the features of
         the similarity (``frames [B, T, E]``; for ``mug`` ``tokens [A, Lt, E]`` + ``token_mask [A, Lt]``; for
-        ``tight`` ``frame_mask [B, T]`` + ``text_raw [A, E]``)."""
+        ``tight`` ``frame_mask [B, T]`` + ``text_raw [A, E]``; for ``glscl`` those two + ``video_concepts [B, M, E]``
+        + ``text_concepts [A, M, E]``)."""
         kind = self.contrastive.similarity
         t = self.model.encode_text(ids, mask)
         feats: dict[str, Tensor] = {}
@@ -364,6 +407,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             feats["frames"] = vf[0].float()
             if kind == "tight":
                 feats["frame_mask"], feats["text_raw"] = vf[1], tf.float()
+            elif kind == "glscl":
+                feats["frame_mask"], feats["video_concepts"] = vf[1], vf[2].float()
+                feats["text_raw"], feats["text_concepts"] = tf[0].float(), tf[1].float()
             else:
                 feats["tokens"], feats["token_mask"] = tf[0].float(), tf[1]
         feats["video"] = feats["video"].float()
@@ -397,11 +443,15 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
 
     @torch.no_grad()
     def eval_similarity(self, feats: dict[str, Tensor]) -> Tensor:
-        """The dense ``[A, B]`` similarity of ``mug`` / ``tight`` over the gathered gallery (``text_chunk``
-        captions at a time)."""
+        """The dense ``[A, B]`` similarity of ``mug`` / ``tight`` / ``glscl`` over the gathered gallery
+        (``text_chunk`` captions at a time)."""
         chunk = self.evaluation.text_chunk
         if self.contrastive.similarity == "mug":
             rows = mug_similarity_rows(feats["tokens"], feats["token_mask"], feats["frames"], chunk=chunk)
+            return torch.cat([r for _, r in rows], dim=0)
+        if self.contrastive.similarity == "glscl":
+            rows = self.glscl.similarity_rows((feats["text_raw"], feats["text_concepts"]),
+                                              (feats["frames"], feats["frame_mask"], feats["video_concepts"]), chunk)
             return torch.cat([r for _, r in rows], dim=0)
         return self.tight(feats["text_raw"], feats["frames"], feats["frame_mask"], chunk=chunk).float()
 
