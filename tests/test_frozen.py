@@ -151,3 +151,164 @@ def test_refuses_too_many_frames_and_timm_towers():
                                 image_overrides={"depth": 2, "embed_dim": 48, "num_heads": 3}))
     with pytest.raises(ConfigError, match="frozen time-attention init"):
         tiny(time_init="ones")
+
+
+# -- joint image + video data, the frame curriculum -----------------------------------------------------------------
+S = 32  # crop size of the tiny runs
+
+
+def write_images(root, n: int = 6, broken: bool = True):
+    """``n`` small images (PNG and JPEG, one size each) with two captions for the first, and a broken file last."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["image,caption"]
+    for i in range(n):
+        name = f"img{i}.{'png' if i % 2 else 'jpg'}"
+        colour = (40 * i % 256, 255 - 30 * i, 90)
+        Image.new("RGB", (48 + 4 * i, 40), colour).save(root / name)
+        rows.append(f"{name},a picture of colour {i}")
+    rows.append("img0.jpg,another caption of picture 0")
+    if broken:
+        (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        rows.append("broken.jpg,a picture that cannot be read")
+    (root / "images.csv").write_text("\n".join(rows) + "\n")
+    return root / "images.csv"
+
+
+def test_image_reader_and_image_captions_format(tmp_path):
+    from vidlang.data.decoding import VideoDecodeError, open_video
+    from vidlang.data.formats import build_index
+
+    csv = write_images(tmp_path / "im")
+    index = build_index("image_captions", csv=str(csv))
+    assert index.still_images and [e.key for e in index.entries][:2] == ["img0.jpg", "img1.png"]
+    assert len(index.entries) == 7 and index.entries[0].captions == ["a picture of colour 0",
+                                                                    "another caption of picture 0"]
+    with open_video(index.entries[1].source, "image", resize_short_side=20) as r:
+        assert r.metadata.num_frames == 1 and (r.metadata.width, r.metadata.height) == (52, 40)
+        frames = r.get_frames([0, 0, -1])
+        assert frames.shape == (3, 3, 20, 26) and frames.dtype == torch.uint8
+    with pytest.raises(VideoDecodeError, match="not a readable image"):
+        open_video(str(tmp_path / "im" / "broken.jpg"), "image")
+    with pytest.raises(VideoDecodeError, match="larger than max_pixels"):
+        open_video(index.entries[0].source, "image", max_pixels=100)
+    from vidlang.data.formats.base import FormatError
+
+    (tmp_path / "bad.csv").write_text("image,caption\nx.jpg,\n")
+    with pytest.raises(FormatError, match="bad.csv:2"):
+        build_index("image_captions", csv=str(tmp_path / "bad.csv"))
+
+
+@pytest.fixture(scope="module")
+def joint_data(tmp_path_factory):
+    from vidlang.data.synthetic import generate_corpus
+    from vidlang.models.clip.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("fit")
+    generate_corpus(root / "videos", 8, seed=3, size=40, frames=8, workers=1, progress=False)
+    csv = write_images(root / "images")
+    lines = (root / "videos" / "manifest.csv").read_text().splitlines() + csv.read_text().splitlines()
+    train_tokenizer(lines * 3, root / "tok", vocab_size=400, min_frequency=1, context_length=24)
+    return root
+
+
+def joint_module(root, workers: int = 0, **kw):
+    from vidlang.data.datamodule import VideoDataModule
+
+    manifest = {"format": "manifest", "path": str(root / "videos" / "manifest.csv")}
+    images = {"format": "image_captions", "csv": str(root / "images" / "images.csv"), "batch_size": 4}
+    return VideoDataModule(
+        train=manifest, val=manifest, train_mix=[images], sampling={"num_frames": 4}, transform={"image_size": S},
+        loader={"batch_size": 4, "num_workers": workers, "pin_memory": False, "persistent_workers": workers > 0},
+        decode={"backend": "pyav"}, **kw)
+
+
+def test_set_train_frames_rebuilds_the_stream_between_epochs(joint_data):
+    from vidlang.data.mixing import TrainStream
+
+    dm = joint_module(joint_data)
+    dm.setup("fit")
+    stream = dm.train_dataloader()
+    assert isinstance(stream, TrainStream) and len(stream) == 4  # min(2 video, 2 image batches) x 2 sources
+    shapes = [tuple(b["video"].shape[1:2]) for b in stream]
+    assert shapes == [(4,), (1,), (4,), (1,)]  # video, image, video, image: each batch one source
+    dm.set_train_frames(2)
+    assert [b["video"].shape[1] for b in stream] == [2, 1, 2, 1] and stream.builds == 2
+    assert dm.sampling.frames(False) == 4  # evaluation keeps its count
+    assert next(iter(dm.val_dataloader()))["video"].shape[1] == 4
+    with pytest.raises(ConfigError, match="train_mix"):
+        from vidlang.data.datamodule import VideoDataModule
+
+        VideoDataModule(train_mix=[{"format": "image_captions", "csv": "x.csv"}])
+
+
+def test_curriculum_validates_its_schedule():
+    from vidlang.data.curriculum import FrameCurriculum
+
+    c = FrameCurriculum({0: 1, 2: 4, 5: 8})
+    assert [c.frames_at(e) for e in range(7)] == [1, 1, 4, 4, 4, 8, 8] and c.final_frames == 8
+    with pytest.raises(ConfigError, match="epoch 0"):
+        FrameCurriculum({1: 4})
+    with pytest.raises(ConfigError, match="frame counts >= 1"):
+        FrameCurriculum({0: 0})
+
+
+def test_joint_image_video_training_with_a_frame_curriculum(joint_data, tmp_path):
+    """A tiny FiT run: image batches (T=1) and video batches interleaved; the curriculum 1 -> 2 -> 4 changes the
+    video batches' frames at the epoch boundaries (persistent workers rebuilt); validation at the final 4; the
+    broken image is skipped and counted."""
+    import json
+
+    import pytorch_lightning as pl
+
+    from vidlang.data.curriculum import FrameCurriculum
+    from vidlang.tasks import RetrievalTask
+
+    class Seen(pl.Callback):
+        def __init__(self) -> None:
+            self.train: list[tuple[int, int, bool]] = []  # (epoch, T, is an image batch)
+            self.val: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            images = all(k.startswith("img") or k == "broken.jpg" for k in batch["key"])
+            self.train.append((trainer.current_epoch, batch["video"].shape[1], images))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.val.append(batch["video"].shape[1])
+
+    pl.seed_everything(0)
+    dm = joint_module(joint_data, workers=1, bad_samples={"report_dir": str(tmp_path / "bad"), "max_skip_rate": 0.2})
+    task = RetrievalTask(ModelConfig(image="vit_tiny", block="frozen", num_frames=4, block_args={"max_frames": 4}),
+                         tokenizer=str(joint_data / "tok"), optim={"lr": 1e-3, "weight_decay": 0.0})
+    seen, curriculum = Seen(), FrameCurriculum({0: 1, 1: 2, 2: 4})
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         num_sanity_val_steps=0, callbacks=[curriculum, seen])
+    trainer.fit(task, datamodule=dm)
+    videos = [(e, t) for e, t, img in seen.train if not img]
+    assert videos == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 4), (2, 4)]
+    assert [(e, t) for e, t, img in seen.train if img] == [(e, 1) for e in (0, 0, 1, 1, 2, 2)]
+    assert [img for _, _, img in seen.train] == [False, True] * 6  # one batch of each source in turn
+    assert curriculum.applied == {0: 1, 1: 2, 2: 4} and dm.train_dataloader().builds == 3
+    assert seen.val and set(seen.val) == {4}  # evaluation at the final count
+    report = [json.loads(x) for x in (tmp_path / "bad" / "bad_samples.jsonl").read_text().splitlines()]
+    assert {r["key"] for r in report} == {"broken.jpg"} and {r["split"] for r in report} == {"train"}
+    assert sorted(r["epoch"] for r in report) == [0, 1, 2]  # skipped (replaced) and counted in every epoch
+    assert all(torch.isfinite(p).all() for p in task.parameters())
+
+
+def test_curriculum_refuses_an_evaluation_count_other_than_its_last(joint_data, tmp_path):
+    import pytorch_lightning as pl
+
+    from vidlang.data.curriculum import FrameCurriculum
+    from vidlang.tasks import RetrievalTask
+
+    dm = joint_module(joint_data)
+    task = RetrievalTask(ModelConfig(image="vit_tiny", block="frozen", num_frames=4),
+                         tokenizer=str(joint_data / "tok"))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[FrameCurriculum({0: 1, 1: 8})])
+    with pytest.raises(ConfigError, match="eval_num_frames"):
+        trainer.fit(task, datamodule=dm)
