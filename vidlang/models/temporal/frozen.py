@@ -187,15 +187,16 @@ class FrozenInTime(TemporalBlock):
     def before_mlp(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
         """Frame-CLS outputs -> the video CLS's: residual + its attention over CLS + all T*N patches."""
         b, t = ctx.batch, ctx.frames
+        state = self._state(ctx)
+        x_in, h = state.pop(i), state.pop(("h", i))  # dropped here: inference keeps no per-layer copies
         if t == 1:
             return x  # the per-frame attention is the video's
-        state = self._state(ctx)
         c = x.shape[-1]
-        h = state[("h", i)].view(b, t, -1, c)
+        h = h.view(b, t, -1, c)
         cls_h = h[:, :, 0].mean(1)  # [B, C] (equal copies)
         seq = torch.cat([cls_h[:, None], h[:, :, 1:].flatten(1, 2)], dim=1)  # [B, 1+T*N, C]
         attn = ctx.image_tower.layer_list()[i].attn
-        cls = state[i].view(b, t, -1, c)[:, :, 0].mean(1) + video_cls_attention(attn, cls_h, seq)  # [B, C]
+        cls = x_in.view(b, t, -1, c)[:, :, 0].mean(1) + video_cls_attention(attn, cls_h, seq)  # [B, C]
         cls = cls.repeat_interleave(t, dim=0)[:, None]  # [B*T, 1, C]
         return torch.cat([cls, x[:, 1:]], dim=1)
 
