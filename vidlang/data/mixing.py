@@ -31,7 +31,14 @@ class _Samplers:
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch = epoch
         for loader in self.stream.loaders():
-            loader.sampler.set_epoch(epoch)
+            _set_epoch(loader, epoch)
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    """``loader.sampler.set_epoch(epoch)`` where the sampler has one (streamed shards: the data module's)."""
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
 
 
 class TrainStream:
@@ -57,7 +64,7 @@ class TrainStream:
             self._loaders = self._build()
             self.builds += 1
             for loader in self._loaders:
-                loader.sampler.set_epoch(self.epoch)
+                _set_epoch(loader, self.epoch)
         return self._loaders
 
     def __len__(self) -> int:
