@@ -11,7 +11,14 @@ other settings come in typed groups (:mod:`vidlang.data.config`), e.g. in YAML f
       loader: {batch_size: 32, num_workers: 8}
 
 Training clips have ``sampling.num_frames`` frames, validation and test clips ``sampling.eval_num_frames``
-(default: the same).
+(default: the same). Splits of still images (formats whose index is ``still_images``, e.g. ``image_captions``)
+are read with the ``image`` backend as one-frame clips.
+
+Joint training (Frozen in Time): ``train_mix`` lists further training sources, each a split like ``train`` with
+an optional ``batch_size``; their batches are interleaved with ``train``'s, one batch of each source in turn,
+each batch from one source (:class:`vidlang.data.mixing.TrainStream`; an epoch ends with the shortest source).
+:meth:`VideoDataModule.set_train_frames` changes the training frame count of the video sources between epochs
+(the frame curriculum, :class:`vidlang.data.curriculum.FrameCurriculum`); evaluation keeps its count.
 
 Batches follow :mod:`vidlang.data.collate` (``video`` stays uint8; the task normalises on the
 device in ``on_after_batch_transfer`` with :func:`vidlang.data.transforms.normalize`).
@@ -49,6 +56,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 
+from vidlang.config import check_min
 from vidlang.data.badsamples import BadSamplePolicy, make_callback, preflight
 from vidlang.data.collate import collate_samples
 from vidlang.data.config import (
@@ -61,7 +69,9 @@ from vidlang.data.config import (
     as_config,
 )
 from vidlang.data.datasets import VideoTextDataset, mix_seed
+from vidlang.data.decoding.image import IMAGE_BACKEND
 from vidlang.data.formats import build_index
+from vidlang.data.mixing import TrainStream
 from vidlang.data.sample import FormatIndex
 from vidlang.data.shm_ring import RING_SPARE_SLOTS, BatchRing, RingDataLoader
 from vidlang.data.streaming import StreamingVideoDataset, make_streaming_loader
@@ -149,6 +159,7 @@ class VideoDataModule(pl.LightningDataModule):
         streaming: StreamingConfig = StreamingConfig(),  # noqa: B008
         bad_samples: BadSamplePolicy = BadSamplePolicy(),  # noqa: B008  (copied: setup sets its report_dir)
         seed: int = 0,
+        train_mix: list[dict[str, Any]] | None = None,
     ) -> None:
         """Build from config (every argument is a LightningCLI option; the groups are :mod:`vidlang.data.config`).
 
@@ -161,6 +172,8 @@ class VideoDataModule(pl.LightningDataModule):
             streaming: shard streaming of ``webdataset`` splits.
             bad_samples: the bad-sample policy (:mod:`vidlang.data.badsamples`).
             seed: base seed (per rank, worker, epoch and sample).
+            train_mix: further training sources ``{"format": NAME, **format args, "batch_size": N (optional)}``,
+                interleaved with ``train`` batch by batch (module docstring).
 
         Each group may also be given as a mapping of its fields (e.g. from YAML loaded in Python).
         """
@@ -173,11 +186,18 @@ class VideoDataModule(pl.LightningDataModule):
         self.bad_samples = replace(as_config(BadSamplePolicy, bad_samples, "bad_samples"))  # our own copy
         self.seed = seed
         self.splits = {"train": train, "val": val, "test": test}
-        for name, spec in self.splits.items():
+        self.train_mix = [dict(spec) for spec in train_mix or []]
+        if self.train_mix and train is None:
+            raise ConfigError("data.train_mix: the extra training sources need a data.train split")
+        named = [*self.splits.items(), *((f"train_mix[{i}]", s) for i, s in enumerate(self.train_mix))]
+        for name, spec in named:
             if spec is not None and "format" not in spec:
                 raise ConfigError(f"data.{name}: a split needs a 'format' key, one of the registered formats")
+        for i, spec in enumerate(self.train_mix):
+            check_min(f"data.train_mix[{i}]", 1, batch_size=spec.get("batch_size"))
         # plain values only: the hyper-parameters go into checkpoints, which must not pickle vidlang classes
-        self.save_hyperparameters({**self.splits, **{g: asdict(getattr(self, g)) for g in GROUP_TYPES}, "seed": seed})
+        self.save_hyperparameters({**self.splits, **{g: asdict(getattr(self, g)) for g in GROUP_TYPES}, "seed": seed,
+                                   "train_mix": self.train_mix})
         self.decode_device = resolve_decode_device(self.decode.device)
         self.num_workers = self.loader.num_workers
         self.backend = "torchcodec" if self.decode_device != "cpu" and self.decode.backend == "auto" else \
@@ -188,6 +208,9 @@ class VideoDataModule(pl.LightningDataModule):
         self.indices: dict[str, FormatIndex] = {}
         self.datasets: dict[str, Any] = {}
         self._callback: Any = None
+        self.frames_version = 0  # bumped by set_train_frames
+        self._train_stream: TrainStream | None = None
+        self._plain_train_loader = False
 
     # ---------------------------------------------------------------- building
     @property
@@ -208,10 +231,18 @@ class VideoDataModule(pl.LightningDataModule):
                     audio_sample_rate=d.audio_sample_rate, resize_short_side=d.resize_short_side, seed=self.seed,
                     policy=self.bad_samples, max_pixels=d.max_pixels)  # fmt: skip
 
+    def _spec(self, split: str) -> dict[str, Any]:
+        """The format spec of ``split``: ``train``, ``val``, ``test`` or ``train_mix[i]`` (without its batch size)."""
+        if split.startswith("train_mix["):
+            spec = dict(self.train_mix[int(split[len("train_mix[") : -1])])
+            spec.pop("batch_size", None)
+            return spec
+        return dict(self.splits[split])
+
     def _build(self, split: str) -> Any:
-        spec = dict(self.splits[split])
+        spec = self._spec(split)
         fmt = spec.pop("format")
-        training = split == "train"
+        training = split.startswith("train")
         st = self.streaming
         rank, world = self._dist()
         if st.enabled and fmt == "webdataset":
@@ -220,20 +251,56 @@ class VideoDataModule(pl.LightningDataModule):
                 shuffle_buffer=st.shuffle_buffer, resampled=st.resampled and training,
                 samples_per_epoch=st.samples_per_epoch if training else None, rank=rank, world_size=world,
                 split=split, **self._common(training))
-        self.indices[split] = build_index(fmt, **spec)
-        entries = self.indices[split].entries
-        return VideoTextDataset(entries, device=self.decode_device, rank=rank, split=split, **self._common(training))
+        index = self.indices[split] = build_index(fmt, **spec)
+        common = self._common(training)
+        if index.still_images:  # images: one frame per clip, whatever the frame count (or curriculum) says
+            common.update(backend=IMAGE_BACKEND, sampler=self._image_sampling().build(training))
+        # every training source reports its bad samples as "train" (one count per epoch and stage)
+        return VideoTextDataset(index.entries, device=self.decode_device, rank=rank,
+                                split="train" if training else split, **common)  # fmt: skip
+
+    def _image_sampling(self) -> SamplingConfig:
+        return replace(self.sampling, num_frames=1, eval_num_frames=None, sampler="segment", sampler_args={},
+                       eval_sampler=None, eval_sampler_args={})  # fmt: skip
+
+    def _train_sources(self) -> list[str]:
+        return ["train", *(f"train_mix[{i}]" for i in range(len(self.train_mix)))] if self.splits["train"] else []
+
+    def set_train_frames(self, num_frames: int) -> None:
+        """Training clips of the video sources get ``num_frames`` frames from the next epoch's first batch on (a
+        frame curriculum); evaluation keeps the count it had. Image sources stay at one frame. The training
+        DataLoaders are built again (new workers) when the count changes."""
+        check_min("data.sampling", 1, num_frames=num_frames)
+        if self._plain_train_loader:
+            raise RuntimeError("set_train_frames: the training DataLoader was already handed out; call it before "
+                               "train_dataloader() (a FrameCurriculum does it in its setup)")
+        if self._train_stream is None:
+            self._train_stream = TrainStream(self._train_loaders, lambda: self.frames_version)
+        if num_frames == self.sampling.num_frames and self.sampling.eval_num_frames is not None:
+            return
+        self.sampling = replace(self.sampling, num_frames=num_frames, eval_num_frames=self.sampling.frames(False))
+        self.frames_version += 1
+        for split in self._train_sources():
+            ds = self.datasets.get(split)
+            if isinstance(ds, StreamingVideoDataset):
+                raise ConfigError("set_train_frames (a frame curriculum) works with indexed data, not streamed shards")
+            if ds is not None and not self.indices[split].still_images:
+                ds.sampler = self.sampling.build(True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.bad_samples.report_dir is None:
             self.bad_samples.report_dir = tempfile.mkdtemp(prefix="vidlang_bad_samples_")  # our copy (see __init__)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
-            if self.splits[split] is not None and split not in self.datasets:
+        splits = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS) if self.splits[s] is not None]
+        if "train" in splits:
+            splits[splits.index("train") : splits.index("train") + 1] = self._train_sources()
+        for split in splits:
+            if split not in self.datasets:
                 self.datasets[split] = self._build(split)
                 ds = self.datasets[split]
-                if split == "train" and isinstance(ds, VideoTextDataset):
-                    preflight(ds.entries, self.bad_samples, backend="pyav")
+                if split.startswith("train") and isinstance(ds, VideoTextDataset):
+                    backend = IMAGE_BACKEND if self.indices[split].still_images else "pyav"
+                    preflight(ds.entries, self.bad_samples, backend=backend)
         self._attach_callback()
 
     def _attach_callback(self) -> None:
@@ -251,7 +318,7 @@ class VideoDataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------- loaders
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
-            if self.splits[split] is None:
+            if not split.startswith("train_mix") and self.splits[split] is None:
                 raise ValueError(f"no '{split}' split configured (data.{split})")
             self.setup(None)
         ds, cfg = self.datasets[split], self.loader
@@ -267,15 +334,27 @@ class VideoDataModule(pl.LightningDataModule):
             kw["prefetch_factor"] = cfg.prefetch_factor
         if isinstance(ds, StreamingVideoDataset):
             return make_streaming_loader(ds, **kw)
-        training = split == "train"
+        training = split.startswith("train")
         sampler = EpochSampler(ds, shuffle=training, seed=self.seed, rank=rank, world_size=world, drop_tail=training)
         bs = cfg.batch(training)
+        if split.startswith("train_mix["):
+            bs = self.train_mix[int(split[len("train_mix[") : -1])].get("batch_size", bs)
         if not workers:
             return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=collate_samples, **kw)
         ring = BatchRing(workers, slots=cfg.prefetch_factor + RING_SPARE_SLOTS)
         return RingDataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=partial(collate_samples, ring=ring), **kw)
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_loaders(self) -> list[DataLoader]:
+        return [self._loader(split) for split in self._train_sources()]
+
+    def train_dataloader(self) -> DataLoader | TrainStream:
+        """The training DataLoader, or a :class:`TrainStream` over every training source when there are several
+        or when the frame count may change (:meth:`set_train_frames`)."""
+        if self._train_stream is None and self.train_mix:
+            self._train_stream = TrainStream(self._train_loaders, lambda: self.frames_version)
+        if self._train_stream is not None:
+            return self._train_stream
+        self._plain_train_loader = True
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:

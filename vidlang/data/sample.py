@@ -110,12 +110,17 @@ class Official:
 @dataclass
 class FormatIndex:
     """What a format reader returns: entries plus the class names (recognition data), and the official size of
-    the split when the reader knows which published split it read (``official``)."""
+    the split when the reader knows which published split it read (``official``).
+
+    ``still_images``: the entries are still images (``image_captions``): the data module reads them with the
+    ``image`` decoding backend as one-frame videos, whatever ``data.sampling`` says (Frozen in Time's joint
+    image + video training)."""
 
     entries: list[VideoEntry]
     classes: list[str] | None = None
     description: str = ""
     official: Official | None = None
+    still_images: bool = False
 
     def __len__(self) -> int:
         return len(self.entries)
