@@ -473,8 +473,64 @@ def vifi_clip(repo: Path, frames: int = 3) -> dict[str, float]:
             "text_embeds_fp16_class_buffer": _diff(t, o_buffer), "logit_scale": ours.logit_scale.exp().item()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Prompt Switch (bladewaltz1/PromptSwitch)
+# ---------------------------------------------------------------------------------------------
+def _small_hf_clip_config(config_cls, layers: int = 2, **vision_extra):
+    """A small ``CLIPConfig`` (text width = projection dim, as ViT-B/32's 512 = 512)."""
+    vision = {"hidden_size": SMALL["vw"], "intermediate_size": 4 * SMALL["vw"], "num_hidden_layers": layers,
+              "num_attention_heads": SMALL["vw"] // 64, "image_size": 32, "patch_size": SMALL["patch"], **vision_extra}
+    text = {"hidden_size": SMALL["tw"], "intermediate_size": 4 * SMALL["tw"], "num_hidden_layers": SMALL["tl"],
+            "num_attention_heads": SMALL["tw"] // 64, "vocab_size": SMALL["vocab"], "max_position_embeddings": 32,
+            "eos_token_id": 99, "dropout": 0.0}  # fmt: skip  (dropout: a field of the hub's config.json)
+    return config_cls(text_config=text, vision_config=vision, projection_dim=SMALL["embed"])
+
+
+def prompt_switch(repo: Path, num_prompts: int = 3, clip_frames: int = 6) -> dict[str, float]:
+    """``model/prompt_clip.PromptCLIP`` with ``--arch prompt_clip --loss clip+caption`` (2 captioner layers, avg
+    pooling), ``num_frames = num_prompts`` (the official defaults 6 / 6; here 3 / 3): ``CLIPConfig.from_pretrained``
+    / ``CLIPModel.from_pretrained`` (hub downloads) return a random small configuration / model built by the file's
+    own ``CLIPModel``. Test clips of ``clip_frames`` = 2 * Np frames (the official 12-frame test on a 6-frame model:
+    the frames run as independent groups of Np). Also compared: the captioner's logits (``forward_captioner``)."""
+    sys.path.insert(0, str(repo))
+    from model import prompt_clip as pc
+
+    pc.CLIPConfig.from_pretrained = classmethod(lambda cls, *a, **k: _small_hf_clip_config(cls))
+    pc.CLIPModel.from_pretrained = classmethod(lambda cls, *a, config, **k: cls(config))
+    args = types.SimpleNamespace(num_frames=num_prompts, num_test_frames=clip_frames, num_prompts=num_prompts,
+                                 loss="clip+caption", num_captioner_layers=2, pooling_type="avg",
+                                 pooling_type_test="avg", input_res=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = pc.PromptCLIP(args)
+    _randomise(model, std=0.05)  # zero-initialised aggregation output, unit norms, zero biases
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    video = torch.randn(2, clip_frames, 3, 32, 32, generator=g)
+    ids, attn = _ids(32)
+    with torch.no_grad():
+        out = model({"video": video, "text": {"input_ids": ids, "attention_mask": attn}})
+        frames_o = model.clip.get_image_features(video.flatten(0, 1)).view(2, clip_frames, -1)  # [B, T, E] raw
+        text_o = model.clip.get_text_features(input_ids=ids, attention_mask=attn)  # [A, E] raw
+        scale = model.clip.logit_scale.exp()
+        logits_o = scale * F.normalize(out["text_features"], dim=-1) @ F.normalize(out["video_features_pooled"],
+                                                                                   dim=-1).T  # [A, B]  # fmt: skip
+        caption_o = model.forward_captioner(frames_o, ids[:, :-1])  # [B, L-1, vocab]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model_best.pth"
+        torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
+        ours = _vidlang_model(path, "prompt_switch", clip_frames)
+        with torch.no_grad():
+            vo = ours.encode_video(video)
+            t = ours.encode_text(ids, attn).embeds
+            logits = ours.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(vo.embeds, dim=-1).T
+            caption = ours.block.caption_head(ours.text_tower.embed_tokens(ids[:, :-1]), vo.frame_embeds)
+    return {"video_embeds": _diff(vo.embeds, out["video_features_pooled"]), "frame_embeds": _diff(vo.frame_embeds,
+            frames_o), "text_embeds": _diff(t, text_o), "logits": _diff(logits, logits_o),
+            "caption_logits": _diff(caption, caption_o), "logit_scale": scale.item()}  # fmt: skip
+
+
 METHODS = {"clip4clip": None, "xclip": xclip, "ila": ila, "vifi_clip": vifi_clip, "mugstan": mugstan,
-           "videollama": videollama}
+           "videollama": videollama, "prompt_switch": prompt_switch}
 
 
 def main() -> int:
@@ -500,8 +556,8 @@ def main() -> int:
     return 0 if worst <= 1e-5 else 1
 
 
-COLUMNS = ["video_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
-           "logits_with_prompt_generator", "text_embeds_fp16_class_buffer"]  # fmt: skip
+COLUMNS = ["video_embeds", "frame_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
+           "caption_logits", "logits_with_prompt_generator", "text_embeds_fp16_class_buffer"]  # fmt: skip
 UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer")  # reported, explained in the docs
 
 
