@@ -529,8 +529,67 @@ def prompt_switch(repo: Path, num_prompts: int = 3, clip_frames: int = 6) -> dic
             "caption_logits": _diff(caption, caption_o), "logit_scale": scale.item()}  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------
+# M2-CLIP (sallymmx/m2clip)
+# ---------------------------------------------------------------------------------------------
+B16 = {"vw": 768, "vl": 12, "patch": 16, "grid": 14, "tw": 512, "tl": 12, "ctx": 77, "vocab": 49408, "embed": 512}
+
+
+def m2clip(repo: Path, frames: int = 4, factory: str = "clip_vit_base_patch16_multimodal_adapter12x384",
+           classes: int = 5) -> dict[str, float]:
+    """``models_adapter.<factory>`` (the released K400 configuration: ViT-B/16, 12 visual adapters before the MLP,
+    text adapters in the last two of the 13 text blocks, the 13th being the MLM copy of the 12th) at full size (the
+    factories fix every width), built from a random OpenAI ViT-B/16 state dict with fp16 values (what the OpenAI
+    ``.pt`` holds): ``torch.jit.load`` of ``CLIP_VIT_B16_PATH`` returns it and ``configs`` (the user's
+    ``configs/config.py``, written from the example) gives the path constants. The fp16 cast of the towers
+    (``convert_weights``) is undone with ``.float()`` (lossless on fp16 values). Saved as ``save_model`` does: only
+    the trained parameters (names with "adapter"); vidlang converts it with ``--base`` = the CLIP state dict."""
+    sys.path.insert(0, str(repo))
+    sys.modules["configs"] = types.SimpleNamespace(CLIP_VIT_B16_PATH="ViT-B-16.pt", CLIP_VIT_B32_PATH="ViT-B-32.pt",
+                                                   CLIP_VIT_L14_PATH="ViT-L-14.pt",
+                                                   DWCONV3D_DISABLE_CUDNN=True)  # fmt: skip
+    import models_adapter
+
+    clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=B16).items()}
+    jit_load = torch.jit.load
+    torch.jit.load = lambda *a, _sd=clip_sd, **k: types.SimpleNamespace(state_dict=lambda: dict(_sd))
+    try:
+        torch.manual_seed(0)
+        model = getattr(models_adapter, factory)(num_classes=classes, num_frames=frames, mlm_head_len=50)
+    finally:
+        torch.jit.load = jit_load
+    model.float()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the trained parameters (main.py: names with "adapter"), off their zero init
+        for k, p in model.named_parameters():
+            if "adapter" in k:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    model.eval()
+    video = torch.randn(2, 3, frames, 224, 224, generator=g)  # [B, C, T, H, W] (its VideoDataset layout)
+    ids, attn = _ids(77)
+    with torch.no_grad():
+        ov, _, _ = model.encode_image(video)
+        ot, _ = model.encode_text(ids)
+        logits_o = model(video, ids)[0]  # [B, A]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint-11.pth"
+        trained = {k: v for k, v in model.state_dict().items() if "adapter" in k}
+        torch.save({"model": trained, "next_epoch": 12}, path)
+        base = Path(tmp) / "ViT-B-16.pt"
+        torch.save(clip_sd, base)
+        del model, clip_sd
+        ours = _vidlang_model(path, "m2clip", frames, base=base)
+        with torch.no_grad():
+            v = ours.encode_video(video.transpose(1, 2)).embeds
+            t = ours.encode_text(ids, attn).embeds
+            logits = ours.logit_scale.exp() * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+    return {"video_embeds": _diff(v, ov), "text_embeds": _diff(t, ot), "logits": _diff(logits, logits_o),
+            "logit_scale": ours.logit_scale.exp().item()}
+
+
 METHODS = {"clip4clip": None, "xclip": xclip, "ila": ila, "vifi_clip": vifi_clip, "mugstan": mugstan,
-           "videollama": videollama, "prompt_switch": prompt_switch}
+           "videollama": videollama, "prompt_switch": prompt_switch,
+           "m2clip": m2clip}
 
 
 def main() -> int:
