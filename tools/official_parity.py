@@ -587,9 +587,74 @@ def m2clip(repo: Path, frames: int = 4, factory: str = "clip_vit_base_patch16_mu
             "logit_scale": ours.logit_scale.exp().item()}
 
 
+def vifi_clip_prompt(repo: Path, frames: int = 3) -> dict[str, float]:
+    """The vision-language prompting variant: ``returnCLIP`` with ``PROMPT_MODEL: True`` (the base-to-novel /
+    few-shot prompting configs; here 4 vision / 5 text prompt tokens, depth 2 of 3 layers in both towers; > 4 text
+    tokens: random context, "X X X X X {class}."), built from a random OpenAI CLIP state dict with fp16 values (as
+    the OpenAI ``.pt``; the class-prompt buffers, made from the fp16 token embedding, are then exact). The official
+    forward casts the vision prompts and the deeper text prompts to fp16 (``.half()``; vidlang keeps them fp32):
+    the checked columns use prompts with fp16 values (the cast is then lossless); ``video_embeds_fp16_prompt_cast``
+    / ``text_embeds_fp16_prompt_cast`` show the cast's effect on fp32-valued prompts."""
+    sys.path.insert(0, str(repo))
+    from clip import clip as vclip
+    from trainers import vificlip
+
+    s = {**SMALL, "vocab": 49408, "vl": 3, "tl": 3}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "ViT-B-16.pt"
+        clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=s).items()}
+        torch.save(clip_sd, base)
+        vclip._download = lambda url, *a, **k: str(base)
+        vc = types.SimpleNamespace(PROMPT_MODEL=True, N_CTX_VISION=4, N_CTX_TEXT=5, CTX_INIT="a photo of a",
+                                   PROMPT_DEPTH_VISION=2, PROMPT_DEPTH_TEXT=2, USE="both", ZS_EVAL=False)  # fmt: skip
+        cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(ARCH="ViT-B/16"), TRAINER=types.SimpleNamespace(
+            ViFi_CLIP=vc))  # fmt: skip
+        log = types.SimpleNamespace(info=lambda *a, **k: None)
+        classes = ["archery", "playing guitar"]
+        torch.manual_seed(0)
+        model = vificlip.returnCLIP(cfg, log, classes).float().eval()
+        model.dtype = model.text_encoder.dtype = torch.float32  # captured at build (fp16 after convert_weights)
+        g = torch.Generator().manual_seed(2)
+        video = torch.randn(2, frames, 3, 32, 32, generator=g)
+        ids = torch.cat([vclip.tokenize(f"{c}.") for c in classes])  # [2, 77] the class names alone
+        attn = (torch.arange(ids.shape[1]) <= ids.argmax(-1, keepdim=True)).long()
+
+        def official() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                ov = model.image_encoder(video.flatten(0, 1)).view(2, frames, -1).mean(1)
+                ot = model.text_encoder(model.prompt_learner(), model.tokenized_prompts)
+                return ov, ot, model(video)  # [B, E], [K, E], [B, K]
+
+        def ours(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+            path = Path(tmp) / name / "best.pth"
+            path.parent.mkdir()
+            torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 0}, path)
+            m = _vidlang_model(path, "vifi_clip", frames, base=base)
+            with torch.no_grad():
+                v = m.encode_video(video).embeds
+                t = m.encode_text(ids, attn).embeds
+                scale = m.logit_scale.exp()
+                return v, t, scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T, scale.item()
+
+        cast = [p for k, p in model.named_parameters() if k.endswith(("VPT", "VPT_shallow"))]
+        with torch.no_grad():
+            for p in cast:  # trained prompts, off their N(0, 0.02) init
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        ov32, ot32, _ = official()
+        v32, t32, _, _ = ours("fp32_prompts")
+        with torch.no_grad():
+            for p in cast:
+                p.copy_(p.half().float())
+        ov, ot, o_logits = official()
+        v, t, logits, scale = ours("fp16_prompts")
+    return {"video_embeds": _diff(v, ov), "text_embeds": _diff(t, ot), "logits": _diff(logits, o_logits),
+            "video_embeds_fp16_prompt_cast": _diff(v32, ov32), "text_embeds_fp16_prompt_cast": _diff(t32, ot32),
+            "logit_scale": scale}  # fmt: skip
+
+
 METHODS = {"clip4clip": None, "xclip": xclip, "ila": ila, "vifi_clip": vifi_clip, "mugstan": mugstan,
            "videollama": videollama, "prompt_switch": prompt_switch,
-           "m2clip": m2clip}
+           "m2clip": m2clip, "vifi_clip_prompt": vifi_clip_prompt}
 
 
 def main() -> int:
@@ -616,8 +681,10 @@ def main() -> int:
 
 
 COLUMNS = ["video_embeds", "frame_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
-           "caption_logits", "logits_with_prompt_generator", "text_embeds_fp16_class_buffer"]  # fmt: skip
-UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer")  # reported, explained in the docs
+           "caption_logits", "logits_with_prompt_generator", "text_embeds_fp16_class_buffer",
+           "video_embeds_fp16_prompt_cast", "text_embeds_fp16_prompt_cast"]  # fmt: skip
+UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer", "video_embeds_fp16_prompt_cast",
+             "text_embeds_fp16_prompt_cast")  # reported, explained in the docs
 
 
 if __name__ == "__main__":
