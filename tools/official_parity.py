@@ -7,10 +7,19 @@ embeddings and logits between the official forward and vidlang's on the same inp
 ``clip4clip`` (ArrowLuo/CLIP4Clip; ``--head meanP|seqTransf|seqLSTM``), ``xclip`` (microsoft/VideoX, its ``X-CLIP``
 folder: the official ``XCLIP`` built by its constructor, T = 4, video-specific class prompts, ``use_cache=False``;
 nothing is downloaded), ``ila`` (Francis-Rings/ILA),
-``mugstan`` (farewellthree/STAN), ``videollama`` (DAMO-NLP-SG/Video-LLaMA). The checkout is only read (its
-directory goes on ``sys.path``, or single files are loaded from it); run one method per process (the repositories
-reuse top-level names such as ``clip`` / ``models``). Exit status 0 when every difference is <= 1e-5 (logits
-divided by their scale); the prompt-generator column of ILA is reported, not checked (vidlang drops it).
+``mugstan`` (farewellthree/STAN), ``videollama`` (DAMO-NLP-SG/Video-LLaMA), ``vifi_clip`` and ``vifi_clip_prompt``
+(muzairkhattak/ViFi-CLIP), ``prompt_switch`` (bladewaltz1/PromptSwitch), ``m2clip`` (sallymmx/m2clip). The checkout
+is only read (its directory goes on ``sys.path``, or single files are loaded from it); run one method per process
+(the repositories reuse top-level names such as ``clip`` / ``models``). Exit status 0 when every checked difference
+is <= 1e-5 (logits divided by their scale). Reported, not checked: ILA's prompt-generator column (vidlang drops
+it), the ViFi-CLIP fp16 columns (below) and Video-LLaMA's fp32 ``llm_inputs`` (below; its float64 columns are
+checked). Mug-STAN, Prompt Switch and Video-LLaMA need transformers 4.x (the venv below); the others run with the
+project's environment.
+
+Official commits the table was made with (the snapshots ``fetch`` gives): ArrowLuo/CLIP4Clip@508ffa3d,
+microsoft/VideoX@1744b215, Francis-Rings/ILA@1a912d93, farewellthree/STAN@c9dc7b6a,
+DAMO-NLP-SG/Video-LLaMA@64888c0a, muzairkhattak/ViFi-CLIP@e2d19483, bladewaltz1/PromptSwitch@6420d3f3,
+sallymmx/m2clip@3c8c6613.
 
 Only weight downloads and pieces that do not run here are replaced, never the math:
 
@@ -34,6 +43,20 @@ Only weight downloads and pieces that do not run here are replaced, never the ma
   at construction from the fp16 token embedding (the converter drops it and re-embeds class names in fp32): the
   checked text column runs the official text encoder on fp32 embeddings; ``text_embeds_fp16_class_buffer`` shows
   the buffer's fp16 rounding.
+- ViFi-CLIP (prompt variant, ``vifi_clip_prompt``): as above, with ``PROMPT_MODEL: True``; the random CLIP state
+  dict has fp16 values (as OpenAI's ``.pt``), so the class-prompt buffers are exact. The official forward casts the
+  vision prompts and the deeper text prompts with ``.half()`` (its CUDA fp16 path; vidlang keeps fp32): the checked
+  columns use prompts with fp16 values (the cast is lossless), ``*_fp16_prompt_cast`` shows the cast on fp32 values.
+- Prompt Switch: ``CLIPConfig.from_pretrained`` returns a small ``CLIPConfig`` (with the hub config's ``dropout:
+  0.0`` field, which transformers 4.46 no longer defines) and ``CLIPModel.from_pretrained`` builds the file's own
+  ``CLIPModel`` from it (random weights) instead of downloading ``openai/clip-vit-base-patch32``.
+- M2-CLIP: ``configs`` (the user's ``configs/config.py``, written from ``config.py.example``) is a namespace with the
+  path constants and ``DWCONV3D_DISABLE_CUDNN``; ``torch.jit.load`` of the OpenAI ``.pt`` returns a random ViT-B/16
+  state dict with fp16 values; the fp16 cast (``convert_weights``) is undone with ``.float()``. Full size (its
+  factories fix every width; the text transformer runs ``i < 12`` of its 13 blocks, so it cannot be shrunk).
+- Video-LLaMA, float64: the fp32 ``llama_proj`` difference (~1.2e-5 on values up to 7) is summation-order
+  rounding: the official fp32 forward is itself ~1.4e-5 from its own float64 result, and with both sides cast to
+  float64 after loading (``video_tokens_fp64`` / ``llm_inputs_fp64``) the difference is ~1e-14.
 """
 
 from __future__ import annotations
@@ -425,9 +448,27 @@ def videollama(repo: Path, frames: int = 4, d_llm: int = 4096) -> dict[str, floa
         with torch.no_grad():
             tokens = ours.block.query_tokens(frame_tokens, torch.zeros(2, frames, SMALL["embed"]))
             llm = ours.block.llm_head(tokens)
+    # the same weights and inputs in float64 on both sides (the official modules cast after loading, vidlang's
+    # model after converting): what is left of the fp32 differences beyond summation-order rounding
+    trained.double()
+    ours.double()
+    self.query_tokens = self.query_tokens.double()
+    with torch.no_grad():
+        llm64_o, _ = encode(self, frame_tokens.double().permute(0, 2, 1, 3).unsqueeze(-1))
+        hidden64_o = self.video_Qformer.bert(query_embeds=self.video_query_tokens.expand(2, -1, -1),
+                                             encoder_hidden_states=(frame_tokens.double() + pos.double()).flatten(1, 2),
+                                             encoder_attention_mask=torch.ones(2, frames * 32, dtype=torch.long),
+                                             return_dict=True).last_hidden_state  # fmt: skip
+        tokens64 = ours.block.query_tokens(frame_tokens.double(), torch.zeros(2, frames, SMALL["embed"]).double())
+        llm64 = ours.block.llm_head(tokens64)
     print(f"videollama: largest |value| of the official outputs: Q-former {hidden_o.abs().max().item():.2f}, "
-          f"llama_proj {llm_o.abs().max().item():.2f}")
-    return {"video_tokens": _diff(tokens, hidden_o), "llm_inputs": _diff(llm, llm_o), "logit_scale": 1.0}
+          f"llama_proj {llm_o.abs().max().item():.2f}; fp32 official vs its own float64: Q-former "
+          f"{_diff(hidden_o.double(), hidden64_o):.2e}, llama_proj {_diff(llm_o.double(), llm64_o):.2e}; fp32 vidlang "
+          f"vs the official float64: Q-former {_diff(tokens.double(), hidden64_o):.2e}, llama_proj "
+          f"{_diff(llm.double(), llm64_o):.2e}")
+    return {"video_tokens": _diff(tokens, hidden_o), "llm_inputs": _diff(llm, llm_o),
+            "video_tokens_fp64": _diff(tokens64, hidden64_o), "llm_inputs_fp64": _diff(llm64, llm64_o),
+            "logit_scale": 1.0}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,28 +704,30 @@ def main() -> int:
     ap.add_argument("repo", type=Path, help="local checkout of the official repository (read only)")
     ap.add_argument("--head", default="all", choices=["all", "meanP", "seqTransf", "seqLSTM"], help="clip4clip only")
     args = ap.parse_args()
-    print("| method | variant | " + " | ".join(COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(COLUMNS))
     rows = []
     if args.method == "clip4clip":
         for head in ["meanP", "seqTransf", "seqLSTM"] if args.head == "all" else [args.head]:
             rows.append((head, clip4clip(args.repo, head)))
     else:
         rows.append(("", METHODS[args.method](args.repo)))
+    cols = [c for c in COLUMNS if any(c in r for _, r in rows)]
+    print("| method | variant | " + " | ".join(cols) + " | logit scale |")
+    print("|---|---|" + "---|" * (len(cols) + 1))
     worst = 0.0
     for variant, r in rows:
         worst = max([worst] + [v / (r["logit_scale"] if "logits" in k else 1.0) for k, v in r.items()
                                if k in COLUMNS and k not in UNCHECKED])  # fmt: skip
-        cells = [f"{r[c]:.2e}" if c in r else "-" for c in COLUMNS]
+        cells = [f"{r[c]:.2e}" for c in cols] + [f"{r['logit_scale']:.1f}"]
         print(f"| {args.method} | {variant} | " + " | ".join(cells) + " |")
     return 0 if worst <= 1e-5 else 1
 
 
 COLUMNS = ["video_embeds", "frame_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
            "caption_logits", "logits_with_prompt_generator", "text_embeds_fp16_class_buffer",
-           "video_embeds_fp16_prompt_cast", "text_embeds_fp16_prompt_cast"]  # fmt: skip
+           "video_embeds_fp16_prompt_cast", "text_embeds_fp16_prompt_cast",
+           "video_tokens_fp64", "llm_inputs_fp64"]  # fmt: skip
 UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer", "video_embeds_fp16_prompt_cast",
-             "text_embeds_fp16_prompt_cast")  # reported, explained in the docs
+             "text_embeds_fp16_prompt_cast", "llm_inputs")  # reported, explained in the docs
 
 
 if __name__ == "__main__":
