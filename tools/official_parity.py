@@ -574,24 +574,30 @@ def prompt_switch(repo: Path, num_prompts: int = 3, clip_frames: int = 6) -> dic
 # M2-CLIP (sallymmx/m2clip)
 # ---------------------------------------------------------------------------------------------
 B16 = {"vw": 768, "vl": 12, "patch": 16, "grid": 14, "tw": 512, "tl": 12, "ctx": 77, "vocab": 49408, "embed": 512}
+# the factories compared; clip_vit_base_patch16_multimodal_adapter24x384 (the SSv2 script's) puts text adapters
+# before attention too, which vidlang's ted block does not have: its conversion is refused, naming the key
+M2_FACTORIES = {"B16-12x": "clip_vit_base_patch16_multimodal_adapter12x384",
+                "B32-24x": "clip_vit_base_patch32_multimodal_adapter24x384"}
 
 
 def m2clip(repo: Path, frames: int = 4, factory: str = "clip_vit_base_patch16_multimodal_adapter12x384",
            classes: int = 5) -> dict[str, float]:
-    """``models_adapter.<factory>`` (the released K400 configuration: ViT-B/16, 12 visual adapters before the MLP,
-    text adapters in the last two of the 13 text blocks, the 13th being the MLM copy of the 12th) at full size (the
-    factories fix every width), built from a random OpenAI ViT-B/16 state dict with fp16 values (what the OpenAI
-    ``.pt`` holds): ``torch.jit.load`` of ``CLIP_VIT_B16_PATH`` returns it and ``configs`` (the user's
-    ``configs/config.py``, written from the example) gives the path constants. The fp16 cast of the towers
-    (``convert_weights``) is undone with ``.float()`` (lossless on fp16 values). Saved as ``save_model`` does: only
-    the trained parameters (names with "adapter"); vidlang converts it with ``--base`` = the CLIP state dict."""
+    """``models_adapter.<factory>`` (default: the K400 script's configuration: ViT-B/16, 12 visual adapters before
+    the MLP, text adapters in the last two of the 13 text blocks, the 13th being the MLM copy of the 12th; see
+    ``M2_FACTORIES``) at full size (the factories fix every width), built from a random OpenAI ViT-B state dict with
+    fp16 values (what the OpenAI ``.pt`` holds): ``torch.jit.load`` of ``CLIP_VIT_B*_PATH`` returns it and
+    ``configs`` (the user's ``configs/config.py``, written from the example) gives the path constants. The fp16 cast
+    of the towers (``convert_weights``) is undone with ``.float()`` (lossless on fp16 values). Saved as
+    ``save_model`` does: only the trained parameters (names with "adapter"); vidlang converts it with ``--base`` =
+    the CLIP state dict."""
     sys.path.insert(0, str(repo))
     sys.modules["configs"] = types.SimpleNamespace(CLIP_VIT_B16_PATH="ViT-B-16.pt", CLIP_VIT_B32_PATH="ViT-B-32.pt",
                                                    CLIP_VIT_L14_PATH="ViT-L-14.pt",
                                                    DWCONV3D_DISABLE_CUDNN=True)  # fmt: skip
     import models_adapter
 
-    clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=B16).items()}
+    size = {**B16, "patch": 32, "grid": 7} if "patch32" in factory else B16
+    clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=size).items()}
     jit_load = torch.jit.load
     torch.jit.load = lambda *a, _sd=clip_sd, **k: types.SimpleNamespace(state_dict=lambda: dict(_sd))
     try:
@@ -616,7 +622,7 @@ def m2clip(repo: Path, frames: int = 4, factory: str = "clip_vit_base_patch16_mu
         path = Path(tmp) / "checkpoint-11.pth"
         trained = {k: v for k, v in model.state_dict().items() if "adapter" in k}
         torch.save({"model": trained, "next_epoch": 12}, path)
-        base = Path(tmp) / "ViT-B-16.pt"
+        base = Path(tmp) / "ViT-B.pt"
         torch.save(clip_sd, base)
         del model, clip_sd
         ours = _vidlang_model(path, "m2clip", frames, base=base)
@@ -708,6 +714,9 @@ def main() -> int:
     if args.method == "clip4clip":
         for head in ["meanP", "seqTransf", "seqLSTM"] if args.head == "all" else [args.head]:
             rows.append((head, clip4clip(args.repo, head)))
+    elif args.method == "m2clip":
+        for variant, factory in M2_FACTORIES.items():
+            rows.append((variant, m2clip(args.repo, factory=factory)))
     else:
         rows.append(("", METHODS[args.method](args.repo)))
     cols = [c for c in COLUMNS if any(c in r for _, r in rows)]
