@@ -13,8 +13,8 @@ is only read (its directory goes on ``sys.path``, or single files are loaded fro
 (the repositories reuse top-level names such as ``clip`` / ``models``). Exit status 0 when every checked difference
 is <= 1e-5 (logits divided by their scale). Reported, not checked: ILA's prompt-generator column (vidlang drops
 it), the ViFi-CLIP fp16 columns (below) and Video-LLaMA's fp32 ``llm_inputs`` (below; its float64 columns are
-checked). Mug-STAN, Prompt Switch and Video-LLaMA need transformers 4.x (the venv below); the others run with the
-project's environment.
+checked). Mug-STAN and Video-LLaMA need transformers 4.x (the venv below); the others run with the project's
+environment (Prompt Switch with both: the same differences to within 3e-7).
 
 Official commits the table was made with (the snapshots ``fetch`` gives): ArrowLuo/CLIP4Clip@508ffa3d,
 microsoft/VideoX@1744b215, Francis-Rings/ILA@1a912d93, farewellthree/STAN@c9dc7b6a,
