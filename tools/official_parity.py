@@ -7,10 +7,19 @@ embeddings and logits between the official forward and vidlang's on the same inp
 ``clip4clip`` (ArrowLuo/CLIP4Clip; ``--head meanP|seqTransf|seqLSTM``), ``xclip`` (microsoft/VideoX, its ``X-CLIP``
 folder: the official ``XCLIP`` built by its constructor, T = 4, video-specific class prompts, ``use_cache=False``;
 nothing is downloaded), ``ila`` (Francis-Rings/ILA),
-``mugstan`` (farewellthree/STAN), ``videollama`` (DAMO-NLP-SG/Video-LLaMA). The checkout is only read (its
-directory goes on ``sys.path``, or single files are loaded from it); run one method per process (the repositories
-reuse top-level names such as ``clip`` / ``models``). Exit status 0 when every difference is <= 1e-5 (logits
-divided by their scale); the prompt-generator column of ILA is reported, not checked (vidlang drops it).
+``mugstan`` (farewellthree/STAN), ``videollama`` (DAMO-NLP-SG/Video-LLaMA), ``vifi_clip`` and ``vifi_clip_prompt``
+(muzairkhattak/ViFi-CLIP), ``prompt_switch`` (bladewaltz1/PromptSwitch), ``m2clip`` (sallymmx/m2clip). The checkout
+is only read (its directory goes on ``sys.path``, or single files are loaded from it); run one method per process
+(the repositories reuse top-level names such as ``clip`` / ``models``). Exit status 0 when every checked difference
+is <= 1e-5 (logits divided by their scale). Reported, not checked: ILA's prompt-generator column (vidlang drops
+it), the ViFi-CLIP fp16 columns (below) and Video-LLaMA's fp32 ``llm_inputs`` (below; its float64 columns are
+checked). Mug-STAN and Video-LLaMA need transformers 4.x (the venv below); the others run with the project's
+environment (Prompt Switch with both: the same differences to within 3e-7).
+
+Official commits the table was made with (the snapshots ``fetch`` gives): ArrowLuo/CLIP4Clip@508ffa3d,
+microsoft/VideoX@1744b215, Francis-Rings/ILA@1a912d93, farewellthree/STAN@c9dc7b6a,
+DAMO-NLP-SG/Video-LLaMA@64888c0a, muzairkhattak/ViFi-CLIP@e2d19483, bladewaltz1/PromptSwitch@6420d3f3,
+sallymmx/m2clip@3c8c6613.
 
 Only weight downloads and pieces that do not run here are replaced, never the math:
 
@@ -34,6 +43,20 @@ Only weight downloads and pieces that do not run here are replaced, never the ma
   at construction from the fp16 token embedding (the converter drops it and re-embeds class names in fp32): the
   checked text column runs the official text encoder on fp32 embeddings; ``text_embeds_fp16_class_buffer`` shows
   the buffer's fp16 rounding.
+- ViFi-CLIP (prompt variant, ``vifi_clip_prompt``): as above, with ``PROMPT_MODEL: True``; the random CLIP state
+  dict has fp16 values (as OpenAI's ``.pt``), so the class-prompt buffers are exact. The official forward casts the
+  vision prompts and the deeper text prompts with ``.half()`` (its CUDA fp16 path; vidlang keeps fp32): the checked
+  columns use prompts with fp16 values (the cast is lossless), ``*_fp16_prompt_cast`` shows the cast on fp32 values.
+- Prompt Switch: ``CLIPConfig.from_pretrained`` returns a small ``CLIPConfig`` (with the hub config's ``dropout:
+  0.0`` field, which transformers 4.46 no longer defines) and ``CLIPModel.from_pretrained`` builds the file's own
+  ``CLIPModel`` from it (random weights) instead of downloading ``openai/clip-vit-base-patch32``.
+- M2-CLIP: ``configs`` (the user's ``configs/config.py``, written from ``config.py.example``) is a namespace with the
+  path constants and ``DWCONV3D_DISABLE_CUDNN``; ``torch.jit.load`` of the OpenAI ``.pt`` returns a random ViT-B/16
+  state dict with fp16 values; the fp16 cast (``convert_weights``) is undone with ``.float()``. Full size (its
+  factories fix every width; the text transformer runs ``i < 12`` of its 13 blocks, so it cannot be shrunk).
+- Video-LLaMA, float64: the fp32 ``llama_proj`` difference (~1.2e-5 on values up to 7) is summation-order
+  rounding: the official fp32 forward is itself ~1.4e-5 from its own float64 result, and with both sides cast to
+  float64 after loading (``video_tokens_fp64`` / ``llm_inputs_fp64``) the difference is ~1e-14.
 """
 
 from __future__ import annotations
@@ -425,9 +448,27 @@ def videollama(repo: Path, frames: int = 4, d_llm: int = 4096) -> dict[str, floa
         with torch.no_grad():
             tokens = ours.block.query_tokens(frame_tokens, torch.zeros(2, frames, SMALL["embed"]))
             llm = ours.block.llm_head(tokens)
+    # the same weights and inputs in float64 on both sides (the official modules cast after loading, vidlang's
+    # model after converting): what is left of the fp32 differences beyond summation-order rounding
+    trained.double()
+    ours.double()
+    self.query_tokens = self.query_tokens.double()
+    with torch.no_grad():
+        llm64_o, _ = encode(self, frame_tokens.double().permute(0, 2, 1, 3).unsqueeze(-1))
+        hidden64_o = self.video_Qformer.bert(query_embeds=self.video_query_tokens.expand(2, -1, -1),
+                                             encoder_hidden_states=(frame_tokens.double() + pos.double()).flatten(1, 2),
+                                             encoder_attention_mask=torch.ones(2, frames * 32, dtype=torch.long),
+                                             return_dict=True).last_hidden_state  # fmt: skip
+        tokens64 = ours.block.query_tokens(frame_tokens.double(), torch.zeros(2, frames, SMALL["embed"]).double())
+        llm64 = ours.block.llm_head(tokens64)
     print(f"videollama: largest |value| of the official outputs: Q-former {hidden_o.abs().max().item():.2f}, "
-          f"llama_proj {llm_o.abs().max().item():.2f}")
-    return {"video_tokens": _diff(tokens, hidden_o), "llm_inputs": _diff(llm, llm_o), "logit_scale": 1.0}
+          f"llama_proj {llm_o.abs().max().item():.2f}; fp32 official vs its own float64: Q-former "
+          f"{_diff(hidden_o.double(), hidden64_o):.2e}, llama_proj {_diff(llm_o.double(), llm64_o):.2e}; fp32 vidlang "
+          f"vs the official float64: Q-former {_diff(tokens.double(), hidden64_o):.2e}, llama_proj "
+          f"{_diff(llm.double(), llm64_o):.2e}")
+    return {"video_tokens": _diff(tokens, hidden_o), "llm_inputs": _diff(llm, llm_o),
+            "video_tokens_fp64": _diff(tokens64, hidden64_o), "llm_inputs_fp64": _diff(llm64, llm64_o),
+            "logit_scale": 1.0}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +514,194 @@ def vifi_clip(repo: Path, frames: int = 3) -> dict[str, float]:
             "text_embeds_fp16_class_buffer": _diff(t, o_buffer), "logit_scale": ours.logit_scale.exp().item()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Prompt Switch (bladewaltz1/PromptSwitch)
+# ---------------------------------------------------------------------------------------------
+def _small_hf_clip_config(config_cls, layers: int = 2, **vision_extra):
+    """A small ``CLIPConfig`` (text width = projection dim, as ViT-B/32's 512 = 512)."""
+    vision = {"hidden_size": SMALL["vw"], "intermediate_size": 4 * SMALL["vw"], "num_hidden_layers": layers,
+              "num_attention_heads": SMALL["vw"] // 64, "image_size": 32, "patch_size": SMALL["patch"], **vision_extra}
+    text = {"hidden_size": SMALL["tw"], "intermediate_size": 4 * SMALL["tw"], "num_hidden_layers": SMALL["tl"],
+            "num_attention_heads": SMALL["tw"] // 64, "vocab_size": SMALL["vocab"], "max_position_embeddings": 32,
+            "eos_token_id": 99, "dropout": 0.0}  # fmt: skip  (dropout: a field of the hub's config.json)
+    return config_cls(text_config=text, vision_config=vision, projection_dim=SMALL["embed"])
+
+
+def prompt_switch(repo: Path, num_prompts: int = 3, clip_frames: int = 6) -> dict[str, float]:
+    """``model/prompt_clip.PromptCLIP`` with ``--arch prompt_clip --loss clip+caption`` (2 captioner layers, avg
+    pooling), ``num_frames = num_prompts`` (the official defaults 6 / 6; here 3 / 3): ``CLIPConfig.from_pretrained``
+    / ``CLIPModel.from_pretrained`` (hub downloads) return a random small configuration / model built by the file's
+    own ``CLIPModel``. Test clips of ``clip_frames`` = 2 * Np frames (the official 12-frame test on a 6-frame model:
+    the frames run as independent groups of Np). Also compared: the captioner's logits (``forward_captioner``)."""
+    sys.path.insert(0, str(repo))
+    from model import prompt_clip as pc
+
+    pc.CLIPConfig.from_pretrained = classmethod(lambda cls, *a, **k: _small_hf_clip_config(cls))
+    pc.CLIPModel.from_pretrained = classmethod(lambda cls, *a, config, **k: cls(config))
+    args = types.SimpleNamespace(num_frames=num_prompts, num_test_frames=clip_frames, num_prompts=num_prompts,
+                                 loss="clip+caption", num_captioner_layers=2, pooling_type="avg",
+                                 pooling_type_test="avg", input_res=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = pc.PromptCLIP(args)
+    _randomise(model, std=0.05)  # zero-initialised aggregation output, unit norms, zero biases
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    video = torch.randn(2, clip_frames, 3, 32, 32, generator=g)
+    ids, attn = _ids(32)
+    with torch.no_grad():
+        out = model({"video": video, "text": {"input_ids": ids, "attention_mask": attn}})
+        frames_o = model.clip.get_image_features(video.flatten(0, 1)).view(2, clip_frames, -1)  # [B, T, E] raw
+        text_o = model.clip.get_text_features(input_ids=ids, attention_mask=attn)  # [A, E] raw
+        scale = model.clip.logit_scale.exp()
+        logits_o = scale * F.normalize(out["text_features"], dim=-1) @ F.normalize(out["video_features_pooled"],
+                                                                                   dim=-1).T  # [A, B]  # fmt: skip
+        caption_o = model.forward_captioner(frames_o, ids[:, :-1])  # [B, L-1, vocab]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model_best.pth"
+        torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
+        ours = _vidlang_model(path, "prompt_switch", clip_frames)
+        with torch.no_grad():
+            vo = ours.encode_video(video)
+            t = ours.encode_text(ids, attn).embeds
+            logits = ours.logit_scale.exp() * F.normalize(t, dim=-1) @ F.normalize(vo.embeds, dim=-1).T
+            caption = ours.block.caption_head(ours.text_tower.embed_tokens(ids[:, :-1]), vo.frame_embeds)
+    return {"video_embeds": _diff(vo.embeds, out["video_features_pooled"]), "frame_embeds": _diff(vo.frame_embeds,
+            frames_o), "text_embeds": _diff(t, text_o), "logits": _diff(logits, logits_o),
+            "caption_logits": _diff(caption, caption_o), "logit_scale": scale.item()}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# M2-CLIP (sallymmx/m2clip)
+# ---------------------------------------------------------------------------------------------
+B16 = {"vw": 768, "vl": 12, "patch": 16, "grid": 14, "tw": 512, "tl": 12, "ctx": 77, "vocab": 49408, "embed": 512}
+# the factories compared; clip_vit_base_patch16_multimodal_adapter24x384 (the SSv2 script's) puts text adapters
+# before attention too, which vidlang's ted block does not have: its conversion is refused, naming the key
+M2_FACTORIES = {"B16-12x": "clip_vit_base_patch16_multimodal_adapter12x384",
+                "B32-24x": "clip_vit_base_patch32_multimodal_adapter24x384"}
+
+
+def m2clip(repo: Path, frames: int = 4, factory: str = "clip_vit_base_patch16_multimodal_adapter12x384",
+           classes: int = 5) -> dict[str, float]:
+    """``models_adapter.<factory>`` (default: the K400 script's configuration: ViT-B/16, 12 visual adapters before
+    the MLP, text adapters in the last two of the 13 text blocks, the 13th being the MLM copy of the 12th; see
+    ``M2_FACTORIES``) at full size (the factories fix every width), built from a random OpenAI ViT-B state dict with
+    fp16 values (what the OpenAI ``.pt`` holds): ``torch.jit.load`` of ``CLIP_VIT_B*_PATH`` returns it and
+    ``configs`` (the user's ``configs/config.py``, written from the example) gives the path constants. The fp16 cast
+    of the towers (``convert_weights``) is undone with ``.float()`` (lossless on fp16 values). Saved as
+    ``save_model`` does: only the trained parameters (names with "adapter"); vidlang converts it with ``--base`` =
+    the CLIP state dict."""
+    sys.path.insert(0, str(repo))
+    sys.modules["configs"] = types.SimpleNamespace(CLIP_VIT_B16_PATH="ViT-B-16.pt", CLIP_VIT_B32_PATH="ViT-B-32.pt",
+                                                   CLIP_VIT_L14_PATH="ViT-L-14.pt",
+                                                   DWCONV3D_DISABLE_CUDNN=True)  # fmt: skip
+    import models_adapter
+
+    size = {**B16, "patch": 32, "grid": 7} if "patch32" in factory else B16
+    clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=size).items()}
+    jit_load = torch.jit.load
+    torch.jit.load = lambda *a, _sd=clip_sd, **k: types.SimpleNamespace(state_dict=lambda: dict(_sd))
+    try:
+        torch.manual_seed(0)
+        model = getattr(models_adapter, factory)(num_classes=classes, num_frames=frames, mlm_head_len=50)
+    finally:
+        torch.jit.load = jit_load
+    model.float()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the trained parameters (main.py: names with "adapter"), off their zero init
+        for k, p in model.named_parameters():
+            if "adapter" in k:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    model.eval()
+    video = torch.randn(2, 3, frames, 224, 224, generator=g)  # [B, C, T, H, W] (its VideoDataset layout)
+    ids, attn = _ids(77)
+    with torch.no_grad():
+        ov, _, _ = model.encode_image(video)
+        ot, _ = model.encode_text(ids)
+        logits_o = model(video, ids)[0]  # [B, A]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint-11.pth"
+        trained = {k: v for k, v in model.state_dict().items() if "adapter" in k}
+        torch.save({"model": trained, "next_epoch": 12}, path)
+        base = Path(tmp) / "ViT-B.pt"
+        torch.save(clip_sd, base)
+        del model, clip_sd
+        ours = _vidlang_model(path, "m2clip", frames, base=base)
+        with torch.no_grad():
+            v = ours.encode_video(video.transpose(1, 2)).embeds
+            t = ours.encode_text(ids, attn).embeds
+            logits = ours.logit_scale.exp() * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+    return {"video_embeds": _diff(v, ov), "text_embeds": _diff(t, ot), "logits": _diff(logits, logits_o),
+            "logit_scale": ours.logit_scale.exp().item()}
+
+
+def vifi_clip_prompt(repo: Path, frames: int = 3) -> dict[str, float]:
+    """The vision-language prompting variant: ``returnCLIP`` with ``PROMPT_MODEL: True`` (the base-to-novel /
+    few-shot prompting configs; here 4 vision / 5 text prompt tokens, depth 2 of 3 layers in both towers; > 4 text
+    tokens: random context, "X X X X X {class}."), built from a random OpenAI CLIP state dict with fp16 values (as
+    the OpenAI ``.pt``; the class-prompt buffers, made from the fp16 token embedding, are then exact). The official
+    forward casts the vision prompts and the deeper text prompts to fp16 (``.half()``; vidlang keeps them fp32):
+    the checked columns use prompts with fp16 values (the cast is then lossless); ``video_embeds_fp16_prompt_cast``
+    / ``text_embeds_fp16_prompt_cast`` show the cast's effect on fp32-valued prompts."""
+    sys.path.insert(0, str(repo))
+    from clip import clip as vclip
+    from trainers import vificlip
+
+    s = {**SMALL, "vocab": 49408, "vl": 3, "tl": 3}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "ViT-B-16.pt"
+        clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=s).items()}
+        torch.save(clip_sd, base)
+        vclip._download = lambda url, *a, **k: str(base)
+        vc = types.SimpleNamespace(PROMPT_MODEL=True, N_CTX_VISION=4, N_CTX_TEXT=5, CTX_INIT="a photo of a",
+                                   PROMPT_DEPTH_VISION=2, PROMPT_DEPTH_TEXT=2, USE="both", ZS_EVAL=False)  # fmt: skip
+        cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(ARCH="ViT-B/16"), TRAINER=types.SimpleNamespace(
+            ViFi_CLIP=vc))  # fmt: skip
+        log = types.SimpleNamespace(info=lambda *a, **k: None)
+        classes = ["archery", "playing guitar"]
+        torch.manual_seed(0)
+        model = vificlip.returnCLIP(cfg, log, classes).float().eval()
+        model.dtype = model.text_encoder.dtype = torch.float32  # captured at build (fp16 after convert_weights)
+        g = torch.Generator().manual_seed(2)
+        video = torch.randn(2, frames, 3, 32, 32, generator=g)
+        ids = torch.cat([vclip.tokenize(f"{c}.") for c in classes])  # [2, 77] the class names alone
+        attn = (torch.arange(ids.shape[1]) <= ids.argmax(-1, keepdim=True)).long()
+
+        def official() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                ov = model.image_encoder(video.flatten(0, 1)).view(2, frames, -1).mean(1)
+                ot = model.text_encoder(model.prompt_learner(), model.tokenized_prompts)
+                return ov, ot, model(video)  # [B, E], [K, E], [B, K]
+
+        def ours(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+            path = Path(tmp) / name / "best.pth"
+            path.parent.mkdir()
+            torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 0}, path)
+            m = _vidlang_model(path, "vifi_clip", frames, base=base)
+            with torch.no_grad():
+                v = m.encode_video(video).embeds
+                t = m.encode_text(ids, attn).embeds
+                scale = m.logit_scale.exp()
+                return v, t, scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T, scale.item()
+
+        cast = [p for k, p in model.named_parameters() if k.endswith(("VPT", "VPT_shallow"))]
+        with torch.no_grad():
+            for p in cast:  # trained prompts, off their N(0, 0.02) init
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        ov32, ot32, _ = official()
+        v32, t32, _, _ = ours("fp32_prompts")
+        with torch.no_grad():
+            for p in cast:
+                p.copy_(p.half().float())
+        ov, ot, o_logits = official()
+        v, t, logits, scale = ours("fp16_prompts")
+    return {"video_embeds": _diff(v, ov), "text_embeds": _diff(t, ot), "logits": _diff(logits, o_logits),
+            "video_embeds_fp16_prompt_cast": _diff(v32, ov32), "text_embeds_fp16_prompt_cast": _diff(t32, ot32),
+            "logit_scale": scale}  # fmt: skip
+
+
 METHODS = {"clip4clip": None, "xclip": xclip, "ila": ila, "vifi_clip": vifi_clip, "mugstan": mugstan,
-           "videollama": videollama}
+           "videollama": videollama, "prompt_switch": prompt_switch,
+           "m2clip": m2clip, "vifi_clip_prompt": vifi_clip_prompt}
 
 
 def main() -> int:
@@ -483,26 +710,33 @@ def main() -> int:
     ap.add_argument("repo", type=Path, help="local checkout of the official repository (read only)")
     ap.add_argument("--head", default="all", choices=["all", "meanP", "seqTransf", "seqLSTM"], help="clip4clip only")
     args = ap.parse_args()
-    print("| method | variant | " + " | ".join(COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(COLUMNS))
     rows = []
     if args.method == "clip4clip":
         for head in ["meanP", "seqTransf", "seqLSTM"] if args.head == "all" else [args.head]:
             rows.append((head, clip4clip(args.repo, head)))
+    elif args.method == "m2clip":
+        for variant, factory in M2_FACTORIES.items():
+            rows.append((variant, m2clip(args.repo, factory=factory)))
     else:
         rows.append(("", METHODS[args.method](args.repo)))
+    cols = [c for c in COLUMNS if any(c in r for _, r in rows)]
+    print("| method | variant | " + " | ".join(cols) + " | logit scale |")
+    print("|---|---|" + "---|" * (len(cols) + 1))
     worst = 0.0
     for variant, r in rows:
         worst = max([worst] + [v / (r["logit_scale"] if "logits" in k else 1.0) for k, v in r.items()
                                if k in COLUMNS and k not in UNCHECKED])  # fmt: skip
-        cells = [f"{r[c]:.2e}" if c in r else "-" for c in COLUMNS]
+        cells = [f"{r[c]:.2e}" for c in cols] + [f"{r['logit_scale']:.1f}"]
         print(f"| {args.method} | {variant} | " + " | ".join(cells) + " |")
     return 0 if worst <= 1e-5 else 1
 
 
-COLUMNS = ["video_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
-           "logits_with_prompt_generator", "text_embeds_fp16_class_buffer"]  # fmt: skip
-UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer")  # reported, explained in the docs
+COLUMNS = ["video_embeds", "frame_embeds", "text_embeds", "text_tokens", "video_tokens", "llm_inputs", "logits",
+           "caption_logits", "logits_with_prompt_generator", "text_embeds_fp16_class_buffer",
+           "video_embeds_fp16_prompt_cast", "text_embeds_fp16_prompt_cast",
+           "video_tokens_fp64", "llm_inputs_fp64"]  # fmt: skip
+UNCHECKED = ("logits_with_prompt_generator", "text_embeds_fp16_class_buffer", "video_embeds_fp16_prompt_cast",
+             "text_embeds_fp16_prompt_cast", "llm_inputs")  # reported, explained in the docs
 
 
 if __name__ == "__main__":
