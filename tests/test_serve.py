@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 
 import pytest
 import torch
@@ -418,3 +419,15 @@ def test_keep_alive_connection_serves_several_requests(server, setup):
             assert resp.getheader("Connection") != "close"
     finally:
         conn.close()
+
+
+def test_a_model_trained_with_another_similarity_warns_that_serving_ranks_by_cosine(setup, tmp_path):
+    ckpt = torch.load(setup["base"] / "ckpt" / "tiny.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["contrastive"]["similarity"] == "cosine"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cosine model loads without the warning
+        assert load_bundle(setup["base"] / "ckpt" / "tiny.ckpt").similarity == "cosine"
+    ckpt["hyper_parameters"]["contrastive"]["similarity"] = "mug"
+    torch.save(ckpt, tmp_path / "mug.ckpt")
+    with pytest.warns(UserWarning, match=r"contrastive.similarity='mug'.*rank by the cosine"):
+        assert load_bundle(tmp_path / "mug.ckpt").similarity == "mug"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,7 @@ class InferenceBundle:
             if audio_frontend is None:
                 raise ValueError("an audio-visual model needs its audio_frontend (LogMelFrontend)")
             self.audio_frontend = audio_frontend.to(self.device)
+        self.similarity = "cosine"  # the score the model was trained with (retrieval: contrastive.similarity)
         self.lock = threading.Lock()  # one forward at a time through the shared model
         self.chat_lock = threading.Lock()
         self.checkpoint_sha256 = fingerprint  # the checkpoint file's identity (vector indexes are checked against it)
@@ -292,8 +294,15 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     check_weights(path, *(full or model).load_state_dict(state, strict=False))
     tok = ClipTokenizer.from_state(ckpt[TOKENIZER_KEY]) if TOKENIZER_KEY in ckpt else None
-    return InferenceBundle(model, tok, cfg.inference_frames, device, file_fingerprint(path), audio_frontend=frontend,
-                           audio_model=full)
+    bundle = InferenceBundle(model, tok, cfg.inference_frames, device, file_fingerprint(path),
+                             audio_frontend=frontend, audio_model=full)
+    bundle.similarity = str((hp.get("contrastive") or {}).get("similarity", "cosine"))
+    if bundle.similarity != "cosine":
+        warnings.warn(f"{path}: this model was trained and evaluated with contrastive.similarity="
+                      f"{bundle.similarity!r}, but embeddings, search and serving rank by the cosine of the pooled "
+                      "video and text embeddings: rankings differ from the model's own score, and its test metrics "
+                      "do not describe them", stacklevel=2)
+    return bundle
 
 
 def _audio_visual(model: Any, hparams: dict[str, Any]) -> tuple[Any | None, Any | None]:
