@@ -32,7 +32,6 @@ Rules decided here (they hold for every backend):
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from abc import abstractmethod
@@ -195,12 +194,12 @@ class VideoIndex:
         )
 
     def frame_mappings_json(self) -> str:
-        """The index in the JSON form torchcodec accepts as ``custom_frame_mappings``."""
-        frames = [
-            {"pts": p, "duration": d, "key_frame": int(k)}
+        """The index in the JSON form torchcodec accepts as ``custom_frame_mappings`` (built as text: fast)."""
+        frames = ",".join(
+            f'{{"pts":{p},"duration":{d},"key_frame":{int(k)}}}'
             for p, d, k in zip(self.pts, self.durations, self.keyframes, strict=True)
-        ]
-        return json.dumps({"frames": frames})
+        )
+        return '{"frames":[' + frames + "]}"
 
 
 def scan_video(
