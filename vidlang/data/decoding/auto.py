@@ -4,7 +4,8 @@
 :data:`AUTO_ORDER` (torchcodec > pyav > decord, the order of measured sparse-sampling speed) that
 can return the ffmpeg CLI's frames for it: each backend names the files it cannot decode exactly
 (``unsupported``, decided from the scan's metadata; see docs/decoding.md), and ``auto`` passes over
-them, handing the scan on so that the file is not scanned twice. It does **not** retry another
+them, handing the scan on so that the file is not scanned twice (the scan is made for the first backend: no
+rotation decode for torchcodec, the container kept open for PyAV). It does **not** retry another
 backend when the chosen one fails to decode a file: every backend opens through the same container
 scan, so a file one backend rejects is, in all cases we tested, bad for all of them, and retrying
 would triple the cost of bad files in a data loader. A backend whose import fails (e.g. torchcodec

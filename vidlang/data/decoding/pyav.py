@@ -10,8 +10,9 @@ Two ways to reach frame ``i`` (both give the ffmpeg CLI's frame ``i``, see docs/
   outputs from the start of the file, exactly as the ffmpeg CLI numbers them; a request for an earlier
   frame than the last one decoded restarts from the beginning (slow on long files, always right).
 
-Frames are converted to RGB with swscale's bicubic setting, the ffmpeg CLI's default (it matters for
-odd frame sizes only), then rotated as displayed.
+Seeking readers decode in the container the scan opened (one ``av.open`` per video); sequential passes and
+truncated files open a fresh one (of the complete bytes). Frames are converted to RGB with swscale's bicubic
+setting, the ffmpeg CLI's default (it matters for odd frame sizes only), then rotated as displayed.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """The container scan every backend opens a video with, and the reader base built on it.
 
-The scan (:func:`scan_video`) demuxes the file once with PyAV, without decoding (one frame is decoded
-in MP4/MOV files to read the display rotation), and builds a :class:`VideoIndex`: the pts of every
-frame (display order, VFR safe), key frames, stream size, rotation, audio facts, and the facts that
-decide whether a backend can address frames exactly (see docs/decoding.md). All backends use it, so
-they agree on frame counts and timestamps by construction, and it is also the guard that keeps fragile
-decoders (decord) away from inputs that are not videos and every decoder away from decompression bombs.
-:class:`ScannedReader` holds what the backends share around it.
+The scan (:func:`scan_video`) opens the file once with PyAV and demuxes its video packets without decoding
+them, building a :class:`VideoIndex`: the pts of every frame (display order, VFR safe), key frames, stream
+size, rotation, audio facts, and the facts that decide whether a backend can address frames exactly (see
+docs/decoding.md). An MP4/MOV whose sample tables lie inside the file is known complete (:func:`index_complete`)
+and only its video stream is read; any other file has every stream demuxed, to find where a truncated file's
+complete packets end. An MP4's rotation is read by decoding its first frame, unless the backend reads the display
+matrix itself (torchcodec). All backends use the scan, so they agree on frame counts and timestamps by
+construction, and it is also the guard that keeps fragile decoders (decord) away from inputs that are not videos
+and every decoder away from decompression bombs. :class:`ScannedReader` holds what the backends share around it.
 
 Rules decided here (they hold for every backend):
 

@@ -4,7 +4,9 @@ The shared container scan (:func:`vidlang.data.decoding.scan.scan_video`) is han
 torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does not scan the
 file a second time and its frame ``i`` is exactly the scan's frame ``i`` (truncated files
 included: torchcodec reads only their complete packets). Resizing happens inside the decoder
-(``torchcodec.transforms.Resize``); torchcodec applies the display rotation itself.
+(``torchcodec.transforms.Resize``); torchcodec reads the display rotation from the display matrix and applies
+it itself (the scan decodes no frame for it; a resized rotated file opens the decoder a second time with the
+rotated output size).
 
 torchcodec finds a frame by its timestamp, so it refuses the files where timestamps cannot name
 frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
