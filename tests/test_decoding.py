@@ -434,3 +434,73 @@ def test_max_pixels_is_plumbed_through_the_data_pipeline(cfr_video):
     assert VideoDataModule(train={"format": "manifest", "path": "unused.csv"})._common(False)["max_pixels"] == (
         DEFAULT_MAX_PIXELS
     )
+
+
+# --------------------------------------------------------------------------- the scan's cheap path
+
+
+def test_scan_reads_only_the_video_stream_of_a_complete_mp4(audio_video, truncated_prefix, faststart_video):
+    """An MP4 whose sample tables lie inside the file is complete: only its video packets are demuxed (the audio
+    stream is discarded), and the facts are those of a full scan; a cut one is scanned in full."""
+    import av
+
+    from vidlang.data.decoding.scan import index_complete, scan_video
+
+    for path, complete in ((audio_video.path, True), (faststart_video.path, True), (truncated_prefix, False)):
+        with av.open(str(path)) as c:
+            assert index_complete(c, str(path)) is complete, path
+    index = scan_video(str(audio_video.path), "a", "pyav", keep_open=True)
+    try:
+        assert not index.truncated and index.num_frames == audio_video.num_frames and index.has_audio
+        audio = index.container.streams.audio[0]
+        assert audio.discard == av.stream.Discard.all  # the audio packets were never read
+    finally:
+        index.close()
+    assert index.container is None
+    cut = scan_video(str(truncated_prefix), "t", "pyav")
+    assert cut.truncated and cut.data_end is not None and cut.num_frames < faststart_video.num_frames
+
+
+def test_rotation_is_left_to_a_backend_that_reads_it(decode_matrix_rot90):
+    """torchcodec reads the display matrix itself: the scan decodes no frame for it and leaves ``None``."""
+    from vidlang.data.decoding.scan import read_rotation, scan_video
+
+    path = str(decode_matrix_rot90)
+    assert scan_video(path, "r", "torchcodec", rotation=False).rotation is None
+    assert scan_video(path, "r", "pyav").rotation == 90 == read_rotation(path, "r", "pyav", None)
+    with open_video(path, "torchcodec", resize_short_side=24) as r:
+        assert r.metadata.rotation == 90 and (r.metadata.width, r.metadata.height) == (48, 64)
+        assert r.get_frames([3]).shape == (1, 3, 32, 24)  # portrait once rotated
+
+
+@pytest.fixture(scope="session")
+def decode_matrix_rot90(video_dir, cfr_video):
+    """``cfr_video`` remuxed with a 90 degree display rotation (the ``rotate`` tag, as tests/decode_matrix.py)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("the ffmpeg CLI is not installed")
+    out = video_dir / "rot90_cfr.mp4"
+    if not out.exists():
+        cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(cfr_video.path), "-c", "copy", "-metadata:s:v:0", "rotate=90",
+               str(out)]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def test_pyav_decodes_in_the_scans_container(cfr_video, monkeypatch):
+    """One ``av.open`` per video for PyAV: the reader seeks and decodes in the container the scan read."""
+    import av
+
+    opened = []
+    real_open = av.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    with open_video(cfr_video.path, "pyav") as r:
+        assert_frames_match(r.get_frames([5, 0, 23]), [5, 0, 23])
+    assert len(opened) == 1

@@ -134,6 +134,24 @@ def measure(runners: dict[str, Callable[[], int]], rounds: int) -> dict[str, flo
     return best
 
 
+def real_manifest(root: Path, count: int) -> str:
+    """A manifest of ``count`` rows cycling over the real-shaped clips of ``vidlang bench decode``."""
+    import csv
+
+    from vidlang.bench.decode import real_shaped_set
+
+    paths = real_shaped_set(root)
+    if not paths:
+        raise SystemExit("--real needs the ffmpeg CLI to write the real-shaped clips")
+    out = root / "manifest.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        for i in range(count):
+            w.writerow([str(paths[i % len(paths)]), f"real-shaped clip {i}"])
+    return str(out)
+
+
 @BENCHMARKS.register("loader")
 class LoaderBench:
     help = "clips/s of the full data loader vs the raw decoder on the same files and frame indices"
@@ -154,6 +172,9 @@ class LoaderBench:
         parser.add_argument("--skip-breakdown", action="store_true",
                             help="skip the breakdown rows (no transforms; PyTorch's fresh shared memory per batch)")
         parser.add_argument("--passes", type=int, default=2, help="timed rounds (best pass of each is reported)")
+        parser.add_argument("--real", action="store_true",
+                            help="use the real-shaped set of `vidlang bench decode` instead (640x360 H.264 with "
+                                 "B-frames and AAC, 5/12/30 s, written with the ffmpeg CLI), --videos copies of it")
 
     def run(self, args: argparse.Namespace) -> int:
         from vidlang.data.decoding import resolve_backend
@@ -161,7 +182,10 @@ class LoaderBench:
 
         manifest = args.manifest
         tmp = None
-        if manifest is None:
+        if manifest is None and args.real:
+            tmp = tempfile.TemporaryDirectory(prefix="vidlang_bench_loader_")
+            manifest = real_manifest(Path(tmp.name), args.videos)
+        elif manifest is None:
             from vidlang.data.synthetic import generate_corpus
 
             tmp = tempfile.TemporaryDirectory(prefix="vidlang_bench_loader_")

@@ -4,7 +4,8 @@
 :data:`AUTO_ORDER` (torchcodec > pyav > decord, the order of measured sparse-sampling speed) that
 can return the ffmpeg CLI's frames for it: each backend names the files it cannot decode exactly
 (``unsupported``, decided from the scan's metadata; see docs/decoding.md), and ``auto`` passes over
-them, handing the scan on so that the file is not scanned twice. It does **not** retry another
+them, handing the scan on so that the file is not scanned twice (the scan is made for the first backend: no
+rotation decode for torchcodec, the container kept open for PyAV). It does **not** retry another
 backend when the chosen one fails to decode a file: every backend opens through the same container
 scan, so a file one backend rejects is, in all cases we tested, bad for all of them, and retrying
 would triple the cost of bad files in a data loader. A backend whose import fails (e.g. torchcodec
@@ -19,7 +20,7 @@ from functools import cache
 import torch
 
 from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, READERS, VideoDecodeError, VideoReader, VideoSource
-from vidlang.data.decoding.scan import load_source, scan_video
+from vidlang.data.decoding.scan import load_source, read_rotation, scan_video
 
 AUTO_ORDER = ("torchcodec", "pyav", "decord")
 _MODULES = {"torchcodec": "torchcodec.decoders", "pyav": "av", "decord": "decord"}
@@ -75,11 +76,18 @@ def open_video(
     if backend != "auto":
         return READERS.build(first, source, **kwargs)
     src, name = load_source(source, first)
-    index = scan_video(src, name, first, max_pixels)
+    likely = READERS.get(first)  # scanned for the backend auto picks for most files
+    index = scan_video(src, name, first, max_pixels, rotation=likely.scan_rotation, keep_open=likely.keeps_container)
     reasons = []
-    for b in available_backends():
-        why = READERS.get(b).unsupported(index)
-        if why is None:
-            return READERS.build(b, source, scan=(src, name, index), **kwargs)
-        reasons.append(f"{b}: {why}")
+    try:
+        for b in available_backends():
+            reader = READERS.get(b)
+            if index.rotation is None and reader.scan_rotation:
+                index.rotation = read_rotation(src, name, b, max_pixels)
+            why = reader.unsupported(index)
+            if why is None:
+                return READERS.build(b, source, scan=(src, name, index), **kwargs)
+            reasons.append(f"{b}: {why}")
+    finally:
+        index.close()  # the scan's container, unless the reader took it
     raise VideoDecodeError(name, "auto", "no backend decodes this file exactly (" + "; ".join(reasons) + ")")

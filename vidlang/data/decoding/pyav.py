@@ -10,8 +10,9 @@ Two ways to reach frame ``i`` (both give the ffmpeg CLI's frame ``i``, see docs/
   outputs from the start of the file, exactly as the ffmpeg CLI numbers them; a request for an earlier
   frame than the last one decoded restarts from the beginning (slow on long files, always right).
 
-Frames are converted to RGB with swscale's bicubic setting, the ffmpeg CLI's default (it matters for
-odd frame sizes only), then rotated as displayed.
+Seeking readers decode in the container the scan opened (one ``av.open`` per video); sequential passes and
+truncated files open a fresh one (of the complete bytes). Frames are converted to RGB with swscale's bicubic
+setting, the ffmpeg CLI's default (it matters for odd frame sizes only), then rotated as displayed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PyAVReader(ScannedReader):
     """Decode with PyAV, seeking to key frames by timestamp, or sequentially where timestamps cannot be trusted."""
 
     backend = "pyav"
+    keeps_container = True  # seeks and decodes in the container the scan read (one av.open per video)
     cpu_fallback = False  # frames are decoded on the CPU and moved to ``device`` as asked
     _reason = staticmethod(av_reason)
 
@@ -55,7 +57,13 @@ class PyAVReader(ScannedReader):
         self.sequential = not self.index.order_from_timestamps or self.index.duplicate_pts
         self._container = None
         self._live: list | None = None  # sequential pass: [frame iterator, display index of its next frame]
-        self._reopen()
+        scanned = self.index.release()
+        if scanned is not None and not self.sequential and not self.index.truncated:
+            self._take(scanned)  # every request starts with a seek, which resets the demuxer and decoder
+        else:
+            if scanned is not None:
+                scanned.close()
+            self._reopen()
         h, w = self._size
         self._coded_size = (w, h) if self.index.rotation in (90, 270) else (h, w)  # converted size before rotating
 
@@ -63,12 +71,18 @@ class PyAVReader(ScannedReader):
         if self._container is not None:
             self._container.close()
         options = av_options(self.max_pixels)
-        self._container = self._av.open(av_input(self._data), metadata_errors="ignore", options=options)
-        self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "SLICE"
-        self._stream.codec_context.thread_count = 1
-        if self.max_pixels is not None:
-            self._stream.codec_context.options = {"max_pixels": str(self.max_pixels)}
+        self._take(self._av.open(av_input(self._data), metadata_errors="ignore", options=options))
+
+    def _take(self, container: Any) -> None:
+        """Decode from ``container``: one thread, the pixel limit on the decoder (set before it opens)."""
+        self._container = container
+        self._stream = container.streams.video[0]
+        ctx = self._stream.codec_context
+        if not ctx.is_open:  # the scan may have opened it already (to read the rotation), with the same settings
+            self._stream.thread_type = "SLICE"
+            ctx.thread_count = 1
+            if self.max_pixels is not None:
+                ctx.options = {"max_pixels": str(self.max_pixels)}
         self._live = None
 
     def _decoded(self):

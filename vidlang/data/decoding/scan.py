@@ -1,12 +1,14 @@
 """The container scan every backend opens a video with, and the reader base built on it.
 
-The scan (:func:`scan_video`) demuxes the file once with PyAV, without decoding (one frame is decoded
-in MP4/MOV files to read the display rotation), and builds a :class:`VideoIndex`: the pts of every
-frame (display order, VFR safe), key frames, stream size, rotation, audio facts, and the facts that
-decide whether a backend can address frames exactly (see docs/decoding.md). All backends use it, so
-they agree on frame counts and timestamps by construction, and it is also the guard that keeps fragile
-decoders (decord) away from inputs that are not videos and every decoder away from decompression bombs.
-:class:`ScannedReader` holds what the backends share around it.
+The scan (:func:`scan_video`) opens the file once with PyAV and demuxes its video packets without decoding
+them, building a :class:`VideoIndex`: the pts of every frame (display order, VFR safe), key frames, stream
+size, rotation, audio facts, and the facts that decide whether a backend can address frames exactly (see
+docs/decoding.md). An MP4/MOV whose sample tables lie inside the file is known complete (:func:`index_complete`)
+and only its video stream is read; any other file has every stream demuxed, to find where a truncated file's
+complete packets end. An MP4's rotation is read by decoding its first frame, unless the backend reads the display
+matrix itself (torchcodec). All backends use the scan, so they agree on frame counts and timestamps by
+construction, and it is also the guard that keeps fragile decoders (decord) away from inputs that are not videos
+and every decoder away from decompression bombs. :class:`ScannedReader` holds what the backends share around it.
 
 Rules decided here (they hold for every backend):
 
@@ -32,12 +34,11 @@ Rules decided here (they hold for every backend):
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,9 +130,21 @@ class VideoIndex:
     truncated: bool  # a partial / unreadable packet ended the scan
     data_end: int | None  # byte offset just past the last complete packet (any stream), when known
     format: str = ""  # FFmpeg demuxer name
-    rotation: int = 0  # display rotation, degrees counter-clockwise: 0, 90, 180 or 270
+    rotation: int | None = 0  # display rotation, degrees counter-clockwise: 0, 90, 180 or 270 (None: not read)
     reordered: bool = False  # decode order differs from display order (B-frames)
     clean_keys: bool = True  # no key frame has frames displayed before it after it in decode order, or v.v.
+    container: Any = field(default=None, repr=False, compare=False)  # the scan's open PyAV container, if kept
+
+    def release(self) -> Any:
+        """Take the container the scan left open (``None`` if none); the caller closes it."""
+        container, self.container = self.container, None
+        return container
+
+    def close(self) -> None:
+        """Close the container the scan left open, if any."""
+        container = self.release()
+        if container is not None:
+            container.close()
 
     @property
     def num_frames(self) -> int:
@@ -183,48 +196,85 @@ class VideoIndex:
         )
 
     def frame_mappings_json(self) -> str:
-        """The index in the JSON form torchcodec accepts as ``custom_frame_mappings``."""
-        frames = [
-            {"pts": p, "duration": d, "key_frame": int(k)}
+        """The index in the JSON form torchcodec accepts as ``custom_frame_mappings`` (built as text: fast)."""
+        frames = ",".join(
+            f'{{"pts":{p},"duration":{d},"key_frame":{int(k)}}}'
             for p, d, k in zip(self.pts, self.durations, self.keyframes, strict=True)
-        ]
-        return json.dumps({"frames": frames})
+        )
+        return '{"frames":[' + frames + "]}"
 
 
-def scan_video(src: str | bytes, name: str, backend: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> VideoIndex:
-    """Demux ``src`` into a :class:`VideoIndex` of its first video stream (decoding only an MP4's first frame)."""
+def scan_video(
+    src: str | bytes,
+    name: str,
+    backend: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    rotation: bool = True,
+    keep_open: bool = False,
+) -> VideoIndex:
+    """Demux ``src`` into a :class:`VideoIndex` of its first video stream, from one ``av.open``.
+
+    ``rotation``: read an MP4/MOV file's display rotation by decoding its first frame (``False``: leave
+    ``VideoIndex.rotation`` ``None`` for a backend that reads it itself). ``keep_open``: leave the PyAV container
+    open in ``VideoIndex.container`` for a reader to decode from (:meth:`VideoIndex.release` closes it).
+    When the container's own index shows the file complete (:func:`index_complete`), only the video stream is
+    demuxed; otherwise every stream is, to find where a truncated file's complete packets end.
+    """
     import av
 
     try:
         container = av.open(av_input(src), metadata_errors="ignore", options=av_options(max_pixels))
     except Exception as e:  # av.FFmpegError and friends: unreadable header
         raise VideoDecodeError(name, backend, av_reason(e)) from e
-    with container:
-        fmt = container.format.name
-        kind = NOT_VIDEO_FORMATS.get(fmt) or ("a still image" if fmt.endswith("_pipe") else None)
-        if kind:
-            raise VideoDecodeError(name, backend, f"{kind} ({fmt} format), not a video")
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoDecodeError(name, backend, f"no video stream (streams: {', '.join(kinds)}); zero frames")
-        stream = container.streams.video[0]
-        ctx = stream.codec_context
-        if not ctx.width or not ctx.height:
-            limit = f" (or its first frame exceeds max_pixels={max_pixels})" if max_pixels is not None else ""
-            raise VideoDecodeError(name, backend, f"the video stream has no frame size (corrupt header){limit}")
-        check_pixels(ctx.width, ctx.height, max_pixels, name, backend)
-        facts = dict(width=ctx.width, height=ctx.height, codec=ctx.name, stream_index=stream.index, format=fmt)
-        delay = bool(ctx.has_b_frames)  # the decoder reorders frames (seen in the headers or while probing)
-        audio = container.streams.audio[0] if container.streams.audio else None
-        facts.update(time_base=stream.time_base, has_audio=audio is not None)
-        facts["audio_sample_rate"] = (audio.sample_rate or None) if audio is not None else None
-        rotation = _Rotation(stream, max_pixels) if "mov" in fmt.split(",") else None
-        packets, truncated, data_end = _demux(container, stream, rotation)
+    try:
+        index = _scan(container, src, name, backend, max_pixels, rotation)
+    except BaseException:
+        container.close()
+        raise
+    if keep_open:
+        index.container = container
+    else:
+        container.close()
+    return index
+
+
+def _scan(container, src: str | bytes, name: str, backend: str, max_pixels: int | None, rotation: bool) -> VideoIndex:
+    import av
+
+    fmt = container.format.name
+    kind = NOT_VIDEO_FORMATS.get(fmt) or ("a still image" if fmt.endswith("_pipe") else None)
+    if kind:
+        raise VideoDecodeError(name, backend, f"{kind} ({fmt} format), not a video")
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise VideoDecodeError(name, backend, f"no video stream (streams: {', '.join(kinds)}); zero frames")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    if not ctx.width or not ctx.height:
+        limit = f" (or its first frame exceeds max_pixels={max_pixels})" if max_pixels is not None else ""
+        raise VideoDecodeError(name, backend, f"the video stream has no frame size (corrupt header){limit}")
+    check_pixels(ctx.width, ctx.height, max_pixels, name, backend)
+    facts = dict(width=ctx.width, height=ctx.height, codec=ctx.name, stream_index=stream.index, format=fmt)
+    delay = bool(ctx.has_b_frames)  # the decoder reorders frames (seen in the headers or while probing)
+    audio = container.streams.audio[0] if container.streams.audio else None
+    facts.update(time_base=stream.time_base, has_audio=audio is not None)
+    facts["audio_sample_rate"] = (audio.sample_rate or None) if audio is not None else None
+    mov = "mov" in fmt.split(",")
+    reader = _Rotation(stream, max_pixels) if mov and rotation else None
+    complete = mov and index_complete(container, src)
+    if complete:  # the index lists every packet inside the file: the other streams need not be read
+        for other in container.streams:
+            if other.index != stream.index:
+                other.discard = av.stream.Discard.all
+    packets, truncated, data_end = _demux(container, stream, reader)
     if not packets:
         raise VideoDecodeError(name, backend, "the video stream has no decodable frames (zero frames)")
-    if rotation is not None and rotation.degrees not in (0, 90, 180, 270):
-        raise VideoDecodeError(name, backend, f"display rotation of {rotation.degrees} degrees is not supported")
-    decode_pts, decode_keys = [p[0] for p in packets], [p[2] for p in packets]
+    if reader is not None and reader.degrees not in (0, 90, 180, 270):
+        raise VideoDecodeError(name, backend, f"display rotation of {reader.degrees} degrees is not supported")
+    decode_pts = [p[0] for p in packets]
+    clean = _clean_keys(decode_pts, [p[2] for p in packets])
+    reordered = delay or any(a > b for a, b in zip(decode_pts, decode_pts[1:], strict=False))
     packets.sort()
     return VideoIndex(
         pts=[p[0] for p in packets],
@@ -233,10 +283,27 @@ def scan_video(src: str | bytes, name: str, backend: str, max_pixels: int | None
         **facts,
         truncated=truncated,
         data_end=data_end,
-        rotation=rotation.degrees if rotation is not None else 0,
-        reordered=delay or decode_pts != sorted(decode_pts),
-        clean_keys=_clean_keys(decode_pts, decode_keys),
+        rotation=(reader.degrees if reader is not None else None) if mov else 0,
+        reordered=reordered,
+        clean_keys=clean,
     )
+
+
+def index_complete(container, src: str | bytes) -> bool:
+    """An MP4/MOV container's sample tables list every packet of every stream, all inside the file.
+
+    Then the file is not truncated (a file cut after its front ``moov`` box has entries past its end; one
+    whose ``moov`` box is at the end and lost does not open). False for fragmented files (their tables do
+    not count every sample) and whenever a stream's table and its header's frame count disagree.
+    """
+    size = len(src) if isinstance(src, bytes) else os.path.getsize(src)
+    for s in container.streams:
+        entries = s.index_entries
+        if len(entries) == 0 or len(entries) != s.frames:
+            return False
+        if max(e.pos + e.size for e in entries) > size:
+            return False
+    return True
 
 
 def _clean_keys(pts: list[int], keys: list[bool]) -> bool:
@@ -254,6 +321,28 @@ def _clean_keys(pts: list[int], keys: list[bool]) -> bool:
             return False
         prefix_max = max(prefix_max, t)
     return True
+
+
+def read_rotation(src: str | bytes, name: str, backend: str, max_pixels: int | None) -> int:
+    """The display rotation of an MP4/MOV file's first video stream (decodes its first frame; other formats: 0)."""
+    import av
+
+    try:
+        with av.open(av_input(src), metadata_errors="ignore", options=av_options(max_pixels)) as container:
+            if "mov" not in container.format.name.split(","):
+                return 0
+            stream = container.streams.video[0]
+            reader = _Rotation(stream, max_pixels)
+            for pkt in container.demux(stream):
+                if pkt.size and not pkt.is_corrupt:
+                    reader.feed(pkt)
+                if reader.done:
+                    break
+    except Exception as e:
+        raise VideoDecodeError(name, backend, av_reason(e)) from e
+    if reader.degrees not in (0, 90, 180, 270):
+        raise VideoDecodeError(name, backend, f"display rotation of {reader.degrees} degrees is not supported")
+    return reader.degrees
 
 
 class _Rotation:
@@ -341,6 +430,8 @@ class ScannedReader(VideoReader):
     """
 
     cpu_fallback: ClassVar[bool] = True  # CUDA without a GPU: warn and decode on the CPU
+    scan_rotation: ClassVar[bool] = True  # needs the rotation from PyAV (False: the library reads it itself)
+    keeps_container: ClassVar[bool] = False  # decodes from the scan's PyAV container (VideoIndex.container)
 
     def __init__(
         self,
@@ -354,23 +445,31 @@ class ScannedReader(VideoReader):
         lib = self._library()
         if scan is None:
             self._src, self.name = load_source(source, self.backend)
-            self.index = scan_video(self._src, self.name, self.backend, max_pixels)
+            index = scan_video(self._src, self.name, self.backend, max_pixels, rotation=self.scan_rotation,
+                               keep_open=self.keeps_container)
         else:
-            self._src, self.name, self.index = scan
-        reason = self.unsupported(self.index)
-        if reason:
-            raise VideoDecodeError(self.name, self.backend, f"{reason}; use another backend (or 'auto')")
-        self.max_pixels = max_pixels
-        self._device = resolve_device(device, self.backend) if self.cpu_fallback else torch.device(device)
-        self._size = resized_hw(*self.index.display_size, resize_short_side)  # output (H, W), displayed
-        self._n = self.index.num_frames
+            self._src, self.name, index = scan
+        self.index = index
         try:
-            self._open(lib)
-        except VideoDecodeError:
-            raise
-        except Exception as e:
-            raise VideoDecodeError(self.name, self.backend, self._reason(e)) from e
-        self._meta = self.index.metadata(self._n)
+            if index.rotation is None and self.scan_rotation:
+                index.rotation = read_rotation(self._src, self.name, self.backend, max_pixels)
+            reason = self.unsupported(index)
+            if reason:
+                raise VideoDecodeError(self.name, self.backend, f"{reason}; use another backend (or 'auto')")
+            self.max_pixels = max_pixels
+            self._device = resolve_device(device, self.backend) if self.cpu_fallback else torch.device(device)
+            self._resize = resize_short_side
+            self._size = resized_hw(*index.display_size, resize_short_side)  # output (H, W), displayed
+            self._n = index.num_frames
+            try:
+                self._open(lib)
+            except VideoDecodeError:
+                raise
+            except Exception as e:
+                raise VideoDecodeError(self.name, self.backend, self._reason(e)) from e
+        finally:
+            index.close()  # the scan's container, unless the reader took it
+        self._meta = index.metadata(self._n)
 
     @classmethod
     def unsupported(cls, index: VideoIndex) -> str | None:

@@ -4,7 +4,9 @@ The shared container scan (:func:`vidlang.data.decoding.scan.scan_video`) is han
 torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does not scan the
 file a second time and its frame ``i`` is exactly the scan's frame ``i`` (truncated files
 included: torchcodec reads only their complete packets). Resizing happens inside the decoder
-(``torchcodec.transforms.Resize``); torchcodec applies the display rotation itself.
+(``torchcodec.transforms.Resize``); torchcodec reads the display rotation from the display matrix and applies
+it itself (the scan decodes no frame for it; a resized rotated file opens the decoder a second time with the
+rotated output size).
 
 torchcodec finds a frame by its timestamp, so it refuses the files where timestamps cannot name
 frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vidlang.data.decoding.base import READERS, VideoDecodeError
+from vidlang.data.decoding.base import READERS, VideoDecodeError, resized_hw
 from vidlang.data.decoding.scan import ScannedReader, VideoIndex
 
 
@@ -25,6 +27,7 @@ class TorchCodecReader(ScannedReader):
     """Decode with ``torchcodec.decoders.VideoDecoder`` (one FFmpeg thread; NVDEC on ``device="cuda"``)."""
 
     backend = "torchcodec"
+    scan_rotation = False  # torchcodec reads the display matrix itself (no frame decoded for it)
 
     @classmethod
     def unsupported(cls, index: VideoIndex) -> str | None:
@@ -44,6 +47,23 @@ class TorchCodecReader(ScannedReader):
         return VideoDecoder
 
     def _open(self, video_decoder: Any) -> None:
+        known = self.index.rotation  # None: an MP4/MOV whose rotation torchcodec reads from the display matrix
+        self._decoder = self._new_decoder(video_decoder)
+        rotation = round(self._decoder.metadata.rotation or 0) % 360
+        if known is None:
+            if rotation not in (0, 90, 180, 270):
+                why = f"display rotation of {rotation} degrees is not supported"
+                raise VideoDecodeError(self.name, self.backend, why)
+            self.index.rotation = rotation
+            size = resized_hw(*self.index.display_size, self._resize)
+            if size != self._size:  # a resize to the displayed size: portrait once rotated
+                self._size = size
+                self._decoder = self._new_decoder(video_decoder)
+        elif rotation != known:
+            why = f"torchcodec reads a {rotation} degree rotation, the container scan {known}"
+            raise VideoDecodeError(self.name, self.backend, why)
+
+    def _new_decoder(self, video_decoder: Any) -> Any:
         kwargs = dict(
             stream_index=self.index.stream_index,
             num_ffmpeg_threads=1,
@@ -55,11 +75,7 @@ class TorchCodecReader(ScannedReader):
 
             kwargs["transforms"] = [Resize(self._size)]  # the displayed (rotated) size
         # frame indices are checked against the scan (torchcodec's len() may be estimated from the duration)
-        self._decoder = video_decoder(self._complete_data(), **kwargs)
-        rotation = round(self._decoder.metadata.rotation or 0) % 360
-        if rotation != self.index.rotation:
-            why = f"torchcodec reads a {rotation} degree rotation, the container scan {self.index.rotation}"
-            raise VideoDecodeError(self.name, self.backend, why)
+        return video_decoder(self._complete_data(), **kwargs)
 
     def _decode(self, indices: list[int]) -> torch.Tensor:
         return self._decoder.get_frames_at(indices).data  # [T, C, H, W]
