@@ -38,3 +38,7 @@ def test_loader_benchmark_reports_the_bare_library(capsys):
     full = float(re.search(r"^full loader, 1 workers \(\+transforms, collate\)\s+([\d.]+)", out, re.M)[1])
     ratio = float(re.search(r"loader / bare torchcodec \(1 processes\) = ([\d.]+)", out)[1])
     assert lib > 0 and abs(ratio - full / lib) < 0.01
+    pipe = float(re.search(r"^bare torchcodec \+ crop, DataLoader, 1 workers\s+([\d.]+)", out, re.M)[1])
+    ratio = float(re.search(r"loader / bare torchcodec \+ crop in a DataLoader \(the same work by hand\) = ([\d.]+)",
+                            out)[1])
+    assert pipe > 0 and abs(ratio - full / pipe) < 0.01

@@ -12,6 +12,10 @@ Each pass goes over the videos ``--repeat`` times (steady-state throughput, as i
 rather than the tail of one short pass). Each side makes one untimed warm-up pass (page cache,
 worker start-up); then ``--passes`` rounds time one pass of each side in turn, and the best
 pass of each is reported (robust to other load on a shared machine).
+"bare {backend} + crop" is the same job written with the libraries alone: the library decodes the same indices,
+torchvision's ``RandomResizedCrop`` (one box per clip, antialiased) crops them, a plain ``DataLoader`` with
+the same workers and batch size batches them (:class:`BarePipelineDataset`): the like-for-like comparison with
+the full loader, which also crops, collates and hands batches to the training process.
 "bare library" is the decoding library alone, no vidlang code in the timed loop: torchcodec's
 ``VideoDecoder`` (exact seek mode, one FFmpeg thread; decord's ``VideoReader.get_batch`` when the backend is
 decord) called with the *same* frame indices (computed once, untimed, by vidlang's sampler), in the same
@@ -55,6 +59,48 @@ def _bare_clip(job: tuple[str, str, list[int]]) -> int:
     from torchcodec.decoders import VideoDecoder
 
     return int(VideoDecoder(path, num_ffmpeg_threads=1, seek_mode="exact").get_frames_at(indices).data.shape[0])
+
+
+def _bare_frames(path: str, backend: str, indices: list[int]) -> Any:
+    """``[T, C, H, W]`` uint8 frames at ``indices``, decoded by the library alone."""
+    import torch
+
+    if backend == "decord":
+        import decord
+
+        frames = decord.VideoReader(path, num_threads=1).get_batch(indices).asnumpy()  # [T, H, W, C]
+        return torch.from_numpy(frames).permute(0, 3, 1, 2)
+    from torchcodec.decoders import VideoDecoder
+
+    return VideoDecoder(path, num_ffmpeg_threads=1, seek_mode="exact").get_frames_at(indices).data
+
+
+class BarePipelineDataset:
+    """What a user writes with the libraries alone: the library decodes the same indices, torchvision's
+    ``RandomResizedCrop`` (one box per clip, antialiased) crops them; a plain ``DataLoader`` batches them."""
+
+    def __init__(self, jobs: list[tuple[str, str, list[int]]], size: int) -> None:
+        from torchvision.transforms import v2
+
+        self.jobs = jobs
+        self.crop = v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.crop(_bare_frames(*self.jobs[i]))  # [T, C, size, size]
+
+
+def bare_pipeline_runner(paths: list[str], backend: str, indices: dict[str, list[int]], workers: int, size: int,
+                         batch: int) -> Callable[[], int]:
+    """One pass of :class:`BarePipelineDataset` through a plain ``torch.utils.data.DataLoader`` -> clips."""
+    from torch.utils.data import DataLoader
+
+    ds = BarePipelineDataset([(p, backend, indices[p]) for p in paths], size)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers else None)
+    return lambda: sum(b.shape[0] for b in loader)
 
 
 def clip_indices(paths: list[str], backend: str, frames: int) -> dict[str, list[int]]:
@@ -205,6 +251,8 @@ class LoaderBench:
             }
             if bare_ok:
                 runners["libn"] = bare_runner(paths, backend, indices, pool)
+                runners["pipe"] = bare_pipeline_runner(paths, backend, indices, args.workers, args.size,
+                                                       args.batch_size)
             if not args.skip_breakdown:
                 runners["bare"] = loader_runner(entries, backend, args.frames, args.workers, args.size,
                                                 args.batch_size, transform=False)
@@ -221,6 +269,9 @@ class LoaderBench:
         if "libn" in best:
             lib = best["libn"]
             print(f"{f'bare {backend}, {args.workers} processes (no vidlang code)':<48}{lib:>10.1f}{lib / rawn:>8.2f}")
+        if "pipe" in best:
+            pipe = best["pipe"]
+            print(f"{f'bare {backend} + crop, DataLoader, {args.workers} workers':<48}{pipe:>10.1f}{pipe / rawn:>8.2f}")
         print(f"{f'full loader, {args.workers} workers (+transforms, collate)':<48}{full:>10.1f}{full / rawn:>8.2f}")
         if "bare" in best:
             bare = best["bare"]
@@ -231,6 +282,8 @@ class LoaderBench:
             lib = best["libn"]
             print(f"loader / bare {backend} ({args.workers} processes) = {full / lib:.2f} "
                   f"({'meets' if full / lib >= 0.9 else 'misses'} the 0.9 target); {load_average()}")
+            pipe = best["pipe"]
+            print(f"loader / bare {backend} + crop in a DataLoader (the same work by hand) = {full / pipe:.2f}")
         verdict = "meets" if full / rawn >= 0.9 else "misses"
         print(f"loader / raw ({args.workers} processes) = {full / rawn:.2f} ({verdict} the 0.9 target); "
               f"loader / raw (1 process) = {full / raw1:.2f}")
