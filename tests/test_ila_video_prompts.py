@@ -113,3 +113,25 @@ def test_tokens_and_checkpoint_round_trip(tmp_path):
     plain = build_model(ModelConfig(image="vit_tiny", block="ila", num_frames=3))
     with pytest.raises(RuntimeError, match="generator"):
         plain.load_state_dict(torch.load(tmp_path / "ila.pt", weights_only=True))
+
+
+def test_recognition_scores_each_video_against_its_generator_class_features(tmp_path):
+    from vidlang.models.clip.tokenizer import train_tokenizer
+    from vidlang.tasks.recognition import RecognitionTask
+
+    classes = ["archery", "baking cookies", "cartwheeling"]
+    train_tokenizer(classes * 4, tmp_path / "tok", vocab_size=300, min_frequency=1, context_length=16)
+    torch.manual_seed(0)
+    cfg = ModelConfig(image="vit_tiny", num_frames=3, block="ila", block_args={"video_prompts": True})
+    task = RecognitionTask(cfg, tokenizer=str(tmp_path / "tok"), class_names=classes, templates=["{}"],
+                           mix={"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}).eval()  # fmt: skip
+    video = _video(b=2)
+    with torch.no_grad():
+        text = task.class_embeddings(classes)  # [K, E] unnormalised: the generator's input
+        out = task.model.encode_video(video)
+        emb = F.normalize(out.embeds, dim=-1)
+        logits = task.text_logits(out, emb, text)  # [B, K]
+        cls = F.normalize(task.model.block.condition_text(text, out), dim=-1)
+        torch.testing.assert_close(logits, task.scale * torch.einsum("be,bke->bk", emb, cls))
+        shared = task.scale * emb @ F.normalize(text, dim=-1).T
+    assert not torch.allclose(logits, shared, atol=1e-4)
