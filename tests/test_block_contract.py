@@ -3,6 +3,7 @@
 Blocks added later are picked up automatically from ``BLOCKS.names()``; they must work with their
 default arguments on the tiny towers: vidlang's CLIP ViT and a timm ViT (``ModelConfig.image = "timm:..."``),
 or refuse a tower kind they do not declare in ``supported_towers`` with a ConfigError naming the reason.
+:data:`VARIANTS` adds block options that change what the contract sees (e.g. ``conditions_text``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from vidlang.models.factory import ModelConfig, build_model
 from vidlang.models.temporal import BLOCKS
 from vidlang.models.video_clip import VideoTextModel, VideoTextOutput
 
-BLOCK_NAMES = BLOCKS.names()
+# name -> (registered block, block_args): options that change the block's contract surface, checked as blocks too
+VARIANTS = {"ila+video_prompts": ("ila", {"video_prompts": True})}
+BLOCK_NAMES = BLOCKS.names() + sorted(VARIANTS)
 TINY_TIMM = {"depth": 2, "embed_dim": 48, "num_heads": 3}
 TOWERS = {
     "tiny32": {"image": "vit_tiny"},
@@ -28,8 +31,18 @@ TOWERS = {
 KIND = {"tiny32": "clip", "tiny40": "clip", "timm": "timm"}
 
 
+def block_config(block: str) -> dict:
+    """``ModelConfig`` fields of a block name or variant."""
+    name, args = VARIANTS.get(block, (block, {}))
+    return {"block": name, "block_args": args}
+
+
+def block_class(block: str) -> type[TemporalBlock]:
+    return BLOCKS.get(block_config(block)["block"])
+
+
 def runs_on(block: str, tower: str) -> bool:
-    return KIND[tower] in BLOCKS.get(block).supported_towers
+    return KIND[tower] in block_class(block).supported_towers
 
 
 # every block on both kinds of tower (the blocks that refuse a kind: test_blocks_refuse_what_they_cannot_run_on)
@@ -38,7 +51,7 @@ PAIRS = [(b, t) for t in ("tiny32", "timm") for b in BLOCK_NAMES if runs_on(b, t
 
 def make(block: str, tower: str = "tiny32", seed: int = 0, **kw) -> VideoTextModel:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(block=block, **TOWERS[tower], **kw))
+    return build_model(ModelConfig(**block_config(block), **TOWERS[tower], **kw))
 
 
 def inputs(model: VideoTextModel, b: int, t: int, a: int | None = None, seed: int = 1):
@@ -167,7 +180,7 @@ class _ZeroAdapter(TemporalBlock):
         return x + self.up(torch.relu(self.down(x)))
 
 
-ZERO_INIT = [n for n in BLOCK_NAMES if BLOCKS.get(n).zero_init_identity] + ["_zero_adapter_test"]
+ZERO_INIT = [n for n in BLOCK_NAMES if block_class(n).zero_init_identity] + ["_zero_adapter_test"]
 
 
 @pytest.mark.parametrize("tower", ["tiny32", "timm"])
@@ -212,15 +225,16 @@ EVA02 = {"image": "timm:eva02_tiny_patch14_224", "image_size": 28, "image_overri
 def test_blocks_refuse_what_they_cannot_run_on(block: str):
     """A block refuses a tower kind it does not support, and a rotary tower (EVA02) if it appends image tokens,
     with a ConfigError naming the block and the reason; every other block runs on the rotary tower."""
-    cls = BLOCKS.get(block)
+    cls, name = block_class(block), block_config(block)["block"]
     if not runs_on(block, "timm"):
-        with pytest.raises(ConfigError, match=rf"temporal block '{block}' does not work on a timm image tower.*: \w"):
+        with pytest.raises(ConfigError, match=rf"temporal block '{name}' does not work on a timm image tower.*: \w"):
             make(block, "timm")
         return
     torch.manual_seed(0)
-    cfg = ModelConfig(block=block, **EVA02)
-    if cls(build_model(ModelConfig(block="mean", **EVA02)).block.spec).appends_image_tokens:
-        with pytest.raises(ConfigError, match=rf"temporal block '{block}' appends tokens .* rotary"):
+    cfg = ModelConfig(**block_config(block), **EVA02)
+    spec = build_model(ModelConfig(block="mean", **EVA02)).block.spec
+    if cls(spec, **block_config(block)["block_args"]).appends_image_tokens:
+        with pytest.raises(ConfigError, match=rf"temporal block '{name}' appends tokens .* rotary"):
             build_model(cfg)
         return
     model = build_model(cfg).eval()

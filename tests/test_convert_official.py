@@ -618,8 +618,10 @@ def ref_ila_update(sd: dict[str, Tensor], p: str, x: Tensor, b: int, t: int) -> 
     return out.reshape(b * t, -1, c)
 
 
-def ref_ila_video(sd: dict[str, Tensor], video: Tensor) -> Tensor:
-    """ILA's ``encode_video`` video embedding: aligned CLIP -> per-frame CLS embeddings -> MIT (mean over T)."""
+def ref_ila_video(sd: dict[str, Tensor], video: Tensor, with_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """ILA's ``encode_video`` video embedding: aligned CLIP -> per-frame CLS embeddings -> MIT (mean over T);
+    ``with_tokens``: also the K400 forward's visual tokens ``[B, N, E]`` (last-layer patch tokens, before
+    ``ln_post`` -> ``prompts_visual_ln`` -> ``@ prompts_visual_proj`` -> mean over frames)."""
     b, t = video.shape[:2]
     v = "visual."
     w = sd[f"{v}conv1.weight"]
@@ -633,7 +635,33 @@ def ref_ila_video(sd: dict[str, Tensor], video: Tensor) -> Tensor:
     f = F.layer_norm(x[:, 0], (c,), sd[f"{v}ln_post.weight"], sd[f"{v}ln_post.bias"]) @ sd[f"{v}proj"]
     f = f.view(b, t, -1)
     y = ref_layer(f + sd["mit.positional_embedding"], sd, "mit.resblocks.0", f.shape[-1] // 64)
-    return (y + f).mean(1)
+    if not with_tokens:
+        return (y + f).mean(1)
+    img = _ln(sd, "prompts_visual_ln", x[:, 1:]) @ sd["prompts_visual_proj"]  # [B*T, N, E]
+    return (y + f).mean(1), img.view(b, t, -1, img.shape[-1]).mean(1)
+
+
+def ref_video_specific_prompt(sd: dict[str, Tensor], text: Tensor, img: Tensor) -> Tensor:
+    """``models/prompt.py`` ``VideoSpecificPrompt`` (eval) as ILA's K400 ``forward`` uses it: ``text [K, E]``,
+    ``img [B, N, E]`` -> ``text + prompts_generator(text, img)`` ``[B, K, E]``."""
+    b, e = img.shape[0], text.shape[-1]
+    heads = e // 64
+    x = text.unsqueeze(0).expand(b, -1, -1)
+    mem = _ln(sd, "prompts_generator.norm", img)
+    k = 0
+    while f"prompts_generator.decoder.{k}.norm1.weight" in sd:
+        g = f"prompts_generator.decoder.{k}"
+        q = _ln(sd, f"{g}.norm1", x)
+
+        def split(y: Tensor, name: str, g: str = g) -> Tensor:
+            return (y @ sd[f"{g}.cross_attn.{name}_proj.weight"].T).view(b, y.shape[1], heads, -1).transpose(1, 2)
+
+        att = (split(q, "q") @ split(mem, "k").transpose(-2, -1) * (e // heads) ** -0.5).softmax(-1)
+        x = x + _lin(sd, f"{g}.cross_attn.proj", (att @ split(mem, "v")).transpose(1, 2).reshape(b, -1, e))
+        h = _lin(sd, f"{g}.mlp.0", _ln(sd, f"{g}.norm3", x))
+        x = x + _lin(sd, f"{g}.mlp.3", h * torch.sigmoid(1.702 * h))
+        k += 1
+    return text + sd["prompts_generator.alpha"] * x
 
 
 def test_ila_outputs_equal_official_forward(tmp_path):
@@ -643,18 +671,30 @@ def test_ila_outputs_equal_official_forward(tmp_path):
     rec = cfg["converted_from"]
     assert rec["method"] == "ila" and rec["variant"] == "k400"
     assert rec["block"]["args"] == {"hidden": 256, "interaction": "dwsep", "pool": "mit", "mit_layers": 1,
-                                    "max_frames": T}  # fmt: skip
-    assert set(rec["dropped"]) == {k for k in sd if k.startswith("prompts_")}
+                                    "max_frames": T, "video_prompts": True, "prompt_layers": 2}  # fmt: skip
+    assert not rec["dropped"]  # the prompt generator is kept (it changes every K400 logit)
+    assert model.block.conditions_text
     video, ids, mask = inputs()
     with torch.no_grad():
-        v = model.encode_video(video).embeds
+        out = model.encode_video(video)
+        v = out.embeds
         t = model.encode_text(ids, mask).embeds
-        ref_v = ref_ila_video(sd, video)
+        ref_v, ref_img = ref_ila_video(sd, video, with_tokens=True)
         ref_t = ref_text(sd, "", ids, sd["token_embedding.weight"])
         plain = ref_image(sd, "visual.", video.flatten(0, 1)).reshape(2, T, -1)
+        # the K400 forward's class logits: text features + the (frozen, untrained) prompt generator's output
+        scale = sd["logit_scale"].exp()
+        ref_cls = F.normalize(ref_video_specific_prompt(sd, ref_t, ref_img), dim=-1)  # [B, K, E]
+        ref_logits = scale * torch.einsum("be,bke->bk", F.normalize(ref_v, dim=-1), ref_cls)
+        cls = F.normalize(model.block.condition_text(t, out), dim=-1)
+        logits = model.logit_scale.exp() * torch.einsum("be,bke->bk", F.normalize(v, dim=-1), cls)
+        plain_logits = scale * F.normalize(ref_v, dim=-1) @ F.normalize(ref_t, dim=-1).T
     assert (v - ref_v).abs().max() < 1e-5
     assert (t - ref_t).abs().max() < 1e-5
+    assert (out.tokens - ref_img).abs().max() < 1e-4 * ref_img.abs().max()
+    assert (logits - ref_logits).abs().max() < 1e-5 * scale
     assert (v - plain.mean(1)).abs().max() > 1e-3  # the alignment and the MIT act
+    assert (ref_logits - plain_logits).abs().max() > 1e-3 * scale  # the generator acts
 
 
 def test_ila_ssv2_interaction_and_unknown_message_key():

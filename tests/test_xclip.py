@@ -191,7 +191,7 @@ def test_official_initialisation():
         assert msg.fc.weight.abs().max() <= c**-0.5 and msg.fc.weight.std() > 0.05
         assert torch.equal(msg.attn.in_proj_bias, torch.zeros(3 * c)) and torch.equal(msg.attn.out_proj.bias,
                                                                                          torch.zeros(c))
-    assert not XCLIP.zero_init_identity and XCLIP.lr_mults == {"": 10.0} and XCLIP.conditions_text
+    assert not XCLIP.zero_init_identity and XCLIP.lr_mults == {"": 10.0} and blk.conditions_text is True
 
 
 def test_at_init_the_class_features_are_the_plain_ones_plus_a_tenth_of_the_generator():

@@ -181,7 +181,11 @@ class TemporalBlock(nn.Module):
     uses_video_mask: ClassVar[bool] = False
     supported_towers: ClassVar[frozenset[str]] = frozenset(IMAGE_TOWER_KINDS)
     tower_requirement: ClassVar[str] = ""  # why a kind is not supported (part of check_tower's message)
-    conditions_text: ClassVar[bool] = False
+
+    @property
+    def conditions_text(self) -> bool:
+        """True if :meth:`condition_text` makes class embeddings video-specific (per instance: a block option)."""
+        return False
 
     @property
     def wants_caption_ids(self) -> bool:

@@ -49,8 +49,9 @@ naming it. The layouts (names from the authors' model code):
     ``prompt_layers`` and ``max_frames`` = the training T, read from the shapes).
 ``ila`` (``Francis-Rings/ILA`` ``models/xclip.py``; ``best.pth``, the model under ``"model"``, ``module.`` keys):
     OpenAI CLIP names plus, in every visual layer, ``message_fc`` / ``message_ln`` / ``message_attn.*`` (the
-    alignment) and ``temporal_skip_fc`` / ``temporal_skip_align_fc``; ``mit.*`` (MIT pooling). X-CLIP's prompt
-    generator (``prompts_*``, untrained in the release) is dropped. -> block ``ila`` (``pool: mit``).
+    alignment) and ``temporal_skip_fc`` / ``temporal_skip_align_fc``; ``mit.*`` (MIT pooling); the K400 model's
+    X-CLIP prompt generator (``prompts_*``, never optimised in the release: random, yet it changes every class
+    logit). -> block ``ila`` (``pool: mit``, ``video_prompts: true`` when the file has the generator).
 ``mugstan`` (``farewellthree/STAN`` mmaction ``CLIPSimilarity_split``; mmengine files, the model under
     ``"state_dict"``): ``backbone.*`` (transformers CLIP vision names + ``STAN_S_layers`` / ``STAN_T_layers`` /
     ``STAN_time_embed``) and ``text_backbone.*``. -> block ``stan`` (Mug-STAN scores with ``similarity: mug``).
@@ -452,7 +453,6 @@ _XCLIP_MIT_POSITIONS = "mit.positional_embedding"  # [1, T, E] -> block.mit.fram
 def _xclip_rules() -> list[Rule]:
     """X-CLIP's new modules -> ``block.*`` (the towers: OpenAI CLIP's rules)."""
     m, bm = "visual.transformer.resblocks.{i}.", "block.messages.{i}."
-    g, bg = "prompts_generator.decoder.{i}.", "block.generator.layers.{i}."
     return [
         Rule(f"{m}message_fc.{{p}}", f"{bm}fc.{{p}}"),
         Rule(f"{m}message_ln.{{p}}", f"{bm}ln.{{p}}"),
@@ -460,6 +460,15 @@ def _xclip_rules() -> list[Rule]:
         Rule(f"{m}message_attn.in_proj_bias", f"{bm}attn.in_proj_bias"),
         Rule(f"{m}message_attn.out_proj.{{p}}", f"{bm}attn.out_proj.{{p}}"),
         *_layer_rules("mit.resblocks.{i}", "block.mit.layers.{i}", "openai"),
+        *_video_prompt_rules(),
+    ]
+
+
+def _video_prompt_rules() -> list[Rule]:
+    """X-CLIP's video-specific prompt generator (``prompts_*``, also in ILA's K400 model) -> ``block.visual_ln``,
+    ``block.visual_proj``, ``block.generator.*`` (:mod:`vidlang.models.temporal.video_prompts`)."""
+    g, bg = "prompts_generator.decoder.{i}.", "block.generator.layers.{i}."
+    return [
         Rule("prompts_visual_ln.{p}", "block.visual_ln.{p}"),
         Rule("prompts_visual_proj", "block.visual_proj"),
         Rule("prompts_generator.alpha", "block.generator.alpha"),
@@ -518,9 +527,6 @@ _ILA_LAYER = [
     (r"message_attn\.conv\.(weight|bias)", r"time_conv.\1"),
 ]
 _ILA_LAYER_RE = [(re.compile("^" + pat + "$"), dst) for pat, dst in _ILA_LAYER]
-_ILA_PROMPTS = ("the X-CLIP video-specific prompt generator of the K400 model: in no optimizer group of the "
-                "released code, so it holds its random initialisation; vidlang's ila leaves it out (a documented "
-                "deviation: the official class logits add alpha * generator(text, video) to the text features)")
 
 
 @OFFICIAL_METHODS.register("ila")
@@ -531,7 +537,9 @@ def ila_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
     The visual layers are OpenAI CLIP layers plus, per layer, ``message_fc``, ``message_ln``, ``message_attn.*``
     (the alignment: ``interactive_block``, ``prediction_block``, ``conv``, ``fc``) and the zero-initialised
     ``temporal_skip_fc`` / ``temporal_skip_align_fc``; ``mit.*`` is X-CLIP's MIT pooling (block ``pool: mit``).
-    The prompt generator (``prompts_generator.*``, ``prompts_visual_ln.*``, ``prompts_visual_proj``) is dropped.
+    The K400 model's X-CLIP prompt generator (``prompts_generator.*``, ``prompts_visual_ln.*``,
+    ``prompts_visual_proj``; never optimised by the released code, so random, but it changes every class logit) ->
+    ``block_args.video_prompts: true`` (frozen there), ``prompt_layers`` from the file.
     """
     from vidlang.models.temporal.ila import jitter_offsets
 
@@ -542,9 +550,10 @@ def ila_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
     added: dict[str, str] = {}
     rest: dict[str, Tensor] = {}
     mit: dict[str, Tensor] = {}
+    prompts: dict[str, Tensor] = {}
     for k, v in flat.items():
         if k.startswith(("prompts_generator.", "prompts_visual_ln.")) or k == "prompts_visual_proj":
-            dropped[k] = _ILA_PROMPTS
+            prompts[k] = v
         elif k.startswith("mit."):
             mit[k[len("mit.") :]] = v
         elif k.startswith(_ILA_MSG) and not re.match(r"^\d+\.(attn|ln_1|mlp|ln_2)\.", k[len(_ILA_MSG) :]):
@@ -581,6 +590,14 @@ def ila_to_vidlang(sd: Mapping[str, Tensor]) -> OfficialConversion:
         out.update(_rename_checked(method, mit, rules, None, "mit."))
         out["block.pooler.frame_position_embedding"] = pe[0]  # [T, E]
         args.update(pool="mit", mit_layers=len(_layer_indices(mit, "resblocks.")), max_frames=int(pe.shape[1]))
+    if prompts:
+        decoder = _layer_indices(prompts, "prompts_generator.decoder.")
+        missing = [k for k in ("prompts_generator.alpha", "prompts_visual_proj", "prompts_visual_ln.weight")
+                   if k not in prompts] + ([] if decoder else ["prompts_generator.decoder.*"])  # fmt: skip
+        if missing:
+            raise UnknownKeysError(f"{method}: the prompt generator (prompts_*) is incomplete: no {missing}")
+        out.update(_rename_checked(method, prompts, _video_prompt_rules(), None))
+        args.update(video_prompts=True, prompt_layers=len(decoder))
     heads = _openai_heads(out)
     variant = ("k400" if depthwise else "ssv2") + ("" if mit else "-nomit")
     return OfficialConversion(method, variant, out, "ila", args, heads, dropped=dropped, added=added)

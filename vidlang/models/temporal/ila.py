@@ -41,8 +41,14 @@ offsets at the start of every epoch >= 30 of 50 (0-based, before the epoch's fir
 
 Deviations from the released code (``Francis-Rings/ILA``, ``models/align.py``, ``mat.py``, ``mit.py``):
 
-- The K400 model also runs X-CLIP's video-specific prompt generator on the class-text features; it is in no
-  optimizer group there, so it stays at its random initialisation. It is left out here (deliberately).
+- ``video_prompts`` (off by default; on in the K400 preset and for converted K400 files): the K400 model also
+  runs X-CLIP's video-specific prompt generator (:mod:`vidlang.models.temporal.video_prompts`) on the class-text
+  features: visual tokens = the last layer's patch tokens (before ``ln_post``) -> ``visual_ln`` -> ``@ visual_proj``
+  -> mean over frames (``VideoOutput.tokens [B, N, E]``), and ``condition_text`` adds ``generator(text, tokens)``
+  to the class features (``conditions_text``). The code never optimises these modules (no optimizer group), so in
+  a released checkpoint they hold their random initialisation and still change every logit: here they are frozen
+  by construction (persistent buffers, not parameters: saved and loaded, never trained by any freeze policy or
+  optimizer; gradients pass through them to the video side as in the code). The SSv2 code has no generator.
 - The jitter offsets are a buffer (saved in checkpoints; the code keeps a plain tensor that restarts at 0.2).
 - The 2x2 max-pools of the point head skip maps smaller than 2 pixels (tiny test grids; B/32 and B/16 grids
   are unaffected).
@@ -62,9 +68,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidlang.errors import ConfigError
-from vidlang.models.clip.layers import ResidualAttentionLayer
+from vidlang.models.clip.layers import LayerNorm, ResidualAttentionLayer
 from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
+from vidlang.models.temporal.video_prompts import (
+    VideoPromptGenerator,
+    condition_on_video,
+    freeze_as_buffers,
+    keep_last_patches,
+    visual_prompt_tokens,
+)
 from vidlang.registry import Registry
 
 FLAT = 0.25  # half-width of the trapezoid's flat top
@@ -299,16 +312,32 @@ class ILA(TemporalBlock):
         pool: str = "mean",
         mit_layers: int = 1,
         max_frames: int = 32,
+        video_prompts: bool = False,
+        prompt_layers: int = 2,
+        prompt_alpha: float = 0.1,
     ) -> None:
         super().__init__(spec)
         INTERACTIONS.get(interaction)  # an unknown name fails here, once
         self.layers = nn.ModuleList(ILALayer(spec.width, hidden, delta, interaction) for _ in range(spec.layers))
         self.pooled_token_in_attention = pooled_token_in_attention
         self.pooler = ILA_POOLS.get(pool)(spec.embed_dim, max_frames, mit_layers)  # [B, T, E] -> [B, T, E]
+        self.video_prompts = video_prompts
+        if video_prompts:  # the K400 code's prompts_visual_ln / prompts_visual_proj / prompts_generator, frozen
+            self.visual_ln = freeze_as_buffers(LayerNorm(spec.width))
+            self.register_buffer("visual_proj", torch.randn(spec.width, spec.embed_dim))  # [C, E], torch.randn
+            self.generator = freeze_as_buffers(VideoPromptGenerator(spec.embed_dim, prompt_layers, prompt_alpha))
 
     @property
     def appends_image_tokens(self) -> bool:
         return self.pooled_token_in_attention
+
+    @property
+    def conditions_text(self) -> bool:
+        return self.video_prompts
+
+    @property
+    def token_dim(self) -> int | None:
+        return self.spec.embed_dim if self.video_prompts else None  # the generator's visual tokens [B, N, E]
 
     @torch.no_grad()
     def align_decay(self) -> None:
@@ -335,6 +364,19 @@ class ILA(TemporalBlock):
             return x[:, :-1]
         return x
 
+    def after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
+        if self.video_prompts:
+            keep_last_patches(i, x, ctx, self.spec.layers)  # [B*T, N, C] for the generator's visual tokens
+        return x
+
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
         frames = self.pooler(frame_embeds)  # [B, T, E]
-        return VideoOutput(embeds=frames.mean(dim=1), frame_embeds=frames)
+        tokens = visual_prompt_tokens(ctx, self.visual_ln, self.visual_proj) if self.video_prompts else None
+        return VideoOutput(embeds=frames.mean(dim=1), frame_embeds=frames, tokens=tokens)
+
+    def condition_text(self, text: Tensor, video: VideoOutput) -> Tensor:
+        """With ``video_prompts``: ``text [K, E]`` (unnormalised class features), ``video.tokens [B, N, E]`` ->
+        ``text + generator(text, tokens)`` ``[B, K, E]`` (the K400 code's class features)."""
+        if not self.video_prompts:
+            return super().condition_text(text, video)
+        return condition_on_video(self.generator, text, video.tokens, "ila")

@@ -52,24 +52,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vidlang.models.clip.layers import LayerNorm, QuickGELU
+from vidlang.models.clip.layers import LayerNorm
 from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
 from vidlang.models.temporal.ila import MultiframeIntegration
-
-PATCHES_KEY = "xclip_patches"  # ctx.state: last-layer tokens without CLS [B*T, N, C], before ln_post
-
-
-def _trunc_normal_init(module: nn.Module) -> None:
-    """The official ``_init_weights``: Linear weights truncated N(0, 0.02) with zero biases; LayerNorms 1 / 0."""
-    for mod in module.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.trunc_normal_(mod.weight, std=0.02)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        elif isinstance(mod, nn.LayerNorm):
-            nn.init.ones_(mod.weight)
-            nn.init.zeros_(mod.bias)
+from vidlang.models.temporal.video_prompts import (
+    VideoPromptGenerator,
+    condition_on_video,
+    keep_last_patches,
+    visual_prompt_tokens,
+)
 
 
 class CrossFrameMessage(nn.Module):
@@ -87,67 +79,6 @@ class CrossFrameMessage(nn.Module):
         return m + self.attn(h, h, h, need_weights=False)[0]
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries ``[B, K, E]`` over a memory ``[B, M, E]``; q/k/v without bias."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"xclip: prompt generator width {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, query: Tensor, memory: Tensor) -> Tensor:
-        b, k, e = query.shape
-        d = e // self.heads
-
-        def split(x: Tensor) -> Tensor:  # [B, L, E] -> [B, H, L, D]
-            return x.view(b, x.shape[1], self.heads, d).transpose(1, 2)
-
-        q, key, v = split(self.q(query)), split(self.k(memory)), split(self.v(memory))
-        attn = (q @ key.transpose(-2, -1) * d**-0.5).softmax(dim=-1)  # [B, H, K, M]
-        return self.out((attn @ v).transpose(1, 2).reshape(b, k, e))
-
-
-class PromptLayer(nn.Module):
-    """``x = x + CrossAttn(LN(x), memory)``; ``x = x + MLP(LN(x))``."""
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn = CrossAttention(dim, heads)
-        self.attn_drop = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim), QuickGELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
-        )
-
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        x = x + self.attn_drop(self.cross_attn(self.norm1(x), memory))
-        return x + self.mlp(self.norm2(x))
-
-
-class VideoPromptGenerator(nn.Module):
-    """X-CLIP's video-specific prompt generator: ``text [B, K, E]``, ``visual [B, N, E]`` -> ``alpha * layers``."""
-
-    def __init__(self, dim: int, layers: int = 2, alpha: float = 0.1, dropout: float = 0.0) -> None:
-        super().__init__()
-        heads = max(1, dim // 64)
-        self.norm = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(PromptLayer(dim, heads, dropout) for _ in range(layers))
-        self.alpha = nn.Parameter(torch.full((dim,), float(alpha)))  # [E]
-        _trunc_normal_init(self)
-
-    def forward(self, text: Tensor, visual: Tensor) -> Tensor:
-        memory = self.norm(visual)
-        for layer in self.layers:
-            text = layer(text, memory)
-        return self.alpha * text
-
-
 @BLOCKS.register("xclip")
 class XCLIP(TemporalBlock):
     """Cross-frame message tokens in every layer; MIT pooling; video-specific class prompts (module docstring)."""
@@ -155,7 +86,6 @@ class XCLIP(TemporalBlock):
     freeze_backbone = False  # the image tower trains; the preset freezes the text tower (policy frozen_text)
     zero_init_identity = False
     lr_mults = {"": 10.0}  # official: message_*, mit, prompts* at 10x TRAIN.LR
-    conditions_text = True
 
     def __init__(
         self,
@@ -167,8 +97,6 @@ class XCLIP(TemporalBlock):
         prompt_dropout: float = 0.0,
     ) -> None:
         super().__init__(spec)
-        if prompt_layers < 1:
-            raise ValueError(f"xclip prompt_layers must be >= 1, got {prompt_layers}")
         c, e = spec.width, spec.embed_dim
         self.messages = nn.ModuleList(CrossFrameMessage(c, spec.heads) for _ in range(spec.layers))
         self.mit = MultiframeIntegration(e, max_frames, mit_layers)
@@ -178,6 +106,10 @@ class XCLIP(TemporalBlock):
 
     @property
     def appends_image_tokens(self) -> bool:
+        return True
+
+    @property
+    def conditions_text(self) -> bool:
         return True
 
     @property
@@ -194,23 +126,16 @@ class XCLIP(TemporalBlock):
         return x[:, :-1]  # the message token only takes part in the attention
 
     def after_layer(self, i: int, x: Tensor, ctx: HookContext) -> Tensor:
-        if i == self.spec.layers - 1:
-            ctx.state[PATCHES_KEY] = x[:, 1:]  # [B*T, N, C] for the prompt generator's visual tokens
+        keep_last_patches(i, x, ctx, self.spec.layers)  # [B*T, N, C] for the prompt generator's visual tokens
         return x
 
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
         frames = self.mit(frame_embeds)  # [B, T, E]
-        patches = ctx.state[PATCHES_KEY]  # [B*T, N, C]
-        visual = self.visual_ln(patches) @ self.visual_proj.to(patches.dtype)  # [B*T, N, E]
-        tokens = visual.reshape(ctx.batch, ctx.frames, -1, visual.shape[-1]).mean(dim=1)  # [B, N, E]
+        tokens = visual_prompt_tokens(ctx, self.visual_ln, self.visual_proj)  # [B, N, E]
         return VideoOutput(embeds=frames.mean(dim=1), frame_embeds=frames, tokens=tokens)
 
     # -- text side -----------------------------------------------------------------------------------------
     def condition_text(self, text: Tensor, video: VideoOutput) -> Tensor:
         """``text [K, E]`` (unnormalised class features), ``video.tokens [B, N, E]`` -> ``[B, K, E]``:
         ``text + alpha * generator(text, tokens)``."""
-        if video.tokens is None:
-            raise ValueError("xclip: condition_text needs the video's tokens (VideoOutput.tokens of this block)")
-        tokens = video.tokens.to(text.dtype)
-        per_video = text.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [B, K, E]
-        return per_video + self.generator(per_video, tokens)
+        return condition_on_video(self.generator, text, video.tokens, "xclip")
