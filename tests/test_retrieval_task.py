@@ -19,6 +19,7 @@ from vidlang.eval.retrieval import evaluate_embeddings
 from vidlang.models.clip.tokenizer import train_tokenizer
 from vidlang.models.factory import ModelConfig
 from vidlang.tasks import RetrievalTask
+from vidlang.tasks.base import normalize_uint8_video
 from vidlang.tasks.retrieval import first_occurrences
 from vidlang.tasks.schedule import resolve_warmup, warmup_cosine, warmup_cosine_factor
 
@@ -278,3 +279,19 @@ def test_aux_losses_use_the_block_defaults_unless_overridden(tokenizer_dir, over
     total, out, aux = task.forward_loss(batch)
     assert set(aux) == {"caption"} and aux["caption"] > 0
     torch.testing.assert_close(total, out.loss + weight * aux["caption"])
+
+
+@pytest.mark.parametrize("block, args", [("xclip", {}), ("qformer", {"llm_dim": 24})])
+def test_every_trainable_parameter_gets_a_gradient_from_the_retrieval_loss(tokenizer_dir, block, args):
+    """DDP's gradient synchronisation needs a gradient for every trainable parameter on every step: parts of a
+    block that retrieval never uses (X-CLIP's video-specific class prompts, Video-LLaMA's llama_proj) are frozen."""
+    task = RetrievalTask(ModelConfig(image="vit_tiny", num_frames=4, block=block, block_args=args),
+                         tokenizer=str(tokenizer_dir))
+    batch = collate_samples([ColorVideos()[i] for i in range(3)])
+    batch = normalize_uint8_video(batch, task.model.image_mean, task.model.image_std)
+    total, _, _ = task.forward_loss(batch)
+    total.backward()
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    frozen = [n for n, p in task.model.block.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.split(".")[0] in ("generator", "visual_ln", "visual_proj", "llm_proj") for n in frozen)

@@ -169,6 +169,9 @@ class TemporalBlock(nn.Module):
     - ``conditions_text``: True if the block turns text (class) embeddings into video-specific ones,
       :meth:`condition_text` (X-CLIP's prompt generator); the recognition task then scores each video against its
       own class embeddings.
+    - ``conditioning_parameters``: the trainable parameters only :meth:`condition_text` reaches (with the visual
+      tokens made for it); a task that never calls it freezes them (under DDP a parameter without a gradient on
+      every step fails the gradient synchronisation), as tasks other than the chat encoder freeze ``llm_head``.
     """
 
     IMAGE_HOOKS: ClassVar[tuple[str, ...]] = ("embed", "before_layer", "attn_input", "before_mlp", "after_layer")
@@ -186,6 +189,10 @@ class TemporalBlock(nn.Module):
     def conditions_text(self) -> bool:
         """True if :meth:`condition_text` makes class embeddings video-specific (per instance: a block option)."""
         return False
+
+    def conditioning_parameters(self) -> list[nn.Parameter]:
+        """The parameters only :meth:`condition_text` (and its visual tokens) use; empty by default."""
+        return []
 
     @property
     def wants_caption_ids(self) -> bool:

@@ -203,6 +203,20 @@ class VideoTask(pl.LightningModule):
         """The temporal block (its ``default_aux_weights`` weigh the auxiliary losses)."""
         return self.video_text.block
 
+    def freeze_unreached_block_parts(self, calls_condition_text: bool) -> int:
+        """Freeze the block's parameters this task's loss never reaches: its ``llm_head`` (used by the chat
+        encoder only) and, when the task does not call ``condition_text``, its ``conditioning_parameters``.
+        Returns how many were trainable. They would never get a gradient: single-process training skips them
+        anyway, and under DDP a trainable parameter without a gradient fails the gradient synchronisation."""
+        block = self.block
+        params = [*(block.llm_head.parameters() if block.llm_head is not None else ())]
+        if not calls_condition_text:
+            params += block.conditioning_parameters()
+        trainable = [p for p in params if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        return len(trainable)
+
     def weigh_aux(self, aux: Mapping[str, Tensor]) -> Tensor | None:
         """The weighted sum of auxiliary losses: ``aux_loss_weights`` over the block's ``default_aux_weights``
         (unlisted in both: 1.0); None when there are none."""

@@ -154,6 +154,7 @@ class RecognitionTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.head_config, self.optim, self.evaluation = groups["head"], groups["optim"], groups["evaluation"]
         self.templates = templates
         self.model = build_model(model)
+        self.freeze_unreached_block_parts(calls_condition_text=True)  # class text goes through condition_text
         if self.model.block.conditions_text and groups["m2clip"].enabled:
             raise ConfigError(f"M2-CLIP's losses need one text embedding per class; the block {model.block!r} makes "
                               "them video-specific (conditions_text): disable m2clip or use another block")

@@ -131,6 +131,7 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             self.model = AudioVisualModel(self.model, build_audio_branch(audio), fusion, fusion_args,
                                           lr_mults={"": lr_mult_audio})
             self.frontend = LogMelFrontend(**(audio_frontend or {}))
+        self.freeze_unreached_block_parts(calls_condition_text=False)  # retrieval scores pooled video embeddings
         con = self.contrastive = groups["contrastive"]
         self.loss: ContrastiveLoss = LOSSES.build(
             con.loss, gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,

@@ -112,6 +112,9 @@ class XCLIP(TemporalBlock):
     def conditions_text(self) -> bool:
         return True
 
+    def conditioning_parameters(self) -> list[nn.Parameter]:
+        return [*self.visual_ln.parameters(), self.visual_proj, *self.generator.parameters()]
+
     @property
     def token_dim(self) -> int | None:
         return self.spec.embed_dim  # VideoOutput.tokens: the frame-mean projected patch tokens [B, N, E]
