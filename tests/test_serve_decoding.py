@@ -72,3 +72,15 @@ def test_a_dead_worker_fails_its_video_only_and_is_replaced(videos):
 def test_pool_needs_a_process():
     with pytest.raises(ValueError, match="at least 1 process"):
         DecodePool(ClipDecoder("auto", 24, 4), processes=0)
+
+
+def test_a_main_module_that_cannot_be_reimported_gets_a_clear_error():
+    """Worker processes re-import the program's main module; code read from stdin cannot be: say so, and how."""
+    import subprocess
+    import sys
+
+    code = ("from vidlang.serve.decoding import ClipDecoder, DecodePool\n"
+            "DecodePool(ClipDecoder('auto', 24, 4), 1).start()\n")
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "decoding processes could not start" in out.stderr and "--decode-processes 0" in out.stderr

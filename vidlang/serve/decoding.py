@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +120,8 @@ def _decode_in_worker(source: VideoInput, name: str | None, max_pixels: int | No
     return clip.numpy(), (audio.numpy() if audio is not None else None)
 
 
-def _ready() -> int:
+def _ready(hold_s: float) -> int:
+    time.sleep(hold_s)  # held a moment, so that each start-up job occupies a worker of its own
     return os.getpid()
 
 
@@ -135,13 +137,25 @@ class DecodePool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(self.processes, mp_context=mp.get_context("forkserver"),
-                                      initializer=_init_worker, initargs=(self.decoder,))
+        ctx = mp.get_context("forkserver")
+        # the fork server imports these once; every worker forked from it shares their pages
+        ctx.set_forkserver_preload([__name__, "vidlang.data.decoding", "vidlang.data.sampling", "torchcodec.decoders",
+                                    "av", "decord"])  # a backend that is not installed is skipped
+        return cf.ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker,
+                                      initargs=(self.decoder,))
 
     def start(self, timeout: float = 120.0) -> list[int]:
         """Start every worker now (instead of at the first videos); returns their process ids."""
-        futures = [self._pool.submit(_ready) for _ in range(self.processes)]
-        return [f.result(timeout=timeout) for f in futures]
+        futures = [self._pool.submit(_ready, 0.2) for _ in range(self.processes)]
+        try:
+            return [f.result(timeout=timeout) for f in futures]
+        except cf.process.BrokenProcessPool as err:
+            self.close()
+            raise RuntimeError(
+                "the video decoding processes could not start. They re-import the program's main module, as every "
+                "multiprocessing start method but fork does: a script must build the server under "
+                "`if __name__ == \"__main__\":`, and code read from stdin cannot be re-imported. Or decode in threads "
+                "(--decode-processes 0 / ServeConfig(decode_processes=0))") from err
 
     def decode_video(self, source: VideoInput, name: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                      max_seconds: float | None = None) -> tuple[Tensor, Tensor | None]:
