@@ -11,8 +11,9 @@ import torch
 
 from vidlang.cli import main
 from vidlang.data.decoding import VideoDecodeError
+from vidlang.serve.decoding import ClipDecoder
 from vidlang.serve.index import EMBEDDINGS, MANIFEST, VideoIndex, scan_videos
-from vidlang.serve.inference import InferenceBundle, load_bundle
+from vidlang.serve.inference import load_bundle
 from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
 
 
@@ -38,17 +39,17 @@ def videos(tmp_path, corpus):
 
 
 class DecodeCounter:
-    """Counts ``InferenceBundle.decode_clip`` calls (monkeypatched)."""
+    """Counts the videos decoded (``ClipDecoder.decode_clip``, the bundle's preprocessing; monkeypatched)."""
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[str] = []
-        original = InferenceBundle.decode_clip
+        original = ClipDecoder.decode_clip
 
-        def counting(bundle, source, name=None, *limits):
+        def counting(decoder, source, name=None, *limits):
             self.calls.append(os.path.basename(str(source)))
-            return original(bundle, source, name, *limits)
+            return original(decoder, source, name, *limits)
 
-        monkeypatch.setattr(InferenceBundle, "decode_clip", counting)
+        monkeypatch.setattr(ClipDecoder, "decode_clip", counting)
 
 
 def test_bundle_embeds_videos_and_texts(bundle, corpus):
@@ -172,7 +173,8 @@ def test_decode_clip_resizes_while_decoding(bundle, tmp_path, monkeypatch):
     import subprocess
 
     import vidlang.data.decoding as decoding
-    from vidlang.data.sampling import sample_clip
+    from vidlang.data.sampling import build_sampler, sample_clip
+    from vidlang.data.transforms import ResizeCenterCrop
 
     src = tmp_path / "big.mp4"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=640x360:rate=8:duration=1",
@@ -189,5 +191,6 @@ def test_decode_clip_resizes_while_decoding(bundle, tmp_path, monkeypatch):
     clip = bundle.decode_clip(str(src))
     assert seen == [bundle.image_size] and clip.shape == (bundle.num_frames, 3, 32, 32)
     with original(str(src), backend=bundle.backend) as reader:  # full-size frames, resized by the transform
-        full = bundle.transform(sample_clip(reader, bundle.sampler, training=False)[0])
+        sampler = build_sampler("segment", num_frames=bundle.num_frames)
+        full = ResizeCenterCrop(bundle.image_size)(sample_clip(reader, sampler, training=False)[0])
     assert (clip.float() - full.float()).abs().mean() < 12  # measured 8.6 (swscale vs torch on a 11x downscale)
