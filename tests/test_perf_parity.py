@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vidlang.models.clip.layers import QuickGELU, ResidualAttentionLayer
-from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.temporal.frozen import FrozenInTime, time_attention, video_cls_attention
 from vidlang.models.temporal.ila import ILALayer, roles_to_frames
 
 
@@ -139,78 +135,3 @@ def test_tower_bf16_autocast_and_fused_attention_on_gpu():
                 math = F.normalize(tower(video).frame_embeds.float(), dim=-1)
     assert (fused - ref).abs().max().item() < 5e-2
     assert (fused - math).abs().max().item() < 2e-2
-
-
-# -- frozen (Frozen in Time): the per-frame-layout hooks against the video-sequence hooks before issue 19 ----------
-class _ReferenceFrozen(FrozenInTime):
-    """``FrozenInTime`` with its hooks as they were before issue 19 (the video sequence built twice per layer)."""
-
-    def attn_input(self, i, h, ctx):
-        b, t = ctx.batch, ctx.frames
-        x = self._state(ctx)[i]
-        c = x.shape[-1]
-        frames = x.view(b, t, -1, c)
-        cls = frames[:, :, 0].mean(1)
-        seq = torch.cat([cls[:, None], frames[:, :, 1:].flatten(1, 2)], dim=1)
-        t_cls, t_patches = time_attention(self.time_attn[i], self.time_norm[i](seq), t)
-        cls_in = (cls + t_cls)[:, None, None].expand(b, t, 1, c)
-        mixed = torch.cat([cls_in, frames[:, :, 1:] + t_patches], dim=2).flatten(0, 1)
-        h = ctx.image_tower.layer_list()[i].ln_1(mixed)
-        self._state(ctx)[("h", i)] = h
-        return h
-
-    def before_mlp(self, i, x, ctx):
-        b, t = ctx.batch, ctx.frames
-        state = self._state(ctx)
-        x_in, h = state.pop(i), state.pop(("h", i))
-        if t == 1:
-            return x
-        c = x.shape[-1]
-        h = h.view(b, t, -1, c)
-        cls_h = h[:, :, 0].mean(1)
-        seq = torch.cat([cls_h[:, None], h[:, :, 1:].flatten(1, 2)], dim=1)
-        attn = ctx.image_tower.layer_list()[i].attn
-        cls = x_in.view(b, t, -1, c)[:, :, 0].mean(1) + video_cls_attention(attn, cls_h, seq)
-        cls = cls.repeat_interleave(t, dim=0)[:, None]
-        return torch.cat([cls, x[:, 1:]], dim=1)
-
-
-def _frozen_pair(time_init: str):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(block="frozen", image="vit_tiny", block_args={"max_frames": 8,
-                                                                                  "time_init": time_init}))
-    with torch.no_grad():  # a trained-looking temporal embedding (released init: zeros)
-        model.block.temporal_embedding.normal_(0, 0.1)
-    ref = copy.deepcopy(model)
-    ref.block.__class__ = _ReferenceFrozen
-    return model, ref
-
-
-@pytest.mark.parametrize("time_init", ["rand", "zeros"])
-@pytest.mark.parametrize("t", [1, 3, 4])
-def test_frozen_per_frame_hooks_match_the_video_sequence_hooks(t, time_init):
-    model, ref = _frozen_pair(time_init)
-    size = model.image_tower.cfg.image_size
-    video = torch.randn(2, t, 3, size, size, generator=torch.Generator().manual_seed(1))
-    grads = []
-    for m in (model, ref):
-        v = video.clone().requires_grad_(True)
-        out = m.encode_video(v)
-        (out.embeds.square().sum() + out.frame_embeds.sin().sum()).backward()
-        grads.append((out.embeds.detach(), v.grad, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (e_new, v_new, p_new), (e_ref, v_ref, p_ref) = grads
-    assert p_new.keys() == p_ref.keys() and any(n.startswith("block.time_attn") for n in p_new)
-    # fp32 rounding (sums in another order), relative to each tensor's scale (at least 1: at the zero init some
-    # gradients are 0 up to rounding, ~1e-7): ~3e-7 measured
-    for name, new, ref in [("embeds", e_new, e_ref), ("video grad", v_new, v_ref)] + [
-        (n, p_new[n], p_ref[n]) for n in p_ref
-    ]:
-        err = (new - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
-        assert err < 2e-6, f"{name}: relative error {err:.2e}"
-
-
-def test_frozen_copies_log_weights_count_the_cls_once():
-    from vidlang.models.temporal.frozen import copies_log_weights
-
-    w = copies_log_weights(4, 3, torch.zeros(()))
-    assert torch.allclose(w.view(4, 3)[:, 0].exp().sum(), torch.tensor(1.0)) and (w.view(4, 3)[:, 1:] == 0).all()

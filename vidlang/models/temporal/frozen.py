@@ -56,13 +56,11 @@ Deviations from the released code:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.models.clip.layers import Attention, LayerNorm, residual_add
+from vidlang.models.clip.layers import Attention, LayerNorm
 from vidlang.models.contract import HookContext, TemporalBlock, TowerSpec, VideoOutput
 from vidlang.models.temporal.base import BLOCKS
 from vidlang.registry import Registry
@@ -112,13 +110,13 @@ def time_attention(attn: Attention, y: Tensor, t: int) -> tuple[Tensor, Tensor]:
     return attn.out_proj(cls_out.transpose(1, 2).flatten(2)[:, 0]), attn.out_proj(patches)
 
 
-def video_cls_attention(attn: Attention, cls: Tensor, seq: Tensor, log_weights: Tensor | None = None) -> Tensor:
-    """One CLS query over a whole video with a CLS step's attention, without materialising keys and values.
+def video_cls_attention(attn: Attention, cls: Tensor, seq: Tensor) -> Tensor:
+    """One CLS query over a whole video with a CLIP layer's attention, without materialising keys and values.
 
-    ``cls [B, C]`` is the normed CLS (the query), ``seq [B, L, C]`` the normed keys' inputs, ``log_weights [L]``
-    (optional) is added to every score. Per head ``h``: ``q_h . k_j = (W_k,h^T q_h) . seq_j`` plus a term equal for
-    all j (it cancels in the softmax), and ``sum_j a_j v_j = W_v,h (sum_j a_j seq_j) + b_v,h``. Returns the attention
-    output after ``out_proj``, ``[B, C]``.
+    ``cls [B, C]`` is the normed CLS (the query and the first key), ``seq [B, L, C]`` the normed keys' inputs
+    (the CLS first, then every patch of every frame). Per head ``h``: ``q_h . k_j = (W_k,h^T q_h) . seq_j`` plus a
+    term equal for all j (it cancels in the softmax), and ``sum_j a_j v_j = W_v,h (sum_j a_j seq_j) + b_v,h``.
+    Returns the attention output after ``out_proj``, ``[B, C]``.
     """
     c, h = cls.shape[-1], attn.heads
     d = c // h
@@ -126,49 +124,10 @@ def video_cls_attention(attn: Attention, cls: Tensor, seq: Tensor, log_weights: 
     bq, _, bv = attn.qkv.bias.chunk(3, dim=0)
     q = F.linear(cls, wq, bq).view(-1, h, d) * d**-0.5  # [B, H, D]
     u = torch.einsum("bhd,hdc->bhc", q, wk.view(h, d, c))  # [B, H, C]
-    scores = torch.einsum("blc,bhc->bhl", seq, u)  # [B, H, L]
-    weights = (scores if log_weights is None else scores + log_weights).softmax(dim=-1)
+    weights = torch.einsum("blc,bhc->bhl", seq, u).softmax(dim=-1)  # [B, H, L]
     mixed = torch.einsum("bhl,blc->bhc", weights, seq)  # [B, H, C]
     out = torch.einsum("bhc,hdc->bhd", mixed, wv.view(h, d, c)) + bv.view(h, d)  # [B, H, D]
     return attn.out_proj(out.flatten(1))
-
-
-def copies_log_weights(t: int, length: int, like: Tensor) -> Tensor:
-    """``[T*L]``: ``-log T`` at each frame's CLS copy, 0 elsewhere, for a softmax over per-frame tokens ``[T, L]``.
-
-    The T copies of the video CLS (equal values) then weigh ``T * exp(s - log T) = exp(s)``: the CLS counts once,
-    as in the released single sequence, and each copy gets ``1/T`` of its gradient.
-    """
-    w = torch.zeros(t, length, dtype=like.dtype, device=like.device)
-    w[:, 0] = -math.log(t)
-    return w.flatten()
-
-
-def frame_time_attention(attn: Attention, y: Tensor, cls_y: Tensor, b: int, t: int) -> tuple[Tensor, Tensor]:
-    """:func:`time_attention` in the tower's per-frame layout, without building the video sequence.
-
-    ``y [B*T, L, C]`` are the normed per-frame tokens (row 0 of each frame: a copy of the normed video CLS),
-    ``cls_y [B, C]`` the normed video CLS. Returns the CLS output ``[B, C]`` and ``[B*T, L, C]``: the patches'
-    outputs at rows 1.., and at row 0 an output of no meaning (the CLS copies run as one more patch column,
-    cheaper than slicing them out); the caller overwrites it.
-    """
-    bt, length, c = y.shape
-    h = attn.heads
-    d = c // h
-    qkv = attn.qkv(y).view(b, t, length, 3, h, d)
-    q, k, v = (z.permute(0, 2, 3, 1, 4) for z in qkv.unbind(3))  # each [B, L, H, T, D] (views)
-    _, wk, wv = attn.qkv.weight.chunk(3, dim=0)
-    _, bk, bv = attn.qkv.bias.chunk(3, dim=0)
-
-    def with_cls(z: Tensor, w: Tensor, bias: Tensor) -> Tensor:  # [B, L, H, T, D] -> [B*L, H, 1+T, D]
-        z_cls = F.linear(cls_y, w, bias).view(b, 1, h, 1, d).expand(b, length, h, 1, d)
-        return torch.cat([z_cls, z], dim=3).flatten(0, 1)
-
-    out = F.scaled_dot_product_attention(q.reshape(b * length, h, t, d), with_cls(k, wk, bk), with_cls(v, wv, bv))
-    out = out.view(b, length, h, t, d).permute(0, 3, 1, 2, 4).reshape(bt, length, c)  # [B*T, L, H*D]
-    seq = y.view(b, t * length, c)
-    cls_out = video_cls_attention(attn, cls_y, seq, copies_log_weights(t, length, y))
-    return cls_out, attn.out_proj(out)
 
 
 @BLOCKS.register("frozen")
@@ -211,16 +170,16 @@ class FrozenInTime(TemporalBlock):
         return x
 
     def attn_input(self, i: int, h: Tensor, ctx: HookContext) -> Tensor:
-        """``ln_1(x + TimeAttn(norm3(x)))`` on the video sequence, computed in per-frame layout ``[B*T, 1+N, C]``."""
+        """``ln_1(x + TimeAttn(norm3(x)))`` on the video sequence, back in per-frame layout ``[B*T, 1+N, C]``."""
         b, t = ctx.batch, ctx.frames
         x = self._state(ctx)[i]
-        bt, length, c = x.shape
-        norm = self.time_norm[i]
-        y = norm(x)  # [B*T, 1+N, C]: the CLS copies are normed T times (2% of the rows), no video sequence built
-        cls = x.view(b, t, length, c)[:, :, 0].mean(1)  # [B, C]: the video CLS (all copies hold it)
-        t_cls, t_out = frame_time_attention(self.time_attn[i], y, norm(cls), b, t)
-        t_out.view(b, t, length, c)[:, :, 0] = t_cls[:, None]  # the CLS copies get the video CLS's output
-        mixed = residual_add(x, t_out)  # the CLS copies: cls + t_cls
+        c = x.shape[-1]
+        frames = x.view(b, t, -1, c)
+        cls = frames[:, :, 0].mean(1)  # [B, C]: the video CLS (all copies hold it)
+        seq = torch.cat([cls[:, None], frames[:, :, 1:].flatten(1, 2)], dim=1)  # [B, 1+T*N, C]
+        t_cls, t_patches = time_attention(self.time_attn[i], self.time_norm[i](seq), t)
+        cls_in = (cls + t_cls)[:, None, None].expand(b, t, 1, c)  # [B, T, 1, C]
+        mixed = torch.cat([cls_in, frames[:, :, 1:] + t_patches], dim=2).flatten(0, 1)  # [B*T, 1+N, C]
         h = ctx.image_tower.layer_list()[i].ln_1(mixed)
         self._state(ctx)[("h", i)] = h
         return h
@@ -232,14 +191,14 @@ class FrozenInTime(TemporalBlock):
         x_in, h = state.pop(i), state.pop(("h", i))  # dropped here: inference keeps no per-layer copies
         if t == 1:
             return x  # the per-frame attention is the video's
-        bt, length, c = x.shape
-        cls_h = h.view(b, t, length, c)[:, :, 0].mean(1)  # [B, C] (equal copies)
+        c = x.shape[-1]
+        h = h.view(b, t, -1, c)
+        cls_h = h[:, :, 0].mean(1)  # [B, C] (equal copies)
+        seq = torch.cat([cls_h[:, None], h[:, :, 1:].flatten(1, 2)], dim=1)  # [B, 1+T*N, C]
         attn = ctx.image_tower.layer_list()[i].attn
-        update = video_cls_attention(attn, cls_h, h.view(b, t * length, c), copies_log_weights(t, length, h))
-        cls = x_in.view(b, t, length, c)[:, :, 0].mean(1) + update  # [B, C]
-        # written into every frame's copy, in place: x is the tower's fresh residual sum (autograd checks the write)
-        x.view(b, t, length, c)[:, :, 0] = cls[:, None]
-        return x
+        cls = x_in.view(b, t, -1, c)[:, :, 0].mean(1) + video_cls_attention(attn, cls_h, seq)  # [B, C]
+        cls = cls.repeat_interleave(t, dim=0)[:, None]  # [B*T, 1, C]
+        return torch.cat([cls, x[:, 1:]], dim=1)
 
     def pool(self, frame_tokens: Tensor, frame_embeds: Tensor, ctx: HookContext) -> VideoOutput:
         """The projected video CLS (``frame_embeds [B, T, E]`` holds T copies of it; their mean)."""
