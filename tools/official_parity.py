@@ -131,17 +131,7 @@ def clip4clip(repo: Path, head: str, frames: int = 4) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pytorch_model.bin.0"
         torch.save(model.state_dict(), path)
-        from vidlang.models.clip.pretrained import save_vidlang
-        from vidlang.models.factory import ModelConfig, build_model
-        from vidlang.models.official import load_official
-
-        sd, info = load_official(path, "clip4clip")
-        save_vidlang(sd, info, Path(tmp) / "out")
-        cfg = json.loads((Path(tmp) / "out" / "config.json").read_text())
-        blk = cfg["converted_from"]["block"]
-        mc = ModelConfig(image="vit_b32", image_overrides=cfg["vision"], text_overrides=cfg["text"], block=blk["name"],
-                         block_args=blk["args"], pretrained=str(Path(tmp) / "out"), num_frames=frames)  # fmt: skip
-        ours = build_model(mc).eval()
+        ours = _vidlang_model(path, "clip4clip", frames)
         with torch.no_grad():
             v = ours.encode_video(video.reshape(b, frames, 3, 32, 32)).embeds
             t = ours.encode_text(ids, attn).embeds
@@ -181,17 +171,7 @@ def xclip(repo: Path, frames: int = 4) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k400_32_8.pth"
         torch.save({"model": model.state_dict(), "epoch": 29, "max_accuracy": 0.0}, path)
-        from vidlang.models.clip.pretrained import save_vidlang
-        from vidlang.models.factory import ModelConfig, build_model
-        from vidlang.models.official import load_official
-
-        sd, info = load_official(path, "xclip")
-        save_vidlang(sd, info, Path(tmp) / "out")
-        cfg = json.loads((Path(tmp) / "out" / "config.json").read_text())
-        blk = cfg["converted_from"]["block"]
-        mc = ModelConfig(image="vit_b32", image_overrides=cfg["vision"], text_overrides=cfg["text"], block=blk["name"],
-                         block_args=blk["args"], pretrained=str(Path(tmp) / "out"), num_frames=frames)  # fmt: skip
-        ours = build_model(mc).eval()
+        ours = _vidlang_model(path, "xclip", frames)
         with torch.no_grad():
             out = ours.encode_video(video)
             t = ours.encode_text(ids, attn).embeds
