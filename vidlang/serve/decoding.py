@@ -164,15 +164,21 @@ class DecodePool:
         src = os.fspath(src) if isinstance(src, os.PathLike) else src
         pool = self._pool
         try:
-            clip, audio = pool.submit(_decode_in_worker, src, name, max_pixels, max_seconds).result()
+            try:
+                future = pool.submit(_decode_in_worker, src, name, max_pixels, max_seconds)
+            except RuntimeError:  # another thread just replaced a broken pool: use the new one
+                pool = self._pool
+                future = pool.submit(_decode_in_worker, src, name, max_pixels, max_seconds)
+            clip, audio = future.result()
         except cf.process.BrokenProcessPool as err:  # a worker died (a decoder crash, killed, out of memory)
             with self._lock:  # the next videos get fresh workers; this one is refused, naming it
                 if self._pool is pool:
                     pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = self._new_pool()
             label = name or (src if isinstance(src, str) else f"<{len(src)} bytes>")
-            raise VideoDecodeError(label, self.decoder.backend, "the decoding process died while decoding it "
-                                   "(a decoder crash, or killed)") from err
+            raise VideoDecodeError(label, self.decoder.backend, "a decoding process died while this video was being "
+                                   "decoded (a decoder crash on it or on a concurrent video, or a killed process); "
+                                   "retrying may succeed") from err
         return torch.from_numpy(clip), (torch.from_numpy(audio) if audio is not None else None)
 
     def close(self) -> None:
