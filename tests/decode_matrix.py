@@ -53,7 +53,7 @@ class Case:
     audio: bool = False  # a 440 Hz AAC track
     rotate: int = 0  # remuxed with this display rotation (the ``rotate`` tag: degrees counter-clockwise)
     cut: str | None = None  # "video" / "audio": the file cut in the middle of a packet of that stream
-    encoder: str = ""  # an ffmpeg encoder the case needs (skipped without it)
+    encoder: str = ""  # an ffmpeg encoder the case needs (a clear failure without it)
 
     @property
     def truncated(self) -> bool:
@@ -180,7 +180,8 @@ class Matrix:
     def path(self, case: Case) -> Path:
         if case.name not in self._paths:
             if case.encoder and case.encoder not in self.encoders:
-                pytest.skip(f"this ffmpeg has no {case.encoder} encoder")
+                pytest.fail(f"this ffmpeg has no {case.encoder} encoder, which the decode matrix needs (Debian's "
+                            "ffmpeg package, installed by tools/setup.sh, has every encoder it uses)")
             self._paths[case.name] = self._write(case)
         return self._paths[case.name]
 
@@ -217,5 +218,5 @@ class Matrix:
 @pytest.fixture(scope="session")
 def decode_matrix(tmp_path_factory) -> Matrix:
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-        pytest.skip("the ffmpeg CLI is not installed")
+        pytest.fail("the ffmpeg CLI is not installed; the tests need it (tools/setup.sh installs Debian's ffmpeg)")
     return Matrix(tmp_path_factory.mktemp("decode_matrix"), ffmpeg_encoders())

@@ -231,9 +231,8 @@ def test_lora_target_that_matches_nothing_names_the_layers(llm_dir):
         encoder(llm_dir).add_lora(target_modules=["query_key_value"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the gpu test loads 8-bit")
 def test_kbit_loading_without_cuda_is_a_clear_error(llm_dir):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the gpu test loads 8-bit")
     with pytest.raises(RuntimeError, match="8-bit loading of the LLM .* needs a CUDA GPU"):
         encoder(llm_dir, bits=8)
 

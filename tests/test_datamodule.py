@@ -106,9 +106,8 @@ def test_streaming_split(corpus, tmp_path):
     check_batch(batches[0], len(batches[0]["key"]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for CPU-only machines (this one has a GPU)")
 def test_gpu_decode_falls_back_to_cpu_with_a_warning(corpus):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU; the fallback is for CPU-only machines")
     with pytest.warns(UserWarning, match="no CUDA GPU"):
         dm = module(corpus, decode={"device": "cuda"}, loader={"num_workers": 2})
     assert dm.decode_device == "cpu" and dm.num_workers == 2
