@@ -118,14 +118,19 @@ def ref_layer(x: Tensor, sd: dict[str, Tensor], p: str, heads: int, mask: Tensor
     return x + h @ sd[f"{p}.mlp.c_proj.weight"].T + sd[f"{p}.mlp.c_proj.bias"]
 
 
-def ref_image(sd: dict[str, Tensor], v: str, images: Tensor) -> Tensor:
-    """OpenAI ``VisionTransformer`` forward, tower prefix ``v`` -> ``[N, E]``."""
+def ref_stem(sd: dict[str, Tensor], v: str, images: Tensor) -> Tensor:
+    """OpenAI ``VisionTransformer`` up to ``ln_pre``: ``images [N, 3, H, W]`` -> ``[N, 1 + grid^2, C]``."""
     w = sd[f"{v}conv1.weight"]
     x = F.conv2d(images, w, stride=w.shape[-1]).flatten(2).transpose(1, 2)  # [N, grid^2, C]
     cls = sd[f"{v}class_embedding"].expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + sd[f"{v}positional_embedding"]
+    return F.layer_norm(x, (x.shape[-1],), sd[f"{v}ln_pre.weight"], sd[f"{v}ln_pre.bias"])
+
+
+def ref_image(sd: dict[str, Tensor], v: str, images: Tensor) -> Tensor:
+    """OpenAI ``VisionTransformer`` forward, tower prefix ``v`` -> ``[N, E]``."""
+    x = ref_stem(sd, v, images)
     c = x.shape[-1]
-    x = F.layer_norm(x, (c,), sd[f"{v}ln_pre.weight"], sd[f"{v}ln_pre.bias"])
     layers = len({k.split(".")[len(v.split(".")) + 1] for k in sd if k.startswith(f"{v}transformer.resblocks.")})
     for i in range(layers):
         x = ref_layer(x, sd, f"{v}transformer.resblocks.{i}", c // 64)
@@ -443,11 +448,8 @@ def ref_m2_video(sd: dict[str, Tensor], video: Tensor) -> Tensor:
     """M2-CLIP ``VisionTransformer.forward`` video embedding (adapters pre-MLP, ``t_adapter``, mean over T)."""
     b, t = video.shape[:2]
     v = "visual."
-    w = sd[f"{v}conv1.weight"]
-    x = F.conv2d(video.flatten(0, 1), w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd[f"{v}class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd[f"{v}positional_embedding"]
+    x = ref_stem(sd, v, video.flatten(0, 1))
     c = x.shape[-1]
-    x = F.layer_norm(x, (c,), sd[f"{v}ln_pre.weight"], sd[f"{v}ln_pre.bias"])
     for i in range(len(_layer_ids(sd, f"{v}transformer.resblocks.", ".attn.in_proj_weight"))):
         p = f"{v}transformer.resblocks.{i}"
         x = ref_layer(x, sd, p, c // 64, pre_mlp=lambda h, p=p: ref_m2_adapter(sd, f"{p}.adapter_pre_mlp", h, b, t))
@@ -624,11 +626,8 @@ def ref_ila_video(sd: dict[str, Tensor], video: Tensor, with_tokens: bool = Fals
     ``ln_post`` -> ``prompts_visual_ln`` -> ``@ prompts_visual_proj`` -> mean over frames)."""
     b, t = video.shape[:2]
     v = "visual."
-    w = sd[f"{v}conv1.weight"]
-    x = F.conv2d(video.flatten(0, 1), w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd[f"{v}class_embedding"].expand(x.shape[0], 1, -1), x], dim=1) + sd[f"{v}positional_embedding"]
+    x = ref_stem(sd, v, video.flatten(0, 1))
     c = x.shape[-1]
-    x = F.layer_norm(x, (c,), sd[f"{v}ln_pre.weight"], sd[f"{v}ln_pre.bias"])
     for i in range(len(_layer_ids(sd, f"{v}transformer.resblocks.", ".attn.in_proj_weight"))):
         p = f"{v}transformer.resblocks.{i}"
         x = ref_layer(x + ref_ila_update(sd, p, x, b, t), sd, p, c // 64)
