@@ -919,3 +919,15 @@ def test_videollama_base_of_other_width_and_audio_only_refused(tmp_path):
     audio = {"audio_query_tokens": torch.zeros(1, 8, 64), "audio_llama_proj.weight": torch.zeros(32, 64)}
     with pytest.raises(UnknownKeysError, match="audio branch only"):
         convert_official(audio, "videollama")
+
+
+def test_the_layout_tool_writes_the_fixtures(tmp_path):
+    """``tools/official_layouts.py`` reproduces every fixture of ``tests/fixtures/official`` exactly."""
+    import subprocess
+    import sys
+
+    tool = Path(__file__).parents[1] / "tools" / "official_layouts.py"
+    subprocess.run([sys.executable, str(tool), "--out", str(tmp_path)], check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(p.name for p in FIXTURES.glob("*.json"))
+    for p in FIXTURES.glob("*.json"):
+        assert (tmp_path / p.name).read_text() == p.read_text(), p.name

@@ -181,6 +181,22 @@ def m2clip(s: dict = SMALL, r: int = 32, n_cls: int = 5, mlm_words: int = 7, pre
                 f"{m}decoder.weight": [mlm_words, tw]})  # fmt: skip
     return out
 
+def video_prompt_layout(vw: int, e: int, layers: int) -> Layout:
+    """X-CLIP's video-specific prompt generator and its visual-token projection (``prompts_*``; ILA's K400 model
+    has the same)."""
+    out: Layout = {"prompts_visual_ln.weight": [vw], "prompts_visual_ln.bias": [vw], "prompts_visual_proj": [vw, e],
+                   "prompts_generator.alpha": [e], "prompts_generator.norm.weight": [e],
+                   "prompts_generator.norm.bias": [e]}  # fmt: skip
+    for i in range(layers):
+        p = f"prompts_generator.decoder.{i}."
+        out.update({f"{p}cross_attn.{n}_proj.weight": [e, e] for n in "qkv"})
+        out.update({f"{p}cross_attn.proj.weight": [e, e], f"{p}cross_attn.proj.bias": [e],
+                    f"{p}norm1.weight": [e], f"{p}norm1.bias": [e], f"{p}norm3.weight": [e], f"{p}norm3.bias": [e],
+                    f"{p}mlp.0.weight": [4 * e, e], f"{p}mlp.0.bias": [4 * e], f"{p}mlp.3.weight": [e, 4 * e],
+                    f"{p}mlp.3.bias": [e]})  # fmt: skip
+    return out
+
+
 def xclip(s: dict = SMALL, frames: int = 4, mit_layers: int = 1, prompt_layers: int = 2) -> Layout:
     """X-CLIP's ``XCLIP.state_dict()``: OpenAI CLIP (both towers, ``logit_scale``), cross-frame message modules in
     every image layer, the MIT (``[1, T, E]`` positions + OpenAI-style layers), the prompt generator and the visual
@@ -196,16 +212,10 @@ def xclip(s: dict = SMALL, frames: int = 4, mit_layers: int = 1, prompt_layers: 
     out["mit.positional_embedding"] = [1, frames, e]
     for i in range(mit_layers):
         out.update(openai_layer(f"mit.resblocks.{i}", e))
-    out.update({"prompts_visual_ln.weight": [vw], "prompts_visual_ln.bias": [vw], "prompts_visual_proj": [vw, e],
-                "prompts_generator.alpha": [e], "prompts_generator.norm.weight": [e],
-                "prompts_generator.norm.bias": [e]})  # fmt: skip
-    for i in range(prompt_layers):
-        p = f"prompts_generator.decoder.{i}."
-        out.update({f"{p}cross_attn.{n}_proj.weight": [e, e] for n in "qkv"})
-        out.update({f"{p}cross_attn.proj.weight": [e, e], f"{p}cross_attn.proj.bias": [e],
-                    f"{p}norm1.weight": [e], f"{p}norm1.bias": [e], f"{p}norm3.weight": [e], f"{p}norm3.bias": [e],
-                    f"{p}mlp.0.weight": [4 * e, e], f"{p}mlp.0.bias": [4 * e], f"{p}mlp.3.weight": [e, 4 * e],
-                    f"{p}mlp.3.bias": [e]})  # fmt: skip
+    out.update(video_prompt_layout(vw, e, prompt_layers))
+    return out
+
+
 def batchnorm(prefix: str, c: int) -> Layout:
     return {f"{prefix}.weight": [c], f"{prefix}.bias": [c], f"{prefix}.running_mean": [c],
             f"{prefix}.running_var": [c], f"{prefix}.num_batches_tracked": []}  # fmt: skip
@@ -253,16 +263,7 @@ def ila(s: dict = SMALL, frames: int = 3, mit_layers: int = 1, prompt_layers: in
     out["mit.positional_embedding"] = [1, frames, e]
     for i in range(mit_layers):
         out.update(openai_layer(f"mit.resblocks.{i}", e))
-    g = "prompts_generator"
-    out.update({f"{g}.norm.weight": [e], f"{g}.norm.bias": [e], f"{g}.alpha": [e]})
-    for i in range(prompt_layers):
-        p = f"{g}.decoder.{i}"
-        out.update({f"{p}.cross_attn.{n}_proj.weight": [e, e] for n in "qkv"})
-        out.update({f"{p}.cross_attn.proj.weight": [e, e], f"{p}.cross_attn.proj.bias": [e],
-                    f"{p}.norm1.weight": [e], f"{p}.norm1.bias": [e], f"{p}.norm3.weight": [e], f"{p}.norm3.bias": [e],
-                    f"{p}.mlp.0.weight": [4 * e, e], f"{p}.mlp.0.bias": [4 * e], f"{p}.mlp.3.weight": [e, 4 * e],
-                    f"{p}.mlp.3.bias": [e]})  # fmt: skip
-    out.update({"prompts_visual_ln.weight": [vw], "prompts_visual_ln.bias": [vw], "prompts_visual_proj": [vw, e]})
+    out.update(video_prompt_layout(vw, e, prompt_layers))
     return out
 
 
