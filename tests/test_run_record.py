@@ -233,3 +233,9 @@ def test_sampler_fingerprint_tells_samplers_apart():
     uni = SamplingConfig(num_frames=8, sampler="fps", sampler_args={"fps": 1.0}).build(False)
     assert sampler_fingerprint(seg, False) == sampler_fingerprint(seg, False)
     assert sampler_fingerprint(seg, False)["hash"] != sampler_fingerprint(uni, False)["hash"]
+
+
+def test_identical_records_are_reported_comparable():
+    from vidlang.commands.compare import format_diff
+
+    assert "numbers are comparable" in format_diff([], "a", "b")  # two runs written within one second agree fully

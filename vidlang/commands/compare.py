@@ -25,7 +25,7 @@ def format_diff(diffs: list[dict[str, Any]], name_a: str, name_b: str, show_info
     """The report :class:`CompareCommand` prints (the differences that cannot move a number are only counted
     unless ``show_informational``)."""
     if not diffs:
-        return f"{name_a} and {name_b}: the records agree (nothing differs)"
+        return f"{name_a} and {name_b}: the records agree (nothing differs): numbers are comparable"
     moving = [d for d in diffs if d["moves_metrics"]]
     info = [d for d in diffs if not d["moves_metrics"]]
     lines = [f"A = {name_a}", f"B = {name_b}"]
