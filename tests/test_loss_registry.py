@@ -159,8 +159,10 @@ def test_config_and_argument_errors():
         ContrastiveConfig(loss="infonse")
     with pytest.raises(ConfigError, match="needs similarity 'cosine'"):
         ContrastiveConfig(loss="m2mix", similarity="mug")
-    with pytest.raises(ConfigError, match="audio embedding"):
-        ContrastiveConfig(loss="symile")
+    with pytest.raises(ConfigError, match="feature cache"):
+        ContrastiveConfig(loss="symile", micro_batch_size=2)
+    with pytest.raises(ConfigError, match="needs similarity 'cosine'"):
+        ContrastiveConfig(loss="symile", similarity="mug")
     with pytest.raises(ConfigError, match="smoothin"):
         LOSSES.build("soft_target", smoothin=0.1)
     with pytest.raises(ConfigError, match="smoothing"):

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-mult-audio", type=float, default=3.0, help="lr multiplier of the audio branch + fusion")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--symile", action="store_true",
+                   help="add a third run: audio as its own modality, trained with the Symile loss (fusion symile)")
     return p.parse_args(argv)
 
 
@@ -220,13 +222,18 @@ def read_groups(manifest: Path) -> dict[str, int]:
 
 
 # -- runs ------------------------------------------------------------------------------------------------
-def run(audio: bool, corpus: Path, variants: Path, args: argparse.Namespace) -> dict[str, Any]:
+RUNS = {"video only": {}, "video + audio (gated_sum)": {"fusion": "gated_sum"},
+        "video + audio (Symile loss)": {"fusion": "symile", "contrastive": {"loss": "symile"}}}
+
+
+def run(name: str, corpus: Path, variants: Path, args: argparse.Namespace) -> dict[str, Any]:
     import hashlib
 
-    extra = {"lr_mult_audio": args.lr_mult_audio} if audio else {}
+    audio = name != "video only"
+    extra = {"lr_mult_audio": args.lr_mult_audio, **RUNS[name]} if audio else {}
     task = make_task(str(corpus / "tokenizer"), args.frames, args.lr, audio, args.seed, **extra)
     towers = hashlib.sha1(b"".join(p.detach().numpy().tobytes() for p in task.video_text.parameters()))
-    root = Path(args.out) / "runs" / ("audio" if audio else "video")
+    root = Path(args.out) / "runs" / name.replace(" ", "_")
     tr = trainer(args.steps, root)
     manifest = str(corpus / "manifest.csv")
     t0 = time.perf_counter()
@@ -238,7 +245,7 @@ def run(audio: bool, corpus: Path, variants: Path, args: argparse.Namespace) -> 
     dm = datamodule(None, str(variants), args.frames, args.size, args.batch, 0, args.seed, audio)
     dm.setup("test")
     sound = sound_dependent_metrics(task, dm.test_dataloader(), read_groups(variants))
-    return {"model": "video + audio (gated_sum)" if audio else "video only", "init": towers.hexdigest()[:10],
+    return {"model": name, "init": towers.hexdigest()[:10],
             "all_R@1": m["t2v_R@1"], "all_R@5": m["t2v_R@5"], "test_videos": int(m["num_videos"]),
             "test_captions": int(m["num_texts"]), **{f"sound_{k}": v for k, v in sound.items()}, "train_s": train_s}
 
@@ -272,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = make_variants(out / "sound_variants", [s for s in specs if s.split == "test"])
     print(SOUND_DEFINITION, flush=True)
     rows = []
-    for audio in (False, True):
-        rows.append(run(audio, corpus, variants, args))
+    for name in list(RUNS)[: 3 if args.symile else 2]:
+        rows.append(run(name, corpus, variants, args))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, args)
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -19,9 +19,9 @@ vidlang specifics (deviations from the official code):
   audio anchors. (The official code learns a "missing" embedding inside each encoder instead.)
 
 With the gather every rank computes the whole batch's loss (as ``infonce`` with ``local_loss: false``);
-``local_loss`` and ``directions: sum`` are refused. Call it with ``audio`` / ``audio_mask``; the retrieval task
-does not compute a separate audio embedding yet, so it is used from code (``SymileLoss()(video, text, index,
-logit_scale, audio=..., audio_mask=...)``).
+``local_loss`` and ``directions: sum`` are refused. Call it with ``audio`` / ``audio_mask``. The retrieval task uses it
+with ``fusion: symile`` (:class:`vidlang.models.fusion.fusion.SymileFusion`: the audio embedding, and the video-side
+vector ``sqrt(E) v * u`` that evaluation ranks by).
 """
 
 from __future__ import annotations

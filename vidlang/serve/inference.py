@@ -302,6 +302,11 @@ def load_retrieval(ckpt: dict[str, Any], path: str, device: str, **_: Any) -> In
                       f"{bundle.similarity!r}, but embeddings, search and serving rank by the cosine of the pooled "
                       "video and text embeddings: rankings differ from the model's own score, and its test metrics "
                       "do not describe them", stacklevel=2)
+    elif (hp.get("contrastive") or {}).get("loss") == "symile":
+        warnings.warn(f"{path}: this model was trained with contrastive.loss='symile', whose score is the raw dot "
+                      "product of the caption with the video-side vector sqrt(E)*v*u; embeddings, search and serving "
+                      "rank by the cosine of that vector, so rankings can differ from the model's own score and its "
+                      "test metrics", stacklevel=2)
     return bundle
 
 

@@ -132,9 +132,12 @@ class ContrastiveConfig:
             raise ConfigError(f"contrastive.loss {self.loss!r} works on the pooled embeddings: it needs similarity "
                               f"'cosine', got {self.similarity!r}")
         if getattr(kind, "needs_audio", False):
-            raise ConfigError(f"contrastive.loss {self.loss!r} needs a separate audio embedding per clip, which the "
-                              f"retrieval task does not compute (it fuses audio into the video embedding); use "
-                              f"vidlang.losses.symile.SymileLoss from code")
+            if self.similarity != "cosine":
+                raise ConfigError(f"contrastive.loss {self.loss!r} scores (video, audio, caption) embeddings: it needs "
+                                  f"similarity 'cosine', got {self.similarity!r}")
+            if self.micro_batch_size is not None:
+                raise ConfigError(f"contrastive.loss {self.loss!r} needs the audio embeddings, which the feature "
+                                  "cache of contrastive.micro_batch_size does not carry: set it null")
         if self.similarity not in SIMILARITY_KINDS:
             raise ConfigError(f"contrastive.similarity must be one of {SIMILARITY_KINDS}, got {self.similarity!r}")
         if self.directions not in ("mean", "sum"):

@@ -56,7 +56,7 @@ from vidlang.models.audio.frontend import LogMelFrontend
 from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.cross_similarity import TightTransformerSimilarity
 from vidlang.models.factory import ModelConfig, build_model
-from vidlang.models.fusion.fusion import AudioVisualModel
+from vidlang.models.fusion.fusion import AudioVisualModel, SymileFusion
 from vidlang.models.glscl import GLSCLSimilarity
 from vidlang.models.optim import param_groups as module_param_groups
 from vidlang.models.similarity import mug_similarity, mug_similarity_rows
@@ -106,7 +106,9 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
                 temperature, directions and the similarity (:class:`ContrastiveConfig`).
             evaluation: dual-softmax metrics, similarity chunk, tie rule, plots (:class:`RetrievalEvalConfig`).
             audio: the audio branch config (None = video only).
-            fusion, fusion_args: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments.
+            fusion, fusion_args: a name in :data:`vidlang.models.fusion.FUSIONS` and its arguments (``symile``
+                goes with ``contrastive.loss: symile``: audio is then the loss's third modality, not fused into the
+                video embedding during training).
             audio_frontend: :class:`LogMelFrontend` arguments (e.g. ``num_segments``, ``segment_seconds``,
                 ``num_mel_bins``, ``target_frames``; they must match the audio backbone's input size).
             lr_mult_audio: lr multiplier of the audio branch and the fusion (the audio-visual model's recipe).
@@ -136,6 +138,14 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         self.loss: ContrastiveLoss = LOSSES.build(
             con.loss, gather=con.gather and con.similarity != "tight", local_loss=con.local_loss,
             temperature=con.temperature, directions=con.directions, **con.loss_args)
+        self.symile = bool(getattr(self.loss, "needs_audio", False))
+        if self.symile != isinstance(getattr(self.model, "fusion", None), SymileFusion):
+            raise ConfigError(
+                "contrastive.loss 'symile' scores audio as its own modality: it needs an audio branch (audio) with "
+                f"fusion 'symile' (got audio={'set' if audio is not None else None}, fusion={fusion!r})"
+                if self.symile else
+                f"fusion 'symile' gives Symile's video-side vector, trained only by contrastive.loss 'symile' (got "
+                f"{con.loss!r})")
         self.tight: TightTransformerSimilarity | None = None
         if con.micro_batch_size is not None:
             self.automatic_optimization = False  # feature-cache accumulation steps the optimizer itself
@@ -225,9 +235,12 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
             if audio_mel is not None:
                 audio_mel, audio_mask = audio_mel.repeat_interleave(v, 0), audio_mask.repeat_interleave(v, 0)
             out = self.video_output(video.flatten(0, 1), audio_mel, audio_mask)
+            if self.symile:  # the mean of the views' Symile vectors: the mean of their scores
+                return out.embeds.view(b, v, -1).mean(dim=1)
             emb = F.normalize(out.embeds, dim=-1)  # [B*V, E]
             return F.normalize(emb.view(b, v, -1).mean(dim=1), dim=-1)
-        return F.normalize(self.video_output(video, audio_mel, audio_mask).embeds, dim=-1)
+        embeds = self.video_output(video, audio_mel, audio_mask).embeds
+        return embeds if self.symile else F.normalize(embeds, dim=-1)
 
     # -- similarity ------------------------------------------------------------------------------
     def similarity_inputs(self, v: VideoOutput, t: TextOutput, video_mask: Tensor | None) -> tuple[Any, Any, Any]:
@@ -261,14 +274,28 @@ class RetrievalTask(EvalLoopMixin, TokenizerMixin, VideoTask):
         ids, mask = self._text_inputs(batch)
         state = self.video_text.caption_state(ids, mask, batch["caption_index"], video.shape[0])
         state = video_mask_state(self.block, batch.get("video_mask"), state)
-        v = self.video_output(video, *self._batch_audio(batch), state=state)
-        t = self.model.encode_text(ids, mask)
-        vf, tf, sim = self.similarity_inputs(v, t, batch.get("video_mask"))
-        out = self.loss(vf, tf, batch["caption_index"], self.model.logit_scale, similarity=sim)
-        aux = {**v.aux_losses, **t.aux_losses, **self.similarity_aux_losses(vf, tf, batch["caption_index"])}
+        if self.symile:
+            v = self.video_text.encode_video(video, state=state)  # unfused: audio is the loss's third modality
+            audio, audio_mask = self.audio_embeds(*self._batch_audio(batch))
+            t = self.model.encode_text(ids, mask)
+            out = self.loss(v.embeds, t.embeds, batch["caption_index"], self.model.logit_scale, audio=audio,
+                            audio_mask=audio_mask)
+            aux = {**v.aux_losses, **t.aux_losses}
+        else:
+            v = self.video_output(video, *self._batch_audio(batch), state=state)
+            t = self.model.encode_text(ids, mask)
+            vf, tf, sim = self.similarity_inputs(v, t, batch.get("video_mask"))
+            out = self.loss(vf, tf, batch["caption_index"], self.model.logit_scale, similarity=sim)
+            aux = {**v.aux_losses, **t.aux_losses, **self.similarity_aux_losses(vf, tf, batch["caption_index"])}
         weighted = self.weigh_aux(aux)
         total = out.loss if weighted is None else out.loss + weighted
         return total, out, aux
+
+    def audio_embeds(self, audio_mel: Tensor, audio_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Symile's audio embeddings ``[B, E]`` (unnormalised; rows without audio are ignored by the loss) and the
+        audio mask ``[B]`` of ``audio_mel [B, S_seg, 1, M, F]``."""
+        audio = self.model.audio(audio_mel, audio_mask)
+        return self.model.fusion.audio_embeds(audio.tokens), audio.mask
 
     def similarity_aux_losses(self, video: Any, text: Any, caption_index: Tensor) -> dict[str, Tensor]:
         """The similarity head's auxiliary losses (``glscl``'s, on the batch gathered like the loss's features;

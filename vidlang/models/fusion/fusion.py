@@ -8,7 +8,8 @@ Every fusion module has the signature::
 and the guarantees: rows whose ``audio_mask`` is False are returned *exactly* as ``video_embeds``
 (the audio tokens of such rows are never read), and every module starts as the identity
 (zero-initialised gate / output projection), so adding audio to a trained video model changes nothing
-until the fusion is trained.
+until the fusion is trained. ``symile`` is the exception: it returns Symile's video-side vector for the Symile loss
+(:class:`SymileFusion`).
 
 ``AudioVisualModel`` wraps a ``VideoTextModel`` + ``AudioBranch`` + fusion into one retrieval model:
 ``encode_video(video, audio_mel, audio_mask)`` returns the fused ``VideoOutput``; text goes through the
@@ -17,12 +18,15 @@ wrapped model unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vidlang.losses.symile import neutral_audio
 from vidlang.models.audio.encoder import AudioBranch
 from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.optim import DEFAULT_GROUP, param_groups
@@ -92,6 +96,36 @@ class CrossAttentionFusion(nn.Module):
         attended, _ = self.attn(q, kv, kv, need_weights=False)  # [B, 1, E]
         fused = video_embeds + self.out(attended[:, 0])
         return _keep_video(fused, video_embeds, audio_mask)
+
+
+@FUSIONS.register("symile")
+class SymileFusion(nn.Module):
+    """Audio as its own modality for the Symile loss (``contrastive.loss: symile``, :mod:`vidlang.losses.symile`).
+
+    :meth:`audio_embeds` is the clip's audio embedding ``u = Linear(LN(mean_q audio tokens))`` ``[B, E]`` that the
+    loss scores against the unfused video embedding and the caption. The forward returns Symile's video-side
+    vector ``w = sqrt(E) * normalize(v) * normalize(u)`` (element-wise), for which ``t . w`` is the triple's score
+    ``sqrt(E) * MIP(v, u, t)`` the loss trains (``t`` normalised): retrieval ranks by that raw dot product, not by
+    a cosine. A clip without audio takes the neutral ``u = 1 / sqrt(E)``, so ``w = normalize(v)`` and its score is
+    the video-text cosine. Two exceptions to the fusion guarantees: rows without audio are the *normalised* video
+    embedding (same direction), and the module is not the identity at initialisation (it is trained with Symile
+    from the start)."""
+
+    def __init__(self, embed_dim: int, audio_dim: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(audio_dim)
+        self.proj = nn.Linear(audio_dim, embed_dim)
+
+    def audio_embeds(self, audio_tokens: Tensor) -> Tensor:
+        """``audio_tokens [B, Qa, D]`` -> the unnormalised audio embeddings ``[B, E]``."""
+        return self.proj(self.norm(audio_tokens.mean(dim=1)))
+
+    def forward(
+        self, video_embeds: Tensor, audio_tokens: Tensor, audio_mask: Tensor, video_tokens: Tensor | None = None
+    ) -> Tensor:
+        video = F.normalize(video_embeds.float(), dim=-1)  # [B, E]
+        audio = neutral_audio(F.normalize(self.audio_embeds(audio_tokens).float(), dim=-1), audio_mask)  # [B, E]
+        return (math.sqrt(video.shape[-1]) * video * audio).to(video_embeds.dtype)
 
 
 def build_fusion(name: str, embed_dim: int, audio_dim: int, **kwargs: Any) -> nn.Module:
