@@ -155,3 +155,29 @@ def test_symile_config_is_the_audio_config_with_the_loss(tmp_path: Path):
         f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert cli.model.symile and isinstance(cli.model.model.fusion, SymileFusion)
     assert type(cli.model.loss) is SymileLoss
+
+
+def test_checkpoint_round_trip_and_the_bundle_warns_that_search_ranks_by_cosine(corpus, tmp_path):  # noqa: F811
+    from vidlang.serve.inference import load_bundle
+
+    manifest, tok, samples, groups = corpus
+    task = symile_task(tok)
+    ckpt = tmp_path / "symile.ckpt"
+    trainer = T.trainer(2, tmp_path)
+    trainer.fit(task, DataLoader(samples[:2], batch_size=2, collate_fn=collate_samples))
+    trainer.save_checkpoint(ckpt)
+    loaded = RetrievalTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    assert loaded.symile and loaded.hparams.fusion == "symile"
+    items = [next(s for s in samples if s.audio is not None), next(s for s in samples if s.audio is None)]
+    task.eval()
+    loaded.eval()
+    with torch.no_grad():
+        a = task.on_after_batch_transfer(collate_samples(items), 0)
+        b = loaded.on_after_batch_transfer(collate_samples(items), 0)
+        before = task.encode_video(a["video"], a["audio_mel"], a["audio_mel_mask"])
+        after = loaded.encode_video(b["video"], b["audio_mel"], b["audio_mel_mask"])
+    torch.testing.assert_close(after, before)
+    with pytest.warns(UserWarning, match="contrastive.loss='symile'.*cosine"):
+        bundle = load_bundle(ckpt)
+    paths = [str(Path(manifest).parent / f"videos/{s.key}.mp4") for s in items]
+    torch.testing.assert_close(bundle.embed_videos(paths), F.normalize(before, dim=-1), atol=1e-4, rtol=1e-4)
