@@ -7,6 +7,8 @@ released by the test, and waits have generous upper bounds only to end a broken 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import copy
 import http.client
 import json
@@ -26,6 +28,7 @@ from vidlang.serve.index import VideoIndex
 from vidlang.serve.inference import load_bundle
 from vidlang.serve.limits import Deadline, HttpError, json_depth
 from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
+from vidlang.serve.wakeup import LoopWaker
 
 TIMEOUT = 30  # seconds, every client call (only ends a broken test)
 
@@ -448,6 +451,51 @@ def test_concurrent_clips_are_batched_and_answered_correctly(request, setup):
     for p, (_, out) in zip(paths[1:5], threads, strict=True):
         want = setup["bundle"].embed_videos([str(setup["root"] / p)])[0]
         assert out["value"][0] == 200 and torch.allclose(torch.tensor(out["value"][1]["embedding"]), want, atol=1e-5)
+
+
+def test_loop_waker_hands_a_burst_of_results_over_with_one_wake_up():
+    """A batch's results reach the event loop with one wake-up (not one self-pipe write each), with their
+    values, errors and cancellation; a call after the loop closed is dropped."""
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        waker = LoopWaker(loop)
+        sources = [cf.Future() for _ in range(8)]
+        outs = asyncio.run_coroutine_threadsafe(_wrap_all(waker, sources), loop).result(TIMEOUT)
+        busy, held = threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(lambda: (busy.set(), held.wait(TIMEOUT)))  # the loop is busy meanwhile
+        assert busy.wait(TIMEOUT)
+        for i, f in enumerate(sources[:6]):  # this (worker) thread finishes the batch while the loop is busy
+            f.set_result(i)
+        sources[6].set_exception(ValueError("bad clip"))
+        sources[7].cancel()
+        assert waker.wakeups == 1 and not any(f.done() for f in outs)
+        held.set()
+        got = asyncio.run_coroutine_threadsafe(_outcomes(outs), loop).result(TIMEOUT)
+        assert got[:6] == list(range(6)) and isinstance(got[6], ValueError) and got[7] == "cancelled"
+        assert waker.wakeups == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(TIMEOUT)
+        loop.close()
+    waker.call(lambda: None)  # the loop is closed: dropped, no error
+
+
+async def _wrap_all(waker, sources):
+    return [waker.wrap(f) for f in sources]
+
+
+async def _outcomes(futures):
+    out = []
+    for f in futures:
+        try:
+            out.append(await f)
+        except asyncio.CancelledError:
+            out.append("cancelled")
+        except ValueError as err:
+            out.append(err)
+    return out
 
 
 def test_batcher_drops_cancelled_jobs_and_spreads_errors():

@@ -30,6 +30,7 @@ from vidlang.serve import schemas
 from vidlang.serve.engine import Engine, Job
 from vidlang.serve.limits import Deadline, HttpError, confine_path, parse_json_object
 from vidlang.serve.metrics import Metrics
+from vidlang.serve.wakeup import LoopWaker
 
 if TYPE_CHECKING:
     from vidlang.serve.app import ServeConfig
@@ -51,6 +52,7 @@ class ServeState:
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
     _stopped: asyncio.Future | None = None
+    _waker: LoopWaker | None = None
 
     @property
     def stopped(self) -> asyncio.Future:
@@ -58,6 +60,13 @@ class ServeState:
         if self._stopped is None:
             self._stopped = asyncio.get_running_loop().create_future()
         return self._stopped
+
+    @property
+    def waker(self) -> LoopWaker:
+        """Hands the engine's results to the event loop, one wake-up per burst (:mod:`vidlang.serve.wakeup`)."""
+        if self._waker is None:
+            self._waker = LoopWaker(asyncio.get_running_loop())
+        return self._waker
 
     def stop_waiting(self) -> None:
         """Every request still waiting is answered 503 (called on the event loop)."""
@@ -86,7 +95,7 @@ async def bounded(state: ServeState, work: Awaitable[Any], deadline: Deadline, s
 async def run_job(state: ServeState, request: Request, job: Job, deadline: Deadline) -> Any:
     """The job's result; 504 (job cancelled) when the deadline passes first, 503 when the server stops,
     nothing when the client leaves (the job is cancelled too)."""
-    result = asyncio.wrap_future(job.future)
+    result = state.waker.wrap(job.future)
     result.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when nobody waits
     gone = asyncio.ensure_future(_disconnected(request))
     try:
