@@ -236,10 +236,57 @@ def test_video_over_the_duration_or_pixel_limit_is_refused(request, setup):
     (b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "exceed 16 kB"),
     (b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 3000 + b"\r\n", 431, "exceed 16 kB"),
     (b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n", 400, "malformed HTTP request"),
+    # checks llhttp does not make itself (h11, the parser before it, did)
+    (b"GET /health HTTP/1.1\r\nX-A: b\r\n\r\n", 400, "mandatory Host"),
+    (b"GET /health HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n", 400, "multiple Host"),
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nabc", 501, "Transfer-Encoding: chunked"),
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501,
+     "Transfer-Encoding: chunked"),
+    # and where llhttp is stricter than h11 was: a request smuggling shape
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400,
+     "malformed HTTP request"),
 ])
 def test_http_layer_errors_are_json(server, data, status, message):
     code, answer = raw_json(server, data)
     assert code == status and message in answer["error"], answer
+
+
+def test_large_head_arriving_in_pieces_is_431(server):
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        try:
+            for _ in range(40):  # 40 kB of headers, 1 kB at a time, never ending
+                s.sendall(b"X-A: " + b"b" * 1017 + b"\r\n")
+                time.sleep(0.002)
+        except (BrokenPipeError, ConnectionResetError):  # refused meanwhile
+            pass
+        status, _, body = parse_reply(_read_to_eof(s))
+    assert status == 431 and "exceed 16 kB" in json.loads(body)["error"]
+
+
+def test_large_head_pipelined_behind_a_request_is_431(server):
+    """A complete request followed, in the same bytes, by an oversized head: the head is refused."""
+    first = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    data = first + b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 3000 + b"\r\n"
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(data)
+        reply = _read_to_eof(s)
+    last = reply[reply.rindex(b"HTTP/1.1 "):]
+    status, headers, body = parse_reply(last)
+    assert status == 431 and headers["content-type"] == "application/json"
+    assert "exceed 16 kB" in json.loads(body)["error"]
+
+
+def test_keep_alive_connection_serves_requests_one_after_another(server):
+    conn = http.client.HTTPConnection(*server.address, timeout=TIMEOUT)
+    try:
+        for _ in range(3):
+            conn.request("POST", "/search", body=json.dumps({"query": "a", "k": 1}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["k"] == 1
+    finally:
+        conn.close()
 
 
 def test_wrong_method_is_json_and_docs_are_served(server):
