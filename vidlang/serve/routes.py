@@ -322,7 +322,46 @@ def build_api(state: ServeState) -> FastAPI:
             question, req.k, req.max_new_tokens, deadline, emit, lambda out: on_meta(out.clips_json())), deadline)
         return await _answer_response(mode, pieces, {"k": req.k, **(meta or {"clips": [], "skipped": []})})
 
+    api.state.hot_routes = {"/embed": embed, "/search": search}
     return api
+
+
+class HotRoutes:
+    """ASGI: ``POST /embed`` and ``POST /search`` go straight to their endpoints (which read the request
+    themselves), past FastAPI's routing, dependency solving and middleware stack -- about 0.05 ms of the event
+    loop per request, measured. Their errors get the same exception handlers (500: the handler's answer, then
+    the exception goes on to the server's log, as in Starlette). Everything else, and the OpenAPI description of
+    these routes, is FastAPI's."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+        self.routes: dict[str, Any] = api.state.hot_routes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        endpoint = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if endpoint is None:
+            await self.api(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as err:
+            handler, key = _exception_handler(self.api.exception_handlers, err)
+            if handler is None:
+                raise
+            await (await handler(request, err))(scope, receive, send)
+            if key is Exception:  # a bug: answered, and logged by the server
+                raise
+            return
+        await response(scope, receive, send)
+
+
+def _exception_handler(handlers: dict[Any, Any], err: Exception) -> tuple[Any, Any]:
+    """The handler registered for the nearest class of ``err`` (as Starlette looks it up), and that class."""
+    for cls in type(err).__mro__:
+        if cls in handlers:
+            return handlers[cls], cls
+    return None, None
 
 
 def _install_error_handlers(api: FastAPI) -> None:
