@@ -16,8 +16,9 @@
 
 llhttp is stricter than h11 (the pure-Python parser uvicorn also has, used here before): it refuses duplicate
 ``Content-Length`` headers even when they agree, ``Content-Length`` beside ``Transfer-Encoding``, bare-LF line
-ends, obsolete header folding and control characters in header values (all 400). It parses a request in about a
-tenth of h11's time, which is most of the HTTP layer's share of a request's CPU (docs/serving.md).
+ends, obsolete header folding and control characters in header values (all 400). llhttp parses a small request
+in about 1 us where h11 took about 40 us to parse it and frame the answer; with uvicorn's protocol code around it,
+a request on a new connection costs the event loop about 0.1 ms less (docs/serving.md).
 """
 
 from __future__ import annotations
