@@ -277,6 +277,17 @@ def test_large_head_pipelined_behind_a_request_is_431(server):
     assert "exceed 16 kB" in json.loads(body)["error"]
 
 
+def test_pipelined_requests_are_answered_in_order(server):
+    search = post_bytes("/search", json.dumps({"query": "a", "k": 2}).encode()).replace(b"Connection: close\r\n", b"")
+    data = (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + search
+            + b"GET /nothing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(data)
+        reply = _read_to_eof(s)
+    assert [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)] == [200, 200, 404], reply
+    assert b'"k":2' in reply
+
+
 def test_keep_alive_connection_serves_requests_one_after_another(server):
     conn = http.client.HTTPConnection(*server.address, timeout=TIMEOUT)
     try:
