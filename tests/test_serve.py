@@ -202,6 +202,25 @@ def test_confine_path_unit(setup, tmp_path):
     assert err.value.status == 403
 
 
+def test_confine_path_compares_whole_components(tmp_path):
+    """A sibling whose name starts with the root's is outside it; the root "/" holds every path."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos2").mkdir()
+    (tmp_path / "videos2" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "videos" / "b.mp4").write_bytes(b"x")
+    with pytest.raises(HttpError) as err:
+        confine_path(str(tmp_path / "videos"), str(tmp_path / "videos2" / "a.mp4"))
+    assert err.value.status == 403
+    with pytest.raises(HttpError) as err:
+        confine_path(str(tmp_path / "videos"), "//..//videos2/a.mp4")
+    assert err.value.status == 403 and "'..'" in err.value.message
+    assert confine_path(str(tmp_path / "videos"), ".//b.mp4") == os.path.realpath(tmp_path / "videos" / "b.mp4")
+    assert confine_path("/", str(tmp_path / "videos" / "b.mp4")) == os.path.realpath(tmp_path / "videos" / "b.mp4")
+    with pytest.raises(HttpError) as err:
+        confine_path(str(tmp_path), "videos")
+    assert err.value.status == 400  # a directory
+
+
 # -- malformed requests ----------------------------------------------------------------------------
 @pytest.mark.parametrize("route, body, ctype, status, message", [
     ("/embed", "{not json", "application/json", 400, "malformed JSON"),

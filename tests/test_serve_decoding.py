@@ -84,3 +84,15 @@ def test_a_main_module_that_cannot_be_reimported_gets_a_clear_error():
     out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "decoding processes could not start" in out.stderr and "--decode-processes 0" in out.stderr
+
+
+def test_a_closed_pool_stops_its_workers_and_refuses_instead_of_waiting(videos):
+    p = DecodePool(ClipDecoder("auto", image_size=24, num_frames=4), processes=2)
+    pids = p.start()
+    assert len(set(pids)) == 2 and p.decode_video(str(videos[0]))[0].shape == (4, 3, 24, 24)
+    p.close()
+    for pid in pids:  # terminated and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(VideoDecodeError, match="stopped"):
+        p.decode_video(str(videos[0]))

@@ -7,6 +7,8 @@ released by the test, and waits have generous upper bounds only to end a broken 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import copy
 import http.client
 import json
@@ -26,6 +28,7 @@ from vidlang.serve.index import VideoIndex
 from vidlang.serve.inference import load_bundle
 from vidlang.serve.limits import Deadline, HttpError, json_depth
 from vidlang.serve.testing import synthetic_videos, tiny_retrieval_checkpoint
+from vidlang.serve.wakeup import LoopWaker
 
 TIMEOUT = 30  # seconds, every client call (only ends a broken test)
 
@@ -233,10 +236,68 @@ def test_video_over_the_duration_or_pixel_limit_is_refused(request, setup):
     (b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "exceed 16 kB"),
     (b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 3000 + b"\r\n", 431, "exceed 16 kB"),
     (b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n", 400, "malformed HTTP request"),
+    # checks llhttp does not make itself (h11, the parser before it, did)
+    (b"GET /health HTTP/1.1\r\nX-A: b\r\n\r\n", 400, "mandatory Host"),
+    (b"GET /health HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n", 400, "multiple Host"),
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nabc", 501, "Transfer-Encoding: chunked"),
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501,
+     "Transfer-Encoding: chunked"),
+    # and where llhttp is stricter than h11 was: a request smuggling shape
+    (b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400,
+     "malformed HTTP request"),
 ])
 def test_http_layer_errors_are_json(server, data, status, message):
     code, answer = raw_json(server, data)
     assert code == status and message in answer["error"], answer
+
+
+def test_large_head_arriving_in_pieces_is_431(server):
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        try:
+            for _ in range(40):  # 40 kB of headers, 1 kB at a time, never ending
+                s.sendall(b"X-A: " + b"b" * 1017 + b"\r\n")
+                time.sleep(0.002)
+        except (BrokenPipeError, ConnectionResetError):  # refused meanwhile
+            pass
+        status, _, body = parse_reply(_read_to_eof(s))
+    assert status == 431 and "exceed 16 kB" in json.loads(body)["error"]
+
+
+def test_large_head_pipelined_behind_a_request_is_431(server):
+    """A complete request followed, in the same bytes, by an oversized head: the head is refused."""
+    first = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    data = first + b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 3000 + b"\r\n"
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(data)
+        reply = _read_to_eof(s)
+    last = reply[reply.rindex(b"HTTP/1.1 "):]
+    status, headers, body = parse_reply(last)
+    assert status == 431 and headers["content-type"] == "application/json"
+    assert "exceed 16 kB" in json.loads(body)["error"]
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    search = post_bytes("/search", json.dumps({"query": "a", "k": 2}).encode()).replace(b"Connection: close\r\n", b"")
+    data = (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + search
+            + b"GET /nothing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(server.address, timeout=TIMEOUT) as s:
+        s.sendall(data)
+        reply = _read_to_eof(s)
+    assert [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)] == [200, 200, 404], reply
+    assert b'"k":2' in reply
+
+
+def test_keep_alive_connection_serves_requests_one_after_another(server):
+    conn = http.client.HTTPConnection(*server.address, timeout=TIMEOUT)
+    try:
+        for _ in range(3):
+            conn.request("POST", "/search", body=json.dumps({"query": "a", "k": 1}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["k"] == 1
+    finally:
+        conn.close()
 
 
 def test_wrong_method_is_json_and_docs_are_served(server):
@@ -448,6 +509,51 @@ def test_concurrent_clips_are_batched_and_answered_correctly(request, setup):
     for p, (_, out) in zip(paths[1:5], threads, strict=True):
         want = setup["bundle"].embed_videos([str(setup["root"] / p)])[0]
         assert out["value"][0] == 200 and torch.allclose(torch.tensor(out["value"][1]["embedding"]), want, atol=1e-5)
+
+
+def test_loop_waker_hands_a_burst_of_results_over_with_one_wake_up():
+    """A batch's results reach the event loop with one wake-up (not one self-pipe write each), with their
+    values, errors and cancellation; a call after the loop closed is dropped."""
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        waker = LoopWaker(loop)
+        sources = [cf.Future() for _ in range(8)]
+        outs = asyncio.run_coroutine_threadsafe(_wrap_all(waker, sources), loop).result(TIMEOUT)
+        busy, held = threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(lambda: (busy.set(), held.wait(TIMEOUT)))  # the loop is busy meanwhile
+        assert busy.wait(TIMEOUT)
+        for i, f in enumerate(sources[:6]):  # this (worker) thread finishes the batch while the loop is busy
+            f.set_result(i)
+        sources[6].set_exception(ValueError("bad clip"))
+        sources[7].cancel()
+        assert waker.wakeups == 1 and not any(f.done() for f in outs)
+        held.set()
+        got = asyncio.run_coroutine_threadsafe(_outcomes(outs), loop).result(TIMEOUT)
+        assert got[:6] == list(range(6)) and isinstance(got[6], ValueError) and got[7] == "cancelled"
+        assert waker.wakeups == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(TIMEOUT)
+        loop.close()
+    waker.call(lambda: None)  # the loop is closed: dropped, no error
+
+
+async def _wrap_all(waker, sources):
+    return [waker.wrap(f) for f in sources]
+
+
+async def _outcomes(futures):
+    out = []
+    for f in futures:
+        try:
+            out.append(await f)
+        except asyncio.CancelledError:
+            out.append("cancelled")
+        except ValueError as err:
+            out.append(err)
+    return out
 
 
 def test_batcher_drops_cancelled_jobs_and_spreads_errors():

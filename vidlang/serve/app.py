@@ -27,7 +27,7 @@ from vidlang.serve.config import ServeConfig
 from vidlang.serve.engine import Engine
 from vidlang.serve.metrics import Metrics, MetricsMiddleware
 from vidlang.serve.protocol import make_protocol
-from vidlang.serve.routes import ROUTES, ServeState, build_api
+from vidlang.serve.routes import ROUTES, HotRoutes, ServeState, build_api
 
 __all__ = ["ServeApp", "ServeConfig"]
 STOP_MARGIN_S = 0.5  # in-flight work is cancelled this long before the grace period ends
@@ -95,7 +95,7 @@ class ServeApp:
         protocol = make_protocol(config.connection_limits(),
                                  on_reject=lambda reason: self.metrics.rejected.labels(reason).inc())
         self.server = _Server(uvicorn.Config(
-            MetricsMiddleware(self.api, self.metrics), http=protocol, lifespan="off", ws="none",
+            MetricsMiddleware(HotRoutes(self.api), self.metrics), http=protocol, lifespan="off", ws="none",
             log_level="info" if config.log_requests else "warning", access_log=config.log_requests,
             timeout_keep_alive=config.keepalive_s, timeout_graceful_shutdown=config.grace_s,
             backlog=config.backlog, server_header=False,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
-from pathlib import PurePosixPath
 from typing import Any
 
 
@@ -32,16 +32,18 @@ def confine_path(root: str | None, user_path: Any) -> str:
         raise HttpError(400, "'path' must be a non-empty string")
     if "\x00" in user_path:
         raise HttpError(400, "'path' contains a NUL character")
-    if ".." in PurePosixPath(user_path.replace("\\", "/")).parts:
+    if ".." in user_path.replace("\\", "/").split("/"):
         raise HttpError(403, f"path {user_path!r} is refused: '..' components are not allowed")
     root_real = os.path.realpath(root)
     candidate = user_path if os.path.isabs(user_path) else os.path.join(root_real, user_path)
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([root_real, real]) != root_real:
+    real = os.path.realpath(candidate)  # both absolute and normalised: a prefix test of whole components suffices
+    if real != root_real and not real.startswith(root_real.rstrip("/") + "/"):
         raise HttpError(403, f"path {user_path!r} is outside the allowed root")
-    if not os.path.exists(real):
-        raise HttpError(404, f"path {user_path!r} does not exist under the allowed root")
-    if not os.path.isfile(real):
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        raise HttpError(404, f"path {user_path!r} does not exist under the allowed root") from None
+    if not stat.S_ISREG(mode):
         raise HttpError(400, f"path {user_path!r} is not a regular file")
     return real
 
