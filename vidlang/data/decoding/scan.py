@@ -60,6 +60,7 @@ from vidlang.data.decoding.base import (
     resolve_device,
     source_bytes,
 )
+from vidlang.data.decoding.mp4 import MOV_FORMAT, Unsupported, read_mp4
 
 MAX_PACKETS = 5_000_000  # bound on the scan, packets of all streams (about 20 h of 30 fps video with AAC audio)
 # FFmpeg demuxers that turn non-videos into "video" streams: still images (``image2``, ``*_pipe``),
@@ -237,6 +238,44 @@ def scan_video(
     else:
         container.close()
     return index
+
+
+def index_video(
+    src: str | bytes,
+    name: str,
+    backend: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    rotation: bool = True,
+    keep_open: bool = False,
+) -> VideoIndex:
+    """The :class:`VideoIndex` of ``src``: read from an H.264 MP4/MOV file's own sample tables when
+    :func:`vidlang.data.decoding.mp4.read_mp4` can state it exactly (no PyAV, no container left open, the
+    rotation always known), else by :func:`scan_video` (same arguments)."""
+    try:
+        found = read_mp4(src, max_pixels)
+    except Unsupported:
+        return scan_video(src, name, backend, max_pixels, rotation=rotation, keep_open=keep_open)
+    except OSError as e:
+        raise VideoDecodeError(name, backend, f"cannot read source: {e}") from e
+    return VideoIndex(
+        pts=found.pts.tolist(),
+        durations=found.durations.tolist(),
+        keyframes=found.keyframes.tolist(),
+        time_base=found.time_base,
+        width=found.width,
+        height=found.height,
+        codec="h264",
+        stream_index=found.stream_index,
+        has_audio=found.has_audio,
+        audio_sample_rate=found.audio_sample_rate,
+        truncated=False,
+        data_end=found.data_end,
+        format=MOV_FORMAT,
+        rotation=found.rotation,
+        reordered=found.reordered,
+        clean_keys=found.clean_keys,
+    )
 
 
 def _scan(container, src: str | bytes, name: str, backend: str, max_pixels: int | None, rotation: bool) -> VideoIndex:
@@ -445,8 +484,8 @@ class ScannedReader(VideoReader):
         lib = self._library()
         if scan is None:
             self._src, self.name = load_source(source, self.backend)
-            index = scan_video(self._src, self.name, self.backend, max_pixels, rotation=self.scan_rotation,
-                               keep_open=self.keeps_container)
+            index = index_video(self._src, self.name, self.backend, max_pixels, rotation=self.scan_rotation,
+                                keep_open=self.keeps_container)
         else:
             self._src, self.name, index = scan
         self.index = index
