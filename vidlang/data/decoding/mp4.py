@@ -24,12 +24,15 @@ import os
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 import numpy as np
 
 MOV_FORMAT = "mov,mp4,m4a,3gp,3g2,mj2"  # the name FFmpeg gives its MP4/MOV demuxer
 MAX_SAMPLES = 5_000_000  # as the scan's packet bound
+READ_WHOLE = 1 << 20  # files up to this size are read at once, larger ones mapped
 MAX_NALS = 64  # NAL units per sample looked at; more sends the file to the scan
+SMALL = 256  # up to this many samples the NAL units are walked in plain Python
 TOP_LEVEL = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"udta", b"meta", b"pdin"}
 FRAGMENTED = {b"moof", b"mfra", b"sidx", b"styp", b"ssix", b"emsg", b"prft", b"mvex"}
 STBL_KNOWN = {b"stsd", b"stts", b"ctts", b"stss", b"stsz", b"stsc", b"stco", b"co64", b"sdtp", b"sgpd", b"sbgp"}
@@ -81,6 +84,11 @@ def read_mp4(src: str | bytes, max_pixels: int | None) -> Mp4Video:
             size = os.fstat(fd).st_size
             if size < 16:
                 raise Unsupported("file too small")
+            if size <= READ_WHOLE:
+                data = os.read(fd, size)
+                if len(data) != size:
+                    raise Unsupported("short read")
+                return _read(data, size, max_pixels)
             data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
@@ -262,20 +270,31 @@ def _positions(moov: bytes, t: _Track) -> tuple[np.ndarray, np.ndarray]:
         offsets = _table(moov, t, b"co64", ">u8", 1)[:, 0]
     else:
         offsets = _table(moov, t, b"stco", ">u4", 1)[:, 0]
-    stsc = _table(moov, t, b"stsc", ">u4", 3)
-    first, per_chunk, desc = stsc[:, 0], stsc[:, 1], stsc[:, 2]
-    if len(first) == 0 or first[0] != 1 or np.any(np.diff(first) <= 0) or np.any(per_chunk <= 0):
+    s, e = t.tables.get(b"stsc") or (None, None)
+    if s is None:
+        raise Unsupported("no stsc")
+    (count,) = struct.unpack_from(">I", moov, s + 4)
+    if count == 0 or 8 + 12 * count > e - s:
         raise Unsupported("bad stsc")
-    if np.any(desc != 1) or first[-1] > len(offsets):
-        raise Unsupported("stsc with several sample descriptions or past the chunks")
-    chunks = np.diff(np.append(first, len(offsets) + 1))  # chunks in each stsc run
-    per = np.repeat(per_chunk, chunks)  # samples in each chunk
-    if int(per.sum()) != len(sizes):
+    runs = struct.unpack_from(f">{3 * count}I", moov, s + 8)
+    first, per_chunk = runs[0::3], runs[1::3]
+    bounds = (*first, len(offsets) + 1)
+    increasing = all(b > a for a, b in zip(bounds, bounds[1:], strict=False))
+    if first[0] != 1 or not increasing or min(per_chunk) <= 0 or set(runs[2::3]) != {1}:
+        raise Unsupported("bad stsc, or several sample descriptions")
+    n = len(sizes)
+    if count == 1:
+        per = per_chunk[0]
+        if per * len(offsets) != n:
+            raise Unsupported("stsc and stsz disagree on the sample count")
+        within = np.cumsum(sizes.reshape(-1, per), axis=1) - sizes.reshape(-1, per)
+        return (offsets[:, None] + within).reshape(-1), sizes
+    per = np.repeat(per_chunk, np.diff(bounds))  # samples in each chunk
+    if int(per.sum()) != n:
         raise Unsupported("stsc and stsz disagree on the sample count")
     chunk = np.repeat(np.arange(len(offsets)), per)
     before = np.cumsum(sizes) - sizes  # bytes of the samples before each one
-    chunk_start = np.cumsum(per) - per  # first sample of each chunk
-    return offsets[chunk] + before - before[chunk_start][chunk], sizes
+    return offsets[chunk] + before - before[np.cumsum(per) - per][chunk], sizes
 
 
 def _sample_end(moov: bytes, t: _Track) -> int:
@@ -389,6 +408,7 @@ class _Bits:
         return (k + 1) // 2 if k % 2 else -(k // 2)
 
 
+@lru_cache(maxsize=64)  # clips of one encoder share their SPS
 def sps_size(nal: bytes) -> tuple[int, int]:
     """``(width, height)`` of an H.264 SPS NAL unit (header byte included), cropped as FFmpeg reports it.
 
@@ -445,6 +465,8 @@ def sps_size(nal: bytes) -> tuple[int, int]:
 def _check_parameter_sets(data, pos: np.ndarray, sizes: np.ndarray, nal_size: int, sps: bytes,
                           size: tuple[int, int]) -> None:
     """Walk the NAL units of every video sample; an SPS among them must repeat the description's frame size."""
+    if len(pos) <= SMALL:
+        return _check_parameter_sets_small(data, pos.tolist(), sizes.tolist(), sps, size)
     buf = np.frombuffer(data, np.uint8)
     try:
         start, end = pos, pos + sizes
@@ -452,12 +474,12 @@ def _check_parameter_sets(data, pos: np.ndarray, sizes: np.ndarray, nal_size: in
         for _ in range(MAX_NALS):
             if start.size == 0:
                 return
-            if np.any(start + 5 > end):
+            if (start + 5 > end).any():
                 raise Unsupported("malformed NAL unit lengths")
             head = buf[start[:, None] + np.arange(5)].astype(np.int64)  # [n, 5]: 4-byte length, NAL header
             length = (head[:, 0] << 24) | (head[:, 1] << 16) | (head[:, 2] << 8) | head[:, 3]
             nxt = start + 4 + length
-            if np.any(nxt > end) or np.any(length == 0):
+            if (nxt > end).any() or (length == 0).any():
                 raise Unsupported("malformed NAL unit lengths")
             kind = head[:, 4] & 0x1F
             for i in np.flatnonzero((kind == 7) | (kind == 13) | (kind == 15)):
@@ -471,6 +493,32 @@ def _check_parameter_sets(data, pos: np.ndarray, sizes: np.ndarray, nal_size: in
         raise Unsupported("too many NAL units in a sample")
     finally:
         del buf
+
+
+def _check_parameter_sets_small(data, pos: list[int], sizes: list[int], sps: bytes, size: tuple[int, int]) -> None:
+    """:func:`_check_parameter_sets` for a few samples, in plain Python (numpy's per-call cost dominates there)."""
+    seen = {sps}
+    unpack = struct.Struct(">IB").unpack_from
+    for p, n in zip(pos, sizes, strict=True):
+        end = p + n
+        for _ in range(MAX_NALS):
+            if p + 5 > end:
+                raise Unsupported("malformed NAL unit lengths")
+            length, header = unpack(data, p)
+            nxt = p + 4 + length
+            if length == 0 or nxt > end:
+                raise Unsupported("malformed NAL unit lengths")
+            if header & 0x1F in (7, 13, 15):
+                nal = bytes(data[p + 4 : nxt])
+                if nal not in seen:
+                    if nal[0] & 0x1F != 7 or sps_size(nal) != size:
+                        raise Unsupported("an in-band parameter set changes the stream")
+                    seen.add(nal)
+            if nxt == end:
+                break
+            p = nxt
+        else:
+            raise Unsupported("too many NAL units in a sample")
 
 
 # --------------------------------------------------------------------------- timestamps
@@ -487,7 +535,7 @@ def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int,
     dts = np.cumsum(delta) - delta
     ctts = _table(moov, v, b"ctts", ">i4", 2, required=False)
     if ctts is not None:
-        if int(ctts[:, 0].sum()) != n or np.any(ctts[:, 1] < 0):
+        if int(ctts[:, 0].sum()) != n or (ctts[:, 1] < 0).any():
             raise Unsupported("ctts count differs from the samples, or negative composition offsets")
         pts = dts + np.repeat(ctts[:, 1], ctts[:, 0])
     else:
@@ -496,7 +544,7 @@ def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int,
     stss = _table(moov, v, b"stss", ">u4", 1, required=False)
     if stss is not None:
         stss = stss[:, 0]
-        if len(stss) == 0 or stss[0] < 1 or stss[-1] > n or np.any(np.diff(stss) <= 0):
+        if len(stss) == 0 or stss[0] < 1 or stss[-1] > n or (np.diff(stss) <= 0).any():
             raise Unsupported("bad stss")
         keys[:] = False
         keys[stss - 1] = True
@@ -504,20 +552,20 @@ def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int,
         s, _ = v.tables[b"sbgp"]
         if moov[s + 4 : s + 8] in (b"rap ", b"sync"):
             raise Unsupported("random-access sample groups")
-    if not keys[0] or np.any(pts < pts[0]):
+    if not keys[0] or (pts < pts[0]).any():
         raise Unsupported("the first sample is not a key frame displayed first")
     if v.edits:
         pts = _edit(v, movie_scale, dts, pts, delta, keys, ctts is not None)
     order = np.argsort(pts, kind="stable")
     shown = pts[order]
-    if n > 1 and np.any(np.diff(shown) == 0):
+    if n > 1 and (np.diff(shown) == 0).any():
         raise Unsupported("duplicate timestamps")
     # durations: the stts delta of each sample, the last one's from the edit (as FFmpeg's packets carry them)
     durations = delta[order]
     return Mp4Video(
         pts=shown, durations=durations, keyframes=keys[order], time_base=Fraction(1, v.timescale),
         width=width, height=height, stream_index=v.index, has_audio=any(t.handler == b"soun" for t in tracks),
-        audio_sample_rate=audio_rate, rotation=rotation, reordered=bool(np.any(np.diff(pts) < 0)),
+        audio_sample_rate=audio_rate, rotation=rotation, reordered=bool((np.diff(pts) < 0).any()),
         clean_keys=clean_keys(pts, keys), data_end=data_end,
     )  # fmt: skip
 
@@ -531,7 +579,7 @@ def _edit(v: _Track, movie_scale: int, dts: np.ndarray, pts: np.ndarray, delta: 
     if media_time < 0 or rate != 1 << 16:
         raise Unsupported("empty or non-unit-rate edit")
     span = (duration * v.timescale * 2 + movie_scale) // (2 * movie_scale)  # av_rescale: round half up
-    if np.any(pts < media_time) or np.any(pts >= media_time + span):
+    if (pts < media_time).any() or (pts >= media_time + span).any():
         raise Unsupported("the edit drops frames")
     step = np.append(np.diff(dts), span)  # FFmpeg's frame_duration
     ends = np.flatnonzero(keys & (pts + step >= media_time + span))
