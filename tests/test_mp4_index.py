@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.register_assert_rewrite("decode_matrix")
+pytest.register_assert_rewrite("decode_matrix", "videos")
 from decode_matrix import BY_NAME  # noqa: E402
 
 from vidlang.data.decoding import VideoDecodeError, open_video  # noqa: E402
@@ -185,3 +185,30 @@ def test_an_inband_sps_that_changes_the_frame_size_falls_back(mp4_dir, samples):
         check(sample(other, slice_nal))
     with pytest.raises(Unsupported, match="NAL"):
         check(sample(slice_nal)[:-3])  # a NAL length past its sample
+
+
+@pytest.mark.parametrize("name", ["bframes.mp4", "audio_first.mp4", "ntsc.mp4"])
+def test_torchcodec_core_route_gives_videodecoders_frames(mp4_dir, name, monkeypatch):
+    """torchcodec opened below ``VideoDecoder`` (the index as tensors) returns what ``VideoDecoder`` returns."""
+    from vidlang.data.decoding.torchcodec import TorchCodecReader, core_ops
+
+    assert core_ops() is not None  # this torchcodec has the functions (the route is tested, not skipped)
+    path = str(mp4_dir / name)
+    with open_video(path, "torchcodec") as r:
+        assert r._core is not None
+        order = np.random.default_rng(1).permutation(r.metadata.num_frames).tolist()
+        direct = r.get_frames(order)
+    monkeypatch.setattr(TorchCodecReader, "direct", False)
+    with open_video(path, "torchcodec") as r:
+        assert r._core is None
+        assert torch.equal(r.get_frames(order), direct)
+
+
+def test_torchcodec_core_route_only_where_it_applies(mp4_dir, decode_matrix):
+    """Rotated, resized and scanned files go through ``VideoDecoder`` (its metadata checks the rotation)."""
+    with open_video(str(decode_matrix.path(BY_NAME["rot90.mp4"])), "torchcodec") as r:
+        assert r._core is None and r.metadata.rotation == 90
+    with open_video(str(mp4_dir / "bframes.mp4"), "torchcodec", resize_short_side=48) as r:
+        assert r._core is None and r.get_frames([0]).shape == (1, 3, 48, 80)
+    with open_video(str(mp4_dir / "matroska.mkv"), "torchcodec") as r:
+        assert r._core is None

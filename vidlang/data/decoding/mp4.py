@@ -158,7 +158,7 @@ def _read(data, size: int, max_pixels: int | None) -> Mp4Video:
     rotation = ROTATIONS.get(v.matrix[:4]) if v.matrix[4:] == (0, 0, 1 << 30) else None
     if rotation is None:
         raise Unsupported("track matrix is not a pure rotation")
-    return _timeline(moov, v, movie_scale, width, height, audio_rate, tracks, rotation, max(ends))
+    return _timeline(moov, v, len(sizes), movie_scale, width, height, audio_rate, tracks, rotation, max(ends))
 
 
 def _movie(moov: bytes) -> tuple[int, list[_Track]]:
@@ -524,15 +524,18 @@ def _check_parameter_sets_small(data, pos: list[int], sizes: list[int], sps: byt
 # --------------------------------------------------------------------------- timestamps
 
 
-def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int, audio_rate: int | None,
+def _timeline(moov: bytes, v: _Track, n: int, movie_scale: int, width: int, height: int, audio_rate: int | None,
               tracks: list[_Track], rotation: int, data_end: int) -> Mp4Video:
-    """Display-order pts, durations and key frames as FFmpeg's demuxer gives them."""
-    n = len(_sizes(moov, v))
+    """Display-order pts, durations and key frames of the ``n`` video samples as FFmpeg's demuxer gives them."""
     stts = _table(moov, v, b"stts", ">u4", 2)
     if int(stts[:, 0].sum()) != n:
         raise Unsupported("stts and stsz disagree on the sample count")
-    delta = np.repeat(stts[:, 1], stts[:, 0])  # [N] decode-order durations
-    dts = np.cumsum(delta) - delta
+    if len(stts) == 1:  # constant frame rate
+        delta = np.full(n, stts[0, 1], np.int64)  # [N] decode-order durations
+        dts = np.arange(0, n * stts[0, 1], stts[0, 1]) if stts[0, 1] else np.zeros(n, np.int64)
+    else:
+        delta = np.repeat(stts[:, 1], stts[:, 0])
+        dts = np.cumsum(delta) - delta
     ctts = _table(moov, v, b"ctts", ">i4", 2, required=False)
     if ctts is not None:
         if int(ctts[:, 0].sum()) != n or (ctts[:, 1] < 0).any():
@@ -544,7 +547,7 @@ def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int,
     stss = _table(moov, v, b"stss", ">u4", 1, required=False)
     if stss is not None:
         stss = stss[:, 0]
-        if len(stss) == 0 or stss[0] < 1 or stss[-1] > n or (np.diff(stss) <= 0).any():
+        if len(stss) == 0 or stss[0] < 1 or stss[-1] > n or (stss[1:] <= stss[:-1]).any():
             raise Unsupported("bad stss")
         keys[:] = False
         keys[stss - 1] = True
@@ -558,14 +561,14 @@ def _timeline(moov: bytes, v: _Track, movie_scale: int, width: int, height: int,
         pts = _edit(v, movie_scale, dts, pts, delta, keys, ctts is not None)
     order = np.argsort(pts, kind="stable")
     shown = pts[order]
-    if n > 1 and (np.diff(shown) == 0).any():
+    if (shown[1:] == shown[:-1]).any():
         raise Unsupported("duplicate timestamps")
     # durations: the stts delta of each sample, the last one's from the edit (as FFmpeg's packets carry them)
     durations = delta[order]
     return Mp4Video(
         pts=shown, durations=durations, keyframes=keys[order], time_base=Fraction(1, v.timescale),
         width=width, height=height, stream_index=v.index, has_audio=any(t.handler == b"soun" for t in tracks),
-        audio_sample_rate=audio_rate, rotation=rotation, reordered=bool((np.diff(pts) < 0).any()),
+        audio_sample_rate=audio_rate, rotation=rotation, reordered=bool((pts[1:] < pts[:-1]).any()),
         clean_keys=clean_keys(pts, keys), data_end=data_end,
     )  # fmt: skip
 
@@ -581,7 +584,7 @@ def _edit(v: _Track, movie_scale: int, dts: np.ndarray, pts: np.ndarray, delta: 
     span = (duration * v.timescale * 2 + movie_scale) // (2 * movie_scale)  # av_rescale: round half up
     if (pts < media_time).any() or (pts >= media_time + span).any():
         raise Unsupported("the edit drops frames")
-    step = np.append(np.diff(dts), span)  # FFmpeg's frame_duration
+    step = np.concatenate([dts[1:] - dts[:-1], [span]])  # FFmpeg's frame_duration
     ends = np.flatnonzero(keys & (pts + step >= media_time + span))
     stop = ends[1 if has_ctts else 0] if len(ends) > (1 if has_ctts else 0) else len(pts) - 1
     if stop != len(pts) - 1:

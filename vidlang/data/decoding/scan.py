@@ -134,6 +134,7 @@ class VideoIndex:
     rotation: int | None = 0  # display rotation, degrees counter-clockwise: 0, 90, 180 or 270 (None: not read)
     reordered: bool = False  # decode order differs from display order (B-frames)
     clean_keys: bool = True  # no key frame has frames displayed before it after it in decode order, or v.v.
+    from_tables: bool = False  # read from an MP4's sample tables (mp4.read_mp4), not demuxed by PyAV
     container: Any = field(default=None, repr=False, compare=False)  # the scan's open PyAV container, if kept
 
     def release(self) -> Any:
@@ -275,6 +276,7 @@ def index_video(
         rotation=found.rotation,
         reordered=found.reordered,
         clean_keys=found.clean_keys,
+        from_tables=True,
     )
 
 
