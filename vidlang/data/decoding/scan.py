@@ -6,7 +6,9 @@ size, rotation, audio facts, and the facts that decide whether a backend can add
 docs/decoding.md). An MP4/MOV whose sample tables lie inside the file is known complete (:func:`index_complete`)
 and only its video stream is read; any other file has every stream demuxed, to find where a truncated file's
 complete packets end. An MP4's rotation is read by decoding its first frame, unless the backend reads the display
-matrix itself (torchcodec). All backends use the scan, so they agree on frame counts and timestamps by
+matrix itself (torchcodec). A complete H.264 MP4/MOV is indexed from its own sample tables instead
+(:func:`index_video`, :mod:`vidlang.data.decoding.mp4`), to the same result with the same guards; every other file
+is scanned. All backends use the index, so they agree on frame counts and timestamps by
 construction, and it is also the guard that keeps fragile decoders (decord) away from inputs that are not videos
 and every decoder away from decompression bombs. :class:`ScannedReader` holds what the backends share around it.
 

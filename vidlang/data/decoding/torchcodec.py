@@ -1,12 +1,13 @@
 """torchcodec backend: FFmpeg through PyTorch's decoder, on CPU or on a CUDA GPU (NVDEC).
 
-The shared container scan (:func:`vidlang.data.decoding.scan.scan_video`) is handed to
-torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does not scan the
-file a second time and its frame ``i`` is exactly the scan's frame ``i`` (truncated files
-included: torchcodec reads only their complete packets). Resizing happens inside the decoder
-(``torchcodec.transforms.Resize``); torchcodec reads the display rotation from the display matrix and applies
-it itself (the scan decodes no frame for it; a resized rotated file opens the decoder a second time with the
-rotated output size).
+The shared frame index (:func:`vidlang.data.decoding.scan.index_video`: an MP4's own sample tables, or the
+PyAV container scan) is handed to torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does
+not scan the file a second time and its frame ``i`` is exactly the index's frame ``i`` (truncated files
+included: torchcodec reads only their complete packets). An unrotated, unresized CPU decode of an MP4 indexed
+from its tables opens torchcodec below ``VideoDecoder`` (:func:`core_ops`), with the index as tensors.
+Resizing happens inside the decoder (``torchcodec.transforms.Resize``); torchcodec reads the display rotation
+from the display matrix and applies it itself (the scan decodes no frame for it; a resized rotated file the scan
+indexed opens the decoder a second time with the rotated output size; the MP4 fast path knows the rotation).
 
 torchcodec finds a frame by its timestamp, so it refuses the files where timestamps cannot name
 frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
