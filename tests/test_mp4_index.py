@@ -41,6 +41,7 @@ ACCEPTED = {
     "opengop.mp4": [*SRC, *X264, "-x264-params", "open-gop=1:keyint=12:bframes=3"],
     "inband_sps.mp4": [*SRC, *X264, "-x264-params", "repeat-headers=1:keyint=12"],
     "audio48k.mp4": [*SRC, *TONE, *X264, "-c:a", "aac"],
+    "audio22k.mp4": [*SRC, "-f", "lavfi", "-t", "2", "-i", "sine=sample_rate=22050", *X264, "-c:a", "aac"],
     "audio_first.mp4": [*TONE, *SRC, "-map", "1:v", "-map", "0:a", *X264, "-c:a", "aac"],
     "odd.mp4": [*ODD, *X264],
     "odd444.mp4": [*SRC, "-vf", "scale=97:61,format=yuv444p", *X264[:-1], "yuv444p"],
@@ -52,7 +53,6 @@ ACCEPTED = {
 REFUSED = {
     "fragmented.mp4": ([*SRC, *X264, "-movflags", "frag_keyframe+empty_moov"], "fragmented"),
     "trimmed.mp4": (None, "edit"),  # a stream copy cut at a non-key frame: the edit list drops frames
-    "audio22k.mp4": ([*SRC, "-f", "lavfi", "-t", "2", "-i", "sine=sample_rate=22050", *X264, "-c:a", "aac"], "AAC"),
     "sound.mov": ([*SRC, *TONE, *X264, "-c:a", "aac"], "sound description"),
     "timecode.mov": ([*SRC, *X264, "-timecode", "01:00:00:00"], "references"),
     "interlaced.mp4": ([*SRC, "-vf", "interlace", *X264, "-flags", "+ilme+ildct"], "interlaced"),

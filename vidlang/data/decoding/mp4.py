@@ -335,7 +335,12 @@ def _avc_entry(moov: bytes, t: _Track) -> tuple[int, int, int, bytes]:
 
 
 def _aac_rate(moov: bytes, t: _Track) -> int:
-    """Sample rate of an AAC-LC ``mp4a`` description (>= 32 kHz: FFmpeg reports it as stored)."""
+    """Sample rate of an AAC-LC ``mp4a`` description, as its AudioSpecificConfig and the description state it.
+
+    FFmpeg reports the same rate, except for HE-AAC signalled only inside the audio frames ("implicit SBR",
+    cores of <= 24 kHz), where it reports the doubled output rate after decoding a frame; the rate is
+    informational (``VideoMetadata.audio_sample_rate``; audio decoding resamples from the decoder's output).
+    """
     fourcc, s, e = _entry(moov, t)
     if fourcc != b"mp4a" or struct.unpack_from(">H", moov, s + 8)[0] != 0:
         raise Unsupported(f"audio codec {fourcc!r} or QuickTime sound description")
@@ -348,8 +353,8 @@ def _aac_rate(moov: bytes, t: _Track) -> int:
         raise Unsupported("not AAC-LC")
     index = ((asc[0] & 7) << 1) | (asc[1] >> 7)
     rate = AAC_RATES[index] if index < len(AAC_RATES) else 0
-    if rate != stored or rate < 32000:
-        raise Unsupported("AAC sample rate under 32 kHz or not as stored")
+    if rate != stored:
+        raise Unsupported("AAC sample rate not as stored in the sample description")
     return rate
 
 
