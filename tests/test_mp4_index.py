@@ -212,3 +212,17 @@ def test_torchcodec_core_route_only_where_it_applies(mp4_dir, decode_matrix):
         assert r._core is None and r.get_frames([0]).shape == (1, 3, 48, 80)
     with open_video(str(mp4_dir / "matroska.mkv"), "torchcodec") as r:
         assert r._core is None
+
+
+def test_large_file_reads_its_moov_beyond_the_prefix(mp4_dir, monkeypatch):
+    """A file larger than the prefix read at once: the moov box (at the end, as ffmpeg writes it) is read on its
+    own, the samples past the prefix are not walked, and the index is the same; bytes input agrees."""
+    path = mp4_dir / "bframes.mp4"
+    full = read_mp4(str(path), None)
+    assert path.read_bytes().index(b"moov") > 4096  # the moov box lies past the small prefix below
+    monkeypatch.setattr(mp4mod, "PREFIX", 4096)
+    small = read_mp4(str(path), None)
+    from_bytes = read_mp4(path.read_bytes(), None)
+    for got in (small, from_bytes):
+        assert np.array_equal(got.pts, full.pts) and np.array_equal(got.keyframes, full.keyframes)
+        assert (got.width, got.height, got.data_end) == (full.width, full.height, full.data_end)

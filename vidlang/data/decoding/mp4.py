@@ -13,13 +13,13 @@ other codecs, several sample descriptions, interlaced or cropped-at-the-origin s
 SPS other than the sample description's, an edit list other than one plain edit that drops no frame, negative
 composition offsets, partial-sync or random-access sample groups, duplicate timestamps, mirrored or
 non-right-angle matrices, and a frame larger than ``max_pixels`` (the scan then refuses it with its own
-message). Every sample is checked for in-band parameter sets (H.264 SPS NAL units): one that changes the
-frame size sends the file to the scan; so FFmpeg never sees a frame size the check did not.
+message). Every sample in the first :data:`PREFIX` bytes (more than FFmpeg's stream probing reads) is checked
+for in-band parameter sets (H.264 SPS NAL units): one that changes the frame size sends the file to the scan, so
+FFmpeg's probe sees no frame size the check did not.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import numpy as np
 
 MOV_FORMAT = "mov,mp4,m4a,3gp,3g2,mj2"  # the name FFmpeg gives its MP4/MOV demuxer
 MAX_SAMPLES = 5_000_000  # as the scan's packet bound
-READ_WHOLE = 1 << 20  # files up to this size are read at once, larger ones mapped
+PREFIX = 8 << 20  # bytes of a file read at once; their samples are checked for in-band parameter sets
 MAX_NALS = 64  # NAL units per sample looked at; more sends the file to the scan
 SMALL = 256  # up to this many samples the NAL units are walked in plain Python
 TOP_LEVEL = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"udta", b"meta", b"pdin"}
@@ -77,26 +77,55 @@ class _Track:
 
 
 def read_mp4(src: str | bytes, max_pixels: int | None) -> Mp4Video:
-    """The frame index of a complete H.264 MP4/MOV file; :class:`Unsupported` when it is not one."""
+    """The frame index of a complete H.264 MP4/MOV file; :class:`Unsupported` when it is not one.
+
+    A file is read with plain reads (its first :data:`PREFIX` bytes, then the ``moov`` box wherever it lies), never
+    memory-mapped: a file truncated while mapped would kill the process with SIGBUS.
+    """
     if isinstance(src, str):
         fd = os.open(src, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
             if size < 16:
                 raise Unsupported("file too small")
-            if size <= READ_WHOLE:
-                data = os.read(fd, size)
-                if len(data) != size:
-                    raise Unsupported("short read")
-                return _read(data, size, max_pixels)
-            data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            return _read(os.pread(fd, min(size, PREFIX), 0), size, max_pixels, lambda at, n: os.pread(fd, n, at))
         finally:
             os.close(fd)
-        try:
-            return _read(data, size, max_pixels)
-        finally:
-            data.close()
-    return _read(src, len(src), max_pixels)
+    return _read(src, len(src), max_pixels, lambda at, n: src[at : at + n])
+
+
+def _top_level(prefix: bytes, size: int, read) -> bytes:
+    """The ``moov`` box of a file whose top-level boxes tile it exactly (:class:`Unsupported` otherwise)."""
+    if prefix[4:8] not in TOP_LEVEL:
+        raise Unsupported("not an MP4/MOV file")
+    moov, pos = None, 0
+    while pos < size:
+        head = prefix[pos : pos + 16] if pos + 16 <= len(prefix) else read(pos, 16)
+        if len(head) < 8:
+            raise Unsupported("bytes after the last box")
+        n, kind = struct.unpack_from(">I4s", head)
+        skip = 8
+        if n == 1:
+            if len(head) < 16:
+                raise Unsupported("box header past the end")
+            (n,) = struct.unpack_from(">Q", head, 8)
+            skip = 16
+        if n < skip or pos + n > size:  # n == 0 ("to the end of the file") included
+            raise Unsupported(f"{kind!r} box past the end of the file (truncated file?)")
+        if kind == b"moov":
+            if moov is not None:
+                raise Unsupported("two moov boxes")
+            moov = prefix[pos + skip : pos + n] if pos + n <= len(prefix) else read(pos + skip, n - skip)
+            if len(moov) != n - skip:
+                raise Unsupported("short read")
+        elif kind in FRAGMENTED:
+            raise Unsupported("fragmented MP4")
+        elif kind not in TOP_LEVEL:
+            raise Unsupported(f"top-level box {kind!r}")
+        pos += n
+    if moov is None:
+        raise Unsupported("no moov box")
+    return moov
 
 
 def _boxes(buf, start: int, end: int):
@@ -118,21 +147,9 @@ def _boxes(buf, start: int, end: int):
         pos += n
 
 
-def _read(data, size: int, max_pixels: int | None) -> Mp4Video:
-    if bytes(data[4:8]) not in TOP_LEVEL:
-        raise Unsupported("not an MP4/MOV file")
-    moov = None
-    for kind, start, end in _boxes(data, 0, size):
-        if kind == b"moov":
-            if moov is not None:
-                raise Unsupported("two moov boxes")
-            moov = bytes(data[start:end])
-        elif kind in FRAGMENTED:
-            raise Unsupported("fragmented MP4")
-        elif kind not in TOP_LEVEL:
-            raise Unsupported(f"top-level box {kind!r}")
-    if moov is None:
-        raise Unsupported("no moov box")
+def _read(prefix: bytes, size: int, max_pixels: int | None, read) -> Mp4Video:
+    """``prefix``: the file's first bytes (all of it for bytes input); ``read(offset, n)``: bytes from the file."""
+    moov = _top_level(prefix, size, read)
     movie_scale, tracks = _movie(moov)
     video = [t for t in tracks if t.handler == b"vide"]
     if len(video) != 1 or any(t.handler not in (b"vide", b"soun") for t in tracks):
@@ -154,7 +171,8 @@ def _read(data, size: int, max_pixels: int | None) -> Mp4Video:
     ends.append(int((pos + sizes).max()))
     if max(ends) > size:
         raise Unsupported("a sample lies past the end of the file (truncated file)")
-    _check_parameter_sets(data, pos, sizes, nal_size, sps, (width, height))
+    inside = pos + sizes <= len(prefix)  # the samples in the prefix (all but those of very large files)
+    _check_parameter_sets(prefix, pos[inside], sizes[inside], nal_size, sps, (width, height))
     rotation = ROTATIONS.get(v.matrix[:4]) if v.matrix[4:] == (0, 0, 1 << 30) else None
     if rotation is None:
         raise Unsupported("track matrix is not a pure rotation")
