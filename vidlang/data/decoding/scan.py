@@ -166,7 +166,7 @@ class VideoIndex:
 
     @property
     def duplicate_pts(self) -> bool:
-        return any(a == b for a, b in zip(self.pts, self.pts[1:], strict=False))
+        return len(set(self.pts)) != len(self.pts)
 
     @property
     def display_size(self) -> tuple[int, int]:
