@@ -6,7 +6,7 @@ generated set), a generated 10 s 320x240 H.264 clip, and a *real-shaped* set wri
 ffmpeg CLI (640x360 H.264 with B-frames, preset medium, a key frame every 2 s, AAC audio; 5, 12 and
 30 s; skipped with a note when ``ffmpeg`` is missing). "raw" rows call each library directly the way
 its documentation suggests (torchcodec exact seek mode, decord ``get_batch``, PyAV decoding in
-order); "vidlang" rows go through :func:`open_video` (container scan included). Every decoder uses
+order); "vidlang" rows go through :func:`open_video` (its frame index included). Every decoder uses
 one thread. In each cell every method runs one timed pass of at least ``--min-time`` seconds in
 turn (round-robin, so all see the same machine load), ``--repeat`` rounds; the best pass is
 reported. A raw row's ratio is to the fastest raw backend of the column; a vidlang row's ratio is

@@ -20,7 +20,7 @@ from functools import cache
 import torch
 
 from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, READERS, VideoDecodeError, VideoReader, VideoSource
-from vidlang.data.decoding.scan import load_source, read_rotation, scan_video
+from vidlang.data.decoding.scan import index_video, load_source, read_rotation
 
 AUTO_ORDER = ("torchcodec", "pyav", "decord")
 _MODULES = {"torchcodec": "torchcodec.decoders", "pyav": "av", "decord": "decord"}
@@ -77,7 +77,7 @@ def open_video(
         return READERS.build(first, source, **kwargs)
     src, name = load_source(source, first)
     likely = READERS.get(first)  # scanned for the backend auto picks for most files
-    index = scan_video(src, name, first, max_pixels, rotation=likely.scan_rotation, keep_open=likely.keeps_container)
+    index = index_video(src, name, first, max_pixels, rotation=likely.scan_rotation, keep_open=likely.keeps_container)
     reasons = []
     try:
         for b in available_backends():

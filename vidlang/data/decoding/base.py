@@ -10,13 +10,14 @@ the reason. Readers never return placeholder (all-zero) frames.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import BinaryIO, ClassVar, Union
 
 import torch
@@ -96,12 +97,15 @@ def check_path(source: VideoSource, backend: str) -> None:
     """Raise :class:`VideoDecodeError` early for a missing, non-regular or empty file."""
     if not isinstance(source, (str, os.PathLike)):
         return
-    p = Path(source)
-    if not p.exists():
-        raise VideoDecodeError(str(source), backend, "file not found")
-    if not p.is_file():
+    try:
+        st = os.stat(source)  # one system call (this runs for every clip a loader opens)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):
+            raise VideoDecodeError(str(source), backend, "file not found") from e
+        raise
+    if not stat.S_ISREG(st.st_mode):
         raise VideoDecodeError(str(source), backend, "not a regular file")
-    if p.stat().st_size == 0:
+    if st.st_size == 0:
         raise VideoDecodeError(str(source), backend, "file is empty (0 bytes)")
 
 

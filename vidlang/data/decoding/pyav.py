@@ -52,6 +52,7 @@ class PyAVReader(ScannedReader):
 
     def _open(self, av: Any) -> None:
         self._av = av
+        self._rgb = av.video.reformatter.VideoReformatter()  # one per reader: swscale's context is reused
         self._data = self._complete_data()
         self._pts_to_index = {p: i for i, p in enumerate(self.index.pts)}
         self.sequential = not self.index.order_from_timestamps or self.index.duplicate_pts
@@ -182,9 +183,9 @@ class PyAVReader(ScannedReader):
             raise VideoDecodeError(self.name, self.backend, f"frame {index} is corrupt (damaged data)")
         h, w = self._coded_size
         if (h, w) != (frame.height, frame.width):
-            frame = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR")
-        else:
-            frame = frame.reformat(format="rgb24", interpolation="BICUBIC")  # the ffmpeg CLI's scaler setting
+            frame = self._rgb.reformat(frame, width=w, height=h, format="rgb24", interpolation="BILINEAR")
+        else:  # bicubic: the ffmpeg CLI's scaler setting
+            frame = self._rgb.reformat(frame, format="rgb24", interpolation="BICUBIC")
         rgb = frame.to_ndarray()  # [h, w, 3]
         return np.rot90(rgb, self.index.rotation // 90) if self.index.rotation else rgb
 

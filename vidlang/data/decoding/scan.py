@@ -6,7 +6,9 @@ size, rotation, audio facts, and the facts that decide whether a backend can add
 docs/decoding.md). An MP4/MOV whose sample tables lie inside the file is known complete (:func:`index_complete`)
 and only its video stream is read; any other file has every stream demuxed, to find where a truncated file's
 complete packets end. An MP4's rotation is read by decoding its first frame, unless the backend reads the display
-matrix itself (torchcodec). All backends use the scan, so they agree on frame counts and timestamps by
+matrix itself (torchcodec). A complete H.264 MP4/MOV is indexed from its own sample tables instead
+(:func:`index_video`, :mod:`vidlang.data.decoding.mp4`), to the same result with the same guards; every other file
+is scanned. All backends use the index, so they agree on frame counts and timestamps by
 construction, and it is also the guard that keeps fragile decoders (decord) away from inputs that are not videos
 and every decoder away from decompression bombs. :class:`ScannedReader` holds what the backends share around it.
 
@@ -60,6 +62,7 @@ from vidlang.data.decoding.base import (
     resolve_device,
     source_bytes,
 )
+from vidlang.data.decoding.mp4 import MOV_FORMAT, Unsupported, read_mp4
 
 MAX_PACKETS = 5_000_000  # bound on the scan, packets of all streams (about 20 h of 30 fps video with AAC audio)
 # FFmpeg demuxers that turn non-videos into "video" streams: still images (``image2``, ``*_pipe``),
@@ -133,6 +136,7 @@ class VideoIndex:
     rotation: int | None = 0  # display rotation, degrees counter-clockwise: 0, 90, 180 or 270 (None: not read)
     reordered: bool = False  # decode order differs from display order (B-frames)
     clean_keys: bool = True  # no key frame has frames displayed before it after it in decode order, or v.v.
+    from_tables: bool = False  # read from an MP4's sample tables (mp4.read_mp4), not demuxed by PyAV
     container: Any = field(default=None, repr=False, compare=False)  # the scan's open PyAV container, if kept
 
     def release(self) -> Any:
@@ -162,7 +166,7 @@ class VideoIndex:
 
     @property
     def duplicate_pts(self) -> bool:
-        return any(a == b for a, b in zip(self.pts, self.pts[1:], strict=False))
+        return len(set(self.pts)) != len(self.pts)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -237,6 +241,45 @@ def scan_video(
     else:
         container.close()
     return index
+
+
+def index_video(
+    src: str | bytes,
+    name: str,
+    backend: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    rotation: bool = True,
+    keep_open: bool = False,
+) -> VideoIndex:
+    """The :class:`VideoIndex` of ``src``: read from an H.264 MP4/MOV file's own sample tables when
+    :func:`vidlang.data.decoding.mp4.read_mp4` can state it exactly (no PyAV, no container left open, the
+    rotation always known), else by :func:`scan_video` (same arguments)."""
+    try:
+        found = read_mp4(src, max_pixels)
+    except Unsupported:
+        return scan_video(src, name, backend, max_pixels, rotation=rotation, keep_open=keep_open)
+    except OSError as e:
+        raise VideoDecodeError(name, backend, f"cannot read source: {e}") from e
+    return VideoIndex(
+        pts=found.pts.tolist(),
+        durations=found.durations.tolist(),
+        keyframes=found.keyframes.tolist(),
+        time_base=found.time_base,
+        width=found.width,
+        height=found.height,
+        codec="h264",
+        stream_index=found.stream_index,
+        has_audio=found.has_audio,
+        audio_sample_rate=found.audio_sample_rate,
+        truncated=False,
+        data_end=found.data_end,
+        format=MOV_FORMAT,
+        rotation=found.rotation,
+        reordered=found.reordered,
+        clean_keys=found.clean_keys,
+        from_tables=True,
+    )
 
 
 def _scan(container, src: str | bytes, name: str, backend: str, max_pixels: int | None, rotation: bool) -> VideoIndex:
@@ -445,8 +488,8 @@ class ScannedReader(VideoReader):
         lib = self._library()
         if scan is None:
             self._src, self.name = load_source(source, self.backend)
-            index = scan_video(self._src, self.name, self.backend, max_pixels, rotation=self.scan_rotation,
-                               keep_open=self.keeps_container)
+            index = index_video(self._src, self.name, self.backend, max_pixels, rotation=self.scan_rotation,
+                                keep_open=self.keeps_container)
         else:
             self._src, self.name, index = scan
         self.index = index

@@ -1,12 +1,13 @@
 """torchcodec backend: FFmpeg through PyTorch's decoder, on CPU or on a CUDA GPU (NVDEC).
 
-The shared container scan (:func:`vidlang.data.decoding.scan.scan_video`) is handed to
-torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does not scan the
-file a second time and its frame ``i`` is exactly the scan's frame ``i`` (truncated files
-included: torchcodec reads only their complete packets). Resizing happens inside the decoder
-(``torchcodec.transforms.Resize``); torchcodec reads the display rotation from the display matrix and applies
-it itself (the scan decodes no frame for it; a resized rotated file opens the decoder a second time with the
-rotated output size).
+The shared frame index (:func:`vidlang.data.decoding.scan.index_video`: an MP4's own sample tables, or the
+PyAV container scan) is handed to torchcodec as its frame index (``custom_frame_mappings``), so torchcodec does
+not scan the file a second time and its frame ``i`` is exactly the index's frame ``i`` (truncated files
+included: torchcodec reads only their complete packets). An unrotated, unresized CPU decode of an MP4 indexed
+from its tables opens torchcodec below ``VideoDecoder`` (:func:`core_ops`), with the index as tensors.
+Resizing happens inside the decoder (``torchcodec.transforms.Resize``); torchcodec reads the display rotation
+from the display matrix and applies it itself (the scan decodes no frame for it; a resized rotated file the scan
+indexed opens the decoder a second time with the rotated output size; the MP4 fast path knows the rotation).
 
 torchcodec finds a frame by its timestamp, so it refuses the files where timestamps cannot name
 frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
@@ -14,12 +15,29 @@ frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cache
+from typing import Any, ClassVar
 
 import torch
 
 from vidlang.data.decoding.base import READERS, VideoDecodeError, resized_hw
 from vidlang.data.decoding.scan import ScannedReader, VideoIndex
+
+
+@cache
+def core_ops() -> tuple[Any, Any, Any] | None:
+    """torchcodec's own decoder constructor, stream setup and batch decode below ``VideoDecoder``, or ``None``.
+
+    ``VideoDecoder`` turns the frame index into JSON and back and builds Python metadata that vidlang does not
+    use (about 0.1 ms a clip, 5 % of a small clip's decode); these functions of ``torchcodec._core`` take the
+    index as tensors. They are not public API: when this torchcodec lacks them, the reader uses ``VideoDecoder``.
+    """
+    try:
+        from torchcodec._core._decoder_utils import create_decoder
+        from torchcodec._core._ffmpeg_ops import add_video_stream, get_frames_at_indices
+    except (ImportError, AttributeError):
+        return None
+    return create_decoder, add_video_stream, get_frames_at_indices
 
 
 @READERS.register("torchcodec")
@@ -28,6 +46,7 @@ class TorchCodecReader(ScannedReader):
 
     backend = "torchcodec"
     scan_rotation = False  # torchcodec reads the display matrix itself (no frame decoded for it)
+    direct: ClassVar[bool] = True  # open through :func:`core_ops` where it applies (False: always VideoDecoder)
 
     @classmethod
     def unsupported(cls, index: VideoIndex) -> str | None:
@@ -47,6 +66,15 @@ class TorchCodecReader(ScannedReader):
         return VideoDecoder
 
     def _open(self, video_decoder: Any) -> None:
+        self._core = self._core_route()
+        if self._core is not None:
+            create_decoder, add_video_stream, _ = self._core
+            self._decoder = create_decoder(source=self._complete_data(), seek_mode="custom_frame_mappings")
+            ix = self.index
+            mappings = (torch.tensor(ix.pts), torch.tensor(ix.keyframes), torch.tensor(ix.durations))
+            add_video_stream(self._decoder, num_threads=1, dimension_order="NCHW", stream_index=ix.stream_index,
+                             device="cpu", custom_frame_mappings=mappings)  # fmt: skip
+            return
         known = self.index.rotation  # None: an MP4/MOV whose rotation torchcodec reads from the display matrix
         self._decoder = self._new_decoder(video_decoder)
         rotation = round(self._decoder.metadata.rotation or 0) % 360
@@ -77,7 +105,19 @@ class TorchCodecReader(ScannedReader):
         # frame indices are checked against the scan (torchcodec's len() may be estimated from the duration)
         return video_decoder(self._complete_data(), **kwargs)
 
+    def _core_route(self) -> tuple[Any, Any, Any] | None:
+        """:func:`core_ops` for an unrotated, unresized CPU decode of an MP4 read from its sample tables.
+
+        Its display matrix is then the identity (so torchcodec applies no rotation: the check ``VideoDecoder``'s
+        metadata serves is not needed) and its stream index a video track's.
+        """
+        ix = self.index
+        plain = ix.from_tables and ix.rotation == 0 and self._size == ix.display_size and self._device.type == "cpu"
+        return core_ops() if plain and self.direct else None
+
     def _decode(self, indices: list[int]) -> torch.Tensor:
+        if self._core is not None:
+            return self._core[2](self._decoder, frame_indices=indices)[0]  # [T, C, H, W]
         return self._decoder.get_frames_at(indices).data  # [T, C, H, W]
 
     @staticmethod
