@@ -226,3 +226,19 @@ def test_large_file_reads_its_moov_beyond_the_prefix(mp4_dir, monkeypatch):
     for got in (small, from_bytes):
         assert np.array_equal(got.pts, full.pts) and np.array_equal(got.keyframes, full.keyframes)
         assert (got.width, got.height, got.data_end) == (full.width, full.height, full.data_end)
+
+
+def test_torchcodec_core_route_is_refused_when_its_private_keywords_changed(monkeypatch):
+    """The core functions are private torchcodec API: a release that renames a keyword vidlang passes makes the
+    reader use the public ``VideoDecoder`` instead of failing on every video."""
+    import torchcodec._core._ffmpeg_ops as ops
+
+    from vidlang.data.decoding.torchcodec import core_ops
+
+    assert core_ops.__wrapped__() is not None
+
+    def renamed(decoder, *, frame_idx):  # what a future release might do
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(ops, "get_frames_at_indices", renamed)
+    assert core_ops.__wrapped__() is None

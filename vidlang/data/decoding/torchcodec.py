@@ -15,6 +15,7 @@ frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 from typing import Any, ClassVar
 
@@ -30,12 +31,21 @@ def core_ops() -> tuple[Any, Any, Any] | None:
 
     ``VideoDecoder`` turns the frame index into JSON and back and builds Python metadata that vidlang does not
     use (about 0.1 ms a clip, 5 % of a small clip's decode); these functions of ``torchcodec._core`` take the
-    index as tensors. They are not public API: when this torchcodec lacks them, the reader uses ``VideoDecoder``.
+    index as tensors. They are not public API: when this torchcodec lacks them, or they no longer take the keywords
+    used here, the reader uses ``VideoDecoder``.
     """
     try:
         from torchcodec._core._decoder_utils import create_decoder
         from torchcodec._core._ffmpeg_ops import add_video_stream, get_frames_at_indices
     except (ImportError, AttributeError):
+        return None
+    uses = ((create_decoder, {"source", "seek_mode"}),
+            (add_video_stream, {"num_threads", "dimension_order", "stream_index", "device", "custom_frame_mappings"}),
+            (get_frames_at_indices, {"frame_indices"}))
+    try:  # a torchcodec whose private functions changed their keywords: the public VideoDecoder instead
+        if any(not names <= set(inspect.signature(fn).parameters) for fn, names in uses):
+            return None
+    except (TypeError, ValueError):
         return None
     return create_decoder, add_video_stream, get_frames_at_indices
 
