@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vidlang.losses.symile import neutral_audio
 from vidlang.models.audio.encoder import AudioBranch
 from vidlang.models.contract import TextOutput, VideoOutput
 from vidlang.models.optim import DEFAULT_GROUP, param_groups
@@ -124,8 +123,11 @@ class SymileFusion(nn.Module):
         self, video_embeds: Tensor, audio_tokens: Tensor, audio_mask: Tensor, video_tokens: Tensor | None = None
     ) -> Tensor:
         video = F.normalize(video_embeds.float(), dim=-1)  # [B, E]
-        audio = neutral_audio(F.normalize(self.audio_embeds(audio_tokens).float(), dim=-1), audio_mask)  # [B, E]
-        return (math.sqrt(video.shape[-1]) * video * audio).to(video_embeds.dtype)
+        audio = F.normalize(self.audio_embeds(audio_tokens).float(), dim=-1)  # [B, E]
+        # the loss's neutral audio (vidlang.losses.symile.neutral_audio): sqrt(E) x v x 1/sqrt(E) = v
+        w = torch.where(audio_mask.to(video.device, torch.bool)[:, None], math.sqrt(video.shape[-1]) * video * audio,
+                        video)
+        return w.to(video_embeds.dtype)
 
 
 def build_fusion(name: str, embed_dim: int, audio_dim: int, **kwargs: Any) -> nn.Module:
