@@ -69,6 +69,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -458,27 +459,35 @@ def videollama(repo: Path, frames: int = 4, d_llm: int = 4096) -> dict[str, floa
 # ---------------------------------------------------------------------------------------------
 # ViFi-CLIP (muzairkhattak/ViFi-CLIP), full fine-tune
 # ---------------------------------------------------------------------------------------------
+def _official_vifi(tmp: str, clip_sd: dict[str, torch.Tensor], classes: list[str],
+                   **prompting: Any) -> tuple[Any, Path]:
+    """ViFi-CLIP's ``returnCLIP`` built in fp32 from ``clip_sd`` (saved to ``tmp``, which ``clip._download``
+    returns) with the ``TRAINER.ViFi_CLIP`` fields ``prompting``; returns the model and the saved base path."""
+    from clip import clip as vclip
+    from trainers import vificlip
+
+    base = Path(tmp) / "ViT-B-16.pt"
+    torch.save(clip_sd, base)
+    vclip._download = lambda url, *a, **k: str(base)
+    vc = types.SimpleNamespace(CTX_INIT="a photo of a", USE="both", ZS_EVAL=False, **prompting)
+    cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(ARCH="ViT-B/16"), TRAINER=types.SimpleNamespace(
+        ViFi_CLIP=vc))  # fmt: skip
+    log = types.SimpleNamespace(info=lambda *a, **k: None)
+    torch.manual_seed(0)
+    model = vificlip.returnCLIP(cfg, log, classes).float().eval()
+    model.dtype = model.text_encoder.dtype = torch.float32  # captured at build (fp16 after convert_weights)
+    return model, base
+
+
 def vifi_clip(repo: Path, frames: int = 3) -> dict[str, float]:
     """``trainers/vificlip.returnCLIP`` with the default config (``utils/config.py``: no prompts, CTX_INIT
     "a photo of a", fine-tune both towers) and two class names; ``clip._download`` (the CLIP download) returns a
     saved random OpenAI CLIP state dict (49408-token vocabulary: the class prompts use the real BPE)."""
     sys.path.insert(0, str(repo))
-    from clip import clip as vclip
-    from trainers import vificlip
-
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "ViT-B-16.pt"
         clip_sd = _random_openai_clip(s={**SMALL, "vocab": 49408})
-        torch.save(clip_sd, base)
-        vclip._download = lambda url, *a, **k: str(base)
-        vc = types.SimpleNamespace(PROMPT_MODEL=False, N_CTX_VISION=0, N_CTX_TEXT=0, CTX_INIT="a photo of a",
-                                   PROMPT_DEPTH_VISION=0, PROMPT_DEPTH_TEXT=1, USE="both", ZS_EVAL=False)  # fmt: skip
-        cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(ARCH="ViT-B/16"), TRAINER=types.SimpleNamespace(
-            ViFi_CLIP=vc))  # fmt: skip
-        log = types.SimpleNamespace(info=lambda *a, **k: None)
-        torch.manual_seed(0)
-        model = vificlip.returnCLIP(cfg, log, ["archery", "playing guitar"]).float().eval()
-        model.dtype = model.text_encoder.dtype = torch.float32  # captured at build (fp16 after convert_weights)
+        model, base = _official_vifi(tmp, clip_sd, ["archery", "playing guitar"], PROMPT_MODEL=False,
+                                     N_CTX_VISION=0, N_CTX_TEXT=0, PROMPT_DEPTH_VISION=0, PROMPT_DEPTH_TEXT=1)
         g = torch.Generator().manual_seed(2)
         video = torch.randn(2, frames, 3, 32, 32, generator=g)
         ids = model.tokenized_prompts  # [2, 77] "a photo of a {class}."
@@ -628,23 +637,13 @@ def vifi_clip_prompt(repo: Path, frames: int = 3) -> dict[str, float]:
     / ``text_embeds_fp16_prompt_cast`` show the cast's effect on fp32-valued prompts."""
     sys.path.insert(0, str(repo))
     from clip import clip as vclip
-    from trainers import vificlip
 
     s = {**SMALL, "vocab": 49408, "vl": 3, "tl": 3}
+    classes = ["archery", "playing guitar"]
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "ViT-B-16.pt"
         clip_sd = {k: v.half().float() for k, v in _random_openai_clip(s=s).items()}
-        torch.save(clip_sd, base)
-        vclip._download = lambda url, *a, **k: str(base)
-        vc = types.SimpleNamespace(PROMPT_MODEL=True, N_CTX_VISION=4, N_CTX_TEXT=5, CTX_INIT="a photo of a",
-                                   PROMPT_DEPTH_VISION=2, PROMPT_DEPTH_TEXT=2, USE="both", ZS_EVAL=False)  # fmt: skip
-        cfg = types.SimpleNamespace(MODEL=types.SimpleNamespace(ARCH="ViT-B/16"), TRAINER=types.SimpleNamespace(
-            ViFi_CLIP=vc))  # fmt: skip
-        log = types.SimpleNamespace(info=lambda *a, **k: None)
-        classes = ["archery", "playing guitar"]
-        torch.manual_seed(0)
-        model = vificlip.returnCLIP(cfg, log, classes).float().eval()
-        model.dtype = model.text_encoder.dtype = torch.float32  # captured at build (fp16 after convert_weights)
+        model, base = _official_vifi(tmp, clip_sd, classes, PROMPT_MODEL=True, N_CTX_VISION=4, N_CTX_TEXT=5,
+                                     PROMPT_DEPTH_VISION=2, PROMPT_DEPTH_TEXT=2)
         g = torch.Generator().manual_seed(2)
         video = torch.randn(2, frames, 3, 32, 32, generator=g)
         ids = torch.cat([vclip.tokenize(f"{c}.") for c in classes])  # [2, 77] the class names alone
