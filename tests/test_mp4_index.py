@@ -178,13 +178,76 @@ def test_an_inband_sps_that_changes_the_frame_size_falls_back(mp4_dir, samples):
         data = b"".join(parts)
         sizes = np.array([len(p) for p in parts], np.int64)
         pos = np.cumsum(sizes) - sizes
-        mp4mod._check_parameter_sets(data, pos, sizes, 4, sps, (160, 96))
+        mp4mod._check_parameter_sets(data, pos, sizes, 4, sps, (160, 96))  # numpy arrays (the large-file engine)
+        mp4mod._check_parameter_sets(data, pos.tolist(), sizes.tolist(), 4, sps, (160, 96))  # lists
 
     check(sample(slice_nal))  # the same SPS repeated in band: accepted
     with pytest.raises(Unsupported, match="in-band"):
         check(sample(other, slice_nal))
     with pytest.raises(Unsupported, match="NAL"):
         check(sample(slice_nal)[:-3])  # a NAL length past its sample
+
+
+def _read_both(src, monkeypatch) -> tuple:
+    """``read_mp4`` under the plain-Python and the numpy engine: each a dict of fields, or the refusal's text."""
+    out = []
+    for small in (10**9, 0):
+        with monkeypatch.context() as patch:
+            patch.setattr(mp4mod, "SMALL", small)
+            try:
+                got = read_mp4(src, None)
+            except Unsupported as e:
+                out.append(f"refused: {e}")
+                continue
+        fields = dict(vars(got))
+        for key in ("pts", "durations", "keyframes"):
+            fields[key] = [bool(x) if key == "keyframes" else int(x) for x in fields[key]]
+        out.append(fields)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED) + sorted(REFUSED) + ["faststart.mp4"])
+def test_both_engines_give_the_same_answer(mp4_dir, name, monkeypatch):
+    """Small tables are worked in plain Python, large ones with numpy: on every file both give the same index
+    (each equal to the scan's: the default engine is checked against the scan above, and its files all lie
+    below the threshold) or refuse with the same reason."""
+    plain, vector = _read_both(str(mp4_dir / name), monkeypatch)
+    assert plain == vector
+    assert isinstance(plain, dict) == (name in ACCEPTED or name == "faststart.mp4")
+
+
+def test_both_engines_agree_on_damaged_tables(mp4_dir, monkeypatch):
+    """Random byte changes inside the moov box of files with B-frames, an edit list, audio: the two engines
+    accept and refuse the same files, with the same index or the same reason (no other exception escapes)."""
+    rng = np.random.default_rng(7)
+    accepted = refused = 0
+    for name in ("bframes.mp4", "audio_first.mp4", "faststart.mp4"):
+        data = (mp4_dir / name).read_bytes()
+        start = data.index(b"moov") - 4
+        end = start + struct.unpack_from(">I", data, start)[0]
+        for _ in range(150):
+            damaged = bytearray(data)
+            for at in rng.integers(start + 8, end, size=rng.integers(1, 4)):
+                damaged[at] = int(rng.integers(0, 256))
+            plain, vector = _read_both(bytes(damaged), monkeypatch)
+            assert plain == vector, name
+            accepted += isinstance(plain, dict)
+            refused += isinstance(plain, str)
+    assert accepted > 50 and refused > 50  # both outcomes exercised
+
+
+def test_clean_keys_engines_match_the_definition():
+    """Key frames split the stream cleanly: the plain and the vectorised check against the definition itself."""
+    rng = np.random.default_rng(3)
+    for _ in range(3000):
+        n = int(rng.integers(1, 12))
+        pts = rng.integers(0, 10, n).tolist()
+        keys = (rng.random(n) < 0.4).tolist()
+        expected = all(
+            max(pts[:i], default=-1) < pts[i] < min(pts[i + 1 :], default=99) for i in range(n) if keys[i]
+        )
+        assert mp4mod.clean_keys_plain(pts, keys) == expected
+        assert mp4mod.clean_keys(np.array(pts), np.array(keys)) == expected
 
 
 @pytest.mark.parametrize("name", ["bframes.mp4", "audio_first.mp4", "ntsc.mp4"])

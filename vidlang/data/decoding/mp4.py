@@ -20,11 +20,14 @@ FFmpeg's probe sees no frame size the check did not.
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from itertools import accumulate, chain, compress, repeat
 
 import numpy as np
 
@@ -32,7 +35,7 @@ MOV_FORMAT = "mov,mp4,m4a,3gp,3g2,mj2"  # the name FFmpeg gives its MP4/MOV demu
 MAX_SAMPLES = 5_000_000  # as the scan's packet bound
 PREFIX = 8 << 20  # bytes of a file read at once; their samples are checked for in-band parameter sets
 MAX_NALS = 64  # NAL units per sample looked at; more sends the file to the scan
-SMALL = 256  # up to this many samples the NAL units are walked in plain Python
+SMALL = 64  # up to this many samples a track's tables are worked in plain Python (see _entries)
 TOP_LEVEL = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"udta", b"meta", b"pdin"}
 FRAGMENTED = {b"moof", b"mfra", b"sidx", b"styp", b"ssix", b"emsg", b"prft", b"mvex"}
 STBL_KNOWN = {b"stsd", b"stts", b"ctts", b"stss", b"stsz", b"stsc", b"stco", b"co64", b"sdtp", b"sgpd", b"sbgp"}
@@ -48,11 +51,12 @@ class Unsupported(Exception):
 
 @dataclass
 class Mp4Video:
-    """What :func:`read_mp4` learned; arrays in display order. Times in ``time_base`` units."""
+    """What :func:`read_mp4` learned, in display order: lists for up to :data:`SMALL` frames, else numpy arrays
+    (int64, bool). Times in ``time_base`` units."""
 
-    pts: np.ndarray  # [N] int64, increasing
-    durations: np.ndarray  # [N] int64
-    keyframes: np.ndarray  # [N] bool
+    pts: list[int] | np.ndarray  # [N], increasing
+    durations: list[int] | np.ndarray  # [N]
+    keyframes: list[bool] | np.ndarray  # [N]
     time_base: Fraction
     width: int
     height: int
@@ -165,19 +169,25 @@ def _read(prefix: bytes, size: int, max_pixels: int | None, read) -> Mp4Video:
     width, height, nal_size, sps = _avc_entry(moov, v)
     if max_pixels is not None and width * height > max_pixels:
         raise Unsupported("frame larger than max_pixels (the scan refuses it)")
-    pos, sizes = _positions(moov, v)
-    if sizes.size == 0 or sizes.min() == 0:
+    layout = _layout(moov, v)
+    plain = layout.count <= SMALL
+    pos, sizes = _positions(moov, layout, plain)
+    end, smallest = _extent(pos, sizes)
+    if smallest == 0:
         raise Unsupported("a video sample is empty")
-    ends.append(int((pos + sizes).max()))
+    ends.append(end)
     if max(ends) > size:
         raise Unsupported("a sample lies past the end of the file (truncated file)")
-    inside = pos + sizes <= len(prefix)  # the samples in the prefix (all but those of very large files)
-    _check_parameter_sets(prefix, pos[inside], sizes[inside], nal_size, sps, (width, height))
+    _check_parameter_sets(prefix, pos, sizes, nal_size, sps, (width, height))
     rotation = ROTATIONS.get(v.matrix[:4]) if v.matrix[4:] == (0, 0, 1 << 30) else None
     if rotation is None:
         raise Unsupported("track matrix is not a pure rotation")
-    return _timeline(moov, v, len(sizes), movie_scale, width, height, audio_rate, tracks, rotation, max(ends))
-
+    pts, durations, keys, reordered, clean = _timeline(moov, v, layout.count, movie_scale, plain)
+    return Mp4Video(
+        pts=pts, durations=durations, keyframes=keys, time_base=Fraction(1, v.timescale), width=width,
+        height=height, stream_index=v.index, has_audio=any(t.handler == b"soun" for t in tracks),
+        audio_sample_rate=audio_rate, rotation=rotation, reordered=reordered, clean_keys=clean, data_end=max(ends),
+    )  # fmt: skip
 
 def _movie(moov: bytes) -> tuple[int, list[_Track]]:
     movie_scale = 0
@@ -256,8 +266,13 @@ def _self_contained(moov: bytes, start: int, end: int) -> None:
                     raise Unsupported("media data in another file")
 
 
-def _table(moov: bytes, t: _Track, kind: bytes, fmt: str, width: int, required: bool = True) -> np.ndarray | None:
-    """A full-box table ``[count, width]`` of big-endian ``fmt`` numbers after its entry count."""
+# Two engines compute the per-sample work below: plain Python on lists for up to SMALL samples, where numpy's
+# per-call cost (and the cache its code evicts from the FFmpeg calls that follow) dominates, and numpy arrays
+# above. tests/test_mp4_index.py runs every file through both and requires the same answer.
+
+
+def _entries(moov: bytes, t: _Track, kind: bytes, entry_size: int, required: bool = True) -> tuple[int, int] | None:
+    """``(offset of the first entry, entry count)`` of a full-box table, checked against its box."""
     where = t.tables.get(kind)
     if where is None:
         if required:
@@ -265,61 +280,117 @@ def _table(moov: bytes, t: _Track, kind: bytes, fmt: str, width: int, required: 
         return None
     s, e = where
     (count,) = struct.unpack_from(">I", moov, s + 4)
-    dtype = np.dtype(fmt)
-    if count * width * dtype.itemsize > e - s - 8 or count > MAX_SAMPLES:
+    if count * entry_size > e - s - 8 or count > MAX_SAMPLES:
         raise Unsupported(f"{kind!r} larger than its box")
-    return np.frombuffer(moov, dtype, count * width, s + 8).astype(np.int64).reshape(count, width)
+    return s + 8, count
 
 
-def _sizes(moov: bytes, t: _Track) -> np.ndarray:
+def _table(moov: bytes, t: _Track, kind: bytes, fmt: str, width: int, required: bool = True) -> np.ndarray | None:
+    """A table as an int64 array ``[count, width]`` of big-endian ``fmt`` numbers (``None``: absent)."""
+    dtype = np.dtype(fmt)
+    found = _entries(moov, t, kind, width * dtype.itemsize, required)
+    if found is None:
+        return None
+    at, count = found
+    return np.frombuffer(moov, dtype, count * width, at).astype(np.int64).reshape(count, width)
+
+
+def _rows(moov: bytes, t: _Track, kind: bytes, code: str, width: int, required: bool = True) -> list | None:
+    """:func:`_table` as a list: of ints (``width`` 1) or of ``width``-tuples; ``code`` is a struct letter."""
+    found = _entries(moov, t, kind, width * struct.calcsize(code), required)
+    if found is None:
+        return None
+    at, count = found
+    flat = struct.unpack_from(f">{count * width}{code}", moov, at)
+    return list(flat) if width == 1 else list(zip(*(flat[i::width] for i in range(width)), strict=True))
+
+
+@dataclass
+class _Layout:
+    """Where a track's samples lie: its ``stsz``, ``stco``/``co64`` and ``stsc`` tables, checked."""
+
+    count: int  # samples
+    sizes_at: int  # offset of the first sample size in the moov buffer
+    chunks: int
+    chunks_at: int  # offset of the first chunk offset
+    wide: bool  # co64: 64-bit chunk offsets
+    bounds: tuple[int, ...]  # first chunk (1-based) of each sample-to-chunk run, then chunks + 1
+    per_chunk: tuple[int, ...]  # samples per chunk in each run
+
+
+def _layout(moov: bytes, t: _Track) -> _Layout:
     s, e = t.tables.get(b"stsz") or (None, None)
     if s is None:
         raise Unsupported("no stsz")
     uniform, count = struct.unpack_from(">II", moov, s + 4)
     if uniform or count > MAX_SAMPLES or 12 + 4 * count > e - s:
         raise Unsupported("uniform or bad stsz")
-    return np.frombuffer(moov, ">u4", count, s + 12).astype(np.int64)
-
-
-def _positions(moov: bytes, t: _Track) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offset and size of every sample, in decode order."""
-    sizes = _sizes(moov, t)
-    if b"co64" in t.tables:
-        offsets = _table(moov, t, b"co64", ">u8", 1)[:, 0]
-    else:
-        offsets = _table(moov, t, b"stco", ">u4", 1)[:, 0]
+    sizes_at = s + 12
+    wide = b"co64" in t.tables
+    chunks_at, chunks = _entries(moov, t, b"co64" if wide else b"stco", 8 if wide else 4)
     s, e = t.tables.get(b"stsc") or (None, None)
     if s is None:
         raise Unsupported("no stsc")
-    (count,) = struct.unpack_from(">I", moov, s + 4)
-    if count == 0 or 8 + 12 * count > e - s:
+    (runs,) = struct.unpack_from(">I", moov, s + 4)
+    if runs == 0 or 8 + 12 * runs > e - s:
         raise Unsupported("bad stsc")
-    runs = struct.unpack_from(f">{3 * count}I", moov, s + 8)
-    first, per_chunk = runs[0::3], runs[1::3]
-    bounds = (*first, len(offsets) + 1)
-    increasing = all(b > a for a, b in zip(bounds, bounds[1:], strict=False))
-    if first[0] != 1 or not increasing or min(per_chunk) <= 0 or set(runs[2::3]) != {1}:
+    fields = struct.unpack_from(f">{3 * runs}I", moov, s + 8)
+    first, per_chunk = fields[0::3], fields[1::3]
+    bounds = (*first, chunks + 1)
+    increasing = all(map(operator.lt, bounds, bounds[1:]))
+    if first[0] != 1 or not increasing or min(per_chunk) <= 0 or set(fields[2::3]) != {1}:
         raise Unsupported("bad stsc, or several sample descriptions")
-    n = len(sizes)
-    if count == 1:
-        per = per_chunk[0]
-        if per * len(offsets) != n:
-            raise Unsupported("stsc and stsz disagree on the sample count")
-        within = np.cumsum(sizes.reshape(-1, per), axis=1) - sizes.reshape(-1, per)
-        return (offsets[:, None] + within).reshape(-1), sizes
-    per = np.repeat(per_chunk, np.diff(bounds))  # samples in each chunk
-    if int(per.sum()) != n:
+    if sum(map(operator.mul, per_chunk, map(operator.sub, bounds[1:], bounds))) != count:
         raise Unsupported("stsc and stsz disagree on the sample count")
-    chunk = np.repeat(np.arange(len(offsets)), per)
+    return _Layout(count, sizes_at, chunks, chunks_at, wide, bounds, per_chunk)
+
+
+def _positions(moov: bytes, lay: _Layout, plain: bool) -> tuple:
+    """Byte offset and size of every sample in decode order: two lists (``plain``) or two int64 arrays."""
+    if plain:
+        sizes = struct.unpack_from(f">{lay.count}I", moov, lay.sizes_at)
+        offsets = struct.unpack_from(f">{lay.chunks}{'Q' if lay.wide else 'I'}", moov, lay.chunks_at)
+        pos, k = [], 0
+        for a, b, per in zip(lay.bounds, lay.bounds[1:], lay.per_chunk, strict=False):
+            for offset in offsets[a - 1 : b - 1]:
+                for size in sizes[k : k + per]:
+                    pos.append(offset)
+                    offset += size
+                k += per
+        return pos, list(sizes)
+    sizes = np.frombuffer(moov, ">u4", lay.count, lay.sizes_at).astype(np.int64)
+    offsets = np.frombuffer(moov, ">u8" if lay.wide else ">u4", lay.chunks, lay.chunks_at).astype(np.int64)
+    if len(lay.per_chunk) == 1:  # one run: every chunk holds the same number of samples
+        by_chunk = sizes.reshape(-1, lay.per_chunk[0])
+        return (offsets[:, None] + np.cumsum(by_chunk, axis=1) - by_chunk).reshape(-1), sizes
+    per = np.repeat(lay.per_chunk, np.diff(lay.bounds))  # samples in each chunk
+    chunk = np.repeat(np.arange(lay.chunks), per)
     before = np.cumsum(sizes) - sizes  # bytes of the samples before each one
     return offsets[chunk] + before - before[np.cumsum(per) - per][chunk], sizes
 
 
+def _extent(pos, sizes) -> tuple[int, int]:
+    """``(end of the last byte of any sample, smallest sample size)``; ``(0, 0)`` without samples."""
+    if isinstance(pos, list):
+        return max(map(operator.add, pos, sizes), default=0), min(sizes, default=0)
+    return (int((pos + sizes).max()), int(sizes.min())) if len(sizes) else (0, 0)
+
+
 def _sample_end(moov: bytes, t: _Track) -> int:
-    pos, sizes = _positions(moov, t)
-    if sizes.size == 0:
+    """Where a track's data ends: a chunk holds its samples back to back, so the largest chunk offset + size."""
+    lay = _layout(moov, t)
+    if lay.count == 0:
         raise Unsupported("a track without samples")
-    return int((pos + sizes).max())
+    per = list(chain.from_iterable(map(repeat, lay.per_chunk, map(operator.sub, lay.bounds[1:], lay.bounds))))
+    if lay.count <= SMALL:
+        sizes = struct.unpack_from(f">{lay.count}I", moov, lay.sizes_at)
+        offsets = struct.unpack_from(f">{lay.chunks}{'Q' if lay.wide else 'I'}", moov, lay.chunks_at)
+        starts = accumulate(per, initial=0)
+        return max(offset + sum(sizes[k : k + n]) for offset, k, n in zip(offsets, starts, per, strict=False))
+    sizes = np.frombuffer(moov, ">u4", lay.count, lay.sizes_at).astype(np.int64)
+    offsets = np.frombuffer(moov, ">u8" if lay.wide else ">u4", lay.chunks, lay.chunks_at).astype(np.int64)
+    starts = np.cumsum(per) - per  # first sample of each chunk (every chunk holds at least one)
+    return int((offsets + np.add.reduceat(sizes, starts)).max())
 
 
 def _entry(moov: bytes, t: _Track) -> tuple[bytes, int, int]:
@@ -485,11 +556,16 @@ def sps_size(nal: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _check_parameter_sets(data, pos: np.ndarray, sizes: np.ndarray, nal_size: int, sps: bytes,
-                          size: tuple[int, int]) -> None:
-    """Walk the NAL units of every video sample; an SPS among them must repeat the description's frame size."""
+def _check_parameter_sets(data, pos, sizes, nal_size: int, sps: bytes, size: tuple[int, int]) -> None:
+    """Walk the NAL units of every video sample inside ``data``; an SPS among them must repeat the description's
+    frame size. ``pos``/``sizes``: lists or int64 arrays (:func:`_positions`)."""
+    if isinstance(pos, list):
+        inside = [(p, n) for p, n in zip(pos, sizes, strict=True) if p + n <= len(data)]
+        return _check_parameter_sets_small(data, inside, sps, size)
+    keep = pos + sizes <= len(data)  # the samples in the prefix (all but those of very large files)
+    pos, sizes = pos[keep], sizes[keep]
     if len(pos) <= SMALL:
-        return _check_parameter_sets_small(data, pos.tolist(), sizes.tolist(), sps, size)
+        return _check_parameter_sets_small(data, list(zip(pos.tolist(), sizes.tolist(), strict=True)), sps, size)
     buf = np.frombuffer(data, np.uint8)
     try:
         start, end = pos, pos + sizes
@@ -518,11 +594,11 @@ def _check_parameter_sets(data, pos: np.ndarray, sizes: np.ndarray, nal_size: in
         del buf
 
 
-def _check_parameter_sets_small(data, pos: list[int], sizes: list[int], sps: bytes, size: tuple[int, int]) -> None:
-    """:func:`_check_parameter_sets` for a few samples, in plain Python (numpy's per-call cost dominates there)."""
+def _check_parameter_sets_small(data, samples: list[tuple[int, int]], sps: bytes, size: tuple[int, int]) -> None:
+    """:func:`_check_parameter_sets` for a few ``(offset, size)`` samples, in plain Python."""
     seen = {sps}
     unpack = struct.Struct(">IB").unpack_from
-    for p, n in zip(pos, sizes, strict=True):
+    for p, n in samples:
         end = p + n
         for _ in range(MAX_NALS):
             if p + 5 > end:
@@ -547,9 +623,35 @@ def _check_parameter_sets_small(data, pos: list[int], sizes: list[int], sps: byt
 # --------------------------------------------------------------------------- timestamps
 
 
-def _timeline(moov: bytes, v: _Track, n: int, movie_scale: int, width: int, height: int, audio_rate: int | None,
-              tracks: list[_Track], rotation: int, data_end: int) -> Mp4Video:
-    """Display-order pts, durations and key frames of the ``n`` video samples as FFmpeg's demuxer gives them."""
+def _timeline(moov: bytes, v: _Track, n: int, movie_scale: int, plain: bool) -> tuple:
+    """Display-order pts, durations and key frames of the ``n`` video samples as FFmpeg's demuxer gives them, and
+    whether decode order differs from display order and every key frame splits the stream cleanly
+    (:func:`clean_keys`): ``(pts, durations, keys, reordered, clean_keys)``, lists (``plain``) or arrays."""
+    if b"sbgp" in v.tables:
+        s, _ = v.tables[b"sbgp"]
+        if moov[s + 4 : s + 8] in (b"rap ", b"sync"):
+            raise Unsupported("random-access sample groups")
+    edit = _edit_window(v, movie_scale) if v.edits else None
+    return (_timeline_plain if plain else _timeline_numpy)(moov, v, n, edit)
+
+
+def _edit_window(v: _Track, movie_scale: int) -> tuple[int, int]:
+    """``(media start, media end)`` of the track's single plain edit, or :class:`Unsupported`."""
+    if len(v.edits) != 1:
+        raise Unsupported("several edits")
+    duration, media_time, rate = v.edits[0]
+    if media_time < 0 or rate != 1 << 16:
+        raise Unsupported("empty or non-unit-rate edit")
+    span = (duration * v.timescale * 2 + movie_scale) // (2 * movie_scale)  # av_rescale: round half up
+    return media_time, media_time + span
+
+
+# The edit is applied as FFmpeg's ``mov_fix_index`` does: it must drop no frame (every pts inside the window) and
+# end at the last sample (the key frame, the second one with composition offsets, whose pts plus frame duration
+# reaches the window's end; FFmpeg's frame duration is the next dts step, the last frame's the edit's span).
+
+
+def _timeline_numpy(moov: bytes, v: _Track, n: int, edit: tuple[int, int] | None) -> tuple:
     stts = _table(moov, v, b"stts", ">u4", 2)
     if int(stts[:, 0].sum()) != n:
         raise Unsupported("stts and stsz disagree on the sample count")
@@ -574,49 +676,77 @@ def _timeline(moov: bytes, v: _Track, n: int, movie_scale: int, width: int, heig
             raise Unsupported("bad stss")
         keys[:] = False
         keys[stss - 1] = True
-    if b"sbgp" in v.tables:
-        s, _ = v.tables[b"sbgp"]
-        if moov[s + 4 : s + 8] in (b"rap ", b"sync"):
-            raise Unsupported("random-access sample groups")
     if not keys[0] or (pts < pts[0]).any():
         raise Unsupported("the first sample is not a key frame displayed first")
-    if v.edits:
-        pts = _edit(v, movie_scale, dts, pts, delta, keys, ctts is not None)
+    if edit is not None:
+        start, end = edit
+        if (pts < start).any() or (pts >= end).any():
+            raise Unsupported("the edit drops frames")
+        step = np.concatenate([dts[1:] - dts[:-1], [end - start]])
+        last = np.flatnonzero(keys & (pts + step >= end))
+        skip = 1 if ctts is not None else 0
+        if (last[skip] if len(last) > skip else n - 1) != n - 1:
+            raise Unsupported("the edit ends before the last sample")
+        pts = pts - pts.min()
     order = np.argsort(pts, kind="stable")
     shown = pts[order]
     if (shown[1:] == shown[:-1]).any():
         raise Unsupported("duplicate timestamps")
     # durations: the stts delta of each sample, the last one's from the edit (as FFmpeg's packets carry them)
-    durations = delta[order]
-    return Mp4Video(
-        pts=shown, durations=durations, keyframes=keys[order], time_base=Fraction(1, v.timescale),
-        width=width, height=height, stream_index=v.index, has_audio=any(t.handler == b"soun" for t in tracks),
-        audio_sample_rate=audio_rate, rotation=rotation, reordered=bool((pts[1:] < pts[:-1]).any()),
-        clean_keys=clean_keys(pts, keys), data_end=data_end,
-    )  # fmt: skip
+    return shown, delta[order], keys[order], bool((pts[1:] < pts[:-1]).any()), clean_keys(pts, keys)
 
 
-def _edit(v: _Track, movie_scale: int, dts: np.ndarray, pts: np.ndarray, delta: np.ndarray, keys: np.ndarray,
-          has_ctts: bool) -> np.ndarray:
-    """Apply a single plain edit as FFmpeg's ``mov_fix_index`` does, or :class:`Unsupported`."""
-    if len(v.edits) != 1:
-        raise Unsupported("several edits")
-    duration, media_time, rate = v.edits[0]
-    if media_time < 0 or rate != 1 << 16:
-        raise Unsupported("empty or non-unit-rate edit")
-    span = (duration * v.timescale * 2 + movie_scale) // (2 * movie_scale)  # av_rescale: round half up
-    if (pts < media_time).any() or (pts >= media_time + span).any():
-        raise Unsupported("the edit drops frames")
-    step = np.concatenate([dts[1:] - dts[:-1], [span]])  # FFmpeg's frame_duration
-    ends = np.flatnonzero(keys & (pts + step >= media_time + span))
-    stop = ends[1 if has_ctts else 0] if len(ends) > (1 if has_ctts else 0) else len(pts) - 1
-    if stop != len(pts) - 1:
-        raise Unsupported("the edit ends before the last sample")
-    return pts - pts.min()
+def _timeline_plain(moov: bytes, v: _Track, n: int, edit: tuple[int, int] | None) -> tuple:
+    """:func:`_timeline_numpy` on lists."""
+    stts = _rows(moov, v, b"stts", "I", 2)
+    if sum(count for count, _ in stts) != n:
+        raise Unsupported("stts and stsz disagree on the sample count")
+    delta = []  # [N] decode-order durations
+    for count, d in stts:
+        delta += [d] * count
+    dts = list(accumulate(delta, initial=0))[:-1]
+    ctts = _rows(moov, v, b"ctts", "i", 2, required=False)
+    if ctts is not None:
+        if sum(count for count, _ in ctts) != n or any(offset < 0 for _, offset in ctts):
+            raise Unsupported("ctts count differs from the samples, or negative composition offsets")
+        offsets = []
+        for count, offset in ctts:
+            offsets += [offset] * count
+        pts = list(map(operator.add, dts, offsets))
+    else:
+        pts = dts[:]
+    stss = _rows(moov, v, b"stss", "I", 1, required=False)
+    if stss is None:
+        keys = [True] * n
+    else:
+        if not stss or stss[0] < 1 or stss[-1] > n or any(b <= a for a, b in zip(stss, stss[1:], strict=False)):
+            raise Unsupported("bad stss")
+        keys = [False] * n
+        for k in stss:
+            keys[k - 1] = True
+    if not keys[0] or min(pts) < pts[0]:
+        raise Unsupported("the first sample is not a key frame displayed first")
+    if edit is not None:
+        start, end = edit
+        if min(pts) < start or max(pts) >= end:
+            raise Unsupported("the edit drops frames")
+        step = [*map(operator.sub, dts[1:], dts[:-1]), end - start]
+        last = [i for i in compress(range(n), keys) if pts[i] + step[i] >= end]
+        skip = 1 if ctts is not None else 0
+        if (last[skip] if len(last) > skip else n - 1) != n - 1:
+            raise Unsupported("the edit ends before the last sample")
+        low = min(pts)
+        pts = [p - low for p in pts]
+    order = sorted(range(n), key=pts.__getitem__)  # stable, as numpy's
+    shown = [pts[i] for i in order]
+    if any(map(operator.eq, shown[1:], shown[:-1])):
+        raise Unsupported("duplicate timestamps")
+    reordered = any(map(operator.lt, pts[1:], pts[:-1]))
+    return shown, [delta[i] for i in order], [keys[i] for i in order], reordered, clean_keys_plain(pts, keys)
 
 
 def clean_keys(pts: np.ndarray, keys: np.ndarray) -> bool:
-    """:func:`vidlang.data.decoding.scan._clean_keys`, vectorised (decode-order ``pts`` and ``keys``)."""
+    """:func:`clean_keys_plain`, vectorised (decode-order ``pts`` and ``keys``)."""
     if len(pts) < 2:
         return True
     before = np.maximum.accumulate(pts)[:-1]  # max pts decoded before sample i+1
@@ -624,3 +754,25 @@ def clean_keys(pts: np.ndarray, keys: np.ndarray) -> bool:
     bad_before = keys[1:] & (before >= pts[1:])
     bad_after = keys[:-1] & (after <= pts[:-1])
     return not (bad_before.any() or bad_after.any())
+
+
+def clean_keys_plain(pts: list[int], keys: list[bool]) -> bool:
+    """Every key frame splits the stream: frames decoded before it are displayed before it, frames after, after.
+
+    Then a key frame's position in decode order is its display index, and decoding from it yields the
+    frames from it on, in display order (no open-GOP leading pictures). ``pts``/``keys`` in decode order.
+    """
+    keyed = list(compress(range(len(pts)), keys))
+    highest, start = -math.inf, 0  # the largest pts decoded before key frame i: whole slices at a time
+    for i in keyed:
+        highest = max(highest, max(pts[start:i], default=highest))
+        if highest >= pts[i]:
+            return False
+        start = i
+    lowest, stop = math.inf, len(pts)  # the smallest pts decoded after it
+    for i in reversed(keyed):
+        lowest = min(lowest, min(pts[i + 1 : stop], default=lowest))
+        if lowest <= pts[i]:
+            return False
+        stop = i + 1
+    return True

@@ -36,7 +36,6 @@ Rules decided here (they hold for every backend):
 from __future__ import annotations
 
 import io
-import math
 import os
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -62,7 +61,7 @@ from vidlang.data.decoding.base import (
     resolve_device,
     source_bytes,
 )
-from vidlang.data.decoding.mp4 import MOV_FORMAT, Unsupported, read_mp4
+from vidlang.data.decoding.mp4 import MOV_FORMAT, Unsupported, clean_keys_plain, read_mp4
 
 MAX_PACKETS = 5_000_000  # bound on the scan, packets of all streams (about 20 h of 30 fps video with AAC audio)
 # FFmpeg demuxers that turn non-videos into "video" streams: still images (``image2``, ``*_pipe``),
@@ -262,9 +261,9 @@ def index_video(
     except OSError as e:
         raise VideoDecodeError(name, backend, f"cannot read source: {e}") from e
     return VideoIndex(
-        pts=found.pts.tolist(),
-        durations=found.durations.tolist(),
-        keyframes=found.keyframes.tolist(),
+        pts=_as_list(found.pts),
+        durations=_as_list(found.durations),
+        keyframes=_as_list(found.keyframes),
         time_base=found.time_base,
         width=found.width,
         height=found.height,
@@ -280,6 +279,10 @@ def index_video(
         clean_keys=found.clean_keys,
         from_tables=True,
     )
+
+
+def _as_list(values: list | np.ndarray) -> list:
+    return values if isinstance(values, list) else values.tolist()
 
 
 def _scan(container, src: str | bytes, name: str, backend: str, max_pixels: int | None, rotation: bool) -> VideoIndex:
@@ -316,7 +319,7 @@ def _scan(container, src: str | bytes, name: str, backend: str, max_pixels: int 
     if reader is not None and reader.degrees not in (0, 90, 180, 270):
         raise VideoDecodeError(name, backend, f"display rotation of {reader.degrees} degrees is not supported")
     decode_pts = [p[0] for p in packets]
-    clean = _clean_keys(decode_pts, [p[2] for p in packets])
+    clean = clean_keys_plain(decode_pts, [p[2] for p in packets])
     reordered = delay or any(a > b for a, b in zip(decode_pts, decode_pts[1:], strict=False))
     packets.sort()
     return VideoIndex(
@@ -346,23 +349,6 @@ def index_complete(container, src: str | bytes) -> bool:
             return False
         if max(e.pos + e.size for e in entries) > size:
             return False
-    return True
-
-
-def _clean_keys(pts: list[int], keys: list[bool]) -> bool:
-    """Every key frame splits the stream: frames decoded before it are displayed before it, frames after, after.
-
-    Then a key frame's position in decode order is its display index, and decoding from it yields the
-    frames from it on, in display order (no open-GOP leading pictures). ``pts``/``keys`` in decode order.
-    """
-    suffix_min = [math.inf] * (len(pts) + 1)
-    for i in range(len(pts) - 1, -1, -1):
-        suffix_min[i] = min(pts[i], suffix_min[i + 1])
-    prefix_max = -math.inf
-    for i, (t, key) in enumerate(zip(pts, keys, strict=True)):
-        if key and (prefix_max >= t or suffix_min[i + 1] <= t):
-            return False
-        prefix_max = max(prefix_max, t)
     return True
 
 

@@ -15,6 +15,7 @@ frames (see :meth:`TorchCodecReader.unsupported` and docs/decoding.md).
 
 from __future__ import annotations
 
+import array
 import inspect
 from functools import cache
 from typing import Any, ClassVar
@@ -50,6 +51,12 @@ def core_ops() -> tuple[Any, Any, Any] | None:
     return create_decoder, add_video_stream, get_frames_at_indices
 
 
+def _tensor(values: list, code: str, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor of Python ints or bools through an ``array.array`` (``code``): ~1.5 us for a short clip's
+    index against ~6 us for ``torch.tensor(list)``. The tensor keeps the array alive."""
+    return torch.frombuffer(array.array(code, values), dtype=dtype) if values else torch.empty(0, dtype=dtype)
+
+
 @READERS.register("torchcodec")
 class TorchCodecReader(ScannedReader):
     """Decode with ``torchcodec.decoders.VideoDecoder`` (one FFmpeg thread; NVDEC on ``device="cuda"``)."""
@@ -81,7 +88,8 @@ class TorchCodecReader(ScannedReader):
             create_decoder, add_video_stream, _ = self._core
             self._decoder = create_decoder(source=self._complete_data(), seek_mode="custom_frame_mappings")
             ix = self.index
-            mappings = (torch.tensor(ix.pts), torch.tensor(ix.keyframes), torch.tensor(ix.durations))
+            mappings = (_tensor(ix.pts, "q", torch.int64), _tensor(ix.keyframes, "b", torch.bool),
+                        _tensor(ix.durations, "q", torch.int64))  # fmt: skip
             add_video_stream(self._decoder, num_threads=1, dimension_order="NCHW", stream_index=ix.stream_index,
                              device="cpu", custom_frame_mappings=mappings)  # fmt: skip
             return
