@@ -6,11 +6,11 @@ generated set), a generated 10 s 320x240 H.264 clip, and a *real-shaped* set wri
 ffmpeg CLI (640x360 H.264 with B-frames, preset medium, a key frame every 2 s, AAC audio; 5, 12 and
 30 s; skipped with a note when ``ffmpeg`` is missing). "raw" rows call each library directly the way
 its documentation suggests (torchcodec exact seek mode, decord ``get_batch``, PyAV decoding in
-order); "vidlang" rows go through :func:`open_video` (its frame index included). Every decoder uses
-one thread. In each cell every method runs one timed pass of at least ``--min-time`` seconds in
-turn (round-robin, so all see the same machine load), ``--repeat`` rounds; the best pass is
-reported. A raw row's ratio is to the fastest raw backend of the column; a vidlang row's ratio is
-to the *same* library raw (target >= 0.95).
+order with its RGB frames stacked) and return the clip as one array, as vidlang does; "vidlang" rows
+go through :func:`open_video` (its frame index included). Every decoder uses one thread. In each cell every
+method runs one timed pass of at least ``--min-time`` seconds in turn (round-robin, so all see the same machine
+load), ``--repeat`` rounds; the best pass is reported. A raw row's ratio is to the fastest raw backend of the
+column; a vidlang row's ratio is to the *same* library raw (target >= 0.95).
 """
 
 from __future__ import annotations
@@ -114,20 +114,20 @@ def raw_decord(path: Path, full: bool) -> int:
 
 def raw_pyav(path: Path, full: bool) -> int:
     import av
+    import numpy as np
 
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         stream.codec_context.thread_count = 1
         n = stream.frames
         wanted = set(range(n)) if full or n == 0 else set(sparse_indices(n))
-        got = 0
+        frames = []
         for i, frame in enumerate(c.decode(stream)):
             if i in wanted:
-                frame.to_ndarray(format="rgb24")
-                got += 1
+                frames.append(frame.to_ndarray(format="rgb24"))
             if not full and i >= max(wanted):
                 break
-    return got
+    return np.stack(frames).shape[0]  # [T, H, W, 3]: the clip as one array, as the other rows return it
 
 
 def vidlang_reader(backend: str) -> Callable[[Path, bool], int]:

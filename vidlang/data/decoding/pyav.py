@@ -35,6 +35,33 @@ class _Run:
     last: int = -1
 
 
+class _Frames:
+    """The requested frames, written into one ``[T, H, W, 3]`` array as they are decoded (no list of frames to
+    stack afterwards: a full decode of a long clip would hold it twice)."""
+
+    def __init__(self, indices: list[int], size: tuple[int, int]) -> None:
+        self.indices = indices
+        self.row: dict[int, int] = {}  # display index -> its first row
+        for row, i in enumerate(indices):
+            self.row.setdefault(i, row)
+        self.array = np.empty((len(indices), *size, 3), np.uint8)
+        self.done: set[int] = set()
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.done
+
+    def put(self, index: int, rgb: np.ndarray) -> None:
+        self.array[self.row[index]] = rgb
+        self.done.add(index)
+
+    def result(self) -> np.ndarray:
+        """The array, with the rows of indices asked for twice copied from the first."""
+        for row, i in enumerate(self.indices):
+            if self.row[i] != row:
+                self.array[row] = self.array[self.row[i]]
+        return self.array
+
+
 @READERS.register("pyav")
 class PyAVReader(ScannedReader):
     """Decode with PyAV, seeking to key frames by timestamp, or sequentially where timestamps cannot be trusted."""
@@ -95,18 +122,22 @@ class PyAVReader(ScannedReader):
                 yield from self._stream.decode(pkt)
         yield from self._stream.decode(None)
 
-    def _decode(self, indices: list[int]) -> dict[int, np.ndarray]:
-        wanted = sorted(set(indices))
-        return self._decode_sequential(wanted) if self.sequential else self._decode_by_pts(wanted)
+    def _decode(self, indices: list[int]) -> _Frames:
+        out = _Frames(indices, self._size)
+        if self.sequential:
+            self._decode_sequential(sorted(out.row), out)
+        else:
+            self._decode_by_pts(sorted(out.row), out)
+        return out
 
-    def _frames(self, decoded: dict[int, np.ndarray], indices: list[int]) -> torch.Tensor:
-        return hwc_frames(np.stack([decoded[i] for i in indices]), self._device)
+    def _frames(self, decoded: _Frames, indices: list[int]) -> torch.Tensor:
+        return hwc_frames(decoded.result(), self._device)
 
     # ---------------------------------------------------------------- by timestamp
 
-    def _decode_by_pts(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        """Decode the frames ``wanted`` (sorted display indices), seeking forward to key frames when it pays."""
-        out: dict[int, np.ndarray] = {}
+    def _decode_by_pts(self, wanted: list[int], out: _Frames) -> None:
+        """Decode the frames ``wanted`` (sorted display indices) into ``out``, seeking forward to key frames when
+        it pays."""
         run: _Run | None = None
         for target in wanted:
             if target in out:
@@ -114,8 +145,7 @@ class PyAVReader(ScannedReader):
             key = self._key_before(target)
             if run is None or target <= run.last or key > run.last + 1:
                 run = self._seek(key)
-            self._decode_until(run, target, set(wanted), out)
-        return out
+            self._decode_until(run, target, out)
 
     def _key_before(self, target: int) -> int:
         keys = self.index.keyframes
@@ -129,7 +159,7 @@ class PyAVReader(ScannedReader):
         self._container.seek(self.index.pts[key], stream=self._stream, backward=True, any_frame=False)
         return _Run(self._decoded())
 
-    def _decode_until(self, run: _Run, target: int, wanted: set[int], out: dict[int, np.ndarray]) -> None:
+    def _decode_until(self, run: _Run, target: int, out: _Frames) -> None:
         """Decode from ``run`` until display index ``target`` is in ``out``."""
         target_pts = self.index.pts[target]
         for budget, frame in enumerate(run.frames):
@@ -143,8 +173,8 @@ class PyAVReader(ScannedReader):
                     break
                 continue
             run.last = i
-            if i in wanted and i not in out:
-                out[i] = self._to_rgb(frame, i)
+            if i in out.row and i not in out:
+                out.put(i, self._to_rgb(frame, i))
             if frame.pts >= target_pts:
                 break
         if target not in out:
@@ -152,18 +182,16 @@ class PyAVReader(ScannedReader):
 
     # ---------------------------------------------------------------- sequentially
 
-    def _decode_sequential(self, wanted: list[int]) -> dict[int, np.ndarray]:
+    def _decode_sequential(self, wanted: list[int], out: _Frames) -> None:
         """Frame ``i`` is the ``i``-th frame out of the decoder from the start of the file."""
         if self._live is None or wanted[0] < self._live[1]:
             self._reopen()
             self._live = [self._decoded(), 0]
         frames, pos = self._live
-        out: dict[int, np.ndarray] = {}
-        todo = set(wanted)
         if pos <= wanted[-1]:
             for frame in frames:
-                if pos in todo:
-                    out[pos] = self._to_rgb(frame, pos)
+                if pos in out.row:
+                    out.put(pos, self._to_rgb(frame, pos))
                 pos += 1
                 if pos > wanted[-1]:
                     break
@@ -173,7 +201,6 @@ class PyAVReader(ScannedReader):
             raise VideoDecodeError(
                 self.name, self.backend, f"frame {missing[0]} could not be decoded (the decoder gave {pos} frames)"
             )
-        return out
 
     # ---------------------------------------------------------------- conversion
 
