@@ -189,6 +189,7 @@ def _read(prefix: bytes, size: int, max_pixels: int | None, read) -> Mp4Video:
         audio_sample_rate=audio_rate, rotation=rotation, reordered=reordered, clean_keys=clean, data_end=max(ends),
     )  # fmt: skip
 
+
 def _movie(moov: bytes) -> tuple[int, list[_Track]]:
     movie_scale = 0
     tracks: list[_Track] = []
