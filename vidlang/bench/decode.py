@@ -9,16 +9,16 @@ its documentation suggests (torchcodec exact seek mode, decord ``get_batch``, Py
 order with its RGB frames stacked) and return the clip as one array, as vidlang does; "vidlang" rows
 go through :func:`open_video` (its frame index included). Every decoder uses one thread. In each cell every
 method runs one timed pass of at least ``--min-time`` seconds in turn (round-robin, so all see the same machine
-load), ``--repeat`` rounds; the best pass is reported. A raw row's ratio is to the fastest raw backend of the
-column; a vidlang row's ratio is to the *same* library raw (target >= 0.95). A second block gives each vidlang
-row's *paired* ratio: the median over the rounds of its clips/s over the same library's in the same round.
+load), ``--repeat`` rounds; the best pass is reported (other load only ever slows a pass down, so the best pass
+is the closest to each method's own cost; the median of paired per-round ratios was tried and moved far more
+between runs on the shared machine, e.g. 0.63 on a cell whose best passes gave 0.97). A raw row's ratio is to
+the fastest raw backend of the column; a vidlang row's ratio is to the *same* library raw (target >= 0.95).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -167,62 +167,50 @@ def one_pass(fn: Callable[[Path, bool], int], videos: list[Path], full: bool, mi
 
 
 def measure_cell(methods: dict[str, Callable[[Path, bool], int]], videos: list[Path], full: bool, repeat: int,
-                 min_time: float) -> dict[str, list[float]]:
-    """Clips/s of every method in each of ``repeat`` round-robin rounds (one pass each per round)."""
+                 min_time: float) -> dict[str, float]:
+    """Best clips/s of every method over ``repeat`` round-robin rounds (one pass each per round)."""
     for fn in methods.values():  # warm-up: library loading, file cache
         for v in videos[:2]:
             fn(v, full)
-    rates: dict[str, list[float]] = {name: [] for name in methods}
+    best = dict.fromkeys(methods, 0.0)
     for _ in range(repeat):
         for name, fn in methods.items():
-            rates[name].append(one_pass(fn, videos, full, min_time))
-    return rates
+            best[name] = max(best[name], one_pass(fn, videos, full, min_time))
+    return best
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
 def run_table(sets: dict[str, list[Path]], repeat: int, min_time: float) -> tuple[list[str], dict]:
-    """``(columns, {(method, column): clips/s of each round})``."""
     from vidlang.progress import progress as tqdm  # a live bar on a terminal, lines in a log
 
     columns = [f"{name} {mode}" for name in sets for mode in ("sparse", "full")]
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str], float] = {}
     for col in tqdm(columns, desc="bench decode", unit="cell"):
         name, mode = col.rsplit(" ", 1)
-        for method, rates in measure_cell(METHODS, sets[name], mode == "full", repeat, min_time).items():
-            results[method, col] = rates
+        for method, v in measure_cell(METHODS, sets[name], mode == "full", repeat, min_time).items():
+            results[method, col] = v
     return columns, results
 
 
-def reference(method: str, column: str, best: dict, best_raw: dict) -> float:
+def reference(method: str, column: str, results: dict, best_raw: dict) -> float:
     """A vidlang row's reference is the same library raw; a raw row's, the fastest raw backend."""
     if method.startswith("vidlang "):
-        return best["raw " + method.removeprefix("vidlang "), column]
+        return results["raw " + method.removeprefix("vidlang "), column]
     return best_raw[column]
 
 
-def paired_ratio(method: str, column: str, results: dict) -> float:
-    """Median over the rounds of a vidlang row's clips/s / the same library raw's in the same round: a ratio that
-    a single lucky or unlucky pass of either side moves less than the ratio of the two best passes."""
-    raw = results["raw " + method.removeprefix("vidlang "), column]
-    return statistics.median(v / r for v, r in zip(results[method, column], raw, strict=True))
-
-
 def format_table(columns: list[str], results: dict) -> str:
-    best = {key: max(rates) for key, rates in results.items()}
-    best_raw = {c: max(v for (m, cc), v in best.items() if cc == c and m.startswith("raw")) for c in columns}
+    best_raw = {c: max(v for (m, cc), v in results.items() if cc == c and m.startswith("raw")) for c in columns}
     header = f"{'clips/s (ratio)':<22}" + "".join(f"{c:>26}" for c in columns)
     lines = [header, "-" * len(header)]
     for method in METHODS:
         cells = "".join(
-            f"{best[method, c]:>17.1f} ({best[method, c] / reference(method, c, best, best_raw):>4.2f}x)"
+            f"{results[method, c]:>17.1f} ({results[method, c] / reference(method, c, results, best_raw):>4.2f}x)"
             for c in columns
         )
         lines.append(f"{method:<22}{cells}")
-    lines.append("paired ratio (median over the rounds)")
-    for method in (m for m in METHODS if m.startswith("vidlang ")):
-        lines.append(f"{method:<22}" + "".join(f"{paired_ratio(method, c, results):>25.2f}x" for c in columns))
     return "\n".join(lines)
 
 
@@ -234,7 +222,7 @@ class DecodeBenchmark:
         parser.add_argument("--videos", type=Path, help="directory of videos (default: generate 12 small clips)")
         parser.add_argument("--max-videos", type=int, default=32, help="use at most this many videos from --videos")
         parser.add_argument("--repeat", type=int, default=5,
-                            help="round-robin rounds per cell: the best pass and the median paired ratio are reported")
+                            help="round-robin rounds per cell; the best pass of each method is reported")
         parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed pass")
         parser.add_argument("--skip-real", action="store_true", help="skip the real-shaped 640x360 cell")
 
@@ -263,6 +251,5 @@ class DecodeBenchmark:
         print(f"sparse = {SPARSE_FRAMES} uniformly spread frames per clip; full = every frame; 1 decoder thread; "
               f"best of {args.repeat} round-robin passes; {load_average()}")
         print("ratios: raw rows to the fastest raw backend of the column; vidlang rows to the same library raw "
-              "(target >= 0.95); paired: the median over the rounds of vidlang / the same library in that round"
-              + ("" if real or args.skip_real else "; real-shaped cell skipped: no ffmpeg CLI"))
+              "(target >= 0.95)" + ("" if real or args.skip_real else "; real-shaped cell skipped: no ffmpeg CLI"))
         return 0
