@@ -184,10 +184,15 @@ def _read(prefix: bytes, size: int, max_pixels: int | None, read) -> Mp4Video:
         raise Unsupported("track matrix is not a pure rotation")
     pts, durations, keys, reordered, clean = _timeline(moov, v, layout.count, movie_scale, plain)
     return Mp4Video(
-        pts=pts, durations=durations, keyframes=keys, time_base=Fraction(1, v.timescale), width=width,
+        pts=pts, durations=durations, keyframes=keys, time_base=_time_base(v.timescale), width=width,
         height=height, stream_index=v.index, has_audio=any(t.handler == b"soun" for t in tracks),
         audio_sample_rate=audio_rate, rotation=rotation, reordered=reordered, clean_keys=clean, data_end=max(ends),
     )  # fmt: skip
+
+
+@lru_cache(maxsize=64)  # a handful of time scales cover a collection (Fraction is pure Python: slow to build)
+def _time_base(timescale: int) -> Fraction:
+    return Fraction(1, timescale)
 
 
 def _movie(moov: bytes) -> tuple[int, list[_Track]]:

@@ -165,6 +165,8 @@ class VideoIndex:
 
     @property
     def duplicate_pts(self) -> bool:
+        if self.from_tables:  # mp4.read_mp4 refuses duplicate timestamps
+            return False
         return len(set(self.pts)) != len(self.pts)
 
     @property
