@@ -301,14 +301,13 @@ def _table(moov: bytes, t: _Track, kind: bytes, fmt: str, width: int, required: 
     return np.frombuffer(moov, dtype, count * width, at).astype(np.int64).reshape(count, width)
 
 
-def _rows(moov: bytes, t: _Track, kind: bytes, code: str, width: int, required: bool = True) -> list | None:
-    """:func:`_table` as a list: of ints (``width`` 1) or of ``width``-tuples; ``code`` is a struct letter."""
+def _rows(moov: bytes, t: _Track, kind: bytes, code: str, width: int, required: bool = True) -> tuple | None:
+    """:func:`_table` flat, as a tuple of Python ints row after row; ``code`` is a struct letter."""
     found = _entries(moov, t, kind, width * struct.calcsize(code), required)
     if found is None:
         return None
     at, count = found
-    flat = struct.unpack_from(f">{count * width}{code}", moov, at)
-    return list(flat) if width == 1 else list(zip(*(flat[i::width] for i in range(width)), strict=True))
+    return struct.unpack_from(f">{count * width}{code}", moov, at)
 
 
 @dataclass
@@ -703,45 +702,40 @@ def _timeline_numpy(moov: bytes, v: _Track, n: int, edit: tuple[int, int] | None
 
 
 def _timeline_plain(moov: bytes, v: _Track, n: int, edit: tuple[int, int] | None) -> tuple:
-    """:func:`_timeline_numpy` on lists."""
-    stts = _rows(moov, v, b"stts", "I", 2)
-    if sum(count for count, _ in stts) != n:
+    """:func:`_timeline_numpy` on lists (built by C-level builtins where it can: few Python steps per clip)."""
+    stts = _rows(moov, v, b"stts", "I", 2)  # (count, delta) pairs
+    if sum(stts[0::2]) != n:
         raise Unsupported("stts and stsz disagree on the sample count")
-    delta = []  # [N] decode-order durations
-    for count, d in stts:
-        delta += [d] * count
-    dts = list(accumulate(delta, initial=0))[:-1]
-    ctts = _rows(moov, v, b"ctts", "i", 2, required=False)
+    delta = list(chain.from_iterable(map(repeat, stts[1::2], stts[0::2])))  # [N] decode-order durations
+    dts = list(accumulate(delta[:-1], initial=0))
+    ctts = _rows(moov, v, b"ctts", "i", 2, required=False)  # (count, composition offset) pairs
     if ctts is not None:
-        if sum(count for count, _ in ctts) != n or any(offset < 0 for _, offset in ctts):
+        if sum(ctts[0::2]) != n or min(ctts[1::2], default=0) < 0:
             raise Unsupported("ctts count differs from the samples, or negative composition offsets")
-        offsets = []
-        for count, offset in ctts:
-            offsets += [offset] * count
-        pts = list(map(operator.add, dts, offsets))
+        pts = list(map(operator.add, dts, chain.from_iterable(map(repeat, ctts[1::2], ctts[0::2]))))
     else:
-        pts = dts[:]
+        pts = dts
     stss = _rows(moov, v, b"stss", "I", 1, required=False)
     if stss is None:
         keys = [True] * n
     else:
-        if not stss or stss[0] < 1 or stss[-1] > n or any(b <= a for a, b in zip(stss, stss[1:], strict=False)):
+        if not stss or stss[0] < 1 or stss[-1] > n or not all(map(operator.lt, stss, stss[1:])):
             raise Unsupported("bad stss")
         keys = [False] * n
         for k in stss:
             keys[k - 1] = True
-    if not keys[0] or min(pts) < pts[0]:
+    low = min(pts)
+    if not keys[0] or low < pts[0]:
         raise Unsupported("the first sample is not a key frame displayed first")
     if edit is not None:
         start, end = edit
-        if min(pts) < start or max(pts) >= end:
+        if low < start or max(pts) >= end:
             raise Unsupported("the edit drops frames")
         step = [*map(operator.sub, dts[1:], dts[:-1]), end - start]
         last = [i for i in compress(range(n), keys) if pts[i] + step[i] >= end]
         skip = 1 if ctts is not None else 0
         if (last[skip] if len(last) > skip else n - 1) != n - 1:
             raise Unsupported("the edit ends before the last sample")
-        low = min(pts)
         pts = [p - low for p in pts]
     order = sorted(range(n), key=pts.__getitem__)  # stable, as numpy's
     shown = [pts[i] for i in order]
