@@ -178,7 +178,7 @@ def test_an_inband_sps_that_changes_the_frame_size_falls_back(mp4_dir, samples):
         data = b"".join(parts)
         sizes = np.array([len(p) for p in parts], np.int64)
         pos = np.cumsum(sizes) - sizes
-        mp4mod._check_parameter_sets(data, pos, sizes, 4, sps, (160, 96))  # numpy arrays (the large-file engine)
+        mp4mod._check_parameter_sets(data, pos, sizes, 4, sps, (160, 96))  # arrays, as the numpy engine passes them
         mp4mod._check_parameter_sets(data, pos.tolist(), sizes.tolist(), 4, sps, (160, 96))  # lists
 
     check(sample(slice_nal))  # the same SPS repeated in band: accepted
@@ -214,6 +214,13 @@ def test_both_engines_give_the_same_answer(mp4_dir, name, monkeypatch):
     plain, vector = _read_both(str(mp4_dir / name), monkeypatch)
     assert plain == vector
     assert isinstance(plain, dict) == (name in ACCEPTED or name == "faststart.mp4")
+
+
+@pytest.mark.parametrize("name", ["h264_bf.mp4", "h264_bf.mov", "vfr.mp4", "rot90.mp4", "rot180.mp4", "rot270.mov"])
+def test_both_engines_give_the_same_answer_on_the_matrix(decode_matrix, name, monkeypatch):
+    """The matrix's MP4/MOV files too: variable frame rate (several ``stts`` runs) and rotations."""
+    plain, vector = _read_both(str(decode_matrix.path(BY_NAME[name])), monkeypatch)
+    assert plain == vector and isinstance(plain, dict)
 
 
 def test_both_engines_agree_on_damaged_tables(mp4_dir, monkeypatch):
