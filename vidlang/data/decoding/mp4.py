@@ -322,6 +322,15 @@ class _Layout:
     bounds: tuple[int, ...]  # first chunk (1-based) of each sample-to-chunk run, then chunks + 1
     per_chunk: tuple[int, ...]  # samples per chunk in each run
 
+    def read(self, moov: bytes, plain: bool) -> tuple:
+        """``(sample sizes, chunk offsets)``: tuples of ints (``plain``) or int64 arrays."""
+        if plain:
+            sizes = struct.unpack_from(f">{self.count}I", moov, self.sizes_at)
+            return sizes, struct.unpack_from(f">{self.chunks}{'Q' if self.wide else 'I'}", moov, self.chunks_at)
+        sizes = np.frombuffer(moov, ">u4", self.count, self.sizes_at).astype(np.int64)
+        offsets = np.frombuffer(moov, ">u8" if self.wide else ">u4", self.chunks, self.chunks_at)
+        return sizes, offsets.astype(np.int64)
+
 
 def _layout(moov: bytes, t: _Track) -> _Layout:
     s, e = t.tables.get(b"stsz") or (None, None)
@@ -352,9 +361,8 @@ def _layout(moov: bytes, t: _Track) -> _Layout:
 
 def _positions(moov: bytes, lay: _Layout, plain: bool) -> tuple:
     """Byte offset and size of every sample in decode order: two lists (``plain``) or two int64 arrays."""
+    sizes, offsets = lay.read(moov, plain)
     if plain:
-        sizes = struct.unpack_from(f">{lay.count}I", moov, lay.sizes_at)
-        offsets = struct.unpack_from(f">{lay.chunks}{'Q' if lay.wide else 'I'}", moov, lay.chunks_at)
         pos, k = [], 0
         for a, b, per in zip(lay.bounds, lay.bounds[1:], lay.per_chunk, strict=False):
             for offset in offsets[a - 1 : b - 1]:
@@ -363,8 +371,6 @@ def _positions(moov: bytes, lay: _Layout, plain: bool) -> tuple:
                     offset += size
                 k += per
         return pos, list(sizes)
-    sizes = np.frombuffer(moov, ">u4", lay.count, lay.sizes_at).astype(np.int64)
-    offsets = np.frombuffer(moov, ">u8" if lay.wide else ">u4", lay.chunks, lay.chunks_at).astype(np.int64)
     if len(lay.per_chunk) == 1:  # one run: every chunk holds the same number of samples
         by_chunk = sizes.reshape(-1, lay.per_chunk[0])
         return (offsets[:, None] + np.cumsum(by_chunk, axis=1) - by_chunk).reshape(-1), sizes
@@ -387,13 +393,10 @@ def _sample_end(moov: bytes, t: _Track) -> int:
     if lay.count == 0:
         raise Unsupported("a track without samples")
     per = list(chain.from_iterable(map(repeat, lay.per_chunk, map(operator.sub, lay.bounds[1:], lay.bounds))))
+    sizes, offsets = lay.read(moov, lay.count <= SMALL)
     if lay.count <= SMALL:
-        sizes = struct.unpack_from(f">{lay.count}I", moov, lay.sizes_at)
-        offsets = struct.unpack_from(f">{lay.chunks}{'Q' if lay.wide else 'I'}", moov, lay.chunks_at)
         starts = accumulate(per, initial=0)
         return max(offset + sum(sizes[k : k + n]) for offset, k, n in zip(offsets, starts, per, strict=False))
-    sizes = np.frombuffer(moov, ">u4", lay.count, lay.sizes_at).astype(np.int64)
-    offsets = np.frombuffer(moov, ">u8" if lay.wide else ">u4", lay.chunks, lay.chunks_at).astype(np.int64)
     starts = np.cumsum(per) - per  # first sample of each chunk (every chunk holds at least one)
     return int((offsets + np.add.reduceat(sizes, starts)).max())
 

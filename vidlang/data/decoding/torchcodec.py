@@ -53,8 +53,9 @@ def core_ops() -> tuple[Any, Any, Any] | None:
 
 def _tensor(values: list, code: str, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D tensor of Python ints or bools through an ``array.array`` (``code``): ~1.5 us for a short clip's
-    index against ~6 us for ``torch.tensor(list)``. The tensor keeps the array alive."""
-    return torch.frombuffer(array.array(code, values), dtype=dtype) if values else torch.empty(0, dtype=dtype)
+    index against ~6 us for ``torch.tensor(list)``. The tensor keeps the array alive. (An index is never empty:
+    the scan and the MP4 reader refuse files without frames.)"""
+    return torch.frombuffer(array.array(code, values), dtype=dtype)
 
 
 @READERS.register("torchcodec")
