@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from vidlang.data.collate import collate_samples
 from vidlang.data.sample import VideoSample
-from vidlang.data.shm_ring import SLOT_KEY, BatchRing, RingDataLoader, release_batch
+from vidlang.data.shm_ring import BY_VALUE_BYTES, BY_VALUE_KEY, SLOT_KEY, BatchRing, RingDataLoader, release_batch
 
 
 class _Clips(Dataset):
@@ -79,3 +79,34 @@ def test_release_outside_a_loader_and_without_workers():
     batch = collate_samples(samples, ring=BatchRing(1, 1))  # main process: no slot is used
     assert SLOT_KEY not in batch and release_batch(batch) is batch
     assert batch["video"].shape == (3, 2, 3, 6, 6)
+
+
+class _Rich(_Clips):
+    """Clips with a window, a label, frame indices and (odd clips) 80 kB of audio."""
+
+    def __getitem__(self, i: int) -> VideoSample:
+        s = super().__getitem__(i)
+        audio = torch.full((20000,), float(i)) if i % 2 else None
+        return VideoSample(s.video, s.key, [f"clip {i}", f"also {i}"], (0.5 * i, i + 1.0), i % 3, audio, s.path,
+                           audio is not None, None, torch.arange(2)[None] + i)
+
+
+def test_small_tensors_travel_by_value_and_arrive_intact():
+    ds = _Rich()
+    loader = RingDataLoader(ds, batch_size=4, num_workers=2, collate_fn=partial(collate_samples, ring=BatchRing(2, 4)))
+    n = 0
+    for b in loader:
+        expect = collate_samples([ds[int(k)] for k in b["key"]])
+        assert set(b) == set(expect) and BY_VALUE_KEY not in b
+        for name, value in expect.items():
+            if isinstance(value, torch.Tensor):
+                got = b[name]
+                assert got.dtype == value.dtype and got.shape == value.shape, name
+                assert torch.equal(got.nan_to_num(-1.0), value.nan_to_num(-1.0)) if got.is_floating_point() \
+                    else torch.equal(got, value), name
+                small = name != "video" and value.numel() * value.element_size() <= BY_VALUE_BYTES
+                assert got.is_shared() != small, name  # small ones came inside the pickle; video and audio in shm
+            else:
+                assert b[name] == value, name
+        n += len(b["key"])
+    assert n == len(ds)

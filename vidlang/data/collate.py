@@ -39,7 +39,7 @@ from torch.utils.data import get_worker_info
 
 from vidlang.data.badsamples import SkippedSample
 from vidlang.data.sample import VideoSample
-from vidlang.data.shm_ring import SLOT_KEY, BatchRing
+from vidlang.data.shm_ring import BatchRing, seal_batch
 
 
 def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchRing | None = None) -> dict[str, Any]:
@@ -82,8 +82,6 @@ def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchR
     batch["skipped"] = skipped
     if any(isinstance(s.label, (tuple, list)) for s in samples):
         batch["label_set"] = _label_sets(samples)
-    if slot is not None:
-        batch[SLOT_KEY] = slot
     if any(s.audio is not None for s in samples):
         batch.update(_collate_audio(samples, video.device))
     if all(s.frame_indices is not None for s in samples) and len({tuple(s.frame_indices.shape)
@@ -93,7 +91,7 @@ def collate_samples(samples: Sequence[VideoSample | SkippedSample], ring: BatchR
         batch["meta"] = [dict(s.meta) for s in samples]
     if any(s.frame_mask is not None for s in samples):
         batch["video_mask"] = _video_mask(samples, tuple(video.shape[1:-3]))  # (T,) or (V, T)
-    return batch
+    return batch if slot is None else seal_batch(batch, slot)
 
 
 def _video_mask(samples: Sequence[VideoSample], shape: tuple[int, ...]) -> torch.Tensor:

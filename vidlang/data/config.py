@@ -120,6 +120,9 @@ class LoaderConfig:
         batch_size: training batch size; eval_batch_size: validation / test (None: ``batch_size``).
         num_workers, persistent_workers, pin_memory, prefetch_factor: as in :class:`torch.utils.data.DataLoader`.
         timeout_s: the DataLoader's batch timeout with workers (0 = none), the last guard against a hang.
+        keep_freed_memory: workers keep the memory they free for the next clip instead of returning it to the
+            OS and page-faulting it back (:mod:`vidlang.data.worker_memory`; glibc only; costs each worker up to
+            64 MB of resident memory).
     """
 
     batch_size: int = 8
@@ -129,6 +132,7 @@ class LoaderConfig:
     pin_memory: bool = True
     prefetch_factor: int = 2
     timeout_s: float = 600.0
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         check_min("data.loader", 1, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,

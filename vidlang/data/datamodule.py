@@ -331,7 +331,7 @@ class VideoDataModule(pl.LightningDataModule):
             persistent_workers=cfg.persistent_workers and workers > 0, timeout=cfg.timeout_s if workers else 0,
         )
         if workers:
-            kw["prefetch_factor"] = cfg.prefetch_factor
+            kw.update(prefetch_factor=cfg.prefetch_factor, keep_freed_memory=cfg.keep_freed_memory)
         if isinstance(ds, StreamingVideoDataset):
             return make_streaming_loader(ds, **kw)
         training = split.startswith("train")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vidlang.data.badsamples import BadSamplePolicy, SkippedSample
 from vidlang.data.config import DecodeConfig, LoaderConfig, SamplingConfig, TransformConfig
 from vidlang.data.sample import VideoEntry
+from vidlang.data.worker_memory import KeepFreedMemory
 from vidlang.embed.plan import ShardPlan
 from vidlang.errors import ConfigError
 
@@ -173,6 +174,8 @@ class EmbedDataModule(pl.LightningDataModule):
         if workers:
             kw["prefetch_factor"] = self.loader.prefetch_factor
             kw["worker_init_fn"] = partial(_seed_worker, seed=self.seed, rank=rank)
+            if self.loader.keep_freed_memory:
+                kw["worker_init_fn"] = KeepFreedMemory(kw["worker_init_fn"])
         return DataLoader(PlannedDataset(self.entries, videos), batch_sampler=PlannedBatches(batches),
                           collate_fn=collate_planned, **kw)
 
