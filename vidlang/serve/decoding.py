@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from vidlang.data.decoding.base import DEFAULT_MAX_PIXELS, VideoDecodeError
+from vidlang.data.worker_memory import keep_freed_memory
 
 VideoInput = str | os.PathLike | bytes
 
@@ -100,9 +101,11 @@ _PRELOAD = [__name__, "vidlang.data.decoding", "vidlang.data.sampling", "torchco
 
 
 def _init_worker(decoder: ClipDecoder) -> None:
-    """Set up a worker: one torch thread, and the decoders imported now rather than at its first video."""
+    """Set up a worker: one torch thread, freed memory kept for the next video (:mod:`vidlang.data.worker_memory`),
+    and the decoders imported now rather than at its first video."""
     global _WORKER_DECODER
     torch.set_num_threads(1)  # one core per worker: the pool's size is the parallelism
+    keep_freed_memory()
     from vidlang.data.decoding import READERS
     from vidlang.data.decoding.scan import ScannedReader
     from vidlang.data.sampling import build_sampler  # noqa: F401 - imported for its import time only
