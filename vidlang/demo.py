@@ -73,6 +73,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
     from vidlang.io import with_atomic_checkpoint_io
     from vidlang.models.factory import ModelConfig
     from vidlang.tasks.retrieval import RetrievalTask
+    from vidlang.threads import LoaderThreads
 
     manifest = str(corpus / "manifest.csv")
     data = VideoDataModule(
@@ -92,7 +93,7 @@ def build(cfg: DemoConfig, corpus: Path) -> tuple[Any, Any, Any]:
                            monitor="val/t2v_R@1", mode="max", enable_version_counter=False)  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=cfg.epochs, default_root_dir=cfg.out,
-        callbacks=[ckpt, default_progress_bar() or TQDMProgressBar()],
+        callbacks=[ckpt, default_progress_bar() or TQDMProgressBar(), LoaderThreads()],
         check_val_every_n_epoch=max(1, min(5, cfg.epochs)), log_every_n_steps=10, enable_model_summary=False,
         logger=pl.loggers.CSVLogger(cfg.out, name="logs"), plugins=with_atomic_checkpoint_io(),
     )  # fmt: skip

@@ -9,8 +9,9 @@ the uint8 normalisation), reported on its own. The first ``--warmup`` steps (wor
 are not timed.
 
 Threads: the training process uses ``--threads`` torch threads, by default the cores the loader workers leave
-(``cores - workers``, at least 1; the rule ``vidlang serve`` applies): on 2 cores, 2 decoding workers and a
-2-thread step oversubscribe the cores (measured: 175 clips/s at 2 threads against 241 at 1 for ``tiny``).
+(``cores - workers``, at least 1: :mod:`vidlang.threads`, the rule ``vidlang fit`` and ``vidlang serve`` apply):
+on 2 cores, 2 decoding workers and a 2-thread step oversubscribe the cores (measured: 175 clips/s at 2 threads
+against 241 at 1 for ``tiny``).
 
 Peak memory: the peak resident set of the training process during the setting (``ru_maxrss`` is a lifetime peak,
 so each setting reports the peak so far; run one setting per process for a clean figure), plus the peak CUDA
@@ -21,7 +22,6 @@ The target is a data-wait share below 5 % of step time.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -144,8 +144,9 @@ class TrainBench:
         import torch
 
         from vidlang.data.synthetic import generate_corpus
+        from vidlang.threads import threads_beside
 
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
+        torch.set_num_threads(args.threads or threads_beside(args.workers))
         corpus = Path(args.corpus)
         if not (corpus / "manifest.csv").is_file():
             generate_corpus(corpus, args.videos, seed=0)

@@ -101,12 +101,12 @@ class ServeCommand:
         parser.add_argument("--quiet", action="store_true", help="no request log")
 
     def run(self, args: argparse.Namespace) -> int:
-        import os
-
         import torch
 
+        from vidlang.threads import threads_beside
+
         previous = torch.get_num_threads()  # a process-wide setting: restored when the server stops
-        torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) - args.workers))
+        torch.set_num_threads(args.torch_threads or threads_beside(args.workers))
         try:
             app = self.build_app(args)
             app.serve_forever()

@@ -1,0 +1,102 @@
+"""Torch threads beside decoding workers: the cores the workers leave, on every CPU run that has workers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from pytorch_lightning.accelerators import CPUAccelerator
+
+import vidlang.threads as T
+from vidlang.threads import LoaderThreads, loader_workers, threads_beside
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    def set_cores(n: int) -> None:
+        monkeypatch.setattr(T, "cpu_cores", lambda: n)
+
+    for name in T.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    previous = torch.get_num_threads()
+    yield set_cores
+    torch.set_num_threads(previous)
+
+
+def test_the_cores_the_workers_leave(cores):
+    cores(16)
+    assert threads_beside(4) == 12
+    assert threads_beside(4, processes=2) == 4  # 8 cores per process
+    assert threads_beside(0) == 16
+    cores(2)
+    assert threads_beside(2) == 1 and threads_beside(8) == 1  # never 0
+
+
+def _trainer(workers: int | None, accelerator=None, devices: int = 1) -> SimpleNamespace:
+    dm = SimpleNamespace(num_workers=workers) if workers is not None else None
+    return SimpleNamespace(accelerator=accelerator or CPUAccelerator(), datamodule=dm, num_devices=devices)
+
+
+def test_a_cpu_run_with_workers_takes_the_rest_and_gives_it_back(cores):
+    cores(8)
+    torch.set_num_threads(3)
+    cb = LoaderThreads()
+    cb.setup(_trainer(workers=2), None, "fit")
+    assert torch.get_num_threads() == 6
+    cb.setup(_trainer(workers=2), None, "validate")  # a second stage: the first count is what teardown restores
+    cb.teardown(_trainer(workers=2), None, "fit")
+    assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("case", ["user env", "no workers", "no data module", "accelerator not cpu"])
+def test_left_alone(cores, monkeypatch, case):
+    cores(8)
+    torch.set_num_threads(3)
+    trainer = _trainer(workers=2)
+    if case == "user env":
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    elif case == "no workers":
+        trainer = _trainer(workers=0)
+    elif case == "no data module":
+        trainer = _trainer(workers=None)
+    else:
+        trainer = _trainer(workers=2, accelerator=object())
+    LoaderThreads().setup(trainer, None, "fit")
+    assert torch.get_num_threads() == 3
+
+
+def test_an_explicit_count_wins(cores, monkeypatch):
+    cores(8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    LoaderThreads(threads=2).setup(_trainer(workers=0), None, "fit")
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="threads"):
+        LoaderThreads(threads=0)
+
+
+def test_workers_of_other_data_modules():
+    assert loader_workers(SimpleNamespace(datamodule=SimpleNamespace(loader=SimpleNamespace(num_workers=3)))) == 3
+    assert loader_workers(SimpleNamespace()) == 0
+
+
+def test_fit_and_demo_trainers_have_it(tmp_path):
+    from vidlang.cli.lightning import VidlangCLI
+    from vidlang.demo import DemoConfig, build
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(root / "configs/retrieval/mean.yaml"),
+            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
+            "--trainer.accelerator", "cpu", "--trainer.logger", "false", f"--trainer.default_root_dir={tmp_path}"]
+    with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
+        cli = VidlangCLI(args=args, run=False)
+    assert sum(isinstance(c, LoaderThreads) for c in cli.trainer.callbacks) == 1
+
+    corpus = tmp_path / "corpus"
+    (corpus / "tokenizer").mkdir(parents=True)
+    with mock.patch("vidlang.tasks.retrieval.RetrievalTask", lambda *a, **k: None):
+        _, _, trainer = build(DemoConfig(corpus=str(corpus), out=str(tmp_path / "run")), corpus)
+    assert sum(isinstance(c, LoaderThreads) for c in trainer.callbacks) == 1
