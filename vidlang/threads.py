@@ -52,6 +52,7 @@ class LoaderThreads(Callback):
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         self._previous: int | None = None
+        self._said = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         from pytorch_lightning.accelerators import CPUAccelerator
@@ -68,7 +69,9 @@ class LoaderThreads(Callback):
             self._previous = torch.get_num_threads()
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
-            rank_zero_info(f"torch threads: {n} ({cpu_cores()} cores, {workers} loader workers per process)")
+            if not self._said:  # once, not at every stage
+                rank_zero_info(f"torch threads: {n} ({cpu_cores()} cores, {workers} loader workers per process)")
+                self._said = True
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._previous is not None:
