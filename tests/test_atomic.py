@@ -270,26 +270,11 @@ def test_kill_9_during_checkpoint_saves_many_times(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ wiring
-def test_fit_and_demo_trainers_save_atomically(tmp_path):
-    from unittest import mock
-
-    from vidlang.cli.lightning import VidlangCLI
-    from vidlang.demo import DemoConfig, build
+def test_fit_and_demo_trainers_save_atomically(fit_and_demo_trainers):
     from vidlang.io import AtomicCheckpointIO
 
-    root = Path(__file__).resolve().parents[1]
-    args = ["--config", str(root / "configs/retrieval/mean.yaml"),
-            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
-            "--trainer.accelerator", "cpu", "--trainer.logger", "false", f"--trainer.default_root_dir={tmp_path}"]
-    with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
-        cli = VidlangCLI(args=args, run=False)
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-
-    corpus = tmp_path / "corpus"
-    (corpus / "tokenizer").mkdir(parents=True)
-    with mock.patch("vidlang.tasks.retrieval.RetrievalTask", lambda *a, **k: None):
-        _, _, trainer = build(DemoConfig(corpus=str(corpus), out=str(tmp_path / "run")), corpus)
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    for trainer in fit_and_demo_trainers:
+        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_a_configured_checkpoint_io_is_kept():

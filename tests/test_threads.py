@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -83,20 +80,6 @@ def test_workers_of_other_data_modules():
     assert loader_workers(SimpleNamespace()) == 0
 
 
-def test_fit_and_demo_trainers_have_it(tmp_path):
-    from vidlang.cli.lightning import VidlangCLI
-    from vidlang.demo import DemoConfig, build
-
-    root = Path(__file__).resolve().parents[1]
-    args = ["--config", str(root / "configs/retrieval/mean.yaml"),
-            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
-            "--trainer.accelerator", "cpu", "--trainer.logger", "false", f"--trainer.default_root_dir={tmp_path}"]
-    with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
-        cli = VidlangCLI(args=args, run=False)
-    assert sum(isinstance(c, LoaderThreads) for c in cli.trainer.callbacks) == 1
-
-    corpus = tmp_path / "corpus"
-    (corpus / "tokenizer").mkdir(parents=True)
-    with mock.patch("vidlang.tasks.retrieval.RetrievalTask", lambda *a, **k: None):
-        _, _, trainer = build(DemoConfig(corpus=str(corpus), out=str(tmp_path / "run")), corpus)
-    assert sum(isinstance(c, LoaderThreads) for c in trainer.callbacks) == 1
+def test_fit_and_demo_trainers_have_it(fit_and_demo_trainers):
+    for trainer in fit_and_demo_trainers:
+        assert sum(isinstance(c, LoaderThreads) for c in trainer.callbacks) == 1
