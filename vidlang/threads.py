@@ -2,7 +2,7 @@
 
 On a CPU machine the training (or serving) process and its decoding workers compete for the same cores: with
 PyTorch's default (one thread per core) on 2 cores, 2 loader workers and a 2-thread training step oversubscribe
-them (`vidlang bench train`, tiny: 175 clips/s at 2 threads against 241 at 1; `vidlang demo` 87 s against 73 s,
+them (`vidlang bench train`, tiny: 175 clips/s at 2 threads against 241 at 1; `vidlang demo` 87 s against 65-73 s,
 with the same results). The rule everywhere in vidlang: the cores the workers leave, at least 1.
 
 :class:`LoaderThreads` applies it to Lightning runs on the CPU (``vidlang fit|validate|test|predict`` and

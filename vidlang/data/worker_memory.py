@@ -2,12 +2,12 @@
 
 A worker decodes a clip into a few MB of fresh tensors (the decoded frames, the cropped ones, the resize's
 scratch), copies the result into its batch and frees them all. glibc's malloc, with its default settings,
-gives the freed top of the heap back to the kernel as soon as more than twice the largest recent allocation
-is free (``M_TRIM_THRESHOLD``), so the next clip takes the same pages again through page faults, each one
-zeroed by the kernel. On the WebVid-shaped clips of ``vidlang bench loader`` (336 px, 8 frames, random resized
-crop) that was 240-390 page faults per clip in the loader's workers and up to 1,300 in a single process, where
-decode + crop took 21.6-21.9 ms a clip instead of 18.1-19.0; the count moves between runs with the allocation
-history.
+maps large blocks on their own and gives the freed top of the heap back to the kernel once it exceeds its trim
+threshold (both thresholds follow the largest mapped block freed so far), so the next clip takes the same pages
+again through page faults, each one zeroed by the kernel. On the WebVid-shaped clips of ``vidlang bench
+loader`` (336 px, 8 frames, random resized crop) that was 240-390 page faults per clip in the loader's workers
+and up to 1,300 in a single process, where decode + crop took 21.6-21.9 ms a clip instead of 18.1-19.0; the
+count moves between runs with the allocation history.
 
 :func:`keep_freed_memory` raises the trim threshold to ``trim_mb`` and fixes the ``mmap`` threshold at
 ``mmap_mb``: blocks up to that size come from the heap, and up to ``trim_mb`` of freed heap stays with the
