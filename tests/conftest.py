@@ -22,8 +22,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def fit_and_demo_trainers(tmp_path):
-    """The trainers ``vidlang fit`` (a retrieval config, not run) and ``vidlang demo`` build, on the CPU."""
+def make_fit_trainer(tmp_path):
+    """``make_fit_trainer(*extra_args)``: the trainer ``vidlang fit`` builds for a tiny retrieval config on the CPU
+    (classes instantiated on the meta device, nothing run)."""
     import sys
     from pathlib import Path
     from unittest import mock
@@ -31,16 +32,29 @@ def fit_and_demo_trainers(tmp_path):
     import torch
 
     from vidlang.cli.lightning import VidlangCLI
-    from vidlang.demo import DemoConfig, build
 
     root = Path(__file__).resolve().parents[1]
-    args = ["--config", str(root / "configs/retrieval/mean.yaml"),
-            "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
-            "--trainer.accelerator", "cpu", "--trainer.logger", "false", f"--trainer.default_root_dir={tmp_path}"]
-    with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
-        cli = VidlangCLI(args=args, run=False)
+
+    def make(*extra: str):
+        args = ["--config", str(root / "configs/retrieval/mean.yaml"),
+                "--config", str(root / "configs/data/synthetic.yaml"), "--model.init_args.model.image", "vit_tiny",
+                "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                f"--trainer.default_root_dir={tmp_path}", *extra]
+        with mock.patch.object(sys, "argv", ["vidlang"]), torch.device("meta"):
+            return VidlangCLI(args=args, run=False).trainer
+
+    return make
+
+
+@pytest.fixture
+def fit_and_demo_trainers(tmp_path, make_fit_trainer):
+    """The trainers ``vidlang fit`` (:func:`make_fit_trainer`) and ``vidlang demo`` build, on the CPU."""
+    from unittest import mock
+
+    from vidlang.demo import DemoConfig, build
+
     corpus = tmp_path / "corpus"
     (corpus / "tokenizer").mkdir(parents=True)
     with mock.patch("vidlang.tasks.retrieval.RetrievalTask", lambda *a, **k: None):
         _, _, demo = build(DemoConfig(corpus=str(corpus), out=str(tmp_path / "run")), corpus)
-    return cli.trainer, demo
+    return make_fit_trainer(), demo

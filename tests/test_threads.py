@@ -80,6 +80,12 @@ def test_workers_of_other_data_modules():
     assert loader_workers(SimpleNamespace()) == 0
 
 
-def test_fit_and_demo_trainers_have_it(fit_and_demo_trainers):
-    for trainer in fit_and_demo_trainers:
-        assert sum(isinstance(c, LoaderThreads) for c in trainer.callbacks) == 1
+def test_the_demo_applies_it_and_fit_only_when_configured(fit_and_demo_trainers):
+    fit, demo = fit_and_demo_trainers
+    assert sum(isinstance(c, LoaderThreads) for c in demo.callbacks) == 1
+    assert not any(isinstance(c, LoaderThreads) for c in fit.callbacks)  # compute-bound runs want every core
+
+
+def test_a_fit_config_opts_in(make_fit_trainer):
+    trainer = make_fit_trainer("--trainer.callbacks+=vidlang.threads.LoaderThreads")
+    assert sum(isinstance(c, LoaderThreads) for c in trainer.callbacks) == 1

@@ -1,13 +1,17 @@
 """How many torch threads a process takes when decoding worker processes share its cores.
 
-On a CPU machine the training (or serving) process and its decoding workers compete for the same cores: with
-PyTorch's default (one thread per core) on 2 cores, 2 loader workers and a 2-thread training step oversubscribe
-them (`vidlang bench train`, tiny: 175 clips/s at 2 threads against 241 at 1; `vidlang demo` 87 s against 65-73 s,
-with the same results). The rule everywhere in vidlang: the cores the workers leave, at least 1.
+On a CPU machine the training (or serving) process and its decoding workers compete for the same cores. When
+the step is cheap and the workers are busy all the time, PyTorch's default (one thread per core) oversubscribes
+the cores: on 2 cores with 2 loader workers, `vidlang bench train` tiny ran at 175 clips/s with 2 threads against
+241 with 1, and `vidlang demo` took 87 s against 65-73 s, with the same results. When the step is expensive the
+workers mostly wait for a free prefetch slot and the step wants every core: ViT-B/32 on the same machine took
+5.6-6.6 s a step with 2 threads against 10.6-11.1 s with 1 (batch 4 x 8 frames, data wait 0 % either way).
 
-:class:`LoaderThreads` applies it to Lightning runs on the CPU (``vidlang fit|validate|test|predict`` and
-``vidlang demo`` add it). It leaves the count alone when ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the
-user chose), when the loaders have no workers, and on GPU runs; ``threads`` overrides the rule.
+So the rule (the cores the workers leave, at least 1) is for data-bound runs. ``vidlang demo``, ``vidlang serve``
+and ``vidlang bench train`` apply it; a ``vidlang fit`` run opts in with the callback (``trainer.callbacks:
+[{class_path: vidlang.threads.LoaderThreads}]``). :class:`LoaderThreads` leaves the count alone when
+``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the user chose), when the loaders have no workers, and on GPU
+runs; ``threads`` overrides the rule.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ the uint8 normalisation), reported on its own. The first ``--warmup`` steps (wor
 are not timed.
 
 Threads: the training process uses ``--threads`` torch threads, by default the cores the loader workers leave
-(``cores - workers``, at least 1: :mod:`vidlang.threads`, the rule ``vidlang fit`` and ``vidlang serve`` apply):
+(``cores - workers``, at least 1: :mod:`vidlang.threads`, the rule ``vidlang demo`` and ``vidlang serve`` apply):
 on 2 cores, 2 decoding workers and a 2-thread step oversubscribe the cores (measured: 175 clips/s at 2 threads
-against 241 at 1 for ``tiny``).
+against 241 at 1 for ``tiny``). A compute-bound setting wants every core instead (``vit_b32``: 5.6-6.6 s a step at
+2 threads against 10.6-11.1 s at 1, batch 4): give it ``--threads``.
 
 Peak memory: the peak resident set of the training process during the setting (``ru_maxrss`` is a lifetime peak,
 so each setting reports the peak so far; run one setting per process for a clean figure), plus the peak CUDA

@@ -207,10 +207,6 @@ class VidlangCLI(LightningCLI):
 
         if not any(isinstance(c, RunRecordCallback) for c in given):  # run_record.json beside the metrics
             callbacks = [*callbacks, RunRecordCallback()]
-        from vidlang.threads import LoaderThreads
-
-        if not any(isinstance(c, LoaderThreads) for c in given):  # CPU runs: the cores the loader workers leave
-            callbacks = [*callbacks, LoaderThreads()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
