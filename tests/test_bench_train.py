@@ -30,3 +30,13 @@ def test_a_tiny_run_reports_clips_per_second_and_the_shares(tmp_path):
     assert r["steps"] == 3 and r["clips_per_s"] > 0
     # no workers: every fetch decodes 4 clips in the training process, so the data wait is real and measured
     assert 0 < r["data_wait_share"] < 1 and 0 <= r["loop_share"] < 1
+
+
+def test_threads_per_setting(monkeypatch):
+    import vidlang.threads as T
+    from vidlang.bench.train import SETTINGS, setting_threads
+
+    monkeypatch.setattr(T, "cpu_cores", lambda: 8)
+    assert setting_threads("tiny", workers=2) == 6  # data-bound: the cores the workers leave
+    assert setting_threads("vit_b32", workers=2) == 8  # compute-bound: every core
+    assert all(setting_threads(name, workers=2, threads=3) == 3 for name in SETTINGS)  # --threads wins

@@ -8,11 +8,11 @@ the next (``on_train_batch_start``) is the loop's own overhead (Lightning's book
 the uint8 normalisation), reported on its own. The first ``--warmup`` steps (worker start-up, allocator warm-up)
 are not timed.
 
-Threads: the training process uses ``--threads`` torch threads, by default the cores the loader workers leave
-(``cores - workers``, at least 1: :mod:`vidlang.threads`, the rule ``vidlang demo`` and ``vidlang serve`` apply):
-on 2 cores, 2 decoding workers and a 2-thread step oversubscribe the cores (measured: 175 clips/s at 2 threads
-against 241 at 1 for ``tiny``). A compute-bound setting wants every core instead (``vit_b32``: 5.6-6.6 s a step at
-2 threads against 10.6-11.1 s at 1, batch 4): give it ``--threads``.
+Threads: the training process uses ``--threads`` torch threads when given. By default ``tiny`` gets the cores the
+loader workers leave (``cores - workers``, at least 1: :mod:`vidlang.threads`, the rule ``vidlang demo`` and
+``vidlang serve`` apply): on 2 cores, 2 decoding workers and a 2-thread step oversubscribe the cores (measured: 175
+clips/s at 2 threads against 241 at 1). ``vit_b32``'s step is compute-bound (the workers mostly wait for a free
+prefetch slot) and gets every core: 5.6-6.6 s a step at 2 threads against 10.6-11.1 s at 1 (batch 4 x 8 frames).
 
 Peak memory: the peak resident set of the training process during the setting (``ru_maxrss`` is a lifetime peak,
 so each setting reports the peak so far; run one setting per process for a clean figure), plus the peak CUDA
@@ -36,6 +36,17 @@ SETTINGS = {  # name -> (image preset, image size, text preset)
     "tiny": ("vit_tiny", 32, "text_tiny"),
     "vit_b32": ("vit_b32", 224, "text_b"),
 }
+COMPUTE_BOUND = {"vit_b32"}  # settings whose step wants every core (the workers mostly wait; module docstring)
+
+
+def setting_threads(name: str, workers: int, threads: int | None = None) -> int:
+    """Torch threads for a setting: ``threads`` when given; else every core for a compute-bound setting and the
+    cores the workers leave for the others."""
+    from vidlang.threads import cpu_cores, threads_beside
+
+    if threads:
+        return threads
+    return cpu_cores() if name in COMPUTE_BOUND else threads_beside(workers)
 
 
 class TimedLoader:
@@ -139,26 +150,31 @@ class TrainBench:
         parser.add_argument("--workers", type=int, default=2)
         parser.add_argument("--videos", type=int, default=512, help="videos of a generated corpus")
         parser.add_argument("--threads", type=int, default=None,
-                            help="torch threads of the training process (default: cores - workers, at least 1)")
+                            help="torch threads of the training process (default: tiny cores - workers, at least 1; "
+                                 "vit_b32 every core)")
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
 
         from vidlang.data.synthetic import generate_corpus
-        from vidlang.threads import threads_beside
 
-        torch.set_num_threads(args.threads or threads_beside(args.workers))
         corpus = Path(args.corpus)
         if not (corpus / "manifest.csv").is_file():
             generate_corpus(corpus, args.videos, seed=0)
-        print(f"retrieval training on the CPU ({torch.get_num_threads()} threads), {args.workers} loader workers, "
+        print(f"retrieval training on the CPU, {args.workers} loader workers, "
               f"batch {args.batch} x {args.frames} frames, {args.steps} timed steps after {args.warmup}")  # fmt: skip
-        print(f"{'setting':<10}{'image tower':<16}{'clips/s':>9}{'step ms':>10}{'data wait':>11}{'loop':>8}"
-              f"{'peak RSS':>11}")
-        for name in args.settings.split(","):
-            r = measure(name, corpus, args.steps, args.warmup, args.batch, args.frames, args.workers)
-            verdict = "ok" if r["data_wait_share"] < DATA_WAIT_TARGET else f">= {DATA_WAIT_TARGET:.0%}"
-            print(f"{name:<10}{r['image']:<16}{r['clips_per_s']:9.1f}{r['step_ms']:10.0f}"
-                  f"{100 * r['data_wait_share']:10.1f}%{100 * r['loop_share']:7.1f}%{r['peak_rss_mb']:8.0f} MB  "
-                  f"({verdict}; {load_average()})")
+        print(f"{'setting':<10}{'image tower':<16}{'threads':>8}{'clips/s':>9}{'step ms':>10}{'data wait':>11}"
+              f"{'loop':>8}{'peak RSS':>11}")
+        previous = torch.get_num_threads()
+        try:
+            for name in args.settings.split(","):
+                threads = setting_threads(name, args.workers, args.threads)
+                torch.set_num_threads(threads)
+                r = measure(name, corpus, args.steps, args.warmup, args.batch, args.frames, args.workers)
+                verdict = "ok" if r["data_wait_share"] < DATA_WAIT_TARGET else f">= {DATA_WAIT_TARGET:.0%}"
+                print(f"{name:<10}{r['image']:<16}{threads:>8}{r['clips_per_s']:9.1f}{r['step_ms']:10.0f}"
+                      f"{100 * r['data_wait_share']:10.1f}%{100 * r['loop_share']:7.1f}%{r['peak_rss_mb']:8.0f} MB  "
+                      f"({verdict}; {load_average()})")
+        finally:
+            torch.set_num_threads(previous)
         return 0
