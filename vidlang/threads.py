@@ -3,7 +3,7 @@
 On a CPU machine the training (or serving) process and its decoding workers compete for the same cores. When
 the step is cheap and the workers are busy all the time, PyTorch's default (one thread per core) oversubscribes
 the cores: on 2 cores with 2 loader workers, `vidlang bench train` tiny ran at 175 clips/s with 2 threads against
-241 with 1, and `vidlang demo` took 87 s against 65-73 s, with the same results. When the step is expensive the
+241 with 1, and `vidlang demo` took 96-100 s against 77-85 s (alternated runs), with the same results. When the step is expensive the
 workers mostly wait for a free prefetch slot and the step wants every core: ViT-B/32 on the same machine took
 5.6-6.6 s a step with 2 threads against 10.6-11.1 s with 1 (batch 4 x 8 frames, data wait 0 % either way).
 
