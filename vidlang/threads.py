@@ -3,15 +3,16 @@
 On a CPU machine the training (or serving) process and its decoding workers compete for the same cores. When
 the step is cheap and the workers are busy all the time, PyTorch's default (one thread per core) oversubscribes
 the cores: on 2 cores with 2 loader workers, `vidlang bench train` tiny ran at 175 clips/s with 2 threads against
-241 with 1, and `vidlang demo` took 96-100 s against 77-85 s (alternated runs), with the same results. When the step is expensive the
-workers mostly wait for a free prefetch slot and the step wants every core: ViT-B/32 on the same machine took
-5.6-6.6 s a step with 2 threads against 10.6-11.1 s with 1 (batch 4 x 8 frames, data wait 0 % either way).
+241 with 1, and `vidlang demo` took 96-100 s against 77-85 s (alternated runs), with the same results. When the
+step is expensive the workers mostly wait for a free prefetch slot and the step wants every core: ViT-B/32 on the
+same machine took 5.6-6.6 s a step with 2 threads against 10.6-11.1 s with 1 (batch 4 x 8 frames, data wait 0 %
+either way).
 
 So the rule (the cores the workers leave, at least 1) is for data-bound runs. ``vidlang demo``, ``vidlang serve``
-and ``vidlang bench train`` apply it; a ``vidlang fit`` run opts in with the callback (``trainer.callbacks:
-[{class_path: vidlang.threads.LoaderThreads}]``). :class:`LoaderThreads` leaves the count alone when
-``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the user chose), when the loaders have no workers, and on GPU
-runs; ``threads`` overrides the rule.
+and ``vidlang bench train``'s ``tiny`` setting apply it; a ``vidlang fit`` run opts in with the callback
+(``trainer.callbacks: [{class_path: vidlang.threads.LoaderThreads}]``). :class:`LoaderThreads` leaves the count
+alone when ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (the user chose), when the loaders have no workers,
+and on GPU runs; ``threads`` overrides the rule.
 """
 
 from __future__ import annotations
