@@ -109,12 +109,6 @@ class ByValue:
     def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         self.arrays = arrays
 
-    def __getstate__(self) -> dict[str, np.ndarray]:
-        return self.arrays
-
-    def __setstate__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.arrays = arrays
-
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.arrays.items()}
 

@@ -22,7 +22,6 @@ glibc only: elsewhere (macOS, musl) it does nothing and returns False.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -40,7 +39,7 @@ def _mallopt() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc's (no ldconfig subprocess, as find_library runs)
         libc.gnu_get_libc_version  # noqa: B018 (musl has a mallopt that does nothing, and no such function)
         fn = libc.mallopt
     except (OSError, AttributeError):
