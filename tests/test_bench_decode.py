@@ -39,6 +39,27 @@ def test_table_ratios():
     assert "80.0 (1.00x)" in rows["vidlang decord"] and "50.0 (0.50x)" in rows["raw pyav"]
 
 
+def test_json_results_and_file(tmp_path):
+    """``--json``: the same clips/s and ratios as the table, the vidlang cells below 0.95 named, and the arguments,
+    load and time of the run beside them."""
+    import argparse
+    import json
+
+    from vidlang.bench.common import write_json
+
+    results = {(m, "a sparse"): v for m, v in zip(bench.METHODS, [100.0, 50.0, 80.0, 90.0, 75.0, 80.0], strict=True)}
+    data = bench.json_results(["a sparse"], results)
+    assert data["rows"]["vidlang torchcodec"]["a sparse"] == {"clips_per_s": 90.0, "ratio": 0.9}
+    assert data["rows"]["raw pyav"]["a sparse"]["ratio"] == 0.5
+    assert data["below_target"] == ["vidlang torchcodec / a sparse"] and data["target"] == 0.95
+    args = argparse.Namespace(videos=tmp_path, repeat=5, json=tmp_path / "x.json")
+    write_json(args.json, "decode", args, data)
+    written = json.loads(args.json.read_text())
+    assert written["benchmark"] == "decode" and written["args"] == {"videos": str(tmp_path), "repeat": 5}
+    assert written["rows"] == data["rows"] and written["cores"] >= 1 and written["time"].endswith("+00:00")
+    write_json(None, "decode", args, data)  # no path: nothing written, no error
+
+
 def test_measure_cell_takes_the_best_round(clips):
     best = bench.measure_cell({"raw torchcodec": bench.raw_torchcodec}, clips, False, repeat=2, min_time=0.0)
     assert best["raw torchcodec"] > 0

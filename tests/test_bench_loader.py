@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 
@@ -20,15 +21,16 @@ def test_tiny_loader_benchmark_run(capsys):
     assert abs(ratio - full / raw) < 0.01
 
 
-def test_loader_benchmark_reports_the_bare_library(capsys):
-    """The bare-library row (torchcodec alone, same indices) and the loader / bare ratio computed from the rows."""
+def test_loader_benchmark_reports_the_bare_library(capsys, tmp_path):
+    """The bare-library row (torchcodec alone, same indices) and the loader / bare ratio computed from the rows;
+    ``--json`` writes the same numbers."""
     from vidlang.cli import main
     from vidlang.data.decoding import resolve_backend
 
     assert resolve_backend("auto") == "torchcodec"  # a required dependency, first in auto's order
     argv = ["bench", "loader", "--videos", "4", "--video-size", "48", "--video-frames", "24", "--video-fps", "8",
             "--workers", "1", "--batch-size", "2", "--size", "32", "--repeat", "1", "--passes", "1",
-            "--skip-breakdown"]  # fmt: skip
+            "--skip-breakdown", "--json", str(tmp_path / "out" / "loader.json")]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     lib = float(re.search(r"^bare torchcodec, 1 processes \(no vidlang code\)\s+([\d.]+)", out, re.M)[1])
@@ -39,3 +41,12 @@ def test_loader_benchmark_reports_the_bare_library(capsys):
     ratio = float(re.search(r"loader / bare torchcodec \+ crop in a DataLoader \(the same work by hand\) = ([\d.]+)",
                             out)[1])
     assert pipe > 0 and abs(ratio - full / pipe) < 0.01
+    data = json.loads((tmp_path / "out" / "loader.json").read_text())
+    assert data["benchmark"] == "loader" and data["backend"] == "torchcodec" and data["target"] == 0.9
+    assert data["args"]["workers"] == 1 and data["args"]["repeat"] == 1 and "json" not in data["args"]
+    rows = data["clips_per_s"]
+    assert set(rows) == {"raw decoder, 1 process", "raw decoder, workers processes", "bare library",
+                         "bare library + crop, DataLoader", "full loader"}  # fmt: skip
+    assert abs(rows["bare library"] - lib) < 0.05 and abs(rows["full loader"] - full) < 0.05
+    assert data["loader_over_bare_library"] == rows["full loader"] / rows["bare library"]
+    assert data["loader_over_bare_library_and_crop"] == rows["full loader"] / rows["bare library + crop, DataLoader"]

@@ -40,3 +40,25 @@ def test_threads_per_setting(monkeypatch):
     assert setting_threads("tiny", workers=2) == 6  # data-bound: the cores the workers leave
     assert setting_threads("vit_b32", workers=2) == 8  # compute-bound: every core
     assert all(setting_threads(name, workers=2, threads=3) == 3 for name in SETTINGS)  # --threads wins
+
+
+def test_json_has_every_setting_and_its_threads(tmp_path, monkeypatch, capsys):
+    """``--json``: one row per setting, with the threads it ran with (``measure`` stubbed: no training here)."""
+    import json
+
+    import vidlang.bench.train as T
+    from vidlang.cli import main
+
+    def fake(name, corpus, steps, warmup, batch, frames, workers):
+        return {"setting": name, "image": "x", "steps": steps, "clips_per_s": 1.0, "step_ms": 1.0,
+                "data_wait_share": 0.01, "loop_share": 0.0, "peak_rss_mb": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(T, "measure", fake)
+    (tmp_path / "manifest.csv").write_text("path,caption\n")  # an existing corpus: none is generated
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--corpus", str(tmp_path), "--settings", "tiny,vit_b32", "--threads", "3",
+                 "--steps", "2", "--json", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    assert [r["setting"] for r in data["rows"]] == ["tiny", "vit_b32"] and data["data_wait_target"] == 0.05
+    assert all(r["threads"] == 3 and r["steps"] == 2 for r in data["rows"])
+    assert data["args"]["settings"] == "tiny,vit_b32"

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the machine's load, interleaved (round-robin) timing, peak memory.
+"""Helpers shared by the benchmarks: the machine's load, interleaved (round-robin) timing, peak memory, and the
+``--json`` file every benchmark can write its results to.
 
 On a shared machine absolute times drift with the other load; the benchmarks therefore time the things they
 compare in turn (round-robin), so that each ratio is measured under the same load, and print the load average
@@ -7,12 +8,17 @@ next to every table.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 
 def load_average() -> str:
@@ -52,3 +58,27 @@ def peak_rss_mb(children: bool = False) -> float:
     """Peak resident memory (MB) of this process (or of its finished children) so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     return usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH``: also write the benchmark's results there (:func:`write_json`)."""
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results to this JSON file (with the arguments, load and time)")
+
+
+def write_json(path: Path | None, benchmark: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Write ``results`` to ``path`` (nothing when ``None``) next to what produced them: the benchmark's name and
+    arguments, the UTC time, the load averages and the core count; written whole or not at all."""
+    if path is None:
+        return
+    from vidlang.io import atomic_write_text
+
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    arguments = {k: v for k, v in vars(args).items() if k != "json" and not callable(v)}
+    payload = {"benchmark": benchmark, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "load_average": load, "cores": os.cpu_count(), "args": arguments, **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")

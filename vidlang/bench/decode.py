@@ -27,9 +27,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from vidlang.bench import BENCHMARKS
-from vidlang.bench.common import load_average
+from vidlang.bench.common import add_json_argument, load_average, write_json
 
 SPARSE_FRAMES = 8
+TARGET = 0.95  # a vidlang row over the same library raw
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
 
 
@@ -201,17 +202,28 @@ def reference(method: str, column: str, results: dict, best_raw: dict) -> float:
     return best_raw[column]
 
 
-def format_table(columns: list[str], results: dict) -> str:
+def ratios(columns: list[str], results: dict) -> dict[tuple[str, str], float]:
+    """``(method, column) -> ratio``: each clips/s over its reference (:func:`reference`)."""
     best_raw = {c: max(v for (m, cc), v in results.items() if cc == c and m.startswith("raw")) for c in columns}
+    return {(m, c): results[m, c] / reference(m, c, results, best_raw) for m in METHODS for c in columns}
+
+
+def format_table(columns: list[str], results: dict) -> str:
+    ratio = ratios(columns, results)
     header = f"{'clips/s (ratio)':<22}" + "".join(f"{c:>26}" for c in columns)
     lines = [header, "-" * len(header)]
     for method in METHODS:
-        cells = "".join(
-            f"{results[method, c]:>17.1f} ({results[method, c] / reference(method, c, results, best_raw):>4.2f}x)"
-            for c in columns
-        )
+        cells = "".join(f"{results[method, c]:>17.1f} ({ratio[method, c]:>4.2f}x)" for c in columns)
         lines.append(f"{method:<22}{cells}")
     return "\n".join(lines)
+
+
+def json_results(columns: list[str], results: dict) -> dict:
+    """The table as data: ``rows[method][column] = {clips_per_s, ratio}``, and the vidlang cells below the target."""
+    ratio = ratios(columns, results)
+    rows = {m: {c: {"clips_per_s": results[m, c], "ratio": ratio[m, c]} for c in columns} for m in METHODS}
+    below = [f"{m} / {c}" for (m, c), r in ratio.items() if m.startswith("vidlang ") and r < TARGET]
+    return {"columns": columns, "rows": rows, "target": TARGET, "below_target": below}
 
 
 @BENCHMARKS.register("decode")
@@ -225,6 +237,7 @@ class DecodeBenchmark:
                             help="round-robin rounds per cell; the best pass of each method is reported")
         parser.add_argument("--min-time", type=float, default=0.5, help="seconds per timed pass")
         parser.add_argument("--skip-real", action="store_true", help="skip the real-shaped 640x360 cell")
+        add_json_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -251,5 +264,6 @@ class DecodeBenchmark:
         print(f"sparse = {SPARSE_FRAMES} uniformly spread frames per clip; full = every frame; 1 decoder thread; "
               f"best of {args.repeat} round-robin passes; {load_average()}")
         print("ratios: raw rows to the fastest raw backend of the column; vidlang rows to the same library raw "
-              "(target >= 0.95)" + ("" if real or args.skip_real else "; real-shaped cell skipped: no ffmpeg CLI"))
+              f"(target >= {TARGET})" + ("" if real or args.skip_real else "; real-shaped cell skipped: no ffmpeg CLI"))
+        write_json(args.json, "decode", args, json_results(columns, results))
         return 0

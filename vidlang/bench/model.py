@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from vidlang.bench import BENCHMARKS
-from vidlang.bench.common import interleaved_times, load_average, medians
+from vidlang.bench.common import add_json_argument, interleaved_times, load_average, medians, write_json
 
 FP32_TOL = 1e-5
 BF16_TOL = 5e-2  # max |diff| of L2-normalised embeddings, bf16 autocast vs fp32 (bf16 keeps ~3 digits)
@@ -128,8 +128,9 @@ def print_towers(rows: list[dict], args: argparse.Namespace, device) -> None:
     print("  ratio = transformers time / vidlang time (>= 1: vidlang at least as fast)")
 
 
-def bench_compile(arch: str, args: argparse.Namespace, device, sync) -> None:
-    """Eager tower vs the same tower with ``torch.compile``d layers (round-robin), fwd and fwd+bwd."""
+def bench_compile(arch: str, args: argparse.Namespace, device, sync) -> dict:
+    """Eager tower vs the same tower with ``torch.compile``d layers (round-robin), fwd and fwd+bwd: seconds per
+    call (medians), compilation time of the first calls, max |difference| of the embeddings."""
     import copy
 
     import torch
@@ -160,6 +161,8 @@ def bench_compile(arch: str, args: argparse.Namespace, device, sync) -> None:
     for key, label in ((fwd, "fwd"), (bwd, "fwd+bwd")):
         print(f"  {label:<9} eager {key['eager'] * 1e3:9.1f} ms  compiled {key['compiled'] * 1e3:9.1f} ms  "
               f"speed-up x{key['eager'] / key['compiled']:.2f}")  # fmt: skip
+    return {"arch": arch, "first_call_s": {"fwd": compile_fwd, "fwd_bwd": compile_bwd}, "max_abs_diff": diff,
+            "fwd": fwd, "fwd_bwd": bwd}
 
 
 def _block_step(model, video) -> Callable[[], None]:
@@ -293,6 +296,7 @@ class ModelBench:
         parser.add_argument("--interactions", action="store_true", help="also time the retrieval interactions")
         parser.add_argument("--gallery", default="1000,1000,12,32", help="captions,videos,frames,words")
         parser.add_argument("--tight-rows", type=int, default=4, help="captions the tightTransf timing runs")
+        add_json_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -302,14 +306,17 @@ class ModelBench:
         device = torch.device(args.device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         archs = [a for a in args.arch.split(",") if a]
+        results: dict = {"threads": torch.get_num_threads()}
         if not args.skip_towers:
-            print_towers([bench_tower(a, args, device, sync) for a in archs], args, device)
+            results["towers"] = [bench_tower(a, args, device, sync) for a in archs]  # seconds per call (medians)
+            print_towers(results["towers"], args, device)
         if args.compile:
-            bench_compile(archs[0], args, device, sync)
+            results["compile"] = bench_compile(archs[0], args, device, sync)
         if not args.skip_blocks:
-            bench_blocks(args, device, sync)
+            results["blocks_over_mean"] = bench_blocks(args, device, sync)
         if args.interactions:
-            bench_interactions(args, device, sync)
+            results["interactions"] = bench_interactions(args, device, sync)
+        write_json(args.json, "model", args, results)
         return 0
 
 

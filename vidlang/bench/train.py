@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vidlang.bench import BENCHMARKS
-from vidlang.bench.common import load_average, peak_rss_mb
+from vidlang.bench.common import add_json_argument, load_average, peak_rss_mb, write_json
 
 DATA_WAIT_TARGET = 0.05
 
@@ -152,6 +152,7 @@ class TrainBench:
         parser.add_argument("--threads", type=int, default=None,
                             help="torch threads of the training process (default: tiny cores - workers, at least 1; "
                                  "vit_b32 every core)")
+        add_json_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -166,15 +167,18 @@ class TrainBench:
         print(f"{'setting':<10}{'image tower':<16}{'threads':>8}{'clips/s':>9}{'step ms':>10}{'data wait':>11}"
               f"{'loop':>8}{'peak RSS':>11}")
         previous = torch.get_num_threads()
+        rows = []
         try:
             for name in args.settings.split(","):
                 threads = setting_threads(name, args.workers, args.threads)
                 torch.set_num_threads(threads)
                 r = measure(name, corpus, args.steps, args.warmup, args.batch, args.frames, args.workers)
+                rows.append({**r, "threads": threads})
                 verdict = "ok" if r["data_wait_share"] < DATA_WAIT_TARGET else f">= {DATA_WAIT_TARGET:.0%}"
                 print(f"{name:<10}{r['image']:<16}{threads:>8}{r['clips_per_s']:9.1f}{r['step_ms']:10.0f}"
                       f"{100 * r['data_wait_share']:10.1f}%{100 * r['loop_share']:7.1f}%{r['peak_rss_mb']:8.0f} MB  "
                       f"({verdict}; {load_average()})")
         finally:
             torch.set_num_threads(previous)
+        write_json(args.json, "train", args, {"rows": rows, "data_wait_target": DATA_WAIT_TARGET})
         return 0
