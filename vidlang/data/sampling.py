@@ -70,9 +70,8 @@ def video_span(timestamps: Tensor, duration: float) -> tuple[float, float]:
     return first, last + step
 
 
-def resolve_span(timestamps: Tensor, duration: float, window: Window | None) -> tuple[float, float]:
-    """The span to sample from: the video span, restricted to ``window`` if given."""
-    v_start, v_end = video_span(timestamps, duration)
+def restrict_span(v_start: float, v_end: float, window: Window | None) -> tuple[float, float]:
+    """The video span ``[v_start, v_end)`` restricted to ``window`` (ValueError for a bad or outside window)."""
     if window is None:
         return v_start, v_end
     w_start, w_end = (float(w) for w in window)
@@ -175,7 +174,7 @@ class FrameSampler(ABC):
         """Frame indices ``LongTensor [V, T]`` (rows non-decreasing)."""
         v_start, v_end = video_span(timestamps, duration)
         interval = (v_end - v_start) / timestamps.numel()
-        start, end = resolve_span(timestamps, duration, window)
+        start, end = restrict_span(v_start, v_end, window)
         times = self.view_times(start, end, training=training, generator=generator, frame_interval=interval)  # [V, T]
         # keep times strictly inside the half-open span despite rounding
         times = times.clamp(start, math.nextafter(end, -math.inf))

@@ -175,8 +175,8 @@ class VideoIndex:
         return (self.width, self.height) if self.rotation in (90, 270) else (self.height, self.width)
 
     def seconds(self) -> torch.Tensor:
-        """``[N]`` float64 pts in seconds."""
-        return torch.tensor(self.pts, dtype=torch.float64) * float(self.time_base)
+        """``[N]`` float64 pts in seconds (through numpy: a third of ``torch.tensor(list)``'s cost, same values)."""
+        return torch.from_numpy(np.array(self.pts, dtype=np.float64) * float(self.time_base))
 
     def metadata(self, num_frames: int | None = None) -> VideoMetadata:
         """Metadata of the first ``num_frames`` frames (all by default)."""
