@@ -139,6 +139,9 @@ def resolve_device(device: str | torch.device, backend: str) -> torch.device:
 
 def normalize_indices(indices: Sequence[int], num_frames: int, source: str, backend: str) -> list[int]:
     """Python-style indices (negatives count from the end) -> ``[0, N)``; :class:`FrameIndexError` otherwise."""
+    out = list(map(int, indices))
+    if not out or (min(out) >= 0 and max(out) < num_frames):  # the usual case, checked at C speed
+        return out
     out = []
     for i in indices:
         j = int(i)
