@@ -123,7 +123,7 @@ def bench_train_step(clips: list[Path], arch: str, batch: int, frames: int, step
         t2 = time.perf_counter()
         if step:
             wait, compute, n = wait + t1 - t0, compute + t2 - t1, n + batch
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None  # JSON null off CUDA
     return {"clips_per_s": n / (wait + compute), "data_wait_share": wait / (wait + compute),
             "step_ms": 1e3 * compute / steps, "peak_cuda_mb": peak}  # fmt: skip
 
@@ -177,8 +177,8 @@ class GpuBench:
         s = result["train_step"]
         print(f"train step {args.arch} (mean, bf16, AdamW) fed by torchcodec on {args.device}: "
               f"{s['clips_per_s']:.1f} clips/s, step {s['step_ms']:.0f} ms, "
-              f"data wait {100 * s['data_wait_share']:.1f}%, "
-              f"peak CUDA memory {s['peak_cuda_mb']:.0f} MB")
+              f"data wait {100 * s['data_wait_share']:.1f}%"
+              + (f", peak CUDA memory {s['peak_cuda_mb']:.0f} MB" if s["peak_cuda_mb"] is not None else ""))
         if args.json:
             args.json.mkdir(parents=True, exist_ok=True)
             (args.json / "gpu_bench.json").write_text(json.dumps(result, indent=2) + "\n")
