@@ -12,9 +12,10 @@ def test_tiny_model_benchmark_json(tmp_path, capsys):
     from vidlang.cli import main
 
     out = tmp_path / "model.json"
+    # no --threads: bench model sets the process's thread count, and the tests share the process
     argv = ["bench", "model", "--arch", "vit_tiny", "--batch", "1", "--frames", "2", "--iters", "1", "--warmup", "0",
             "--block-arch", "vit_tiny", "--blocks", "ila", "--block-batch", "1", "--block-iters", "1",
-            "--json", str(out)]  # fmt: skip (no --threads: this process's thread count stays as it is)
+            "--json", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
