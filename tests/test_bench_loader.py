@@ -45,7 +45,7 @@ def test_loader_benchmark_reports_the_bare_library(capsys, tmp_path):
     assert data["benchmark"] == "loader" and data["backend"] == "torchcodec" and data["target"] == 0.9
     assert data["args"]["workers"] == 1 and data["args"]["repeat"] == 1 and "json" not in data["args"]
     rows = data["clips_per_s"]
-    assert set(rows) == {"raw decoder, 1 process", "raw decoder, workers processes", "bare library",
+    assert set(rows) == {"raw decoder, 1 process", "raw decoder, one process per worker", "bare library",
                          "bare library + crop, DataLoader", "full loader"}  # fmt: skip
     assert abs(rows["bare library"] - lib) < 0.05 and abs(rows["full loader"] - full) < 0.05
     assert data["loader_over_bare_library"] == rows["full loader"] / rows["bare library"]

@@ -199,7 +199,7 @@ def real_manifest(root: Path, count: int) -> str:
 
 
 ROWS = {  # runner -> the row's name in the JSON results
-    "raw1": "raw decoder, 1 process", "rawn": "raw decoder, workers processes", "libn": "bare library",
+    "raw1": "raw decoder, 1 process", "rawn": "raw decoder, one process per worker", "libn": "bare library",
     "pipe": "bare library + crop, DataLoader", "loader": "full loader", "bare": "full loader without transforms",
     "noring": "full loader, fresh shared memory per batch",
 }
